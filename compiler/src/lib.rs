@@ -1,0 +1,16 @@
+//! The bmc compiler: from a parsed `.bm` file to a kernel IR program.
+//!
+//! Pipeline (see ARCHITECTURE.md): `elaborate` builds the shaped op [`graph`] from the
+//! AST, using the builders in [`ops`]; [`passes`] turn it into the training graph
+//! (autodiff, optimiser); [`lower`] produces the runtime's kernel IR. [`eval`] is an
+//! f64 reference evaluator of graphs used by the gradient tests.
+
+pub mod driver;
+pub mod elaborate;
+pub mod eval;
+pub mod graph;
+pub mod info;
+pub mod lower;
+pub mod ops;
+pub mod passes;
+pub mod train_config;

@@ -1,0 +1,732 @@
+//! Lowering: the training graph to the kernel IR.
+//!
+//! Every node becomes either a *view* of an existing value (broadcast, permute,
+//! slice, contiguous reshape: no kernel, just strides and an offset; constants and
+//! iotas are views that need no buffer at all) or one or more kernels writing a new
+//! buffer. Entries are the dependency closures of their results; `Assign`s run at the
+//! end of `train_step`, after every read of the values they overwrite.
+
+use crate::graph::{DType, Graph, NodeId, Op};
+use bm_runtime::kir::{
+    self, Access, BufId, BufKind, Buffer, Entry, GatherKernel, Kernel, LoopKernel, MatMulKernel,
+    MatOperand, ParamSpec, Program, ScalarExpr, ScatterAddKernel,
+};
+
+/// Where a node's value lives.
+#[derive(Clone, Debug, PartialEq)]
+enum Src {
+    Buf(BufId),
+    Const(f64),
+    /// Value = offset + Σ index_d * strides_d.
+    Iota,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+struct View {
+    src: Src,
+    offset: usize,
+    shape: Vec<usize>,
+    strides: Vec<usize>,
+}
+
+fn row_major(shape: &[usize]) -> Vec<usize> {
+    let mut s = vec![0; shape.len()];
+    let mut acc = 1;
+    for i in (0..shape.len()).rev() {
+        s[i] = acc;
+        acc *= shape[i];
+    }
+    s
+}
+
+impl View {
+    fn contiguous(src: Src, shape: &[usize]) -> View {
+        View {
+            src,
+            offset: 0,
+            shape: shape.to_vec(),
+            strides: row_major(shape),
+        }
+    }
+    fn is_contiguous(&self) -> bool {
+        self.shape
+            .iter()
+            .zip(&self.strides)
+            .zip(row_major(&self.shape))
+            .all(|((&d, &s), r)| d <= 1 || s == r)
+    }
+    fn expr(&self) -> ScalarExpr {
+        match &self.src {
+            Src::Const(v) => ScalarExpr::Const(*v as f32),
+            Src::Buf(b) => ScalarExpr::Load(Access {
+                buf: *b,
+                offset: self.offset,
+                strides: self.strides.clone(),
+            }),
+            Src::Iota => {
+                let mut e = ScalarExpr::Const(self.offset as f32);
+                for (d, &s) in self.strides.iter().enumerate() {
+                    if s != 0 && self.shape[d] > 1 {
+                        let term = if s == 1 {
+                            ScalarExpr::Index(d)
+                        } else {
+                            ScalarExpr::Binary(
+                                kir::BinaryOp::Mul,
+                                Box::new(ScalarExpr::Index(d)),
+                                Box::new(ScalarExpr::Const(s as f32)),
+                            )
+                        };
+                        e = if e == ScalarExpr::Const(0.0) {
+                            term
+                        } else {
+                            ScalarExpr::Binary(kir::BinaryOp::Add, Box::new(e), Box::new(term))
+                        };
+                    }
+                }
+                e
+            }
+        }
+    }
+}
+
+struct Lowering<'g> {
+    g: &'g Graph,
+    buffers: Vec<Buffer>,
+    kernels: Vec<Kernel>,
+    /// The kernels each node emitted.
+    node_kernels: Vec<Vec<usize>>,
+    views: Vec<Option<View>>,
+    assigns: Vec<(NodeId, usize)>,
+    /// Kernels copying a result that is a view into a whole buffer, run only by the
+    /// entries that return it.
+    result_kernels: Vec<(NodeId, usize)>,
+}
+
+/// Lowers a training graph (or a forward-only graph) to a program.
+pub fn lower(g: &Graph) -> Result<Program, String> {
+    let mut l = Lowering {
+        g,
+        buffers: vec![],
+        kernels: vec![],
+        node_kernels: vec![vec![]; g.len()],
+        views: vec![None; g.len()],
+        assigns: vec![],
+        result_kernels: vec![],
+    };
+    let mut params = vec![];
+    for id in g.node_ids() {
+        l.lower_node(id)?;
+    }
+    for p in &g.params {
+        if let Some(View {
+            src: Src::Buf(b), ..
+        }) = &l.views[p.node.index()]
+        {
+            params.push(ParamSpec {
+                name: p.name.clone(),
+                buf: *b,
+                init: p.init.clone(),
+            });
+        }
+    }
+    let mut entries = vec![];
+    let outputs: Vec<(String, NodeId)> = g.outputs.clone();
+    let pick = |pred: &dyn Fn(&str) -> bool| -> Vec<(String, NodeId)> {
+        outputs.iter().filter(|(n, _)| pred(n)).cloned().collect()
+    };
+    let user_output = |n: &str| !n.starts_with("grad.") && n != "lr" && n != "grad_norm";
+    let forward = pick(&|n| user_output(n));
+    let grad = pick(&|n| n == "loss" || n.starts_with("grad."));
+    let train = pick(&|n| n == "loss" || n == "lr" || n == "grad_norm");
+    let has_grads = outputs.iter().any(|(n, _)| n.starts_with("grad."));
+    entries.push(l.entry("forward", &forward, false)?);
+    if has_grads {
+        entries.push(l.entry("grad", &grad, false)?);
+    }
+    if !l.assigns.is_empty() {
+        entries.push(l.entry("train_step", &train, true)?);
+    }
+    Ok(Program {
+        buffers: l.buffers,
+        kernels: l.kernels,
+        entries,
+        params,
+    })
+}
+
+impl Lowering<'_> {
+    fn new_buffer(
+        &mut self,
+        name: String,
+        dtype: kir::DType,
+        shape: &[usize],
+        kind: BufKind,
+    ) -> BufId {
+        self.buffers.push(Buffer {
+            name,
+            dtype,
+            shape: shape.to_vec(),
+            kind,
+        });
+        self.buffers.len() - 1
+    }
+
+    fn emit(&mut self, node: NodeId, k: Kernel) {
+        self.kernels.push(k);
+        let i = self.kernels.len() - 1;
+        self.node_kernels[node.index()].push(i);
+    }
+
+    fn view(&self, id: NodeId) -> Result<View, String> {
+        self.views[id.index()]
+            .clone()
+            .ok_or_else(|| format!("node %{} was not lowered", id.index()))
+    }
+
+    /// A loop kernel over `shape` writing `body` into a contiguous view of `buf`.
+    fn loop_into(&mut self, node: NodeId, shape: &[usize], body: ScalarExpr, out: Access) {
+        let (shape, body, out) = scalar_fix(shape, body, out);
+        self.emit(
+            node,
+            Kernel::Loop(LoopKernel {
+                shape,
+                reduce: None,
+                reduced_dims: 0,
+                body,
+                out,
+                accumulate: false,
+            }),
+        );
+    }
+
+    /// Computes `view` into a fresh contiguous buffer (for operands that must be
+    /// materialised: GEMM inputs that are constants, non-contiguous reshapes, ids).
+    fn materialize(&mut self, node: NodeId, v: &View, dtype: kir::DType) -> View {
+        let b = self.new_buffer(format!("t{}", node.index()), dtype, &v.shape, BufKind::Temp);
+        let out = Access {
+            buf: b,
+            offset: 0,
+            strides: row_major(&v.shape),
+        };
+        self.loop_into(node, &v.shape.clone(), v.expr(), out);
+        View::contiguous(Src::Buf(b), &v.shape)
+    }
+
+    fn temp(&mut self, node: NodeId) -> (BufId, View) {
+        let shape = self.g.shape(node).to_vec();
+        let b = self.new_buffer(
+            format!("t{}", node.index()),
+            kir::DType::F32,
+            &shape,
+            BufKind::Temp,
+        );
+        (b, View::contiguous(Src::Buf(b), &shape))
+    }
+
+    fn lower_node(&mut self, id: NodeId) -> Result<(), String> {
+        let n = self.g.node(id);
+        let shape = n.shape.clone();
+        let ops = self.g.operands(id);
+        let v = match &n.op {
+            Op::Input(name) => {
+                let dt = if n.dtype == DType::F32 {
+                    kir::DType::F32
+                } else {
+                    kir::DType::I32
+                };
+                let b = self.new_buffer(name.clone(), dt, &shape, BufKind::Input);
+                View::contiguous(Src::Buf(b), &shape)
+            }
+            Op::Param(name) => View::contiguous(
+                Src::Buf(self.new_buffer(name.clone(), kir::DType::F32, &shape, BufKind::Param)),
+                &shape,
+            ),
+            Op::State(name) => View::contiguous(
+                Src::Buf(self.new_buffer(name.clone(), kir::DType::F32, &shape, BufKind::OptState)),
+                &shape,
+            ),
+            Op::Hyper(name) => View::contiguous(
+                Src::Buf(self.new_buffer(name.clone(), kir::DType::F32, &shape, BufKind::Hyper)),
+                &shape,
+            ),
+            Op::Const(c) => View {
+                src: Src::Const(*c),
+                offset: 0,
+                shape: shape.clone(),
+                strides: vec![0; shape.len()],
+            },
+            Op::Iota(axis) => {
+                let mut strides = vec![0; shape.len()];
+                strides[*axis] = 1;
+                View {
+                    src: Src::Iota,
+                    offset: 0,
+                    shape: shape.clone(),
+                    strides,
+                }
+            }
+            Op::Unary(op) => {
+                let a = self.view(ops[0])?;
+                let (b, out) = self.temp(id);
+                self.loop_into(
+                    id,
+                    &shape,
+                    ScalarExpr::Unary(*op, Box::new(a.expr())),
+                    access(b, &shape),
+                );
+                out
+            }
+            Op::Binary(op) => {
+                let (a, c) = (self.view(ops[0])?, self.view(ops[1])?);
+                let (b, out) = self.temp(id);
+                self.loop_into(
+                    id,
+                    &shape,
+                    ScalarExpr::Binary(*op, Box::new(a.expr()), Box::new(c.expr())),
+                    access(b, &shape),
+                );
+                out
+            }
+            Op::Select => {
+                let (c, a, e) = (self.view(ops[0])?, self.view(ops[1])?, self.view(ops[2])?);
+                let (b, out) = self.temp(id);
+                self.loop_into(
+                    id,
+                    &shape,
+                    ScalarExpr::Select(Box::new(c.expr()), Box::new(a.expr()), Box::new(e.expr())),
+                    access(b, &shape),
+                );
+                out
+            }
+            Op::Cast(to) => {
+                let a = self.view(ops[0])?;
+                if *to == DType::Bool {
+                    let (b, out) = self.temp(id);
+                    let e = ScalarExpr::Binary(
+                        kir::BinaryOp::Ne,
+                        Box::new(a.expr()),
+                        Box::new(ScalarExpr::Const(0.0)),
+                    );
+                    self.loop_into(id, &shape, e, access(b, &shape));
+                    out
+                } else {
+                    // f32, i32 and bool values share the f32 representation in temps.
+                    a
+                }
+            }
+            Op::Reduce(op, axes) => {
+                let a = self.view(ops[0])?;
+                let kept: Vec<usize> = (0..a.shape.len()).filter(|d| !axes.contains(d)).collect();
+                let mut order = kept.clone();
+                order.extend(axes.iter().copied());
+                let mut it_shape: Vec<usize> = order.iter().map(|&d| a.shape[d]).collect();
+                let mut in_view = View {
+                    src: a.src.clone(),
+                    offset: a.offset,
+                    shape: it_shape.clone(),
+                    strides: order.iter().map(|&d| a.strides[d]).collect(),
+                };
+                let (b, out) = self.temp(id);
+                let mut out_strides = row_major(&shape);
+                out_strides.extend(std::iter::repeat_n(0, axes.len()));
+                if kept.is_empty() {
+                    // Keep one outer axis so every loop kernel has one to split.
+                    it_shape.insert(0, 1);
+                    in_view.shape.insert(0, 1);
+                    in_view.strides.insert(0, 0);
+                    out_strides.insert(0, 0);
+                }
+                let body = in_view.expr();
+                self.emit(
+                    id,
+                    Kernel::Loop(LoopKernel {
+                        shape: it_shape,
+                        reduce: Some(*op),
+                        reduced_dims: axes.len(),
+                        body,
+                        out: Access {
+                            buf: b,
+                            offset: 0,
+                            strides: out_strides,
+                        },
+                        accumulate: false,
+                    }),
+                );
+                out
+            }
+            Op::Broadcast => {
+                let a = self.view(ops[0])?;
+                let lead = shape.len() - a.shape.len();
+                let mut strides = vec![0; lead];
+                for (i, (&d, &s)) in a.shape.iter().zip(&a.strides).enumerate() {
+                    strides.push(if d == 1 && shape[lead + i] != 1 { 0 } else { s });
+                }
+                View {
+                    src: a.src,
+                    offset: a.offset,
+                    shape: shape.clone(),
+                    strides,
+                }
+            }
+            Op::Reshape => {
+                let a = self.view(ops[0])?;
+                match a.src {
+                    Src::Const(_) => View {
+                        shape: shape.clone(),
+                        strides: vec![0; shape.len()],
+                        ..a
+                    },
+                    _ => {
+                        let a = if a.is_contiguous() && a.src != Src::Iota {
+                            a
+                        } else {
+                            self.materialize(id, &a, kir::DType::F32)
+                        };
+                        View {
+                            src: a.src,
+                            offset: a.offset,
+                            shape: shape.clone(),
+                            strides: row_major(&shape),
+                        }
+                    }
+                }
+            }
+            Op::Permute(perm) => {
+                let a = self.view(ops[0])?;
+                View {
+                    src: a.src.clone(),
+                    offset: a.offset,
+                    shape: shape.clone(),
+                    strides: perm.iter().map(|&p| a.strides[p]).collect(),
+                }
+            }
+            Op::Slice { axis, start, .. } => {
+                let a = self.view(ops[0])?;
+                // Offsets of constants are ignored; of buffers and iotas they shift the start.
+                View {
+                    offset: a.offset + start * a.strides[*axis],
+                    shape: shape.clone(),
+                    ..a
+                }
+            }
+            Op::Pad { axis, before, .. } => {
+                let a = self.view(ops[0])?;
+                let (b, out) = self.temp(id);
+                self.loop_into(id, &shape, ScalarExpr::Const(0.0), access(b, &shape));
+                let rm = row_major(&shape);
+                self.loop_into(
+                    id,
+                    &a.shape.clone(),
+                    a.expr(),
+                    Access {
+                        buf: b,
+                        offset: before * rm[*axis],
+                        strides: rm,
+                    },
+                );
+                out
+            }
+            Op::Concat(axis) => {
+                let (b, out) = self.temp(id);
+                let rm = row_major(&shape);
+                let mut at = 0;
+                for &o in &ops {
+                    let a = self.view(o)?;
+                    let w = a.shape[*axis];
+                    self.loop_into(
+                        id,
+                        &a.shape.clone(),
+                        a.expr(),
+                        Access {
+                            buf: b,
+                            offset: at * rm[*axis],
+                            strides: rm.clone(),
+                        },
+                    );
+                    at += w;
+                }
+                out
+            }
+            Op::MatMul => {
+                let a = self.gemm_operand(id, ops[0])?;
+                let c = self.gemm_operand(id, ops[1])?;
+                let (b, out) = self.temp(id);
+                let r = shape.len();
+                let (m, nn) = (shape[r - 2], shape[r - 1]);
+                let k = a.shape[a.shape.len() - 1];
+                let operand = |v: &View| MatOperand {
+                    buf: match v.src {
+                        Src::Buf(b) => b,
+                        _ => unreachable!("gemm operands are materialised"),
+                    },
+                    offset: v.offset,
+                    batch_strides: v.strides[..v.strides.len() - 2].to_vec(),
+                    row_stride: v.strides[v.strides.len() - 2],
+                    col_stride: v.strides[v.strides.len() - 1],
+                };
+                let rm = row_major(&shape);
+                let kern = MatMulKernel {
+                    batch: shape[..r - 2].to_vec(),
+                    m,
+                    n: nn,
+                    k,
+                    a: operand(&a),
+                    b: operand(&c),
+                    c: MatOperand {
+                        buf: b,
+                        offset: 0,
+                        batch_strides: rm[..r - 2].to_vec(),
+                        row_stride: rm[r - 2],
+                        col_stride: rm[r - 1],
+                    },
+                    accumulate: false,
+                };
+                self.emit(id, Kernel::MatMul(kern));
+                out
+            }
+            Op::Gather => {
+                let table = self.whole_buffer(id, ops[0], kir::DType::F32)?;
+                let ids = self.whole_buffer(id, ops[1], kir::DType::I32)?;
+                let (b, out) = self.temp(id);
+                let ts = self.g.shape(ops[0]);
+                let what = match &self.g.node(ops[1]).op {
+                    Op::Input(n) => format!("input `{n}`"),
+                    _ => "embedding ids".to_string(),
+                };
+                let n: usize = self.g.shape(ops[1]).iter().product();
+                self.emit(
+                    id,
+                    Kernel::Gather(GatherKernel {
+                        table,
+                        ids,
+                        out: b,
+                        n,
+                        rows: ts[0],
+                        dim: ts[1],
+                        what,
+                    }),
+                );
+                out
+            }
+            Op::ScatterAdd { rows } => {
+                let src = self.whole_buffer(id, ops[0], kir::DType::F32)?;
+                let ids = self.whole_buffer(id, ops[1], kir::DType::I32)?;
+                let (b, out) = self.temp(id);
+                self.loop_into(id, &shape, ScalarExpr::Const(0.0), access(b, &shape));
+                let n: usize = self.g.shape(ops[1]).iter().product();
+                self.emit(
+                    id,
+                    Kernel::ScatterAdd(ScatterAddKernel {
+                        src,
+                        ids,
+                        out: b,
+                        n,
+                        rows: *rows,
+                        dim: shape[1],
+                    }),
+                );
+                out
+            }
+            Op::Assign(target) => {
+                let a = self.view(ops[0])?;
+                let buf = self
+                    .buffers
+                    .iter()
+                    .position(|b| {
+                        b.name == *target && matches!(b.kind, BufKind::Param | BufKind::OptState)
+                    })
+                    .ok_or_else(|| format!("assign to unknown `{target}`"))?;
+                let before = self.kernels.len();
+                self.loop_into(id, &shape, a.expr(), access(buf, &shape));
+                self.assigns.push((id, before));
+                a
+            }
+        };
+        self.views[id.index()] = Some(v);
+        Ok(())
+    }
+
+    fn gemm_operand(&mut self, node: NodeId, o: NodeId) -> Result<View, String> {
+        let v = self.view(o)?;
+        Ok(if matches!(v.src, Src::Buf(_)) {
+            v
+        } else {
+            self.materialize(node, &v, kir::DType::F32)
+        })
+    }
+
+    /// The operand as a whole contiguous buffer of `dtype` starting at offset 0.
+    fn whole_buffer(
+        &mut self,
+        node: NodeId,
+        o: NodeId,
+        dtype: kir::DType,
+    ) -> Result<BufId, String> {
+        let v = self.view(o)?;
+        if let Src::Buf(b) = v.src {
+            let buf = &self.buffers[b];
+            if v.offset == 0
+                && v.is_contiguous()
+                && buf.dtype == dtype
+                && buf.len() == v.shape.iter().product::<usize>()
+            {
+                return Ok(b);
+            }
+        }
+        match self.materialize(node, &v, dtype).src {
+            Src::Buf(b) => Ok(b),
+            _ => Err("materialize gave no buffer".into()),
+        }
+    }
+
+    /// An entry computing `results`: the kernels of their dependency closure, in order,
+    /// and with `assigns`, every Assign last.
+    fn entry(
+        &mut self,
+        name: &str,
+        results: &[(String, NodeId)],
+        assigns: bool,
+    ) -> Result<Entry, String> {
+        let mut roots: Vec<NodeId> = results.iter().map(|r| r.1).collect();
+        if assigns {
+            roots.extend(self.assigns.iter().map(|a| a.0));
+        }
+        // Results must be whole buffers the runtime can read.
+        let mut named = vec![];
+        for (rname, id) in results {
+            let v = self.view(*id)?;
+            let b = match v.src {
+                Src::Buf(b)
+                    if v.offset == 0
+                        && v.is_contiguous()
+                        && self.buffers[b].len() == v.shape.iter().product::<usize>() =>
+                {
+                    b
+                }
+                _ => match self.result_kernels.iter().find(|(n, _)| n == id) {
+                    Some(&(_, k)) => match &self.kernels[k] {
+                        Kernel::Loop(l) => l.out.buf,
+                        _ => return Err("result copy is not a loop".into()),
+                    },
+                    None => {
+                        let before = self.kernels.len();
+                        let m = self.materialize(*id, &v, kir::DType::F32);
+                        let all = std::mem::take(&mut self.node_kernels[id.index()]);
+                        let (keep, added): (Vec<usize>, Vec<usize>) = all.into_iter().partition(|&k| k < before);
+                        self.node_kernels[id.index()] = keep;
+                        self.result_kernels.extend(added.into_iter().map(|k| (*id, k)));
+                        match m.src {
+                            Src::Buf(b) => b,
+                            _ => return Err("materialize gave no buffer".into()),
+                        }
+                    }
+                },
+            };
+            named.push((rname.clone(), b));
+        }
+        let needed = self.g.ancestors(&roots);
+        let assign_nodes: Vec<NodeId> = self.assigns.iter().map(|a| a.0).collect();
+        let mut kernels: Vec<usize> = self
+            .g
+            .node_ids()
+            .filter(|id| needed[id.index()] && !assign_nodes.contains(id))
+            .flat_map(|id| self.node_kernels[id.index()].iter().copied())
+            .collect();
+        kernels.extend(self.result_kernels.iter().filter(|(n, _)| results.iter().any(|r| r.1 == *n)).map(|(_, k)| *k));
+        kernels.sort();
+        kernels.dedup();
+        if assigns {
+            for &a in &assign_nodes {
+                kernels.extend(self.node_kernels[a.index()].iter().copied());
+            }
+        }
+        Ok(Entry {
+            name: name.to_string(),
+            kernels,
+            results: named,
+        })
+    }
+}
+
+fn access(buf: BufId, shape: &[usize]) -> Access {
+    Access {
+        buf,
+        offset: 0,
+        strides: row_major(shape),
+    }
+}
+
+/// Rank-0 loops become rank-1 loops of one point, so every loop has an outer axis.
+fn scalar_fix(shape: &[usize], body: ScalarExpr, out: Access) -> (Vec<usize>, ScalarExpr, Access) {
+    if !shape.is_empty() {
+        return (shape.to_vec(), body, out);
+    }
+    fn widen(e: ScalarExpr) -> ScalarExpr {
+        match e {
+            ScalarExpr::Load(a) => ScalarExpr::Load(Access {
+                strides: vec![0],
+                ..a
+            }),
+            ScalarExpr::Unary(op, a) => ScalarExpr::Unary(op, Box::new(widen(*a))),
+            ScalarExpr::Binary(op, a, b) => {
+                ScalarExpr::Binary(op, Box::new(widen(*a)), Box::new(widen(*b)))
+            }
+            ScalarExpr::Select(c, a, b) => ScalarExpr::Select(
+                Box::new(widen(*c)),
+                Box::new(widen(*a)),
+                Box::new(widen(*b)),
+            ),
+            other => other,
+        }
+    }
+    (
+        vec![1],
+        widen(body),
+        Access {
+            strides: vec![0],
+            ..out
+        },
+    )
+}
+
+/// Summary numbers for `bmc info`.
+pub struct ProgramStats {
+    pub kernels: usize,
+    pub temp_bytes: usize,
+    pub param_count: usize,
+    pub matmul_flops: u128,
+}
+
+pub fn stats(p: &Program, entry: &str) -> ProgramStats {
+    let temp_bytes = p
+        .buffers
+        .iter()
+        .filter(|b| b.kind == BufKind::Temp)
+        .map(|b| b.len() * 4)
+        .sum();
+    let param_count = p
+        .buffers
+        .iter()
+        .filter(|b| b.kind == BufKind::Param)
+        .map(|b| b.len())
+        .sum();
+    let ks: Vec<usize> = p
+        .entry(entry)
+        .map(|e| e.kernels.clone())
+        .unwrap_or_default();
+    let matmul_flops = ks
+        .iter()
+        .filter_map(|&k| match &p.kernels[k] {
+            Kernel::MatMul(m) => {
+                Some(2 * (m.m * m.n * m.k) as u128 * m.batch.iter().product::<usize>() as u128)
+            }
+            _ => None,
+        })
+        .sum();
+    ProgramStats {
+        kernels: ks.len(),
+        temp_bytes,
+        param_count,
+        matmul_flops,
+    }
+}

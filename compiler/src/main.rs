@@ -1,0 +1,233 @@
+//! The `bmc` command (CLI.md). The same executable is also the runtime of every
+//! training binary: `bmc compile` appends the compiled model to a copy of itself, and
+//! at start-up an executable carrying such a payload runs as that training binary.
+
+use bm_runtime::bundle;
+use bm_runtime::cli::{TrainArgs, binary_main, parse_kv};
+use bmc::driver::{self, FileSource, Options, Stage};
+use clap::{Parser, Subcommand, ValueEnum};
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser, Debug)]
+#[command(name = "bmc", version, about = "Compiles declarative .bm deep-learning models into self-contained training binaries")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Check, optimise and lower a model and write its training binary
+    Compile {
+        model: PathBuf,
+        /// Output path (default: the file's stem, ./mlp for mlp.bm)
+        #[arg(short, long)]
+        out: Option<PathBuf>,
+        #[arg(long, value_enum, default_value_t = Target::Cpu)]
+        target: Target,
+        #[arg(long = "set", value_name = "K=V", value_parser = parse_kv)]
+        set: Vec<(String, String)>,
+    },
+    /// Parse and type/shape-check a model; print diagnostics
+    Check {
+        model: PathBuf,
+        #[arg(long = "set", value_name = "K=V", value_parser = parse_kv)]
+        set: Vec<(String, String)>,
+    },
+    /// Print one intermediate form of a model
+    Emit {
+        model: PathBuf,
+        #[arg(long, value_enum)]
+        stage: EmitStage,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+        #[arg(long = "set", value_name = "K=V", value_parser = parse_kv)]
+        set: Vec<(String, String)>,
+    },
+    /// Compile in memory and train at once (takes the training binary's train flags)
+    Train {
+        model: PathBuf,
+        #[command(flatten)]
+        args: TrainArgs,
+    },
+    /// Parameter counts, FLOPs per step, memory and kernel count
+    Info {
+        model: PathBuf,
+        #[arg(long = "set", value_name = "K=V", value_parser = parse_kv)]
+        set: Vec<(String, String)>,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
+enum Target {
+    Cpu,
+    Cuda,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
+enum EmitStage {
+    Ast,
+    Graph,
+    Fused,
+    Train,
+    Kernels,
+    Clif,
+    Cuda,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
+enum Format {
+    Text,
+    Dot,
+    Json,
+}
+
+/// A failure and its exit code (1: user error, 3: internal error).
+struct Failure {
+    message: String,
+    code: u8,
+}
+
+impl From<bm_grammar::Diagnostic> for Failure {
+    fn from(d: bm_grammar::Diagnostic) -> Self {
+        Failure { message: d.render(std::io::stderr().is_terminal()), code: 1 }
+    }
+}
+
+impl From<bm_runtime::Error> for Failure {
+    fn from(e: bm_runtime::Error) -> Self {
+        Failure { message: e.to_string(), code: e.exit_code() as u8 }
+    }
+}
+
+fn respecialise(sources: &bundle::Sources, batch: usize, extra: &[(String, String)]) -> bm_runtime::Result<bundle::Bundle> {
+    driver::respecialise(sources, batch, extra)
+}
+
+fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        eprintln!("internal error: {info}\nThis is a bug in bmc; please report it with the command and the .bm file that caused it.");
+        std::process::exit(3);
+    }));
+}
+
+fn main() -> ExitCode {
+    install_panic_hook();
+    if let Some((_, b)) = bundle::own_payload() {
+        return ExitCode::from(binary_main(b, &respecialise) as u8);
+    }
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprint!("{}", f.message);
+            if !f.message.ends_with('\n') {
+                eprintln!();
+            }
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+fn path_str(p: &std::path::Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+fn run(cli: Cli) -> Result<(), Failure> {
+    match cli.cmd {
+        Cmd::Check { model, set } => {
+            let loaded = driver::load(&path_str(&model), &FileSource::Disk)?;
+            let opts = Options { overrides: set, ..Default::default() };
+            let c = driver::compile(&loaded, &opts, Stage::Train)?;
+            println!("{}: ok (model {}, {} parameters)", model.display(), c.model_name, c.graph.params.iter().map(|p| c.graph.shape(p.node).iter().product::<usize>()).sum::<usize>());
+            Ok(())
+        }
+        Cmd::Info { model, set } => {
+            let loaded = driver::load(&path_str(&model), &FileSource::Disk)?;
+            let opts = Options { overrides: set, ..Default::default() };
+            let c = driver::compile(&loaded, &opts, Stage::Kernels)?;
+            print!("{}", bmc::info::report(&c));
+            Ok(())
+        }
+        Cmd::Emit { model, stage, format, set } => {
+            let loaded = driver::load(&path_str(&model), &FileSource::Disk)?;
+            let opts = Options { overrides: set, ..Default::default() };
+            print!("{}", emit(&loaded, &opts, stage, format)?);
+            Ok(())
+        }
+        Cmd::Compile { model, out, target, set } => {
+            if target == Target::Cuda {
+                return Err(Failure { message: "error: --target cuda: this build of bmc has no CUDA backend yet; use --target cpu\n".into(), code: 1 });
+            }
+            let loaded = driver::load(&path_str(&model), &FileSource::Disk)?;
+            let opts = Options { overrides: set, ..Default::default() };
+            let c = driver::compile(&loaded, &opts, Stage::Kernels)?;
+            // JIT once now, so a program the backend rejects fails here, not on the user's machine.
+            bm_runtime::exec::Executor::new(&c.program, 1)?;
+            let b = driver::bundle(&loaded, &opts, &c);
+            let out = out.unwrap_or_else(|| PathBuf::from(model.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into())));
+            let runtime = bundle::own_runtime()?;
+            b.write_binary(&runtime, &out)?;
+            println!("wrote {} (model {}; run `{} train`)", out.display(), c.model_name, display_cmd(&out));
+            Ok(())
+        }
+        Cmd::Train { model, args } => {
+            let loaded = driver::load(&path_str(&model), &FileSource::Disk)?;
+            let opts = Options { overrides: args.set.clone(), batch: args.batch, data: args.data.clone(), data_shapes: None };
+            let c = driver::compile(&loaded, &opts, Stage::Kernels)?;
+            let b = driver::bundle(&loaded, &opts, &c);
+            // The overrides are already compiled in.
+            let args = TrainArgs { set: vec![], batch: None, ..args };
+            bm_runtime::cli::train(b, &args, &respecialise)?;
+            Ok(())
+        }
+    }
+}
+
+fn display_cmd(out: &std::path::Path) -> String {
+    if out.components().count() == 1 { format!("./{}", out.display()) } else { out.display().to_string() }
+}
+
+/// The text of one stage, as `bmc emit` prints it.
+fn emit(loaded: &driver::Loaded, opts: &Options, stage: EmitStage, format: Format) -> Result<String, Failure> {
+    let graph_out = |g: &bmc::graph::Graph| match format {
+        Format::Text => g.to_text(),
+        Format::Dot => g.to_dot(),
+        Format::Json => serde_json::to_string_pretty(&g.to_json()).unwrap_or_default() + "\n",
+    };
+    let no_dot = |what: &str| Failure { message: format!("error: --format dot is for graph stages; `{what}` is not a graph\n"), code: 1 };
+    Ok(match stage {
+        EmitStage::Ast => match format {
+            Format::Json => serde_json::to_string_pretty(&loaded.ast).unwrap_or_default() + "\n",
+            Format::Text => format!("{:#?}\n", loaded.ast),
+            Format::Dot => return Err(no_dot("ast")),
+        },
+        EmitStage::Graph | EmitStage::Fused => graph_out(&driver::compile(loaded, opts, Stage::Graph)?.graph),
+        EmitStage::Train => graph_out(&driver::compile(loaded, opts, Stage::Train)?.train_graph),
+        EmitStage::Kernels => {
+            let c = driver::compile(loaded, opts, Stage::Kernels)?;
+            match format {
+                Format::Text => c.program.to_text(),
+                Format::Json => serde_json::to_string_pretty(&c.program).unwrap_or_default() + "\n",
+                Format::Dot => return Err(no_dot("kernels")),
+            }
+        }
+        EmitStage::Clif => {
+            let c = driver::compile(loaded, opts, Stage::Kernels)?;
+            if format != Format::Text {
+                return Err(Failure { message: "error: the clif stage is text only\n".into(), code: 1 });
+            }
+            bm_runtime::jit::clif_text(&c.program)?
+        }
+        EmitStage::Cuda => return Err(Failure { message: "error: --stage cuda: this build of bmc has no CUDA backend yet\n".into(), code: 1 }),
+    })
+}

@@ -1,0 +1,5 @@
+//! Graph-to-graph passes, one job per file.
+
+pub mod autodiff;
+pub mod metrics;
+pub mod optimizer;

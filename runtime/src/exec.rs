@@ -1,0 +1,1315 @@
+//! Buffer storage and the executor that runs a [`Program`]'s entries.
+//!
+//! [`Executor::new`] allocates every buffer (zero-filled, 64-byte aligned), validates
+//! every kernel against the buffers (an access outside its buffer anywhere in the
+//! iteration space is an [`Error::Internal`], found before anything runs) and compiles
+//! every loop kernel with Cranelift ([`crate::jit`]). Matrix products go to the `gemm`
+//! crate ([`crate::gemm`]); gathers and scatter-adds are plain Rust.
+//! [`Executor::interpreted`] runs everything through the reference interpreter
+//! ([`crate::interp`]) instead.
+//!
+//! Large loop kernels are split along their outermost (non-reduced) axis across the
+//! executor's rayon pool when that is race free: the output view must be injective on
+//! the non-reduced axes and every load of the output buffer must use the output's view.
+
+use crate::error::{Error, Result};
+use crate::interp;
+use crate::jit::{self, JitProgram, KernelFn};
+use crate::kir::{
+    Access, BufId, DType, GatherKernel, Kernel, LoopKernel, MatOperand, Program, ScalarExpr,
+    ScatterAddKernel,
+};
+use rayon::prelude::*;
+use std::collections::HashMap;
+
+/// One 64-byte line of storage; buffers are vectors of these so they are 64-byte aligned.
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+struct Line([u32; 16]);
+
+/// The storage of one buffer: `len` 4-byte elements of type `dtype`, 64-byte aligned.
+#[derive(Clone)]
+pub struct BufData {
+    dtype: DType,
+    len: usize,
+    lines: Vec<Line>,
+}
+
+impl BufData {
+    /// A zero-filled buffer (0.0 for f32, 0 for i32).
+    pub fn zeroed(dtype: DType, len: usize) -> BufData {
+        BufData {
+            dtype,
+            len,
+            lines: vec![Line([0; 16]); len.div_ceil(16)],
+        }
+    }
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// The elements as f32, or `None` for an i32 buffer.
+    pub fn as_f32(&self) -> Option<&[f32]> {
+        match self.dtype {
+            // SAFETY: `lines` holds at least `len` initialised 4-byte elements, suitably aligned.
+            DType::F32 => Some(unsafe {
+                std::slice::from_raw_parts(self.lines.as_ptr() as *const f32, self.len)
+            }),
+            DType::I32 => None,
+        }
+    }
+    pub fn as_f32_mut(&mut self) -> Option<&mut [f32]> {
+        match self.dtype {
+            // SAFETY: as in `as_f32`, and `&mut self` gives exclusive access.
+            DType::F32 => Some(unsafe {
+                std::slice::from_raw_parts_mut(self.lines.as_mut_ptr() as *mut f32, self.len)
+            }),
+            DType::I32 => None,
+        }
+    }
+    /// The elements as i32, or `None` for an f32 buffer.
+    pub fn as_i32(&self) -> Option<&[i32]> {
+        match self.dtype {
+            // SAFETY: as in `as_f32`.
+            DType::I32 => Some(unsafe {
+                std::slice::from_raw_parts(self.lines.as_ptr() as *const i32, self.len)
+            }),
+            DType::F32 => None,
+        }
+    }
+    pub fn as_i32_mut(&mut self) -> Option<&mut [i32]> {
+        match self.dtype {
+            // SAFETY: as in `as_f32_mut`.
+            DType::I32 => Some(unsafe {
+                std::slice::from_raw_parts_mut(self.lines.as_mut_ptr() as *mut i32, self.len)
+            }),
+            DType::F32 => None,
+        }
+    }
+    /// Element `i` converted to f32 (i32 converts exactly for |v| < 2^24).
+    #[inline]
+    pub fn get_f32(&self, i: usize) -> f32 {
+        match self.dtype {
+            DType::F32 => self.as_f32().unwrap()[i],
+            DType::I32 => self.as_i32().unwrap()[i] as f32,
+        }
+    }
+    /// Stores `v` at `i`; an i32 buffer gets `v` rounded to nearest (ties to even),
+    /// saturated, NaN as 0 ([`f32_to_i32`]).
+    #[inline]
+    pub fn set_f32(&mut self, i: usize, v: f32) {
+        match self.dtype {
+            DType::F32 => self.as_f32_mut().unwrap()[i] = v,
+            DType::I32 => self.as_i32_mut().unwrap()[i] = f32_to_i32(v),
+        }
+    }
+    fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.lines.as_mut_ptr() as *mut u8
+    }
+}
+
+/// How a loop kernel stores an f32 into an i32 buffer: round to nearest, ties to even,
+/// saturating at the i32 range, NaN to 0 (the same as the JIT's `nearest` +
+/// `fcvt_to_sint_sat`).
+#[inline]
+pub fn f32_to_i32(v: f32) -> i32 {
+    v.round_ties_even() as i32
+}
+
+/// Every buffer of a program, indexed by [`BufId`].
+#[derive(Clone, Default)]
+pub struct Buffers(Vec<BufData>);
+
+impl Buffers {
+    /// Zero-filled buffers for every buffer of `program`.
+    pub fn new(program: &Program) -> Buffers {
+        Buffers(
+            program
+                .buffers
+                .iter()
+                .map(|b| BufData::zeroed(b.dtype, b.len()))
+                .collect(),
+        )
+    }
+    pub fn from_data(data: Vec<BufData>) -> Buffers {
+        Buffers(data)
+    }
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+    pub fn get(&self, id: BufId) -> Result<&BufData> {
+        self.0
+            .get(id)
+            .ok_or_else(|| Error::internal(format!("buffer b{id} does not exist")))
+    }
+    pub fn get_mut(&mut self, id: BufId) -> Result<&mut BufData> {
+        self.0
+            .get_mut(id)
+            .ok_or_else(|| Error::internal(format!("buffer b{id} does not exist")))
+    }
+    pub fn f32(&self, id: BufId) -> Result<&[f32]> {
+        self.get(id)?
+            .as_f32()
+            .ok_or_else(|| dtype_err(id, DType::F32))
+    }
+    pub fn f32_mut(&mut self, id: BufId) -> Result<&mut [f32]> {
+        self.get_mut(id)?
+            .as_f32_mut()
+            .ok_or_else(|| dtype_err(id, DType::F32))
+    }
+    pub fn i32(&self, id: BufId) -> Result<&[i32]> {
+        self.get(id)?
+            .as_i32()
+            .ok_or_else(|| dtype_err(id, DType::I32))
+    }
+    pub fn i32_mut(&mut self, id: BufId) -> Result<&mut [i32]> {
+        self.get_mut(id)?
+            .as_i32_mut()
+            .ok_or_else(|| dtype_err(id, DType::I32))
+    }
+    /// `out` mutably and `src` shared; they must differ.
+    pub(crate) fn pair_mut(&mut self, out: BufId, src: BufId) -> Result<(&mut BufData, &BufData)> {
+        if out == src || out >= self.0.len() || src >= self.0.len() {
+            return Err(Error::internal(format!("bad buffer pair b{out}, b{src}")));
+        }
+        if out < src {
+            let (lo, hi) = self.0.split_at_mut(src);
+            Ok((&mut lo[out], &hi[0]))
+        } else {
+            let (lo, hi) = self.0.split_at_mut(out);
+            Ok((&mut hi[0], &lo[src]))
+        }
+    }
+    /// The base pointer of every buffer, in [`BufId`] order (what JIT kernels take).
+    pub(crate) fn base_ptrs(&mut self) -> Vec<*mut u8> {
+        self.0.iter_mut().map(|b| b.as_mut_ptr()).collect()
+    }
+}
+
+fn dtype_err(id: BufId, want: DType) -> Error {
+    Error::internal(format!("buffer b{id} is not {}", want.name()))
+}
+
+// ---------------------------------------------------------------------------------------
+// Validation
+// ---------------------------------------------------------------------------------------
+
+/// The largest element offset `offset + Σ (extent_d - 1) * stride_d`, or `None` when an
+/// extent is 0 (nothing is accessed). Errors on overflow.
+fn max_offset(offset: usize, dims: impl Iterator<Item = (usize, usize)>) -> Result<Option<usize>> {
+    let mut m = offset;
+    for (extent, stride) in dims {
+        if extent == 0 {
+            return Ok(None);
+        }
+        m = (extent - 1)
+            .checked_mul(stride)
+            .and_then(|x| x.checked_add(m))
+            .ok_or_else(|| Error::internal("access offset overflows"))?;
+    }
+    Ok(Some(m))
+}
+
+fn check_buf(program: &Program, buf: BufId, dtype: Option<DType>, what: &str) -> Result<usize> {
+    let b = program
+        .buffers
+        .get(buf)
+        .ok_or_else(|| Error::internal(format!("{what}: buffer b{buf} does not exist")))?;
+    if let Some(d) = dtype
+        && b.dtype != d
+    {
+        return Err(Error::internal(format!(
+            "{what}: buffer b{buf} `{}` is {}, not {}",
+            b.name,
+            b.dtype.name(),
+            d.name()
+        )));
+    }
+    Ok(b.len())
+}
+
+fn check_access(program: &Program, a: &Access, shape: &[usize], what: &str) -> Result<()> {
+    let len = check_buf(program, a.buf, None, what)?;
+    if a.strides.len() != shape.len() {
+        return Err(Error::internal(format!(
+            "{what}: access to b{} has {} strides for a rank-{} iteration space",
+            a.buf,
+            a.strides.len(),
+            shape.len()
+        )));
+    }
+    if let Some(m) = max_offset(
+        a.offset,
+        shape.iter().copied().zip(a.strides.iter().copied()),
+    )? && m >= len
+    {
+        return Err(Error::internal(format!(
+            "{what}: access b{}[{}; {:?}] reaches element {m} of a buffer of {len}",
+            a.buf, a.offset, a.strides
+        )));
+    }
+    Ok(())
+}
+
+fn check_operand(
+    program: &Program,
+    o: &MatOperand,
+    batch: &[usize],
+    rows: usize,
+    cols: usize,
+    what: &str,
+) -> Result<()> {
+    let len = check_buf(program, o.buf, Some(DType::F32), what)?;
+    if o.batch_strides.len() != batch.len() {
+        return Err(Error::internal(format!(
+            "{what}: operand b{} has {} batch strides for {} batch axes",
+            o.buf,
+            o.batch_strides.len(),
+            batch.len()
+        )));
+    }
+    let dims = batch
+        .iter()
+        .copied()
+        .zip(o.batch_strides.iter().copied())
+        .chain([(rows, o.row_stride), (cols, o.col_stride)]);
+    if let Some(m) = max_offset(o.offset, dims)?
+        && m >= len
+    {
+        return Err(Error::internal(format!(
+            "{what}: operand b{} reaches element {m} of a buffer of {len}",
+            o.buf
+        )));
+    }
+    Ok(())
+}
+
+/// Whether the strided map `Σ i_d * stride_d` over `dims` (extent, stride) is injective,
+/// by a sufficient test: sorted by stride, every stride exceeds the span of the smaller
+/// ones.
+pub(crate) fn injective(dims: impl Iterator<Item = (usize, usize)>) -> bool {
+    let mut ds: Vec<(usize, usize)> = dims.filter(|&(e, _)| e > 1).collect();
+    if ds.iter().any(|&(e, _)| e == 0) {
+        return true;
+    }
+    ds.sort_by_key(|&(_, s)| s);
+    let mut span: usize = 0;
+    for (e, s) in ds {
+        if s <= span || s == 0 {
+            return false;
+        }
+        match (e - 1).checked_mul(s).and_then(|x| x.checked_add(span)) {
+            Some(x) => span = x,
+            None => return false,
+        }
+    }
+    true
+}
+
+fn walk_loads<'a>(e: &'a ScalarExpr, f: &mut impl FnMut(&'a Access)) {
+    match e {
+        ScalarExpr::Load(a) => f(a),
+        ScalarExpr::Const(_) | ScalarExpr::Index(_) => {}
+        ScalarExpr::Unary(_, a) => walk_loads(a, f),
+        ScalarExpr::Binary(_, a, b) => {
+            walk_loads(a, f);
+            walk_loads(b, f);
+        }
+        ScalarExpr::Select(c, a, b) => {
+            walk_loads(c, f);
+            walk_loads(a, f);
+            walk_loads(b, f);
+        }
+    }
+}
+
+fn max_index(e: &ScalarExpr) -> Option<usize> {
+    match e {
+        ScalarExpr::Load(_) | ScalarExpr::Const(_) => None,
+        ScalarExpr::Index(n) => Some(*n),
+        ScalarExpr::Unary(_, a) => max_index(a),
+        ScalarExpr::Binary(_, a, b) => max_index(a).max(max_index(b)),
+        ScalarExpr::Select(c, a, b) => max_index(c).max(max_index(a)).max(max_index(b)),
+    }
+}
+
+fn validate_loop(program: &Program, k: &LoopKernel, what: &str) -> Result<()> {
+    let rank = k.shape.len();
+    if k.reduce.is_some() && k.reduced_dims > rank {
+        return Err(Error::internal(format!(
+            "{what}: reduces {} axes of a rank-{rank} loop",
+            k.reduced_dims
+        )));
+    }
+    check_access(program, &k.out, &k.shape, what)?;
+    if k.reduce.is_some()
+        && k.out.strides[rank - k.reduced_dims..]
+            .iter()
+            .any(|&s| s != 0)
+    {
+        return Err(Error::internal(format!(
+            "{what}: output strides are not zero on reduced axes"
+        )));
+    }
+    if let Some(n) = max_index(&k.body)
+        && n >= rank
+    {
+        return Err(Error::internal(format!(
+            "{what}: index i{n} of a rank-{rank} loop"
+        )));
+    }
+    let mut res = Ok(());
+    walk_loads(&k.body, &mut |a| {
+        if res.is_ok() {
+            res = check_access(program, a, &k.shape, what);
+        }
+    });
+    res
+}
+
+fn validate_kernel(program: &Program, i: usize, k: &Kernel) -> Result<()> {
+    let what = format!("kernel k{i}");
+    let what = what.as_str();
+    match k {
+        Kernel::Loop(l) => validate_loop(program, l, what),
+        Kernel::MatMul(m) => {
+            check_operand(program, &m.a, &m.batch, m.m, m.k, what)?;
+            check_operand(program, &m.b, &m.batch, m.k, m.n, what)?;
+            check_operand(program, &m.c, &m.batch, m.m, m.n, what)?;
+            if m.c.buf == m.a.buf || m.c.buf == m.b.buf {
+                return Err(Error::internal(format!(
+                    "{what}: matmul output b{} aliases an input",
+                    m.c.buf
+                )));
+            }
+            let dims = m
+                .batch
+                .iter()
+                .copied()
+                .zip(m.c.batch_strides.iter().copied())
+                .chain([(m.m, m.c.row_stride), (m.n, m.c.col_stride)]);
+            if !injective(dims) {
+                return Err(Error::internal(format!(
+                    "{what}: matmul output view overlaps itself"
+                )));
+            }
+            Ok(())
+        }
+        Kernel::Gather(g) => {
+            let tl = check_buf(program, g.table, Some(DType::F32), what)?;
+            let il = check_buf(program, g.ids, None, what)?;
+            let ol = check_buf(program, g.out, Some(DType::F32), what)?;
+            if g.out == g.table || g.out == g.ids {
+                return Err(Error::internal(format!(
+                    "{what}: gather output aliases an input"
+                )));
+            }
+            let need = |a: usize, b: usize| {
+                a.checked_mul(b)
+                    .ok_or_else(|| Error::internal("gather size overflows"))
+            };
+            if need(g.rows, g.dim)? > tl || g.n > il || need(g.n, g.dim)? > ol {
+                return Err(Error::internal(format!(
+                    "{what}: gather sizes exceed its buffers"
+                )));
+            }
+            Ok(())
+        }
+        Kernel::ScatterAdd(s) => {
+            let sl = check_buf(program, s.src, Some(DType::F32), what)?;
+            let il = check_buf(program, s.ids, None, what)?;
+            let ol = check_buf(program, s.out, Some(DType::F32), what)?;
+            if s.out == s.src || s.out == s.ids {
+                return Err(Error::internal(format!(
+                    "{what}: scatter-add output aliases an input"
+                )));
+            }
+            let need = |a: usize, b: usize| {
+                a.checked_mul(b)
+                    .ok_or_else(|| Error::internal("scatter-add size overflows"))
+            };
+            if need(s.rows, s.dim)? > ol || s.n > il || need(s.n, s.dim)? > sl {
+                return Err(Error::internal(format!(
+                    "{what}: scatter-add sizes exceed its buffers"
+                )));
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Checks that every kernel of `program` stays inside its buffers for its whole
+/// iteration space, that dtypes fit, and that every entry names existing kernels and
+/// buffers. Any failure is an [`Error::Internal`].
+pub fn validate(program: &Program) -> Result<()> {
+    for (i, k) in program.kernels.iter().enumerate() {
+        validate_kernel(program, i, k)?;
+    }
+    for e in &program.entries {
+        if let Some(&k) = e.kernels.iter().find(|&&k| k >= program.kernels.len()) {
+            return Err(Error::internal(format!(
+                "entry `{}` names kernel k{k} which does not exist",
+                e.name
+            )));
+        }
+        if let Some((n, b)) = e.results.iter().find(|(_, b)| *b >= program.buffers.len()) {
+            return Err(Error::internal(format!(
+                "entry `{}` result `{n}` names buffer b{b} which does not exist",
+                e.name
+            )));
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Gather / scatter-add (shared by the executor and the interpreter)
+// ---------------------------------------------------------------------------------------
+
+fn id_at(ids: &BufData, i: usize, rows: usize) -> std::result::Result<usize, String> {
+    match ids.dtype() {
+        DType::I32 => {
+            let v = ids.as_i32().unwrap()[i];
+            if v >= 0 && (v as usize) < rows {
+                Ok(v as usize)
+            } else {
+                Err(v.to_string())
+            }
+        }
+        DType::F32 => {
+            let v = ids.as_f32().unwrap()[i];
+            if v >= 0.0 && v.fract() == 0.0 && (v as usize) < rows {
+                Ok(v as usize)
+            } else {
+                Err(format!("{v}"))
+            }
+        }
+    }
+}
+
+/// `out[i, :] = table[ids[i], :]`; checks every id first, so a bad id leaves `out` as it was.
+pub fn gather(g: &GatherKernel, bufs: &mut Buffers) -> Result<()> {
+    let mut rows = Vec::with_capacity(g.n);
+    {
+        let ids = bufs.get(g.ids)?;
+        for i in 0..g.n {
+            let r = id_at(ids, i, g.rows).map_err(|v| {
+                Error::user(format!(
+                    "embedding id {v} at position {i} of `{}` is out of range 0..{}",
+                    g.what, g.rows
+                ))
+            })?;
+            rows.push(r);
+        }
+    }
+    let (out, table) = bufs.pair_mut(g.out, g.table)?;
+    let out = out
+        .as_f32_mut()
+        .ok_or_else(|| dtype_err(g.out, DType::F32))?;
+    let table = table
+        .as_f32()
+        .ok_or_else(|| dtype_err(g.table, DType::F32))?;
+    let d = g.dim;
+    for (i, &r) in rows.iter().enumerate() {
+        out[i * d..(i + 1) * d].copy_from_slice(&table[r * d..(r + 1) * d]);
+    }
+    Ok(())
+}
+
+/// `out[ids[i], :] += src[i, :]` in order of `i`; checks every id first.
+pub fn scatter_add(s: &ScatterAddKernel, bufs: &mut Buffers) -> Result<()> {
+    let mut rows = Vec::with_capacity(s.n);
+    {
+        let ids = bufs.get(s.ids)?;
+        for i in 0..s.n {
+            let r = id_at(ids, i, s.rows).map_err(|v| {
+                Error::user(format!("embedding id {v} at position {i} of scatter-add into b{} is out of range 0..{}", s.out, s.rows))
+            })?;
+            rows.push(r);
+        }
+    }
+    let (out, src) = bufs.pair_mut(s.out, s.src)?;
+    let out = out
+        .as_f32_mut()
+        .ok_or_else(|| dtype_err(s.out, DType::F32))?;
+    let src = src.as_f32().ok_or_else(|| dtype_err(s.src, DType::F32))?;
+    let d = s.dim;
+    for (i, &r) in rows.iter().enumerate() {
+        for (o, x) in out[r * d..(r + 1) * d]
+            .iter_mut()
+            .zip(&src[i * d..(i + 1) * d])
+        {
+            *o += *x;
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// The executor
+// ---------------------------------------------------------------------------------------
+
+/// Loop kernels with more points than this are split across the thread pool.
+const PARALLEL_POINTS: usize = 1 << 15;
+
+/// How the executor runs one kernel.
+enum Plan {
+    /// Through the interpreter.
+    Interp,
+    /// A compiled loop kernel: the function, the outermost extent (of the normalised
+    /// kernel, see [`jit::normalize`]) and whether splitting it across threads is safe.
+    Jit {
+        f: KernelFn,
+        outer: usize,
+        points: usize,
+        splittable: bool,
+    },
+    MatMul,
+    Gather,
+    ScatterAdd,
+}
+
+/// Whether the normalised loop kernel `k` can run with its outermost axis split across
+/// threads without two threads touching the same output element.
+fn splittable(k: &LoopKernel) -> bool {
+    let keep = k.shape.len() - k.reduce.map_or(0, |_| k.reduced_dims);
+    if keep == 0 || k.out.strides[0] == 0 && k.shape[0] > 1 {
+        return false;
+    }
+    if !injective(
+        k.shape[..keep]
+            .iter()
+            .copied()
+            .zip(k.out.strides[..keep].iter().copied()),
+    ) {
+        return false;
+    }
+    let mut ok = true;
+    walk_loads(&k.body, &mut |a| {
+        if a.buf == k.out.buf && (a.offset != k.out.offset || a.strides != k.out.strides) {
+            ok = false;
+        }
+    });
+    ok
+}
+
+/// Runs a program's entries: owns its buffers, its compiled kernels and a thread pool.
+pub struct Executor {
+    program: Program,
+    bufs: Buffers,
+    plans: Vec<Plan>,
+    entries: HashMap<String, usize>,
+    threads: usize,
+    pool: rayon::ThreadPool,
+    // Declared last so the code outlives nothing that could call it.
+    _jit: Option<JitProgram>,
+}
+
+fn build_pool(threads: usize) -> Result<rayon::ThreadPool> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("bm-worker-{i}"))
+        .build()
+        .map_err(|e| Error::internal(format!("cannot start the thread pool: {e}")))
+}
+
+fn resolve_threads(threads: usize) -> usize {
+    if threads == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        threads
+    }
+}
+
+impl Executor {
+    /// Allocates every buffer (zero-filled), validates every kernel and JIT-compiles every
+    /// loop kernel. `threads` is the size of the thread pool (0: one per CPU).
+    pub fn new(program: &Program, threads: usize) -> Result<Executor> {
+        validate(program)?;
+        let jit = jit::compile(program)?;
+        let plans = program
+            .kernels
+            .iter()
+            .enumerate()
+            .map(|(i, k)| match k {
+                Kernel::Loop(l) => {
+                    let n = jit::normalize(l);
+                    let f = jit
+                        .function(i)
+                        .ok_or_else(|| Error::internal(format!("kernel k{i} was not compiled")))?;
+                    Ok(Plan::Jit {
+                        f,
+                        outer: n.shape[0],
+                        points: n.shape.iter().product(),
+                        splittable: splittable(&n),
+                    })
+                }
+                Kernel::MatMul(_) => Ok(Plan::MatMul),
+                Kernel::Gather(_) => Ok(Plan::Gather),
+                Kernel::ScatterAdd(_) => Ok(Plan::ScatterAdd),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Self::build(program, plans, resolve_threads(threads), Some(jit))
+    }
+
+    /// Like [`Executor::new`], but every kernel runs through the reference interpreter.
+    pub fn interpreted(program: &Program) -> Result<Executor> {
+        validate(program)?;
+        let plans = program.kernels.iter().map(|_| Plan::Interp).collect();
+        Self::build(program, plans, 1, None)
+    }
+
+    fn build(
+        program: &Program,
+        plans: Vec<Plan>,
+        threads: usize,
+        jit: Option<JitProgram>,
+    ) -> Result<Executor> {
+        let entries = program
+            .entries
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (e.name.clone(), i))
+            .collect();
+        Ok(Executor {
+            program: program.clone(),
+            bufs: Buffers::new(program),
+            plans,
+            entries,
+            threads,
+            pool: build_pool(threads)?,
+            _jit: jit,
+        })
+    }
+
+    pub fn program(&self) -> &Program {
+        &self.program
+    }
+    pub fn buffers(&self) -> &Buffers {
+        &self.bufs
+    }
+    pub fn buffers_mut(&mut self) -> &mut Buffers {
+        &mut self.bufs
+    }
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// Resizes the thread pool (0: one thread per CPU).
+    pub fn set_threads(&mut self, n: usize) -> Result<()> {
+        let n = resolve_threads(n);
+        if n != self.threads {
+            self.pool = build_pool(n)?;
+            self.threads = n;
+        }
+        Ok(())
+    }
+
+    pub fn f32(&self, buf: BufId) -> Result<&[f32]> {
+        self.bufs.f32(buf)
+    }
+    pub fn f32_mut(&mut self, buf: BufId) -> Result<&mut [f32]> {
+        self.bufs.f32_mut(buf)
+    }
+    pub fn i32(&self, buf: BufId) -> Result<&[i32]> {
+        self.bufs.i32(buf)
+    }
+    pub fn i32_mut(&mut self, buf: BufId) -> Result<&mut [i32]> {
+        self.bufs.i32_mut(buf)
+    }
+
+    /// Runs the kernels of entry `entry` in order.
+    pub fn run(&mut self, entry: &str) -> Result<()> {
+        let e = *self
+            .entries
+            .get(entry)
+            .ok_or_else(|| Error::internal(format!("the program has no entry `{entry}`")))?;
+        let kernels = std::mem::take(&mut self.program.entries[e].kernels);
+        let res = kernels.iter().try_for_each(|&k| self.run_kernel(k));
+        self.program.entries[e].kernels = kernels;
+        res
+    }
+
+    /// Runs kernel `k` of the program alone.
+    pub fn run_kernel(&mut self, k: usize) -> Result<()> {
+        let plan = self
+            .plans
+            .get(k)
+            .ok_or_else(|| Error::internal(format!("kernel k{k} does not exist")))?;
+        let kernel = &self.program.kernels[k];
+        match (plan, kernel) {
+            (Plan::Interp, k) => interp::run_kernel(k, &mut self.bufs),
+            (
+                &Plan::Jit {
+                    f,
+                    outer,
+                    points,
+                    splittable,
+                },
+                _,
+            ) => {
+                let ptrs = self.bufs.base_ptrs();
+                let p = ptrs.as_ptr() as usize;
+                if splittable && self.threads > 1 && points > PARALLEL_POINTS && outer > 1 {
+                    let chunks = outer.min(self.threads * 4);
+                    self.pool.install(|| {
+                        (0..chunks).into_par_iter().for_each(|c| {
+                            let lo = outer * c / chunks;
+                            let hi = outer * (c + 1) / chunks;
+                            // SAFETY: validated in bounds; chunks write disjoint elements (`splittable`).
+                            unsafe { f(p as *const *mut u8, lo as i64, hi as i64) }
+                        })
+                    });
+                } else {
+                    // SAFETY: the kernel was validated to stay inside its buffers.
+                    unsafe { f(ptrs.as_ptr(), 0, outer as i64) }
+                }
+                Ok(())
+            }
+            (Plan::MatMul, Kernel::MatMul(m)) => {
+                let (threads, bufs) = (self.threads, &mut self.bufs);
+                self.pool.install(|| crate::gemm::matmul(m, bufs, threads))
+            }
+            (Plan::Gather, Kernel::Gather(g)) => gather(g, &mut self.bufs),
+            (Plan::ScatterAdd, Kernel::ScatterAdd(s)) => scatter_add(s, &mut self.bufs),
+            _ => Err(Error::internal(format!(
+                "kernel k{k} does not match its plan"
+            ))),
+        }
+    }
+}
+
+/// Helpers shared by the runtime's unit tests.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use super::*;
+    use crate::kir::{BufKind, Buffer, Entry};
+
+    /// A tiny deterministic generator (xorshift64*).
+    pub struct Rng(pub u64);
+    impl Rng {
+        pub fn new(seed: u64) -> Rng {
+            Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+        }
+        pub fn next(&mut self) -> u64 {
+            let mut x = self.0;
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            self.0 = x;
+            x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        }
+        /// Uniform in `0..n` (n > 0).
+        pub fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+        pub fn chance(&mut self, num: usize, den: usize) -> bool {
+            self.below(den) < num
+        }
+        /// Uniform in [lo, hi).
+        pub fn uniform(&mut self, lo: f32, hi: f32) -> f32 {
+            lo + (hi - lo) * ((self.next() >> 40) as f32 / (1u64 << 24) as f32)
+        }
+    }
+
+    pub fn buf(name: &str, dtype: DType, len: usize) -> Buffer {
+        Buffer {
+            name: name.into(),
+            dtype,
+            shape: vec![len],
+            kind: BufKind::Temp,
+        }
+    }
+
+    /// A program with one entry `main` running every kernel in order.
+    pub fn program(buffers: Vec<Buffer>, kernels: Vec<Kernel>) -> Program {
+        let n = kernels.len();
+        Program {
+            buffers,
+            kernels,
+            entries: vec![Entry {
+                name: "main".into(),
+                kernels: (0..n).collect(),
+                results: vec![],
+            }],
+            params: vec![],
+        }
+    }
+
+    /// Fills every buffer: f32 uniform in [-2, 2) (with a few special values when
+    /// `special`), i32 uniform in `0..10`.
+    pub fn fill(bufs: &mut Buffers, seed: u64, special: bool) {
+        let mut r = Rng::new(seed);
+        for id in 0..bufs.len() {
+            let b = bufs.get_mut(id).unwrap();
+            match b.dtype() {
+                DType::F32 => {
+                    for x in b.as_f32_mut().unwrap() {
+                        *x = if special && r.chance(1, 12) {
+                            [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -0.0, 0.0, 1.0][r.below(6)]
+                        } else {
+                            r.uniform(-2.0, 2.0)
+                        };
+                    }
+                }
+                DType::I32 => {
+                    for x in b.as_i32_mut().unwrap() {
+                        *x = r.below(10) as i32;
+                    }
+                }
+            }
+        }
+    }
+
+    pub fn same_f32(a: f32, b: f32) -> bool {
+        a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan())
+    }
+
+    /// Every buffer of `a` equals `b`'s (f32: bit for bit or both NaN, or within `rel`
+    /// relative error when `rel > 0`).
+    pub fn assert_same(a: &Buffers, b: &Buffers, rel: f32, ctx: &str) {
+        for id in 0..a.len() {
+            let (x, y) = (a.get(id).unwrap(), b.get(id).unwrap());
+            match x.dtype() {
+                DType::F32 => {
+                    for (i, (&p, &q)) in x
+                        .as_f32()
+                        .unwrap()
+                        .iter()
+                        .zip(y.as_f32().unwrap())
+                        .enumerate()
+                    {
+                        let ok = same_f32(p, q)
+                            || (rel > 0.0 && (p - q).abs() <= rel * p.abs().max(q.abs()).max(1.0));
+                        assert!(ok, "{ctx}: b{id}[{i}]: {p:e} vs {q:e}");
+                    }
+                }
+                DType::I32 => assert_eq!(x.as_i32().unwrap(), y.as_i32().unwrap(), "{ctx}: b{id}"),
+            }
+        }
+    }
+
+    /// Runs `main` through the interpreter and through the JIT executor (`threads`),
+    /// from the same random contents; asserts equal results; returns the interpreter's.
+    pub fn check_jit(p: &Program, seed: u64, threads: usize, special: bool, rel: f32) -> Buffers {
+        let ctx = p.to_text();
+        let mut a = Executor::interpreted(p).unwrap_or_else(|e| panic!("{e}\n{ctx}"));
+        let mut b = Executor::new(p, threads).unwrap_or_else(|e| panic!("{e}\n{ctx}"));
+        fill(a.buffers_mut(), seed, special);
+        fill(b.buffers_mut(), seed, special);
+        a.run("main").unwrap();
+        b.run("main").unwrap();
+        assert_same(a.buffers(), b.buffers(), rel, &ctx);
+        a.buffers().clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_support::*;
+    use super::*;
+    use crate::kir::{MatMulKernel, ReduceOp, UnaryOp};
+
+    fn acc(buf: BufId, offset: usize, strides: &[usize]) -> Access {
+        Access {
+            buf,
+            offset,
+            strides: strides.to_vec(),
+        }
+    }
+    fn copy(shape: &[usize], src: Access, out: Access) -> Kernel {
+        Kernel::Loop(LoopKernel {
+            shape: shape.to_vec(),
+            reduce: None,
+            reduced_dims: 0,
+            body: ScalarExpr::Load(src),
+            out,
+            accumulate: false,
+        })
+    }
+    fn internal<T>(r: Result<T>) -> String {
+        match r {
+            Err(Error::Internal(m)) => m,
+            Err(e) => panic!("expected an internal error, got {e}"),
+            Ok(_) => panic!("expected an internal error"),
+        }
+    }
+
+    #[test]
+    fn buffers_are_aligned_zeroed_and_typed() {
+        let p = program(
+            vec![
+                buf("x", DType::F32, 5),
+                buf("i", DType::I32, 33),
+                buf("e", DType::F32, 0),
+            ],
+            vec![],
+        );
+        let mut e = Executor::new(&p, 1).unwrap();
+        assert_eq!(e.f32(0).unwrap(), &[0.0; 5]);
+        assert_eq!(e.i32(1).unwrap(), &[0; 33][..]);
+        assert!(e.f32(2).unwrap().is_empty());
+        assert_eq!(e.f32(0).unwrap().as_ptr() as usize % 64, 0);
+        assert_eq!(e.i32(1).unwrap().as_ptr() as usize % 64, 0);
+        internal(e.i32(0));
+        internal(e.f32_mut(1));
+        internal(e.f32(3));
+        e.i32_mut(1).unwrap()[32] = 7;
+        assert_eq!(e.i32(1).unwrap()[32], 7);
+        internal(e.run("nope"));
+        e.run("main").unwrap();
+    }
+
+    #[test]
+    fn validation_rejects_bad_programs() {
+        let bufs = || {
+            vec![
+                buf("x", DType::F32, 12),
+                buf("o", DType::F32, 12),
+                buf("i", DType::I32, 4),
+            ]
+        };
+        let bad = |k: Kernel| {
+            let p = program(bufs(), vec![k]);
+            let m1 = internal(Executor::new(&p, 1));
+            let m2 = internal(Executor::interpreted(&p));
+            assert_eq!(m1, m2);
+            m1
+        };
+        // reads one past the end
+        let m = bad(copy(&[3, 4], acc(0, 1, &[4, 1]), acc(1, 0, &[4, 1])));
+        assert!(m.contains("reaches element 12"), "{m}");
+        // writes past the end via a transposed view
+        bad(copy(&[3, 4], acc(0, 0, &[4, 1]), acc(1, 0, &[1, 4])));
+        // stride count
+        bad(copy(&[3, 4], acc(0, 0, &[4]), acc(1, 0, &[4, 1])));
+        // missing buffer
+        bad(copy(&[3, 4], acc(7, 0, &[4, 1]), acc(1, 0, &[4, 1])));
+        // index out of rank
+        bad(Kernel::Loop(LoopKernel {
+            shape: vec![3],
+            reduce: None,
+            reduced_dims: 0,
+            body: ScalarExpr::Index(1),
+            out: acc(1, 0, &[1]),
+            accumulate: false,
+        }));
+        // output stride on a reduced axis
+        bad(Kernel::Loop(LoopKernel {
+            shape: vec![3, 4],
+            reduce: Some(ReduceOp::Sum),
+            reduced_dims: 1,
+            body: ScalarExpr::Const(1.0),
+            out: acc(1, 0, &[4, 1]),
+            accumulate: false,
+        }));
+        // too many reduced axes
+        bad(Kernel::Loop(LoopKernel {
+            shape: vec![3],
+            reduce: Some(ReduceOp::Sum),
+            reduced_dims: 2,
+            body: ScalarExpr::Const(1.0),
+            out: acc(1, 0, &[0]),
+            accumulate: false,
+        }));
+        // matmul: aliasing, overlapping output, i32 operand, out of bounds
+        let mm = |a: usize, c: MatOperand, m: usize| {
+            Kernel::MatMul(MatMulKernel {
+                batch: vec![],
+                m,
+                n: 2,
+                k: 2,
+                a: MatOperand {
+                    buf: a,
+                    offset: 0,
+                    batch_strides: vec![],
+                    row_stride: 2,
+                    col_stride: 1,
+                },
+                b: MatOperand {
+                    buf: 0,
+                    offset: 0,
+                    batch_strides: vec![],
+                    row_stride: 2,
+                    col_stride: 1,
+                },
+                c,
+                accumulate: false,
+            })
+        };
+        let c = |buf, rs, cs| MatOperand {
+            buf,
+            offset: 0,
+            batch_strides: vec![],
+            row_stride: rs,
+            col_stride: cs,
+        };
+        bad(mm(0, c(0, 2, 1), 2));
+        bad(mm(0, c(1, 1, 1), 2));
+        bad(mm(2, c(1, 2, 1), 2));
+        bad(mm(0, c(1, 2, 1), 7));
+        // gather: sizes, aliasing
+        bad(Kernel::Gather(GatherKernel {
+            table: 0,
+            ids: 2,
+            out: 1,
+            n: 5,
+            rows: 3,
+            dim: 2,
+            what: "e".into(),
+        }));
+        bad(Kernel::Gather(GatherKernel {
+            table: 0,
+            ids: 2,
+            out: 0,
+            n: 4,
+            rows: 3,
+            dim: 2,
+            what: "e".into(),
+        }));
+        bad(Kernel::ScatterAdd(ScatterAddKernel {
+            src: 0,
+            ids: 2,
+            out: 1,
+            n: 4,
+            rows: 7,
+            dim: 2,
+        }));
+        // entries naming missing kernels
+        let mut p = program(bufs(), vec![]);
+        p.entries[0].kernels.push(3);
+        internal(Executor::new(&p, 1));
+    }
+
+    fn gather_program(ids_dtype: DType) -> Program {
+        program(
+            vec![
+                buf("table", DType::F32, 8),
+                buf("ids", ids_dtype, 3),
+                buf("out", DType::F32, 6),
+                buf("grad", DType::F32, 8),
+            ],
+            vec![
+                Kernel::Gather(GatherKernel {
+                    table: 0,
+                    ids: 1,
+                    out: 2,
+                    n: 3,
+                    rows: 4,
+                    dim: 2,
+                    what: "wte".into(),
+                }),
+                Kernel::ScatterAdd(ScatterAddKernel {
+                    src: 2,
+                    ids: 1,
+                    out: 3,
+                    n: 3,
+                    rows: 4,
+                    dim: 2,
+                }),
+            ],
+        )
+    }
+
+    #[test]
+    fn gather_and_scatter_add() {
+        for dt in [DType::I32, DType::F32] {
+            let p = gather_program(dt);
+            for mut e in [
+                Executor::interpreted(&p).unwrap(),
+                Executor::new(&p, 2).unwrap(),
+            ] {
+                e.f32_mut(0)
+                    .unwrap()
+                    .copy_from_slice(&[0.0, 1.0, 10.0, 11.0, 20.0, 21.0, 30.0, 31.0]);
+                match dt {
+                    DType::I32 => e.i32_mut(1).unwrap().copy_from_slice(&[2, 0, 2]),
+                    DType::F32 => e.f32_mut(1).unwrap().copy_from_slice(&[2.0, 0.0, 2.0]),
+                }
+                e.f32_mut(3).unwrap().fill(1.0);
+                e.run("main").unwrap();
+                assert_eq!(e.f32(2).unwrap(), &[20.0, 21.0, 0.0, 1.0, 20.0, 21.0]);
+                assert_eq!(
+                    e.f32(3).unwrap(),
+                    &[1.0, 2.0, 1.0, 1.0, 41.0, 43.0, 1.0, 1.0]
+                );
+
+                // out of range ids are user errors naming the embedding
+                match dt {
+                    DType::I32 => e.i32_mut(1).unwrap()[1] = 4,
+                    DType::F32 => e.f32_mut(1).unwrap()[1] = -1.0,
+                }
+                let err = e.run("main").unwrap_err();
+                let v = if dt == DType::I32 { "4" } else { "-1" };
+                assert_eq!(
+                    err,
+                    Error::User(format!(
+                        "embedding id {v} at position 1 of `wte` is out of range 0..4"
+                    ))
+                );
+                assert_eq!(err.exit_code(), 1);
+                // and scatter-add alone checks too
+                let err = e.run_kernel(1).unwrap_err();
+                assert!(
+                    matches!(&err, Error::User(m) if m.contains("position 1") && m.contains("out of range 0..4")),
+                    "{err}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn injectivity_and_splitting() {
+        assert!(injective([(3, 4), (4, 1)].into_iter()));
+        assert!(injective([(3, 1), (4, 3)].into_iter()));
+        assert!(injective([(1, 0), (4, 1)].into_iter()));
+        assert!(!injective([(3, 1), (4, 1)].into_iter()));
+        assert!(!injective([(3, 0), (4, 1)].into_iter()));
+        assert!(!injective([(3, 3), (4, 1)].into_iter()));
+        let lk =
+            |out: Access, body: ScalarExpr, reduce: Option<ReduceOp>, nred: usize| LoopKernel {
+                shape: vec![10, 20],
+                reduce,
+                reduced_dims: nred,
+                body,
+                out,
+                accumulate: false,
+            };
+        let ld = |a: Access| ScalarExpr::Load(a);
+        assert!(splittable(&lk(
+            acc(1, 0, &[20, 1]),
+            ld(acc(0, 0, &[20, 1])),
+            None,
+            0
+        )));
+        assert!(splittable(&lk(
+            acc(1, 0, &[1, 10]),
+            ld(acc(0, 0, &[20, 1])),
+            None,
+            0
+        )));
+        assert!(splittable(&lk(
+            acc(1, 0, &[1, 0]),
+            ld(acc(0, 0, &[20, 1])),
+            Some(ReduceOp::Sum),
+            1
+        )));
+        assert!(!splittable(&lk(
+            acc(1, 0, &[0, 1]),
+            ld(acc(0, 0, &[20, 1])),
+            None,
+            0
+        )));
+        assert!(!splittable(&lk(
+            acc(1, 0, &[1, 1]),
+            ld(acc(0, 0, &[20, 1])),
+            None,
+            0
+        )));
+        // in place with the same view is fine, a shifted read of the output is not
+        assert!(splittable(&lk(
+            acc(0, 0, &[20, 1]),
+            ld(acc(0, 0, &[20, 1])),
+            None,
+            0
+        )));
+        assert!(!splittable(&lk(
+            acc(0, 0, &[20, 1]),
+            ld(acc(0, 20, &[20, 1])),
+            None,
+            0
+        )));
+    }
+
+    #[test]
+    fn non_injective_and_shifted_in_place_writes_stay_sequential() {
+        // o[j] = x[i, j] for every i: the last i wins, as in the interpreter
+        let (m, n) = (200, 300);
+        let p = program(
+            vec![buf("x", DType::F32, m * n + n), buf("o", DType::F32, n)],
+            vec![
+                copy(&[m, n], acc(0, 0, &[n, 1]), acc(1, 0, &[0, 1])),
+                // x[i, j] = tanh(x[i + 1, j]) read ahead of the write: order matters
+                Kernel::Loop(LoopKernel {
+                    shape: vec![m, n],
+                    reduce: None,
+                    reduced_dims: 0,
+                    body: ScalarExpr::Unary(
+                        UnaryOp::Tanh,
+                        Box::new(ScalarExpr::Load(acc(0, n, &[n, 1]))),
+                    ),
+                    out: acc(0, 0, &[n, 1]),
+                    accumulate: true,
+                }),
+            ],
+        );
+        check_jit(&p, 5, 4, false, 0.0);
+    }
+
+    #[test]
+    fn set_threads_and_entries() {
+        let n = 100_000;
+        let mut p = program(
+            vec![
+                buf("x", DType::F32, n),
+                buf("o", DType::F32, n),
+                buf("s", DType::F32, 1),
+            ],
+            vec![
+                copy(&[n], acc(0, 0, &[1]), acc(1, 0, &[1])),
+                Kernel::Loop(LoopKernel {
+                    shape: vec![n],
+                    reduce: Some(ReduceOp::Sum),
+                    reduced_dims: 1,
+                    body: ScalarExpr::Load(acc(1, 0, &[1])),
+                    out: acc(2, 0, &[0]),
+                    accumulate: false,
+                }),
+            ],
+        );
+        p.entries.push(crate::kir::Entry {
+            name: "second".into(),
+            kernels: vec![1],
+            results: vec![("s".into(), 2)],
+        });
+        let mut e = Executor::new(&p, 3).unwrap();
+        assert_eq!(e.threads(), 3);
+        e.f32_mut(0)
+            .unwrap()
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, x)| *x = (i % 7) as f32);
+        e.run("main").unwrap();
+        let want: f32 = {
+            let mut s = 0.0f32;
+            for i in 0..n {
+                s += (i % 7) as f32;
+            }
+            s
+        };
+        assert_eq!(e.f32(2).unwrap()[0], want);
+        e.set_threads(1).unwrap();
+        e.f32_mut(1).unwrap().fill(1.0);
+        e.run("second").unwrap();
+        assert_eq!(e.f32(2).unwrap()[0], n as f32);
+        e.set_threads(0).unwrap();
+        assert!(e.threads() >= 1);
+    }
+}
+
+#[cfg(test)]
+mod send_sync {
+    fn check<T: Send + Sync>() {}
+    #[test]
+    fn executor_is_send_and_sync() {
+        check::<super::Executor>();
+    }
+}

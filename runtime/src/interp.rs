@@ -1,0 +1,405 @@
+//! The reference interpreter: runs any kernel point by point, exactly as `kir` documents
+//! it. Slow; the JIT and the GEMM path are tested against it.
+//!
+//! Scalar semantics shared with the JIT (which calls the same `extern "C"` functions
+//! for transcendentals and uses native instructions for the rest):
+//! - `Max`/`Min` (binary, `Relu`, and the reductions) propagate NaN and order -0 < +0
+//!   (IEEE 754-2019 `maximum`/`minimum`, Cranelift's `fmax`/`fmin`);
+//! - comparisons are IEEE (false with a NaN operand, except `Ne`) and give 1.0/0.0;
+//!   `Step(x)` is `x > 0`; `Select(c, a, b)` takes `a` when `c != 0` (so also for NaN);
+//! - `Rsqrt(x) = 1 / sqrt(x)`, `Recip(x) = 1 / x`, `Square(x) = x * x`,
+//!   `Sigmoid(x) = 1 / (1 + exp(-x))` (in f32), `Erf` is f64 `erf` rounded to f32;
+//! - `Index(n)` is the loop index as f32 (rounded to nearest);
+//! - stores into i32 buffers round to nearest, ties to even, saturating, NaN to 0.
+
+use crate::error::{Error, Result};
+use crate::exec::{self, BufData, Buffers};
+use crate::kir::{
+    Access, BinaryOp, Kernel, LoopKernel, MatMulKernel, MatOperand, ReduceOp, ScalarExpr, UnaryOp,
+};
+
+// ---------------------------------------------------------------------------------------
+// Scalar functions (the JIT calls the `extern "C"` ones)
+// ---------------------------------------------------------------------------------------
+
+pub extern "C" fn bm_exp(x: f32) -> f32 {
+    x.exp()
+}
+pub extern "C" fn bm_log(x: f32) -> f32 {
+    x.ln()
+}
+pub extern "C" fn bm_tanh(x: f32) -> f32 {
+    x.tanh()
+}
+pub extern "C" fn bm_sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+pub extern "C" fn bm_sin(x: f32) -> f32 {
+    x.sin()
+}
+pub extern "C" fn bm_cos(x: f32) -> f32 {
+    x.cos()
+}
+pub extern "C" fn bm_erf(x: f32) -> f32 {
+    libm::erf(x as f64) as f32
+}
+pub extern "C" fn bm_pow(a: f32, b: f32) -> f32 {
+    a.powf(b)
+}
+
+/// NaN-propagating maximum with -0 < +0 (Cranelift `fmax`).
+#[inline]
+pub fn fmax(a: f32, b: f32) -> f32 {
+    if a.is_nan() || b.is_nan() {
+        f32::NAN
+    } else if a > b {
+        a
+    } else if b > a {
+        b
+    } else if a.is_sign_positive() {
+        a
+    } else {
+        b
+    }
+}
+
+/// NaN-propagating minimum with -0 < +0 (Cranelift `fmin`).
+#[inline]
+pub fn fmin(a: f32, b: f32) -> f32 {
+    if a.is_nan() || b.is_nan() {
+        f32::NAN
+    } else if a < b {
+        a
+    } else if b < a {
+        b
+    } else if a.is_sign_negative() {
+        a
+    } else {
+        b
+    }
+}
+
+#[inline]
+fn bool_f(b: bool) -> f32 {
+    if b { 1.0 } else { 0.0 }
+}
+
+pub fn unary(op: UnaryOp, x: f32) -> f32 {
+    match op {
+        UnaryOp::Neg => -x,
+        UnaryOp::Exp => bm_exp(x),
+        UnaryOp::Log => bm_log(x),
+        UnaryOp::Sqrt => x.sqrt(),
+        UnaryOp::Rsqrt => 1.0 / x.sqrt(),
+        UnaryOp::Abs => x.abs(),
+        UnaryOp::Tanh => bm_tanh(x),
+        UnaryOp::Sigmoid => bm_sigmoid(x),
+        UnaryOp::Relu => fmax(x, 0.0),
+        UnaryOp::Sin => bm_sin(x),
+        UnaryOp::Cos => bm_cos(x),
+        UnaryOp::Erf => bm_erf(x),
+        UnaryOp::Recip => 1.0 / x,
+        UnaryOp::Square => x * x,
+        UnaryOp::Step => bool_f(x > 0.0),
+        UnaryOp::Floor => x.floor(),
+    }
+}
+
+pub fn binary(op: BinaryOp, a: f32, b: f32) -> f32 {
+    match op {
+        BinaryOp::Add => a + b,
+        BinaryOp::Sub => a - b,
+        BinaryOp::Mul => a * b,
+        BinaryOp::Div => a / b,
+        BinaryOp::Max => fmax(a, b),
+        BinaryOp::Min => fmin(a, b),
+        BinaryOp::Pow => bm_pow(a, b),
+        BinaryOp::Lt => bool_f(a < b),
+        BinaryOp::Le => bool_f(a <= b),
+        BinaryOp::Gt => bool_f(a > b),
+        BinaryOp::Ge => bool_f(a >= b),
+        BinaryOp::Eq => bool_f(a == b),
+        BinaryOp::Ne => bool_f(a != b),
+    }
+}
+
+pub fn reduce_identity(op: ReduceOp) -> f32 {
+    match op {
+        ReduceOp::Sum => 0.0,
+        ReduceOp::Max => f32::NEG_INFINITY,
+        ReduceOp::Min => f32::INFINITY,
+    }
+}
+
+pub fn reduce_combine(op: ReduceOp, acc: f32, v: f32) -> f32 {
+    match op {
+        ReduceOp::Sum => acc + v,
+        ReduceOp::Max => fmax(acc, v),
+        ReduceOp::Min => fmin(acc, v),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Kernels
+// ---------------------------------------------------------------------------------------
+
+fn element(a: &Access, idx: &[usize]) -> usize {
+    a.offset
+        + idx
+            .iter()
+            .zip(&a.strides)
+            .map(|(i, s)| i * s)
+            .sum::<usize>()
+}
+
+fn get(bufs: &Buffers, a: &Access, idx: &[usize]) -> Result<f32> {
+    let b = bufs.get(a.buf)?;
+    let e = element(a, idx);
+    if e >= b.len() {
+        return Err(Error::internal(format!(
+            "load b{}[{e}] is out of bounds ({})",
+            a.buf,
+            b.len()
+        )));
+    }
+    Ok(b.get_f32(e))
+}
+
+/// Evaluates `e` at iteration index `idx`.
+pub fn eval(e: &ScalarExpr, bufs: &Buffers, idx: &[usize]) -> Result<f32> {
+    Ok(match e {
+        ScalarExpr::Load(a) => get(bufs, a, idx)?,
+        ScalarExpr::Const(c) => *c,
+        ScalarExpr::Index(n) => *idx
+            .get(*n)
+            .ok_or_else(|| Error::internal(format!("index i{n} out of the iteration rank")))?
+            as f32,
+        ScalarExpr::Unary(op, a) => unary(*op, eval(a, bufs, idx)?),
+        ScalarExpr::Binary(op, a, b) => binary(*op, eval(a, bufs, idx)?, eval(b, bufs, idx)?),
+        ScalarExpr::Select(c, a, b) => {
+            let c = eval(c, bufs, idx)?;
+            let a = eval(a, bufs, idx)?;
+            let b = eval(b, bufs, idx)?;
+            if c != 0.0 { a } else { b }
+        }
+    })
+}
+
+fn store(bufs: &mut Buffers, out: &Access, idx: &[usize], v: f32, accumulate: bool) -> Result<()> {
+    let b: &mut BufData = bufs.get_mut(out.buf)?;
+    let e = element(out, idx);
+    if e >= b.len() {
+        return Err(Error::internal(format!(
+            "store b{}[{e}] is out of bounds ({})",
+            out.buf,
+            b.len()
+        )));
+    }
+    let v = if accumulate { b.get_f32(e) + v } else { v };
+    b.set_f32(e, v);
+    Ok(())
+}
+
+/// Advances `idx` lexicographically over `shape` (last axis fastest); false when done.
+fn advance(idx: &mut [usize], shape: &[usize]) -> bool {
+    for d in (0..idx.len()).rev() {
+        idx[d] += 1;
+        if idx[d] < shape[d] {
+            return true;
+        }
+        idx[d] = 0;
+    }
+    false
+}
+
+pub fn run_loop(k: &LoopKernel, bufs: &mut Buffers) -> Result<()> {
+    let rank = k.shape.len();
+    let red = match k.reduce {
+        Some(op) => {
+            if k.reduced_dims > rank {
+                return Err(Error::internal("loop kernel reduces more axes than it has"));
+            }
+            Some((op, k.reduced_dims))
+        }
+        None => None,
+    };
+    let nred = red.map_or(0, |r| r.1);
+    let (outer, inner) = k.shape.split_at(rank - nred);
+    if outer.contains(&0) {
+        return Ok(());
+    }
+    let mut idx = vec![0usize; rank];
+    loop {
+        match red {
+            None => {
+                let v = eval(&k.body, bufs, &idx)?;
+                store(bufs, &k.out, &idx, v, k.accumulate)?;
+            }
+            Some((op, _)) => {
+                let mut acc = reduce_identity(op);
+                if !inner.contains(&0) {
+                    loop {
+                        let v = eval(&k.body, bufs, &idx)?;
+                        acc = reduce_combine(op, acc, v);
+                        if !advance(&mut idx[rank - nred..], inner) {
+                            break;
+                        }
+                    }
+                }
+                store(bufs, &k.out, &idx, acc, k.accumulate)?;
+            }
+        }
+        if !advance(&mut idx[..rank - nred], outer) {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// The naive triple loop: `c[b][i][j] (+)= Σ_p a[b][i][p] * b[b][p][j]`, summing `p` in order.
+pub fn run_matmul(k: &MatMulKernel, bufs: &mut Buffers) -> Result<()> {
+    if k.batch.contains(&0) || k.m == 0 || k.n == 0 {
+        return Ok(());
+    }
+    let a = bufs.f32(k.a.buf)?.to_vec();
+    let b = bufs.f32(k.b.buf)?.to_vec();
+    let c = bufs.f32_mut(k.c.buf)?;
+    let oob = || Error::internal("matmul operand out of bounds");
+    let mut bidx = vec![0usize; k.batch.len()];
+    loop {
+        let off = |o: &MatOperand| {
+            o.offset
+                + bidx
+                    .iter()
+                    .zip(&o.batch_strides)
+                    .map(|(i, s)| i * s)
+                    .sum::<usize>()
+        };
+        let (ao, bo, co) = (off(&k.a), off(&k.b), off(&k.c));
+        for i in 0..k.m {
+            for j in 0..k.n {
+                let mut s = 0.0f32;
+                for p in 0..k.k {
+                    let x = a
+                        .get(ao + i * k.a.row_stride + p * k.a.col_stride)
+                        .ok_or_else(oob)?;
+                    let y = b
+                        .get(bo + p * k.b.row_stride + j * k.b.col_stride)
+                        .ok_or_else(oob)?;
+                    s += x * y;
+                }
+                let e = c
+                    .get_mut(co + i * k.c.row_stride + j * k.c.col_stride)
+                    .ok_or_else(oob)?;
+                *e = if k.accumulate { *e + s } else { s };
+            }
+        }
+        if !advance(&mut bidx, &k.batch) {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Runs any kernel through the reference implementation.
+pub fn run_kernel(k: &Kernel, bufs: &mut Buffers) -> Result<()> {
+    match k {
+        Kernel::Loop(l) => run_loop(l, bufs),
+        Kernel::MatMul(m) => run_matmul(m, bufs),
+        Kernel::Gather(g) => exec::gather(g, bufs),
+        Kernel::ScatterAdd(s) => exec::scatter_add(s, bufs),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exec::Buffers;
+    use crate::exec::test_support::*;
+    use crate::kir::DType;
+
+    #[test]
+    fn scalar_functions() {
+        // erf against known values
+        for (x, want) in [
+            (0.0f64, 0.0f64),
+            (0.5, 0.520_499_877_813_046_5),
+            (1.0, 0.842_700_792_949_714_9),
+            (-2.0, -0.995_322_265_018_952_7),
+            (4.0, 0.999_999_984_582_742_1),
+        ] {
+            assert_eq!(bm_erf(x as f32), want as f32, "erf({x})");
+        }
+        assert_eq!(bm_sigmoid(0.0), 0.5);
+        assert_eq!(bm_sigmoid(-200.0), 0.0);
+        assert_eq!(bm_sigmoid(200.0), 1.0);
+        assert!(fmax(f32::NAN, 1.0).is_nan() && fmax(1.0, f32::NAN).is_nan());
+        assert!(fmin(f32::NAN, 1.0).is_nan() && fmin(1.0, f32::NAN).is_nan());
+        assert_eq!(fmax(-0.0, 0.0).to_bits(), 0.0f32.to_bits());
+        assert_eq!(fmin(0.0, -0.0).to_bits(), (-0.0f32).to_bits());
+        assert_eq!(unary(UnaryOp::Step, 0.0), 0.0);
+        assert_eq!(unary(UnaryOp::Step, 1e-30), 1.0);
+        assert_eq!(unary(UnaryOp::Step, f32::NAN), 0.0);
+        assert_eq!(unary(UnaryOp::Rsqrt, 4.0), 0.5);
+        assert_eq!(unary(UnaryOp::Floor, -1.5), -2.0);
+        assert_eq!(binary(BinaryOp::Ne, f32::NAN, f32::NAN), 1.0);
+        assert_eq!(binary(BinaryOp::Eq, f32::NAN, f32::NAN), 0.0);
+        assert_eq!(binary(BinaryOp::Pow, 2.0, 10.0), 1024.0);
+        assert_eq!(crate::exec::f32_to_i32(2.5), 2);
+        assert_eq!(crate::exec::f32_to_i32(-2.5), -2);
+        assert_eq!(crate::exec::f32_to_i32(3.5), 4);
+        assert_eq!(crate::exec::f32_to_i32(f32::NAN), 0);
+        assert_eq!(crate::exec::f32_to_i32(1e20), i32::MAX);
+    }
+
+    #[test]
+    fn loop_kernel_by_hand() {
+        // o[i, j] (+)= select(x[j] > 0, x[j] * i, -1) with a strided output sub-view
+        let p = program(
+            vec![buf("x", DType::F32, 3), buf("o", DType::F32, 20)],
+            vec![],
+        );
+        let mut bufs = Buffers::new(&p);
+        bufs.f32_mut(0).unwrap().copy_from_slice(&[1.0, -2.0, 3.0]);
+        bufs.f32_mut(1).unwrap().fill(100.0);
+        let x = ScalarExpr::Load(Access {
+            buf: 0,
+            offset: 0,
+            strides: vec![0, 1],
+        });
+        let body = ScalarExpr::Select(
+            Box::new(ScalarExpr::Binary(
+                BinaryOp::Gt,
+                Box::new(x.clone()),
+                Box::new(ScalarExpr::Const(0.0)),
+            )),
+            Box::new(ScalarExpr::Binary(
+                BinaryOp::Mul,
+                Box::new(x),
+                Box::new(ScalarExpr::Index(0)),
+            )),
+            Box::new(ScalarExpr::Const(-1.0)),
+        );
+        let k = Kernel::Loop(LoopKernel {
+            shape: vec![2, 3],
+            reduce: None,
+            reduced_dims: 0,
+            body,
+            out: Access {
+                buf: 1,
+                offset: 2,
+                strides: vec![8, 2],
+            },
+            accumulate: true,
+        });
+        run_kernel(&k, &mut bufs).unwrap();
+        let o = bufs.f32(1).unwrap();
+        let mut want = [100.0f32; 20];
+        for i in 0..2 {
+            for (j, x) in [1.0f32, -2.0, 3.0].iter().enumerate() {
+                want[2 + 8 * i + 2 * j] += if *x > 0.0 { x * i as f32 } else { -1.0 };
+            }
+        }
+        assert_eq!(o, &want);
+    }
+}

@@ -1,0 +1,1342 @@
+//! Cranelift JIT for loop kernels.
+//!
+//! Every [`LoopKernel`] of a program becomes one native function
+//! `unsafe extern "C" fn(bufs: *const *mut u8, lo: i64, hi: i64)` ([`KernelFn`]): `bufs`
+//! holds the base pointer of every buffer (by [`BufId`]) and the function runs the
+//! outermost axis of the *normalised* kernel ([`normalize`]) over `lo..hi`, so the
+//! executor can split that axis across threads. Normalisation prepends an axis of
+//! extent 1 when the kernel has rank 0 or reduces every axis, so the outermost axis is
+//! never reduced.
+//!
+//! Loops are nested blocks; each access's address is strength-reduced level by level
+//! (`addr_d = addr_{d-1} + i_d * stride_d * 4`), so the innermost loop only adds.
+//! Reductions accumulate in a variable initialised to the identity, in the same order
+//! as the interpreter. Transcendentals call the interpreter's `extern "C"` functions
+//! (`crate::interp::bm_*`), so the two agree bit for bit; everything else is native
+//! (see `crate::interp` for the shared scalar semantics).
+
+use crate::error::{Error, Result};
+use crate::interp;
+use crate::kir::{
+    Access, BinaryOp, BufId, DType, Kernel, LoopKernel, Program, ReduceOp, ScalarExpr, UnaryOp,
+};
+use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
+use cranelift_codegen::ir::immediates::Ieee32;
+use cranelift_codegen::ir::{
+    AbiParam, BlockArg, FuncRef, InstBuilder, MemFlagsData, Type, UserFuncName, Value, types,
+};
+use cranelift_codegen::settings::{self, Configurable};
+use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext, Variable};
+use cranelift_jit::{JITBuilder, JITModule};
+use cranelift_module::{FuncId, Linkage, Module, default_libcall_names};
+use std::borrow::Cow;
+use std::collections::HashMap;
+
+/// A compiled loop kernel: runs outermost (normalised) indices `lo..hi`.
+pub type KernelFn = unsafe extern "C" fn(bufs: *const *mut u8, lo: i64, hi: i64);
+
+/// The loop kernel with an extra leading axis of extent 1 (strides 0, `Index(n)`
+/// renumbered to `n + 1`) when it has rank 0 or reduces every axis; otherwise itself.
+pub fn normalize(k: &LoopKernel) -> Cow<'_, LoopKernel> {
+    let rank = k.shape.len();
+    let all_reduced = k.reduce.is_some() && k.reduced_dims >= rank;
+    if rank > 0 && !all_reduced {
+        return Cow::Borrowed(k);
+    }
+    fn acc(a: &Access) -> Access {
+        let mut strides = vec![0];
+        strides.extend_from_slice(&a.strides);
+        Access {
+            buf: a.buf,
+            offset: a.offset,
+            strides,
+        }
+    }
+    fn expr(e: &ScalarExpr) -> ScalarExpr {
+        match e {
+            ScalarExpr::Load(a) => ScalarExpr::Load(acc(a)),
+            ScalarExpr::Const(c) => ScalarExpr::Const(*c),
+            ScalarExpr::Index(n) => ScalarExpr::Index(n + 1),
+            ScalarExpr::Unary(op, a) => ScalarExpr::Unary(*op, Box::new(expr(a))),
+            ScalarExpr::Binary(op, a, b) => {
+                ScalarExpr::Binary(*op, Box::new(expr(a)), Box::new(expr(b)))
+            }
+            ScalarExpr::Select(c, a, b) => {
+                ScalarExpr::Select(Box::new(expr(c)), Box::new(expr(a)), Box::new(expr(b)))
+            }
+        }
+    }
+    let mut shape = vec![1];
+    shape.extend_from_slice(&k.shape);
+    Cow::Owned(LoopKernel {
+        shape,
+        reduce: k.reduce,
+        reduced_dims: if k.reduce.is_some() { rank } else { 0 },
+        body: expr(&k.body),
+        out: acc(&k.out),
+        accumulate: k.accumulate,
+    })
+}
+
+/// The compiled loop kernels of a program. Owns the code; the function pointers are
+/// valid while it lives.
+pub struct JitProgram {
+    module: Option<JITModule>,
+    fns: Vec<Option<KernelFn>>,
+}
+
+// SAFETY: after `finalize_definitions` the module's code and data are immutable; the
+// module is only touched again to free it on drop.
+unsafe impl Send for JitProgram {}
+unsafe impl Sync for JitProgram {}
+
+impl JitProgram {
+    /// The function of kernel `k` (None if it is not a loop kernel).
+    pub fn function(&self, k: usize) -> Option<KernelFn> {
+        self.fns.get(k).copied().flatten()
+    }
+}
+
+impl Drop for JitProgram {
+    fn drop(&mut self) {
+        if let Some(m) = self.module.take() {
+            // SAFETY: the executor owning `self` is being dropped, so no kernel runs and
+            // no function pointer is used afterwards.
+            unsafe { m.free_memory() };
+        }
+    }
+}
+
+fn cl_err(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::internal(format!("JIT: {what}: {e}"))
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+enum Ext {
+    Exp,
+    Log,
+    Tanh,
+    Sigmoid,
+    Sin,
+    Cos,
+    Erf,
+    Pow,
+}
+
+const EXTS: [(Ext, &str, usize); 8] = [
+    (Ext::Exp, "bm_exp", 1),
+    (Ext::Log, "bm_log", 1),
+    (Ext::Tanh, "bm_tanh", 1),
+    (Ext::Sigmoid, "bm_sigmoid", 1),
+    (Ext::Sin, "bm_sin", 1),
+    (Ext::Cos, "bm_cos", 1),
+    (Ext::Erf, "bm_erf", 1),
+    (Ext::Pow, "bm_pow", 2),
+];
+
+fn ext_ptr(e: Ext) -> *const u8 {
+    match e {
+        Ext::Exp => interp::bm_exp as extern "C" fn(f32) -> f32 as *const u8,
+        Ext::Log => interp::bm_log as extern "C" fn(f32) -> f32 as *const u8,
+        Ext::Tanh => interp::bm_tanh as extern "C" fn(f32) -> f32 as *const u8,
+        Ext::Sigmoid => interp::bm_sigmoid as extern "C" fn(f32) -> f32 as *const u8,
+        Ext::Sin => interp::bm_sin as extern "C" fn(f32) -> f32 as *const u8,
+        Ext::Cos => interp::bm_cos as extern "C" fn(f32) -> f32 as *const u8,
+        Ext::Erf => interp::bm_erf as extern "C" fn(f32) -> f32 as *const u8,
+        Ext::Pow => interp::bm_pow as extern "C" fn(f32, f32) -> f32 as *const u8,
+    }
+}
+
+/// Compiles every loop kernel of `program` (which must have passed
+/// [`crate::exec::validate`]: the generated code does no bounds checks).
+pub fn compile(program: &Program) -> Result<JitProgram> {
+    let dtypes: Vec<DType> = program.buffers.iter().map(|b| b.dtype).collect();
+    let loops: Vec<Option<&LoopKernel>> = program
+        .kernels
+        .iter()
+        .map(|k| match k {
+            Kernel::Loop(l) => Some(l),
+            _ => None,
+        })
+        .collect();
+    compile_loops(&loops, &dtypes)
+}
+
+/// Compiles loop kernels (`None` entries are skipped and get no function); `dtypes` is
+/// the dtype of every buffer.
+pub fn compile_loops(kernels: &[Option<&LoopKernel>], dtypes: &[DType]) -> Result<JitProgram> {
+    compile_inner(kernels, dtypes, None)
+}
+
+/// The Cranelift IR of every loop kernel of `program`, before optimisation, as text
+/// (`bmc emit --stage clif`).
+pub fn clif_text(program: &Program) -> Result<String> {
+    crate::exec::validate(program)?;
+    let dtypes: Vec<DType> = program.buffers.iter().map(|b| b.dtype).collect();
+    let loops: Vec<Option<&LoopKernel>> = program
+        .kernels
+        .iter()
+        .map(|k| match k {
+            Kernel::Loop(l) => Some(l),
+            _ => None,
+        })
+        .collect();
+    let mut text = String::new();
+    compile_inner(&loops, &dtypes, Some(&mut text))?;
+    Ok(text)
+}
+
+fn compile_inner(kernels: &[Option<&LoopKernel>], dtypes: &[DType], mut clif: Option<&mut String>) -> Result<JitProgram> {
+    if kernels.iter().all(|k| k.is_none()) {
+        return Ok(JitProgram {
+            module: None,
+            fns: vec![None; kernels.len()],
+        });
+    }
+    let mut flags = settings::builder();
+    flags
+        .set("opt_level", "speed")
+        .map_err(|e| cl_err("flags", e))?;
+    flags
+        .set("use_colocated_libcalls", "false")
+        .map_err(|e| cl_err("flags", e))?;
+    flags
+        .set("is_pic", "false")
+        .map_err(|e| cl_err("flags", e))?;
+    let isa = cranelift_native::builder()
+        .map_err(|e| cl_err("host", e))?
+        .finish(settings::Flags::new(flags))
+        .map_err(|e| cl_err("isa", e))?;
+    let mut jb = JITBuilder::with_isa(isa, default_libcall_names());
+    for (e, name, _) in EXTS {
+        jb.symbol(name, ext_ptr(e));
+    }
+    let mut module = JITModule::new(jb);
+    let ptr_ty = module.target_config().pointer_type();
+
+    let mut ext_ids = HashMap::new();
+    for (e, name, arity) in EXTS {
+        let mut sig = module.make_signature();
+        for _ in 0..arity {
+            sig.params.push(AbiParam::new(types::F32));
+        }
+        sig.returns.push(AbiParam::new(types::F32));
+        let id = module
+            .declare_function(name, Linkage::Import, &sig)
+            .map_err(|e| cl_err("declare", e))?;
+        ext_ids.insert(e, id);
+    }
+
+    let mut sig = module.make_signature();
+    sig.params.push(AbiParam::new(ptr_ty));
+    sig.params.push(AbiParam::new(types::I64));
+    sig.params.push(AbiParam::new(types::I64));
+
+    let mut ctx = module.make_context();
+    // BM_JIT_DUMP=1 prints every kernel's Cranelift IR and machine code to stderr.
+    let dump = std::env::var_os("BM_JIT_DUMP").is_some();
+    ctx.set_disasm(dump);
+    let mut fctx = FunctionBuilderContext::new();
+    let mut ids: Vec<Option<FuncId>> = Vec::with_capacity(kernels.len());
+    for (i, k) in kernels.iter().enumerate() {
+        let Some(k) = k else {
+            ids.push(None);
+            continue;
+        };
+        let k = normalize(k);
+        let id = module
+            .declare_function(&format!("bm_kernel_{i}"), Linkage::Local, &sig)
+            .map_err(|e| cl_err("declare", e))?;
+        ctx.func.signature = sig.clone();
+        ctx.func.name = UserFuncName::user(0, id.as_u32());
+        {
+            let b = FunctionBuilder::new(&mut ctx.func, &mut fctx);
+            let g = Gen {
+                b,
+                module: &mut module,
+                ext_ids: &ext_ids,
+                ext_refs: HashMap::new(),
+                k: &k,
+                dtypes,
+                ptr_ty,
+                accesses: Vec::new(),
+                addrs: Vec::new(),
+                idx: Vec::new(),
+                acc: None,
+            };
+            g.function()?;
+        }
+        if let Some(t) = clif.as_deref_mut() {
+            t.push_str(&format!("; kernel k{i}\n{}\n", ctx.func.display()));
+        }
+        module
+            .define_function(id, &mut ctx)
+            .map_err(|e| cl_err(&format!("kernel k{i}"), format!("{e:?}")))?;
+        if dump && let Some(code) = ctx.compiled_code().and_then(|c| c.vcode.as_ref()) {
+            eprintln!("; kernel k{i}\n{}\n{code}", ctx.func.display());
+        }
+        module.clear_context(&mut ctx);
+        ids.push(Some(id));
+    }
+    module
+        .finalize_definitions()
+        .map_err(|e| cl_err("finalize", e))?;
+    let fns = ids
+        .iter()
+        .map(|id| {
+            id.map(|id| {
+                let p = module.get_finalized_function(id);
+                // SAFETY: the function was generated with exactly this signature.
+                unsafe { std::mem::transmute::<*const u8, KernelFn>(p) }
+            })
+        })
+        .collect();
+    Ok(JitProgram {
+        module: Some(module),
+        fns,
+    })
+}
+
+struct Gen<'a, 'k> {
+    b: FunctionBuilder<'a>,
+    module: &'a mut JITModule,
+    ext_ids: &'a HashMap<Ext, FuncId>,
+    ext_refs: HashMap<Ext, FuncRef>,
+    k: &'k LoopKernel,
+    dtypes: &'a [DType],
+    ptr_ty: Type,
+    /// Distinct accesses (out first, then loads) and their current partial addresses.
+    accesses: Vec<&'k Access>,
+    addrs: Vec<Value>,
+    /// The loop index value of every enclosing level.
+    idx: Vec<Value>,
+    acc: Option<Variable>,
+}
+
+fn collect<'k>(e: &'k ScalarExpr, out: &mut Vec<&'k Access>) {
+    match e {
+        ScalarExpr::Load(a) => {
+            if !out.contains(&a) {
+                out.push(a)
+            }
+        }
+        ScalarExpr::Const(_) | ScalarExpr::Index(_) => {}
+        ScalarExpr::Unary(_, a) => collect(a, out),
+        ScalarExpr::Binary(_, a, b) => {
+            collect(a, out);
+            collect(b, out);
+        }
+        ScalarExpr::Select(c, a, b) => {
+            collect(c, out);
+            collect(a, out);
+            collect(b, out);
+        }
+    }
+}
+
+impl<'k> Gen<'_, 'k> {
+    fn dtype(&self, buf: BufId) -> Result<DType> {
+        self.dtypes
+            .get(buf)
+            .copied()
+            .ok_or_else(|| Error::internal(format!("JIT: buffer b{buf} does not exist")))
+    }
+
+    fn function(mut self) -> Result<()> {
+        let k = self.k;
+        let entry = self.b.create_block();
+        self.b.append_block_params_for_function_params(entry);
+        self.b.switch_to_block(entry);
+        let params = self.b.block_params(entry).to_vec();
+        let (bufs, lo, hi) = (params[0], params[1], params[2]);
+
+        self.accesses.push(&k.out);
+        collect(&k.body, &mut self.accesses);
+        let mut bases: HashMap<BufId, Value> = HashMap::new();
+        for i in 0..self.accesses.len() {
+            let a = self.accesses[i];
+            let base = match bases.get(&a.buf) {
+                Some(&v) => v,
+                None => {
+                    let off = (a.buf * self.ptr_ty.bytes() as usize) as i32;
+                    let v = self
+                        .b
+                        .ins()
+                        .load(self.ptr_ty, MemFlagsData::trusted(), bufs, off);
+                    bases.insert(a.buf, v);
+                    v
+                }
+            };
+            let addr = self.b.ins().iadd_imm_s(base, (a.offset * 4) as i64);
+            self.addrs.push(addr);
+        }
+        if k.reduce.is_some() {
+            self.acc = Some(self.b.declare_var(types::F32));
+        }
+        self.level(0, lo, hi)?;
+        self.b.ins().return_(&[]);
+        self.b.seal_all_blocks();
+        let cfg = self.module.target_config();
+        self.b.finalize(cfg);
+        Ok(())
+    }
+
+    fn reduce_start(&self) -> Option<(ReduceOp, usize)> {
+        self.k
+            .reduce
+            .map(|op| (op, self.k.shape.len() - self.k.reduced_dims))
+    }
+
+    fn f32c(&mut self, x: f32) -> Value {
+        self.b.ins().f32const(Ieee32::with_bits(x.to_bits()))
+    }
+
+    /// Emits the loop of level `d` over `start..end` (and everything inside it).
+    fn level(&mut self, d: usize, start: Value, end: Value) -> Result<()> {
+        let rank = self.k.shape.len();
+        let red = self.reduce_start();
+        if d == rank {
+            let v = self.expr(&self.k.body)?;
+            match red {
+                Some((op, rs)) if rs == rank => {
+                    // Nothing reduced: every point combines with the identity.
+                    let id = self.f32c(interp::reduce_identity(op));
+                    let r = self.combine(op, id, v);
+                    self.store(r)?;
+                }
+                Some((op, _)) => {
+                    let var = self.acc.unwrap();
+                    let acc = self.b.use_var(var);
+                    let r = self.combine(op, acc, v);
+                    self.b.def_var(var, r);
+                }
+                None => self.store(v)?,
+            }
+            return Ok(());
+        }
+        if let Some((op, rs)) = red
+            && rs == d
+        {
+            let id = self.f32c(interp::reduce_identity(op));
+            self.b.def_var(self.acc.unwrap(), id);
+        }
+
+        let header = self.b.create_block();
+        let body = self.b.create_block();
+        let exit = self.b.create_block();
+        let i = self.b.append_block_param(header, types::I64);
+        self.b.ins().jump(header, &[BlockArg::Value(start)]);
+
+        self.b.switch_to_block(header);
+        let c = self.b.ins().icmp(IntCC::SignedLessThan, i, end);
+        self.b.ins().brif(c, body, &[], exit, &[]);
+
+        self.b.switch_to_block(body);
+        let saved = self.addrs.clone();
+        for (j, a) in self.accesses.clone().into_iter().enumerate() {
+            let s = a.strides[d];
+            if s != 0 {
+                let off = self.b.ins().imul_imm_s(i, (s * 4) as i64);
+                self.addrs[j] = self.b.ins().iadd(saved[j], off);
+            }
+        }
+        self.idx.push(i);
+        if d + 1 < rank {
+            let zero = self.b.ins().iconst(types::I64, 0);
+            let n = self.b.ins().iconst(types::I64, self.k.shape[d + 1] as i64);
+            self.level(d + 1, zero, n)?;
+        } else {
+            self.level(d + 1, start, end)?;
+        }
+        self.idx.pop();
+        self.addrs = saved;
+        let next = self.b.ins().iadd_imm_s(i, 1);
+        self.b.ins().jump(header, &[BlockArg::Value(next)]);
+
+        self.b.switch_to_block(exit);
+        if let Some((_, rs)) = red
+            && rs == d
+        {
+            let v = self.b.use_var(self.acc.unwrap());
+            self.store(v)?;
+        }
+        Ok(())
+    }
+
+    /// Stores `v` to the output at the current addresses (with `accumulate`, adds first).
+    fn store(&mut self, v: Value) -> Result<()> {
+        let addr = self.addrs[0];
+        let fl = MemFlagsData::trusted();
+        match self.dtype(self.k.out.buf)? {
+            DType::F32 => {
+                let v = if self.k.accumulate {
+                    let old = self.b.ins().load(types::F32, fl, addr, 0);
+                    self.b.ins().fadd(old, v)
+                } else {
+                    v
+                };
+                self.b.ins().store(fl, v, addr, 0);
+            }
+            DType::I32 => {
+                let v = if self.k.accumulate {
+                    let old = self.b.ins().load(types::I32, fl, addr, 0);
+                    let old = self.b.ins().fcvt_from_sint(types::F32, old);
+                    self.b.ins().fadd(old, v)
+                } else {
+                    v
+                };
+                let r = self.b.ins().nearest(v);
+                let iv = self.b.ins().fcvt_to_sint_sat(types::I32, r);
+                self.b.ins().store(fl, iv, addr, 0);
+            }
+        }
+        Ok(())
+    }
+
+    fn combine(&mut self, op: ReduceOp, acc: Value, v: Value) -> Value {
+        match op {
+            ReduceOp::Sum => self.b.ins().fadd(acc, v),
+            ReduceOp::Max => self.b.ins().fmax(acc, v),
+            ReduceOp::Min => self.b.ins().fmin(acc, v),
+        }
+    }
+
+    fn call(&mut self, e: Ext, args: &[Value]) -> Value {
+        let fr = match self.ext_refs.get(&e) {
+            Some(&f) => f,
+            None => {
+                let f = self
+                    .module
+                    .declare_func_in_func(self.ext_ids[&e], self.b.func);
+                self.ext_refs.insert(e, f);
+                f
+            }
+        };
+        let call = self.b.ins().call(fr, args);
+        self.b.inst_results(call)[0]
+    }
+
+    fn bool_f(&mut self, c: Value) -> Value {
+        let one = self.f32c(1.0);
+        let zero = self.f32c(0.0);
+        self.b.ins().select(c, one, zero)
+    }
+
+    fn expr(&mut self, e: &ScalarExpr) -> Result<Value> {
+        Ok(match e {
+            ScalarExpr::Load(a) => {
+                let j = self
+                    .accesses
+                    .iter()
+                    .position(|x| *x == a)
+                    .expect("collected");
+                let addr = self.addrs[j];
+                match self.dtype(a.buf)? {
+                    DType::F32 => self
+                        .b
+                        .ins()
+                        .load(types::F32, MemFlagsData::trusted(), addr, 0),
+                    DType::I32 => {
+                        let v = self
+                            .b
+                            .ins()
+                            .load(types::I32, MemFlagsData::trusted(), addr, 0);
+                        self.b.ins().fcvt_from_sint(types::F32, v)
+                    }
+                }
+            }
+            ScalarExpr::Const(c) => self.f32c(*c),
+            ScalarExpr::Index(n) => {
+                let i = *self
+                    .idx
+                    .get(*n)
+                    .ok_or_else(|| Error::internal(format!("JIT: index i{n} out of rank")))?;
+                self.b.ins().fcvt_from_sint(types::F32, i)
+            }
+            ScalarExpr::Unary(op, a) => {
+                let x = self.expr(a)?;
+                match op {
+                    UnaryOp::Neg => self.b.ins().fneg(x),
+                    UnaryOp::Exp => self.call(Ext::Exp, &[x]),
+                    UnaryOp::Log => self.call(Ext::Log, &[x]),
+                    UnaryOp::Sqrt => self.b.ins().sqrt(x),
+                    UnaryOp::Rsqrt => {
+                        let s = self.b.ins().sqrt(x);
+                        let one = self.f32c(1.0);
+                        self.b.ins().fdiv(one, s)
+                    }
+                    UnaryOp::Abs => self.b.ins().fabs(x),
+                    UnaryOp::Tanh => self.call(Ext::Tanh, &[x]),
+                    UnaryOp::Sigmoid => self.call(Ext::Sigmoid, &[x]),
+                    UnaryOp::Relu => {
+                        let zero = self.f32c(0.0);
+                        self.b.ins().fmax(x, zero)
+                    }
+                    UnaryOp::Sin => self.call(Ext::Sin, &[x]),
+                    UnaryOp::Cos => self.call(Ext::Cos, &[x]),
+                    UnaryOp::Erf => self.call(Ext::Erf, &[x]),
+                    UnaryOp::Recip => {
+                        let one = self.f32c(1.0);
+                        self.b.ins().fdiv(one, x)
+                    }
+                    UnaryOp::Square => self.b.ins().fmul(x, x),
+                    UnaryOp::Floor => self.b.ins().floor(x),
+                    UnaryOp::Step => {
+                        let zero = self.f32c(0.0);
+                        let c = self.b.ins().fcmp(FloatCC::GreaterThan, x, zero);
+                        self.bool_f(c)
+                    }
+                }
+            }
+            ScalarExpr::Binary(op, a, b) => {
+                let x = self.expr(a)?;
+                let y = self.expr(b)?;
+                let cmp = |cc| Some(cc);
+                let cc = match op {
+                    BinaryOp::Lt => cmp(FloatCC::LessThan),
+                    BinaryOp::Le => cmp(FloatCC::LessThanOrEqual),
+                    BinaryOp::Gt => cmp(FloatCC::GreaterThan),
+                    BinaryOp::Ge => cmp(FloatCC::GreaterThanOrEqual),
+                    BinaryOp::Eq => cmp(FloatCC::Equal),
+                    BinaryOp::Ne => cmp(FloatCC::NotEqual),
+                    _ => None,
+                };
+                if let Some(cc) = cc {
+                    let c = self.b.ins().fcmp(cc, x, y);
+                    self.bool_f(c)
+                } else {
+                    match op {
+                        BinaryOp::Add => self.b.ins().fadd(x, y),
+                        BinaryOp::Sub => self.b.ins().fsub(x, y),
+                        BinaryOp::Mul => self.b.ins().fmul(x, y),
+                        BinaryOp::Div => self.b.ins().fdiv(x, y),
+                        BinaryOp::Max => self.b.ins().fmax(x, y),
+                        BinaryOp::Min => self.b.ins().fmin(x, y),
+                        BinaryOp::Pow => self.call(Ext::Pow, &[x, y]),
+                        _ => unreachable!("comparisons handled above"),
+                    }
+                }
+            }
+            ScalarExpr::Select(c, a, b) => {
+                let c = self.expr(c)?;
+                let x = self.expr(a)?;
+                let y = self.expr(b)?;
+                let zero = self.f32c(0.0);
+                let cond = self.b.ins().fcmp(FloatCC::NotEqual, c, zero);
+                self.b.ins().select(cond, x, y)
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exec::test_support::*;
+    use crate::kir::Buffer;
+    use proptest::prelude::{ProptestConfig, any, proptest};
+
+    const UNARY: [UnaryOp; 16] = [
+        UnaryOp::Neg,
+        UnaryOp::Exp,
+        UnaryOp::Log,
+        UnaryOp::Sqrt,
+        UnaryOp::Rsqrt,
+        UnaryOp::Abs,
+        UnaryOp::Tanh,
+        UnaryOp::Sigmoid,
+        UnaryOp::Relu,
+        UnaryOp::Sin,
+        UnaryOp::Cos,
+        UnaryOp::Erf,
+        UnaryOp::Recip,
+        UnaryOp::Square,
+        UnaryOp::Step,
+        UnaryOp::Floor,
+    ];
+    const BINARY: [BinaryOp; 13] = [
+        BinaryOp::Add,
+        BinaryOp::Sub,
+        BinaryOp::Mul,
+        BinaryOp::Div,
+        BinaryOp::Max,
+        BinaryOp::Min,
+        BinaryOp::Pow,
+        BinaryOp::Lt,
+        BinaryOp::Le,
+        BinaryOp::Gt,
+        BinaryOp::Ge,
+        BinaryOp::Eq,
+        BinaryOp::Ne,
+    ];
+    const REDUCE: [ReduceOp; 3] = [ReduceOp::Sum, ReduceOp::Max, ReduceOp::Min];
+
+    fn load(buf: BufId, offset: usize, strides: &[usize]) -> ScalarExpr {
+        ScalarExpr::Load(Access {
+            buf,
+            offset,
+            strides: strides.to_vec(),
+        })
+    }
+    fn un(op: UnaryOp, a: ScalarExpr) -> ScalarExpr {
+        ScalarExpr::Unary(op, Box::new(a))
+    }
+    fn bin(op: BinaryOp, a: ScalarExpr, b: ScalarExpr) -> ScalarExpr {
+        ScalarExpr::Binary(op, Box::new(a), Box::new(b))
+    }
+    fn contiguous(shape: &[usize]) -> Vec<usize> {
+        let mut s = vec![0; shape.len()];
+        let mut acc = 1;
+        for d in (0..shape.len()).rev() {
+            s[d] = acc;
+            acc *= shape[d].max(1);
+        }
+        s
+    }
+    fn lp(
+        shape: &[usize],
+        reduce: Option<(ReduceOp, usize)>,
+        body: ScalarExpr,
+        out: Access,
+        accumulate: bool,
+    ) -> Kernel {
+        Kernel::Loop(LoopKernel {
+            shape: shape.to_vec(),
+            reduce: reduce.map(|r| r.0),
+            reduced_dims: reduce.map_or(0, |r| r.1),
+            body,
+            out,
+            accumulate,
+        })
+    }
+
+    /// Strides for `shape` that lay it out contiguously in a random axis order, with
+    /// random gaps (a strided sub-view) and, when `zeros`, some broadcast axes.
+    fn layout(r: &mut Rng, shape: &[usize], zeros: bool) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..shape.len()).collect();
+        for i in (1..order.len()).rev() {
+            order.swap(i, r.below(i + 1));
+        }
+        let mut strides = vec![0; shape.len()];
+        let mut acc = 1 + r.below(2);
+        for &d in &order {
+            if zeros && r.chance(1, 4) {
+                continue;
+            }
+            strides[d] = acc;
+            acc *= shape[d].max(1);
+            acc += r.below(2);
+        }
+        strides
+    }
+
+    fn need(a: &Access, shape: &[usize]) -> usize {
+        a.offset
+            + shape
+                .iter()
+                .zip(&a.strides)
+                .map(|(n, s)| n.saturating_sub(1) * s)
+                .sum::<usize>()
+            + 1
+    }
+
+    struct Gen {
+        r: Rng,
+        shape: Vec<usize>,
+        nin: usize,
+        lens: Vec<usize>,
+    }
+
+    impl Gen {
+        fn access(&mut self) -> Access {
+            let buf = self.r.below(self.nin);
+            let a = Access {
+                buf,
+                offset: self.r.below(3),
+                strides: layout(&mut self.r, &self.shape.clone(), true),
+            };
+            self.lens[buf] = self.lens[buf].max(need(&a, &self.shape));
+            a
+        }
+        fn expr(&mut self, depth: usize) -> ScalarExpr {
+            let leaf = depth == 0 || self.r.chance(1, 4);
+            if leaf {
+                match self.r.below(6) {
+                    0 if !self.shape.is_empty() => {
+                        ScalarExpr::Index(self.r.below(self.shape.len()))
+                    }
+                    1 => ScalarExpr::Const(
+                        [0.0, 1.0, -1.5, 0.5, 2.0, -0.0, f32::INFINITY, f32::NAN][self.r.below(8)],
+                    ),
+                    _ => ScalarExpr::Load(self.access()),
+                }
+            } else {
+                match self.r.below(7) {
+                    0..=2 => un(UNARY[self.r.below(UNARY.len())], self.expr(depth - 1)),
+                    3..=5 => {
+                        let a = self.expr(depth - 1);
+                        bin(BINARY[self.r.below(BINARY.len())], a, self.expr(depth - 1))
+                    }
+                    _ => {
+                        let c = self.expr(depth - 1);
+                        let a = self.expr(depth - 1);
+                        ScalarExpr::Select(Box::new(c), Box::new(a), Box::new(self.expr(depth - 1)))
+                    }
+                }
+            }
+        }
+    }
+
+    /// A random loop kernel program: inputs b0.., output the last buffer (sometimes i32,
+    /// sometimes the same as an input read in place).
+    fn random_program(seed: u64) -> Program {
+        let mut r = Rng::new(seed);
+        let rank = r.below(5);
+        let shape: Vec<usize> = (0..rank)
+            .map(|_| if r.chance(1, 30) { 0 } else { 1 + r.below(5) })
+            .collect();
+        let nin = 1 + r.below(3);
+        let mut g = Gen {
+            r,
+            shape: shape.clone(),
+            nin,
+            lens: vec![1; nin],
+        };
+        let reduce = if g.r.chance(1, 2) {
+            Some((REDUCE[g.r.below(3)], g.r.below(rank + 1)))
+        } else {
+            None
+        };
+        let depth = 1 + g.r.below(4);
+        let body = g.expr(depth);
+        let nred = reduce.map_or(0, |r| r.1);
+        let keep = rank - nred;
+        let zeros = g.r.chance(1, 8);
+        let mut strides = layout(&mut g.r, &shape[..keep], zeros);
+        strides.resize(rank, 0);
+        let inplace = reduce.is_none() && g.r.chance(1, 5);
+        let out_buf = if inplace { 0 } else { nin };
+        let out = Access {
+            buf: out_buf,
+            offset: g.r.below(3),
+            strides,
+        };
+        let out_len = need(&out, &shape);
+        let mut body = body;
+        if inplace {
+            g.lens[0] = g.lens[0].max(out_len);
+            body = bin(BinaryOp::Add, body, ScalarExpr::Load(out.clone()));
+        }
+        let mut buffers: Vec<Buffer> = (0..nin)
+            .map(|i| {
+                buf(
+                    &format!("in{i}"),
+                    if g.r.chance(1, 5) {
+                        DType::I32
+                    } else {
+                        DType::F32
+                    },
+                    g.lens[i],
+                )
+            })
+            .collect();
+        let odt = if g.r.chance(1, 6) {
+            DType::I32
+        } else {
+            DType::F32
+        };
+        if !inplace {
+            buffers.push(buf("out", odt, out_len));
+        }
+        let accumulate = g.r.chance(1, 3);
+        program(buffers, vec![lp(&shape, reduce, body, out, accumulate)])
+    }
+
+    #[test]
+    fn random_programs_fixed_seeds() {
+        for seed in 0..400 {
+            let p = random_program(seed);
+            check_jit(&p, seed ^ 0xABCD, 1, seed % 3 == 0, 0.0);
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+        #[test]
+        fn random_programs_match_interpreter(seed in any::<u64>(), special in any::<bool>()) {
+            let p = random_program(seed);
+            check_jit(&p, seed.rotate_left(17), 2, special, 0.0);
+        }
+    }
+
+    #[test]
+    fn every_unary_and_binary_op() {
+        let n = 64;
+        let bufs = vec![
+            buf("x", DType::F32, n),
+            buf("y", DType::F32, n),
+            buf("o", DType::F32, n),
+        ];
+        for op in UNARY {
+            let p = program(
+                bufs.clone(),
+                vec![lp(
+                    &[n],
+                    None,
+                    un(op, load(0, 0, &[1])),
+                    Access {
+                        buf: 2,
+                        offset: 0,
+                        strides: vec![1],
+                    },
+                    false,
+                )],
+            );
+            check_jit(&p, 1, 1, true, 0.0);
+            check_jit(&p, 2, 1, false, 0.0);
+        }
+        for op in BINARY {
+            let body = bin(op, load(0, 0, &[1]), load(1, 0, &[1]));
+            let p = program(
+                bufs.clone(),
+                vec![lp(
+                    &[n],
+                    None,
+                    body,
+                    Access {
+                        buf: 2,
+                        offset: 0,
+                        strides: vec![1],
+                    },
+                    false,
+                )],
+            );
+            check_jit(&p, 3, 1, true, 0.0);
+            check_jit(&p, 4, 1, false, 0.0);
+            // equal operands matter for comparisons, max/min and -0/+0
+            let body = bin(
+                op,
+                load(0, 0, &[1]),
+                un(UnaryOp::Neg, un(UnaryOp::Neg, load(0, 0, &[1]))),
+            );
+            let p = program(
+                bufs.clone(),
+                vec![lp(
+                    &[n],
+                    None,
+                    body,
+                    Access {
+                        buf: 2,
+                        offset: 0,
+                        strides: vec![1],
+                    },
+                    false,
+                )],
+            );
+            check_jit(&p, 5, 1, true, 0.0);
+        }
+    }
+
+    #[test]
+    fn max_min_relu_nan_and_signed_zero() {
+        let p = program(
+            vec![
+                buf("x", DType::F32, 6),
+                buf("y", DType::F32, 6),
+                buf("o", DType::F32, 6),
+                buf("p", DType::F32, 6),
+                buf("r", DType::F32, 6),
+            ],
+            vec![
+                lp(
+                    &[6],
+                    None,
+                    bin(BinaryOp::Max, load(0, 0, &[1]), load(1, 0, &[1])),
+                    Access {
+                        buf: 2,
+                        offset: 0,
+                        strides: vec![1],
+                    },
+                    false,
+                ),
+                lp(
+                    &[6],
+                    None,
+                    bin(BinaryOp::Min, load(0, 0, &[1]), load(1, 0, &[1])),
+                    Access {
+                        buf: 3,
+                        offset: 0,
+                        strides: vec![1],
+                    },
+                    false,
+                ),
+                lp(
+                    &[6],
+                    None,
+                    un(UnaryOp::Relu, load(0, 0, &[1])),
+                    Access {
+                        buf: 4,
+                        offset: 0,
+                        strides: vec![1],
+                    },
+                    false,
+                ),
+            ],
+        );
+        let x = [f32::NAN, 1.0, -0.0, 0.0, 3.0, f32::NAN];
+        let y = [1.0, f32::NAN, 0.0, -0.0, -3.0, f32::NAN];
+        for mut e in [
+            crate::exec::Executor::interpreted(&p).unwrap(),
+            crate::exec::Executor::new(&p, 1).unwrap(),
+        ] {
+            e.f32_mut(0).unwrap().copy_from_slice(&x);
+            e.f32_mut(1).unwrap().copy_from_slice(&y);
+            e.run("main").unwrap();
+            let mx = e.f32(2).unwrap();
+            let mn = e.f32(3).unwrap();
+            let relu = e.f32(4).unwrap();
+            assert!(mx[0].is_nan() && mx[1].is_nan() && mx[5].is_nan());
+            assert!(mn[0].is_nan() && mn[1].is_nan() && mn[5].is_nan());
+            assert_eq!(
+                (mx[2].to_bits(), mx[3].to_bits(), mx[4]),
+                (0.0f32.to_bits(), 0.0f32.to_bits(), 3.0)
+            );
+            assert_eq!(
+                (mn[2].to_bits(), mn[3].to_bits(), mn[4]),
+                ((-0.0f32).to_bits(), (-0.0f32).to_bits(), -3.0)
+            );
+            assert!(relu[0].is_nan());
+            assert_eq!(&relu[1..5], &[1.0, 0.0, 0.0, 3.0]);
+            assert_eq!(relu[2].to_bits(), 0.0f32.to_bits());
+        }
+    }
+
+    #[test]
+    fn reductions_over_trailing_axes_with_permuted_strides() {
+        let shape = [3, 4, 5, 2];
+        let n: usize = shape.iter().product();
+        for op in REDUCE {
+            for nred in 0..=4 {
+                for perm in 0..4u64 {
+                    let mut r = Rng::new(perm * 31 + nred as u64);
+                    let strides = layout(&mut r, &shape, false);
+                    let keep = 4 - nred;
+                    let mut ostr = contiguous(&shape[..keep]);
+                    ostr.resize(4, 0);
+                    let out_len = shape[..keep].iter().product::<usize>();
+                    for accumulate in [false, true] {
+                        let x = Access {
+                            buf: 0,
+                            offset: 1,
+                            strides: strides.clone(),
+                        };
+                        let len = need(&x, &shape);
+                        let body = bin(
+                            BinaryOp::Mul,
+                            ScalarExpr::Load(x),
+                            load(1, 0, &[0, 0, 1, 0]),
+                        );
+                        let p = program(
+                            vec![
+                                buf("x", DType::F32, len.max(n)),
+                                buf("w", DType::F32, 5),
+                                buf("o", DType::F32, out_len),
+                            ],
+                            vec![lp(
+                                &shape,
+                                Some((op, nred)),
+                                body,
+                                Access {
+                                    buf: 2,
+                                    offset: 0,
+                                    strides: ostr.clone(),
+                                },
+                                accumulate,
+                            )],
+                        );
+                        check_jit(&p, perm, 1, false, 0.0);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn interp_reductions_match_hand_computation() {
+        // o[i] = sum_j x[i, j]; m[i] = max_j x[j, i] (transposed read); full min into s
+        let x: Vec<f32> = (0..12).map(|v| ((v * 7) % 12) as f32 - 5.0).collect();
+        let p = program(
+            vec![
+                buf("x", DType::F32, 12),
+                buf("o", DType::F32, 3),
+                buf("m", DType::F32, 4),
+                buf("s", DType::F32, 1),
+            ],
+            vec![
+                lp(
+                    &[3, 4],
+                    Some((ReduceOp::Sum, 1)),
+                    load(0, 0, &[4, 1]),
+                    Access {
+                        buf: 1,
+                        offset: 0,
+                        strides: vec![1, 0],
+                    },
+                    false,
+                ),
+                lp(
+                    &[4, 3],
+                    Some((ReduceOp::Max, 1)),
+                    load(0, 0, &[1, 4]),
+                    Access {
+                        buf: 2,
+                        offset: 0,
+                        strides: vec![1, 0],
+                    },
+                    false,
+                ),
+                lp(
+                    &[3, 4],
+                    Some((ReduceOp::Min, 2)),
+                    load(0, 0, &[4, 1]),
+                    Access {
+                        buf: 3,
+                        offset: 0,
+                        strides: vec![0, 0],
+                    },
+                    false,
+                ),
+            ],
+        );
+        for mut e in [
+            crate::exec::Executor::interpreted(&p).unwrap(),
+            crate::exec::Executor::new(&p, 1).unwrap(),
+        ] {
+            e.f32_mut(0).unwrap().copy_from_slice(&x);
+            e.run("main").unwrap();
+            let want_o: Vec<f32> = (0..3).map(|i| (0..4).map(|j| x[i * 4 + j]).sum()).collect();
+            let want_m: Vec<f32> = (0..4)
+                .map(|i| {
+                    (0..3)
+                        .map(|j| x[j * 4 + i])
+                        .fold(f32::NEG_INFINITY, f32::max)
+                })
+                .collect();
+            assert_eq!(e.f32(1).unwrap(), &want_o[..]);
+            assert_eq!(e.f32(2).unwrap(), &want_m[..]);
+            assert_eq!(
+                e.f32(3).unwrap()[0],
+                x.iter().copied().fold(f32::INFINITY, f32::min)
+            );
+        }
+    }
+
+    #[test]
+    fn empty_reduction_gives_identity_and_rank0() {
+        let p = program(
+            vec![
+                buf("x", DType::F32, 4),
+                buf("o", DType::F32, 3),
+                buf("s", DType::F32, 1),
+            ],
+            vec![
+                lp(
+                    &[3, 0],
+                    Some((ReduceOp::Max, 1)),
+                    load(0, 0, &[1, 1]),
+                    Access {
+                        buf: 1,
+                        offset: 0,
+                        strides: vec![1, 0],
+                    },
+                    false,
+                ),
+                lp(
+                    &[],
+                    None,
+                    bin(BinaryOp::Add, load(0, 2, &[]), ScalarExpr::Const(1.0)),
+                    Access {
+                        buf: 2,
+                        offset: 0,
+                        strides: vec![],
+                    },
+                    true,
+                ),
+            ],
+        );
+        let b = check_jit(&p, 9, 1, false, 0.0);
+        assert_eq!(b.f32(1).unwrap(), &[f32::NEG_INFINITY; 3]);
+    }
+
+    #[test]
+    fn index_i32_loads_and_i32_rounding() {
+        // o[i, j] = ids[i] * 10 + j + 0.5 → i32 with ties to even
+        let p = program(
+            vec![
+                buf("ids", DType::I32, 3),
+                buf("o", DType::I32, 12),
+                buf("f", DType::F32, 12),
+            ],
+            vec![
+                lp(
+                    &[3, 4],
+                    None,
+                    bin(
+                        BinaryOp::Add,
+                        bin(
+                            BinaryOp::Add,
+                            bin(BinaryOp::Mul, load(0, 0, &[1, 0]), ScalarExpr::Const(10.0)),
+                            ScalarExpr::Index(1),
+                        ),
+                        ScalarExpr::Const(0.5),
+                    ),
+                    Access {
+                        buf: 1,
+                        offset: 0,
+                        strides: vec![4, 1],
+                    },
+                    false,
+                ),
+                lp(
+                    &[3, 4],
+                    None,
+                    ScalarExpr::Index(0),
+                    Access {
+                        buf: 2,
+                        offset: 0,
+                        strides: vec![1, 3],
+                    },
+                    false,
+                ),
+            ],
+        );
+        for mut e in [
+            crate::exec::Executor::interpreted(&p).unwrap(),
+            crate::exec::Executor::new(&p, 1).unwrap(),
+        ] {
+            e.i32_mut(0).unwrap().copy_from_slice(&[1, 2, -3]);
+            e.run("main").unwrap();
+            let want: Vec<i32> = [1, 2, -3]
+                .iter()
+                .flat_map(|&id| {
+                    (0..4)
+                        .map(move |j| (id as f32 * 10.0 + j as f32 + 0.5).round_ties_even() as i32)
+                })
+                .collect();
+            assert_eq!(e.i32(1).unwrap(), &want[..]);
+            assert_eq!(e.i32(1).unwrap()[0], 10); // 10.5 → 10
+            assert_eq!(e.i32(1).unwrap()[1], 12); // 11.5 → 12
+            let f = e.f32(2).unwrap();
+            assert_eq!(
+                f,
+                &[0.0, 1.0, 2.0, 0.0, 1.0, 2.0, 0.0, 1.0, 2.0, 0.0, 1.0, 2.0]
+            );
+        }
+    }
+
+    #[test]
+    fn large_kernels_split_across_threads() {
+        let (m, n) = (300, 200);
+        let bufs = vec![
+            buf("x", DType::F32, m * n),
+            buf("y", DType::F32, n),
+            buf("o", DType::F32, m * n),
+            buf("s", DType::F32, m),
+            buf("t", DType::F32, m * n),
+            buf("z", DType::F32, 1),
+        ];
+        let ks = vec![
+            // elementwise with broadcast
+            lp(
+                &[m, n],
+                None,
+                un(
+                    UnaryOp::Tanh,
+                    bin(BinaryOp::Add, load(0, 0, &[n, 1]), load(1, 0, &[0, 1])),
+                ),
+                Access {
+                    buf: 2,
+                    offset: 0,
+                    strides: vec![n, 1],
+                },
+                false,
+            ),
+            // row reduction
+            lp(
+                &[m, n],
+                Some((ReduceOp::Sum, 1)),
+                load(2, 0, &[n, 1]),
+                Access {
+                    buf: 3,
+                    offset: 0,
+                    strides: vec![1, 0],
+                },
+                true,
+            ),
+            // transposed write
+            lp(
+                &[m, n],
+                None,
+                load(0, 0, &[n, 1]),
+                Access {
+                    buf: 4,
+                    offset: 0,
+                    strides: vec![1, m],
+                },
+                false,
+            ),
+            // in-place update
+            lp(
+                &[m, n],
+                None,
+                bin(BinaryOp::Mul, load(4, 0, &[n, 1]), ScalarExpr::Const(0.5)),
+                Access {
+                    buf: 4,
+                    offset: 0,
+                    strides: vec![n, 1],
+                },
+                true,
+            ),
+            // full reduction
+            lp(
+                &[m, n],
+                Some((ReduceOp::Max, 2)),
+                load(4, 0, &[n, 1]),
+                Access {
+                    buf: 5,
+                    offset: 0,
+                    strides: vec![0, 0],
+                },
+                false,
+            ),
+        ];
+        let p = program(bufs, ks);
+        check_jit(&p, 77, 4, false, 0.0);
+        check_jit(&p, 78, 2, true, 0.0);
+    }
+
+    #[test]
+    fn normalize_only_when_needed() {
+        let k = LoopKernel {
+            shape: vec![2, 3],
+            reduce: Some(ReduceOp::Sum),
+            reduced_dims: 2,
+            body: ScalarExpr::Index(1),
+            out: Access {
+                buf: 0,
+                offset: 0,
+                strides: vec![0, 0],
+            },
+            accumulate: false,
+        };
+        let n = normalize(&k);
+        assert_eq!(n.shape, vec![1, 2, 3]);
+        assert_eq!(n.body, ScalarExpr::Index(2));
+        assert_eq!(n.out.strides, vec![0, 0, 0]);
+        let k2 = LoopKernel {
+            reduced_dims: 1,
+            ..k
+        };
+        assert!(matches!(normalize(&k2), Cow::Borrowed(_)));
+    }
+}

@@ -1,0 +1,368 @@
+//! The kernel IR: the contract between the compiler and the runtime.
+//!
+//! A [`Program`] is a set of flat buffers (parameters, gradients, optimiser state,
+//! inputs, temporaries) and a list of kernels that read and write them. Every shape is
+//! concrete. Kernels are target independent: loop nests over an iteration space with a
+//! scalar expression body ([`LoopKernel`]), or calls to library kernels (GEMM, gather,
+//! scatter-add) that a backend implements by hand. An [`Entry`] names a sequence of
+//! kernels the runtime can run (`train_step`, `forward`, `grad`).
+//!
+//! Everything here is serde-serialisable (the training binary carries a Program) and has
+//! a stable text form ([`Program::to_text`]) that snapshot tests hold.
+
+use serde::{Deserialize, Serialize};
+use std::fmt::Write as _;
+
+pub type BufId = usize;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum DType {
+    F32,
+    I32,
+}
+
+impl DType {
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::I32 => "i32",
+        }
+    }
+    pub fn size(self) -> usize {
+        4
+    }
+}
+
+/// What a buffer holds; decides who fills it and whether checkpoints store it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BufKind {
+    /// A trainable parameter (PyTorch `state_dict` name in `Buffer::name`).
+    Param,
+    /// Optimiser state (e.g. `exp_avg.h.0.attn.qkv.weight`), saved in `step-N.optim.safetensors`.
+    OptState,
+    /// Fed by the runtime from a data batch before each run.
+    Input,
+    /// A scalar the runtime sets before each run (e.g. `step`, the 0-based step count).
+    Hyper,
+    /// A value computed by the kernels; read back by name when it is an entry's output.
+    Temp,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Buffer {
+    pub name: String,
+    pub dtype: DType,
+    /// Logical shape (for checkpoints, inputs and messages); `len` is its product.
+    pub shape: Vec<usize>,
+    pub kind: BufKind,
+}
+
+impl Buffer {
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A strided view of a buffer over a kernel's iteration space:
+/// element at iteration index `i` is `buf[offset + Σ_d i[d] * strides[d]]`.
+/// `strides.len()` equals the kernel's iteration rank; a 0 stride broadcasts.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Access {
+    pub buf: BufId,
+    pub offset: usize,
+    pub strides: Vec<usize>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum UnaryOp {
+    Neg,
+    Exp,
+    Log,
+    Sqrt,
+    Rsqrt,
+    Abs,
+    Tanh,
+    Sigmoid,
+    /// `max(x, 0)` with `BinaryOp::Max` semantics (NaN stays NaN, -0 gives +0).
+    Relu,
+    Sin,
+    Cos,
+    Erf,
+    Recip,
+    Square,
+    /// 1.0 where the operand is > 0, else 0.0 (relu's derivative).
+    Step,
+    /// Rounds toward -inf (the `step` learning-rate schedule uses it). Added by the lead.
+    Floor,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BinaryOp {
+    Add,
+    Sub,
+    Mul,
+    Div,
+    /// IEEE 754-2019 `maximum`/`minimum`: a NaN operand gives NaN, and -0 < +0
+    /// (Cranelift's `fmax`/`fmin`; the same in `ReduceOp`).
+    Max,
+    Min,
+    /// `a.powf(b)`
+    Pow,
+    /// Comparisons give 1.0 or 0.0.
+    Lt,
+    Le,
+    Gt,
+    Ge,
+    Eq,
+    Ne,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReduceOp {
+    Sum,
+    Max,
+    Min,
+}
+
+/// The scalar computation at one point of a loop kernel's iteration space. All values
+/// are f32; loads from `i32` buffers convert exactly (|v| < 2^24).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum ScalarExpr {
+    Load(Access),
+    Const(f32),
+    /// The current loop index along iteration axis `n`, as f32.
+    Index(usize),
+    Unary(UnaryOp, Box<ScalarExpr>),
+    Binary(BinaryOp, Box<ScalarExpr>, Box<ScalarExpr>),
+    /// `if c != 0 { a } else { b }` (both sides are evaluated; loads must stay in bounds).
+    Select(Box<ScalarExpr>, Box<ScalarExpr>, Box<ScalarExpr>),
+}
+
+/// A loop nest over `shape`. If `reduce` is `Some(op)`, the trailing `reduced_dims`
+/// axes are reduced with `op` (identity 0, -inf or +inf) and `out` strides are zero on
+/// them; otherwise every point writes `out`. With `accumulate`, the result is added
+/// to what `out` already holds.
+/// Storing into an `i32` buffer rounds to nearest (ties to even), saturating, NaN to 0.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LoopKernel {
+    pub shape: Vec<usize>,
+    pub reduce: Option<ReduceOp>,
+    pub reduced_dims: usize,
+    pub body: ScalarExpr,
+    pub out: Access,
+    pub accumulate: bool,
+}
+
+/// One operand of a GEMM: matrix `(r, c)` of batch `b` is at
+/// `buf[offset + Σ b_d * batch_strides[d] + r * row_stride + c * col_stride]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MatOperand {
+    pub buf: BufId,
+    pub offset: usize,
+    pub batch_strides: Vec<usize>,
+    pub row_stride: usize,
+    pub col_stride: usize,
+}
+
+/// `c[b] (+)= a[b] @ b[b]` for every index of `batch` (`a`: m×k, `b`: k×n, `c`: m×n).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MatMulKernel {
+    pub batch: Vec<usize>,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub a: MatOperand,
+    pub b: MatOperand,
+    pub c: MatOperand,
+    pub accumulate: bool,
+}
+
+/// `out[i, :] = table[ids[i], :]` for `i < n` (rows of `dim` contiguous elements);
+/// an id outside `0..rows` is a runtime error naming `what`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GatherKernel {
+    pub table: BufId,
+    pub ids: BufId,
+    pub out: BufId,
+    pub n: usize,
+    pub rows: usize,
+    pub dim: usize,
+    pub what: String,
+}
+
+/// `out[ids[i], :] += src[i, :]` for `i < n` (out is not cleared first).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ScatterAddKernel {
+    pub src: BufId,
+    pub ids: BufId,
+    pub out: BufId,
+    pub n: usize,
+    pub rows: usize,
+    pub dim: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Kernel {
+    Loop(LoopKernel),
+    MatMul(MatMulKernel),
+    Gather(GatherKernel),
+    ScatterAdd(ScatterAddKernel),
+}
+
+/// A named sequence of kernels (indices into `Program::kernels`) the runtime can run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Entry {
+    pub name: String,
+    pub kernels: Vec<usize>,
+    /// Named results (`loss`, `lr`, `grad_norm`, outputs, `grad.<param>`) and their buffers.
+    pub results: Vec<(String, BufId)>,
+}
+
+/// How a parameter starts. Random inits are deterministic from the seed and the name.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Init {
+    Zeros,
+    Ones,
+    Constant(f64),
+    Normal { mean: f64, std: f64 },
+    Uniform { low: f64, high: f64 },
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ParamSpec {
+    pub name: String,
+    pub buf: BufId,
+    pub init: Init,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Program {
+    pub buffers: Vec<Buffer>,
+    pub kernels: Vec<Kernel>,
+    pub entries: Vec<Entry>,
+    pub params: Vec<ParamSpec>,
+}
+
+impl Program {
+    pub fn entry(&self, name: &str) -> Option<&Entry> {
+        self.entries.iter().find(|e| e.name == name)
+    }
+
+    pub fn buffer_named(&self, name: &str) -> Option<BufId> {
+        self.buffers.iter().position(|b| b.name == name)
+    }
+
+    /// The stable, deterministic text form used by `bmc emit --stage kernels`.
+    pub fn to_text(&self) -> String {
+        let mut s = String::new();
+        for (i, b) in self.buffers.iter().enumerate() {
+            let kind = match b.kind {
+                BufKind::Param => "param",
+                BufKind::OptState => "state",
+                BufKind::Input => "input",
+                BufKind::Hyper => "hyper",
+                BufKind::Temp => "temp",
+            };
+            let _ = writeln!(
+                s,
+                "buf b{i}: {}{:?} {kind} \"{}\"",
+                b.dtype.name(),
+                b.shape,
+                b.name
+            );
+        }
+        for (i, k) in self.kernels.iter().enumerate() {
+            let _ = writeln!(s, "\nk{i}: {}", kernel_text(k));
+        }
+        for e in &self.entries {
+            let ks: Vec<String> = e.kernels.iter().map(|k| format!("k{k}")).collect();
+            let rs: Vec<String> = e.results.iter().map(|(n, b)| format!("{n}=b{b}")).collect();
+            let _ = writeln!(
+                s,
+                "\nentry {} [{}] -> {{{}}}",
+                e.name,
+                ks.join(" "),
+                rs.join(", ")
+            );
+        }
+        s
+    }
+}
+
+fn access_text(a: &Access) -> String {
+    format!("b{}[{}; {:?}]", a.buf, a.offset, a.strides)
+}
+
+fn operand_text(o: &MatOperand) -> String {
+    format!(
+        "b{}[{}; batch {:?}, row {}, col {}]",
+        o.buf, o.offset, o.batch_strides, o.row_stride, o.col_stride
+    )
+}
+
+pub fn kernel_text(k: &Kernel) -> String {
+    match k {
+        Kernel::Loop(l) => {
+            let head = match l.reduce {
+                Some(op) => format!(
+                    "loop {:?} reduce {:?} over last {}",
+                    l.shape, op, l.reduced_dims
+                ),
+                None => format!("loop {:?}", l.shape),
+            };
+            let assign = if l.accumulate { "+=" } else { "=" };
+            format!(
+                "{head}\n    {} {assign} {}",
+                access_text(&l.out),
+                expr_text(&l.body)
+            )
+        }
+        Kernel::MatMul(m) => format!(
+            "matmul batch {:?} m {} n {} k {}\n    {} {} {} @ {}",
+            m.batch,
+            m.m,
+            m.n,
+            m.k,
+            operand_text(&m.c),
+            if m.accumulate { "+=" } else { "=" },
+            operand_text(&m.a),
+            operand_text(&m.b)
+        ),
+        Kernel::Gather(g) => format!(
+            "gather b{} = b{}[b{}] n {} rows {} dim {}",
+            g.out, g.table, g.ids, g.n, g.rows, g.dim
+        ),
+        Kernel::ScatterAdd(g) => {
+            format!(
+                "scatter_add b{}[b{}] += b{} n {} rows {} dim {}",
+                g.out, g.ids, g.src, g.n, g.rows, g.dim
+            )
+        }
+    }
+}
+
+pub fn expr_text(e: &ScalarExpr) -> String {
+    match e {
+        ScalarExpr::Load(a) => access_text(a),
+        ScalarExpr::Const(c) => format!("{c:?}"),
+        ScalarExpr::Index(n) => format!("i{n}"),
+        ScalarExpr::Unary(op, a) => {
+            format!("{}({})", format!("{op:?}").to_lowercase(), expr_text(a))
+        }
+        ScalarExpr::Binary(op, a, b) => format!(
+            "{}({}, {})",
+            format!("{op:?}").to_lowercase(),
+            expr_text(a),
+            expr_text(b)
+        ),
+        ScalarExpr::Select(c, a, b) => format!(
+            "select({}, {}, {})",
+            expr_text(c),
+            expr_text(a),
+            expr_text(b)
+        ),
+    }
+}

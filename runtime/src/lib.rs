@@ -1,0 +1,29 @@
+//! The bmc runtime: everything a training binary does at run time.
+//!
+//! - [`kir`]: the kernel IR, the contract with the compiler.
+//! - [`exec`]: allocates a program's buffers and runs its entries, through
+//!   [`jit`] (Cranelift) for loop kernels and [`gemm`] for matrix products;
+//!   [`interp`] is the slow reference interpreter the JIT is tested against.
+//! - [`rng`] and [`init`]: deterministic random numbers and parameter initialisers.
+//! - [`data`]: data sources (csv, safetensors, text, tokens) and batching.
+//! - [`checkpoint`]: atomic safetensors checkpoints with PyTorch names.
+//! - [`metrics`]: metrics.jsonl, TensorBoard event files, loss.svg.
+//! - [`bundle`]: the payload a training binary carries; [`session`] runs it;
+//!   [`cli`] is the training binary's command line and training loop.
+
+pub mod bundle;
+pub mod checkpoint;
+pub mod cli;
+pub mod data;
+pub mod error;
+pub mod exec;
+pub mod gemm;
+pub mod init;
+pub mod interp;
+pub mod jit;
+pub mod kir;
+pub mod metrics;
+pub mod rng;
+pub mod session;
+
+pub use error::{Error, Result};

@@ -1,0 +1,225 @@
+//! A model loaded for running: the executor with its program, parameter and
+//! optimiser-state I/O, batch feeding and the runtime scalars. The training loop
+//! and the binary's other commands are built on it.
+
+use crate::bundle::Bundle;
+use crate::checkpoint::{self, Checkpoint};
+use crate::data::{Batch, TensorData};
+use crate::error::{Error, Result};
+use crate::exec::Executor;
+use crate::kir::{BufKind, DType};
+use crate::rng::Rng;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+pub struct Session {
+    pub bundle: Bundle,
+    pub exec: Executor,
+}
+
+impl Session {
+    pub fn new(bundle: Bundle, threads: usize) -> Result<Session> {
+        let exec = Executor::new(&bundle.program, threads)?;
+        Ok(Session { bundle, exec })
+    }
+
+    fn buffers_of(&self, kind: BufKind) -> Vec<(usize, String, Vec<usize>, DType)> {
+        self.bundle
+            .program
+            .buffers
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.kind == kind)
+            .map(|(i, b)| (i, b.name.clone(), b.shape.clone(), b.dtype))
+            .collect()
+    }
+
+    /// Fills every parameter from its initialiser (deterministic from seed and name).
+    pub fn init_params(&mut self, seed: u64) -> Result<()> {
+        let specs = self.bundle.program.params.clone();
+        for p in specs {
+            let shape = self.bundle.program.buffers[p.buf].shape.clone();
+            let v = crate::init::init_param(&p.init, &shape, &p.name, seed);
+            self.exec.f32_mut(p.buf)?.copy_from_slice(&v);
+        }
+        Ok(())
+    }
+
+    /// Parameters as (name, shape, data), in declaration order (the checkpoint order).
+    pub fn params(&self) -> Result<Vec<(String, Vec<usize>, TensorData)>> {
+        self.tensors_of(BufKind::Param)
+    }
+
+    pub fn opt_state(&self) -> Result<Vec<(String, Vec<usize>, TensorData)>> {
+        self.tensors_of(BufKind::OptState)
+    }
+
+    fn tensors_of(&self, kind: BufKind) -> Result<Vec<(String, Vec<usize>, TensorData)>> {
+        let mut out = vec![];
+        for (i, name, shape, _) in self.buffers_of(kind) {
+            out.push((name, shape, TensorData::F32(self.exec.f32(i)?.to_vec())));
+        }
+        Ok(out)
+    }
+
+    /// Loads every parameter from a checkpoint (ours, or a PyTorch `state_dict`
+    /// saved with `safetensors.torch.save_file`).
+    pub fn load_params(&mut self, ck: &Checkpoint) -> Result<()> {
+        self.load_kind(ck, BufKind::Param)
+    }
+
+    pub fn load_opt_state(&mut self, ck: &Checkpoint) -> Result<()> {
+        self.load_kind(ck, BufKind::OptState)
+    }
+
+    fn load_kind(&mut self, ck: &Checkpoint, kind: BufKind) -> Result<()> {
+        for (i, name, shape, _) in self.buffers_of(kind) {
+            let data = ck.expect_tensor(&name, &shape, DType::F32)?;
+            match data {
+                TensorData::F32(v) => self.exec.f32_mut(i)?.copy_from_slice(v),
+                TensorData::I32(_) => {
+                    return Err(Error::user(format!(
+                        "tensor `{name}` in `{}` must be floating point",
+                        ck.path.display()
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies a batch into the input buffers, checking names, dtypes and shapes.
+    pub fn feed(&mut self, batch: &Batch, source: &str) -> Result<()> {
+        for (i, name, shape, dtype) in self.buffers_of(BufKind::Input) {
+            let Some((_, data)) = batch.iter().find(|(n, _)| *n == name) else {
+                let have: Vec<&str> = batch.iter().map(|(n, _)| n.as_str()).collect();
+                return Err(Error::user(format!(
+                    "{source} has no tensor `{name}` for the model's input `{name}` (it has: {})",
+                    have.join(", ")
+                )));
+            };
+            let want: usize = shape.iter().product();
+            if data.len() != want {
+                return Err(Error::user(format!(
+                    "{source}: `{name}` has {} elements, the model's input needs {want} ({shape:?})",
+                    data.len()
+                )));
+            }
+            match (dtype, data) {
+                (DType::F32, TensorData::F32(v)) => self.exec.f32_mut(i)?.copy_from_slice(v),
+                (DType::I32, TensorData::I32(v)) => self.exec.i32_mut(i)?.copy_from_slice(v),
+                (DType::F32, TensorData::I32(v)) => {
+                    for (d, s) in self.exec.f32_mut(i)?.iter_mut().zip(v) {
+                        *d = *s as f32;
+                    }
+                }
+                (DType::I32, TensorData::F32(_)) => {
+                    return Err(Error::user(format!(
+                        "{source}: `{name}` is f32, the model's input is i32"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets the runtime scalars: `step`, `total_steps`, `training`, and fresh
+    /// dropout noise (`rand.N`) drawn from `rng`.
+    pub fn set_hypers(
+        &mut self,
+        step: u64,
+        total: u64,
+        training: bool,
+        rng: &mut Rng,
+    ) -> Result<()> {
+        for (i, name, _, _) in self.buffers_of(BufKind::Hyper) {
+            let buf = self.exec.f32_mut(i)?;
+            match name.as_str() {
+                "step" => buf[0] = step as f32,
+                "total_steps" => buf[0] = total as f32,
+                "training" => buf[0] = if training { 1.0 } else { 0.0 },
+                n if n.starts_with("rand.") => {
+                    for x in buf.iter_mut() {
+                        *x = rng.uniform() as f32;
+                    }
+                }
+                other => return Err(Error::internal(format!("unknown runtime scalar `{other}`"))),
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs an entry and returns its named scalar results' first elements.
+    pub fn run(&mut self, entry: &str) -> Result<()> {
+        self.exec.run(entry)
+    }
+
+    pub fn result(&self, entry: &str, name: &str) -> Result<Vec<f32>> {
+        let e = self
+            .bundle
+            .program
+            .entry(entry)
+            .ok_or_else(|| Error::internal(format!("no entry `{entry}`")))?;
+        let (_, b) =
+            e.results.iter().find(|(n, _)| n == name).ok_or_else(|| {
+                Error::internal(format!("entry `{entry}` has no result `{name}`"))
+            })?;
+        Ok(self.exec.f32(*b)?.to_vec())
+    }
+
+    pub fn scalar(&self, entry: &str, name: &str) -> Result<f64> {
+        Ok(self
+            .result(entry, name)?
+            .first()
+            .copied()
+            .unwrap_or(f32::NAN) as f64)
+    }
+
+    pub fn results(&self, entry: &str) -> Result<Vec<(String, Vec<usize>, TensorData)>> {
+        let e = self
+            .bundle
+            .program
+            .entry(entry)
+            .ok_or_else(|| Error::internal(format!("no entry `{entry}`")))?;
+        let mut out = vec![];
+        for (name, b) in &e.results {
+            let shape = self.bundle.program.buffers[*b].shape.clone();
+            out.push((
+                name.clone(),
+                shape,
+                TensorData::F32(self.exec.f32(*b)?.to_vec()),
+            ));
+        }
+        Ok(out)
+    }
+
+    /// The first parameter holding a non-finite value, if any.
+    pub fn first_non_finite_param(&self) -> Option<String> {
+        for (i, name, _, _) in self.buffers_of(BufKind::Param) {
+            if self.exec.f32(i).ok()?.iter().any(|x| !x.is_finite()) {
+                return Some(name);
+            }
+        }
+        None
+    }
+
+    /// Checkpoint metadata: model, step, config, and anything extra.
+    pub fn metadata(&self, step: u64, extra: &[(String, String)]) -> BTreeMap<String, String> {
+        let mut m = BTreeMap::new();
+        m.insert("format".into(), "bmc".into());
+        m.insert("model".into(), self.bundle.model.clone());
+        m.insert("step".into(), step.to_string());
+        m.insert(
+            "config".into(),
+            serde_json::to_string(&self.bundle.config).unwrap_or_default(),
+        );
+        for (k, v) in extra {
+            m.insert(k.clone(), v.clone());
+        }
+        m
+    }
+
+    pub fn save_params(&self, path: &Path, step: u64, extra: &[(String, String)]) -> Result<()> {
+        checkpoint::save_atomic(path, &self.params()?, &self.metadata(step, extra))
+    }
+}
