@@ -8,6 +8,9 @@
 //! passes (and `Drop`) over the AST stay shallow. The grammar has no exponential
 //! backtracking (each alternative is decided by its first token), so parsing is linear.
 
+// `parse` returns `Result<_, Diagnostic>` by contract; a diagnostic is rare and cheap to move.
+#![allow(clippy::result_large_err)]
+
 use crate::ast::*;
 use crate::diagnostic::{Diagnostic, SourceFile, suggest};
 use pest::Parser as _;
@@ -27,8 +30,8 @@ pub const MAX_ELSE_IF: usize = 256;
 
 const ITEM_KEYWORDS: [&str; 5] = ["import", "config", "block", "model", "train"];
 const KEYWORDS: [&str; 16] = [
-    "config", "block", "model", "train", "forward", "input", "param", "let", "loss", "output", "repeat", "if", "else",
-    "import", "true", "false",
+    "config", "block", "model", "train", "forward", "input", "param", "let", "loss", "output", "repeat", "if", "else", "import", "true",
+    "false",
 ];
 
 type PResult<T> = Result<T, Diagnostic>;
@@ -38,11 +41,7 @@ type PResult<T> = Result<T, Diagnostic>;
 pub fn parse(file: &Arc<SourceFile>) -> Result<File, Diagnostic> {
     let run = || parse_on_this_thread(file);
     let result = std::thread::scope(|s| {
-        std::thread::Builder::new()
-            .name("bm-parse".into())
-            .stack_size(256 << 20)
-            .spawn_scoped(s, run)
-            .map(|h| h.join())
+        std::thread::Builder::new().name("bm-parse".into()).stack_size(256 << 20).spawn_scoped(s, run).map(|h| h.join())
     });
     match result {
         Ok(Ok(r)) => r,
@@ -204,7 +203,8 @@ fn token_at(src: &str, pos: usize) -> (Span, String) {
     };
     let len = len.max(c.len_utf8());
     let text = &rest[..len];
-    let shown: String = if text.chars().count() > 40 { format!("{}...", text.chars().take(40).collect::<String>()) } else { text.to_string() };
+    let shown: String =
+        if text.chars().count() > 40 { format!("{}...", text.chars().take(40).collect::<String>()) } else { text.to_string() };
     (Span::new(pos, pos + len), format!("`{shown}`"))
 }
 
@@ -215,9 +215,7 @@ fn describe(rule: Rule) -> Option<(u8, &'static str)> {
         item | file => (0, "an item (`import`, `config`, `block`, `model` or `train`)"),
         member => (1, "a member"),
         stmt => (2, "a statement"),
-        expr | sum | product | unary | postfix | call_or_name | paren | list | if_expr | expr_stmt | boolean | neg => {
-            (3, "an expression")
-        }
+        expr | sum | product | unary | postfix | call_or_name | paren | list | if_expr | expr_stmt | boolean | neg => (3, "an expression"),
         arg => (4, "an argument"),
         dim => (5, "a dimension"),
         ty => (6, "a type"),
@@ -241,8 +239,8 @@ fn describe(rule: Rule) -> Option<(u8, &'static str)> {
         kw_else | else_if_member | else_member | else_if_expr => (11, "`else`"),
         assign => (12, "`=`"),
         colon => (13, "`:`"),
-        arrow => (14, "`->`"),
-        lparen | params_open | block_params | forward_params | call_args => (15, "`(`"),
+        arrow => (15, "`->`"),
+        lparen | params_open | block_params | forward_params | call_args => (14, "`(`"),
         lbracket => (16, "`[`"),
         lbrace | member_list | field_list | body => (17, "`{`"),
         comma => (18, "`,`"),
@@ -303,7 +301,7 @@ fn syntax_error(file: &Arc<SourceFile>, e: pest::error::Error<Rule>) -> Diagnost
     let in_args = positives.contains(&Rule::rparen) && positives.contains(&Rule::comma);
     let mut words: Vec<(u8, &str)> = positives
         .iter()
-        .filter(|&&r| !(enders && is_continuation(r)) && !(in_args && r == Rule::assign))
+        .filter(|&&r| !(enders && is_continuation(r) || in_args && r == Rule::assign))
         .filter_map(|&r| describe(r))
         .collect();
     words.sort();
@@ -333,9 +331,9 @@ fn syntax_error(file: &Arc<SourceFile>, e: pest::error::Error<Rule>) -> Diagnost
         let brace_case = o != b'{' || at_eof || ITEM_KEYWORDS.contains(&word) && line_before.trim().is_empty();
         if closer_expected && (at_eof || earlier_line) && brace_case {
             let (l, c) = file.line_col(opos);
-            d = d.with_secondary(file, Span::new(opos, opos + 1), format!("this `{}` is never closed", o as char)).with_help(
-                format!("add a `{}` to close the `{}` opened at line {l}, column {c}", closer as char, o as char),
-            );
+            d = d
+                .with_secondary(file, Span::new(opos, opos + 1), format!("this `{}` is never closed", o as char))
+                .with_help(format!("add a `{}` to close the `{}` opened at line {l}, column {c}", closer as char, o as char));
             return d;
         }
     }
@@ -355,8 +353,10 @@ fn syntax_error(file: &Arc<SourceFile>, e: pest::error::Error<Rule>) -> Diagnost
         return d.with_help("a child member needs a name: `name = Block(args)`");
     }
     // `vocab 65` in config/train
-    if has(Rule::assign) {
-        if let Some((b'{', opos)) = innermost {
+    if has(Rule::assign)
+        && let Some((b'{', opos)) = innermost
+    {
+        {
             let before = src[..opos].trim_end();
             let kw = before.rsplit(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).next().unwrap_or("");
             if kw == "config" || kw == "train" {
@@ -627,8 +627,7 @@ impl Builder<'_> {
                                 ));
                             }
                             // The nested `if` spans from its `if` keyword to the end of the chain.
-                            let kw_if =
-                                c.clone().into_inner().find(|x| x.as_rule() == Rule::kw_if).map(|x| span(&x).start);
+                            let kw_if = c.clone().into_inner().find(|x| x.as_rule() == Rule::kw_if).map(|x| span(&x).start);
                             let start = kw_if.unwrap_or(span(&c).start);
                             let mut ci = kids(c.clone());
                             let cond = self.expr(self.next(&mut ci, span(&c))?)?.0;
@@ -934,11 +933,7 @@ impl Builder<'_> {
                     match c.as_rule() {
                         Rule::else_if_expr => {
                             let csp = span(&c);
-                            let start = c
-                                .clone()
-                                .into_inner()
-                                .find(|x| x.as_rule() == Rule::kw_if)
-                                .map_or(csp.start, |x| span(&x).start);
+                            let start = c.clone().into_inner().find(|x| x.as_rule() == Rule::kw_if).map_or(csp.start, |x| span(&x).start);
                             let mut ci = kids(c);
                             let (ec, ecd) = self.expr(self.next(&mut ci, csp)?)?;
                             let (eb, ebd) = self.body(self.next(&mut ci, csp)?)?;

@@ -459,7 +459,9 @@ model M {
 "#;
     let file = ok(src);
     assert_eq!(file.items.len(), 4);
-    assert!(matches!(&file.items[0], Item::Import { path, span } if path == "lib/blocks.bm" && text(src, *span) == "import \"lib/blocks.bm\""));
+    assert!(
+        matches!(&file.items[0], Item::Import { path, span } if path == "lib/blocks.bm" && text(src, *span) == "import \"lib/blocks.bm\"")
+    );
     let t = block(&file, "Thing");
     assert_eq!(t.params.len(), 4);
     assert!(t.params[0].default.is_none());
@@ -558,12 +560,17 @@ fn every_train_field() {
     assert_eq!(args[1].name.as_ref().unwrap().name, "batches");
     let ExprKind::Call { args, .. } = &field(t, "optimizer").kind else { panic!() };
     let betas = args.iter().find(|a| a.name.as_ref().is_some_and(|n| n.name == "betas")).unwrap();
-    assert_eq!(betas.value.kind, ExprKind::Tuple(vec![
-        Expr { kind: ExprKind::Float(0.9), span: betas.value.span_of_first() },
-        Expr { kind: ExprKind::Float(0.99), span: betas.value.span_of_second() },
-    ]));
+    assert_eq!(
+        betas.value.kind,
+        ExprKind::Tuple(vec![
+            Expr { kind: ExprKind::Float(0.9), span: betas.value.span_of_first() },
+            Expr { kind: ExprKind::Float(0.99), span: betas.value.span_of_second() },
+        ])
+    );
     assert_eq!(field(t, "precision").kind, ExprKind::Str("bf16".into()));
-    for data in ["text(\"a.txt\", ctx = 8, tokenizer = \"bytes\", split = 0.9)", "tokens(\"t.bin\", 1024)", "safetensors(\"d.safetensors\")"] {
+    for data in
+        ["text(\"a.txt\", ctx = 8, tokenizer = \"bytes\", split = 0.9)", "tokens(\"t.bin\", 1024)", "safetensors(\"d.safetensors\")"]
+    {
         let file = ok(&format!("train {{ data = {data} }}"));
         assert!(matches!(fields(&file, true)[0].value.kind, ExprKind::Call { .. }));
     }
@@ -636,12 +643,7 @@ fn unicode_in_comments_and_strings() {
 
 #[test]
 fn error_missing_close_paren() {
-    let d = check_err(
-        "model M {\n  x = Linear(d, 3 * d\n  proj = Linear(d, d)\n}\n",
-        "expected `,` or `)`, found `proj`",
-        3,
-        3,
-    );
+    let d = check_err("model M {\n  x = Linear(d, 3 * d\n  proj = Linear(d, d)\n}\n", "expected `,` or `)`, found `proj`", 3, 3);
     assert_eq!(d.secondary.len(), 1);
     assert_eq!(d.secondary[0].span, Span::new(22, 23));
     assert!(d.help.as_ref().unwrap().contains("line 2, column 13"), "{:?}", d.help);
@@ -652,12 +654,7 @@ fn error_unclosed_brace() {
     let d = check_err("model M {\n  x = Linear(1, 2)\n", "expected a member or `}`, found end of file", 2, 19);
     assert!(d.help.as_ref().unwrap().contains("`}`"));
     assert_eq!(d.secondary[0].span, Span::new(8, 9));
-    check_err(
-        "block A(d) {\n  forward(x) {\n    x\n}\nblock B(d) {\n}\n",
-        "expected a member or `}`, found `block`",
-        5,
-        1,
-    );
+    check_err("block A(d) {\n  forward(x) {\n    x\n}\nblock B(d) {\n}\n", "expected a member or `}`, found `block`", 5, 1);
 }
 
 #[test]
@@ -706,7 +703,12 @@ fn error_missing_member_name() {
 fn error_unknown_item() {
     let d = check_err("modle Foo {\n}\n", "expected an item (`import`, `config`, `block`, `model` or `train`), found `modle`", 1, 1);
     assert_eq!(d.help.as_deref(), Some("did you mean `model`?"));
-    let d = check_err("config { a = 1 }\nfoo\n", "expected an item (`import`, `config`, `block`, `model` or `train`) or end of file, found `foo`", 2, 1);
+    let d = check_err(
+        "config { a = 1 }\nfoo\n",
+        "expected an item (`import`, `config`, `block`, `model` or `train`) or end of file, found `foo`",
+        2,
+        1,
+    );
     assert!(d.help.is_some());
 }
 
@@ -774,6 +776,22 @@ fn deep_nesting_is_an_error_not_a_crash() {
 }
 
 #[test]
+fn failing_deep_input_is_fast() {
+    for e in [
+        "f(".repeat(250) + "x y",
+        "[(".repeat(125) + "x y",
+        "(if a { ".repeat(120) + "1 +",
+        "g(a = ".repeat(250) + "x ==",
+        "if a { 1 } else ".repeat(5000),
+    ] {
+        let src = format!("model M {{\n  forward {{\n    let y = {e}\n  }}\n}}\n");
+        let t = Instant::now();
+        let d = err(&src);
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}: {}", t.elapsed(), d.message);
+    }
+}
+
+#[test]
 fn nesting_within_the_limit_parses() {
     let e = "(".repeat(200) + "x" + &")".repeat(200);
     let (_, p) = expr(&e);
@@ -789,18 +807,49 @@ fn large_input_is_linear() {
     let big = EXAMPLE.replace("block ", "block X").repeat(1);
     let mut src = String::new();
     for i in 0..300 {
-        src.push_str(&big.replace("model Gpt", &format!("block G{i}()")).replace("config {", &format!("block C{i}() {{")).replace("train {", &format!("block T{i}() {{")).replace(" = text(", " = t(").replace("input ", "param ").replace("output logits", "logits"));
+        src.push_str(
+            &big.replace("model Gpt", &format!("block G{i}()"))
+                .replace("config {", &format!("block C{i}() {{"))
+                .replace("train {", &format!("block T{i}() {{"))
+                .replace(" = text(", " = t(")
+                .replace("input ", "param ")
+                .replace("output logits", "logits"),
+        );
     }
     let t = Instant::now();
     let f = SourceFile::new("big.bm", src.clone());
-    let _ = parse(&f);
+    if let Err(d) = parse(&f) {
+        panic!("{}", d.render(false));
+    }
     assert!(t.elapsed() < Duration::from_secs(20), "{:?} for {} bytes", t.elapsed(), src.len());
 }
 
 fn mutate(src: &str, ops: &[(u8, usize, usize)]) -> String {
     const TOKENS: [&str; 24] = [
-        "(", ")", "[", "]", "{", "}", ",", "=", "==", "\n", ";", "#", "\"", "...", "->", ".", "@", "-", "let", "if",
-        "else", "model", "1e", "99999999999999999999",
+        "(",
+        ")",
+        "[",
+        "]",
+        "{",
+        "}",
+        ",",
+        "=",
+        "==",
+        "\n",
+        ";",
+        "#",
+        "\"",
+        "...",
+        "->",
+        ".",
+        "@",
+        "-",
+        "let",
+        "if",
+        "else",
+        "model",
+        "1e",
+        "99999999999999999999",
     ];
     let mut s: Vec<char> = src.chars().collect();
     for &(kind, at, which) in ops {

@@ -40,6 +40,10 @@ pub struct TrainArgs {
     /// Resume from a checkpoint `step-N.safetensors` (its `.optim.safetensors` beside it)
     #[arg(long)]
     pub resume: Option<PathBuf>,
+    /// Start from these parameters (a checkpoint or a PyTorch state_dict) with fresh
+    /// optimiser state, at step 0 (fine-tuning)
+    #[arg(long, conflicts_with = "resume")]
+    pub init_from: Option<PathBuf>,
     /// Override a config constant: --set name=value
     #[arg(long = "set", value_name = "K=V", value_parser = parse_kv)]
     pub set: Vec<(String, String)>,
@@ -336,6 +340,8 @@ pub fn train(mut bundle: Bundle, args: &TrainArgs, respec: Respecialise) -> Resu
             ))
         })?;
         rng = Rng::from_state(rs);
+    } else if let Some(ck) = &args.init_from {
+        session.load_params(&checkpoint::load(ck)?)?;
     } else {
         session.init_params(cfg.seed)?;
     }
