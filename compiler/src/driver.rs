@@ -99,7 +99,12 @@ fn resolve_imports(
         let base = Path::new(&file.path).parent().unwrap_or(Path::new(""));
         let full = base.join(path).to_string_lossy().into_owned();
         if stack.contains(&full) {
-            return Err(Diagnostic::at(file, *span, format!("import cycle: {} -> {full}", stack.join(" -> ")), "imports a file that imports this one"));
+            return Err(Diagnostic::at(
+                file,
+                *span,
+                format!("import cycle: {} -> {full}", stack.join(" -> ")),
+                "imports a file that imports this one",
+            ));
         }
         if files.iter().any(|f| f.path == full) {
             continue;
@@ -108,7 +113,8 @@ fn resolve_imports(
             return Err(Diagnostic::at(file, *span, "imports are nested too deeply", "here"));
         }
         let Some(text) = source.read(&full) else {
-            return Err(Diagnostic::at(file, *span, format!("cannot read the imported file `{full}`"), "imported here").with_help("import paths are relative to the importing file"));
+            return Err(Diagnostic::at(file, *span, format!("cannot read the imported file `{full}`"), "imported here")
+                .with_help("import paths are relative to the importing file"));
         };
         let f = SourceFile::new(full.clone(), text);
         let sub = bm_grammar::parse(&f)?;
@@ -159,8 +165,13 @@ pub fn find_model<'a>(loaded: &'a Loaded) -> Result<BlockSource, Diagnostic> {
     let models: Vec<&ast::BlockDef> = loaded.ast.items.iter().filter_map(|i| if let Item::Model(m) = i { Some(m) } else { None }).collect();
     match models.as_slice() {
         [m] => Ok(BlockSource { def: (*m).clone(), file: loaded.main.clone() }),
-        [] => Err(Diagnostic::at(&loaded.main, ast::Span::new(0, 0), format!("`{}` has no model", loaded.main.path), "expected `model Name { ... }` in this file")
-            .with_help("a compiled file declares exactly one `model`; files with only blocks are imported by others")),
+        [] => Err(Diagnostic::at(
+            &loaded.main,
+            ast::Span::new(0, 0),
+            format!("`{}` has no model", loaded.main.path),
+            "expected `model Name { ... }` in this file",
+        )
+        .with_help("a compiled file declares exactly one `model`; files with only blocks are imported by others")),
         [_, second, ..] => Err(Diagnostic::at(&loaded.main, second.name.span, "a file declares exactly one model", "second model")),
     }
 }
@@ -169,7 +180,12 @@ pub fn find_model<'a>(loaded: &'a Loaded) -> Result<BlockSource, Diagnostic> {
 pub fn eval_config(loaded: &Loaded, overrides: &[(String, String)]) -> Result<Vec<(String, Value)>, Diagnostic> {
     let mut entries: Vec<(String, Value)> = vec![];
     let blocks = HashMap::new();
-    let fields: Vec<&ast::Field> = loaded.ast.items.iter().flat_map(|i| if let Item::Config { entries, .. } = i { entries.iter().collect() } else { vec![] }).collect();
+    let fields: Vec<&ast::Field> = loaded
+        .ast
+        .items
+        .iter()
+        .flat_map(|i| if let Item::Config { entries, .. } = i { entries.iter().collect() } else { vec![] })
+        .collect();
     for f in &fields {
         if entries.iter().any(|(n, _)| *n == f.name.name) {
             return Err(Diagnostic::at(&loaded.main, f.name.span, format!("config `{}` is defined twice", f.name.name), "duplicate"));
@@ -216,7 +232,9 @@ pub fn compile(loaded: &Loaded, opts: &Options, stage: Stage) -> Result<Compiled
     }
     let to_graph_dtype = |d: bm_runtime::kir::DType| if d == bm_runtime::kir::DType::I32 { DType::I32 } else { DType::F32 };
     let data_shapes = match (&train.data, &opts.data_shapes) {
-        (Some(_), Some(known)) => Some(known.iter().map(|(n, d, s)| (n.clone(), (to_graph_dtype(*d), s.clone()))).collect::<HashMap<_, _>>()),
+        (Some(_), Some(known)) => {
+            Some(known.iter().map(|(n, d, s)| (n.clone(), (to_graph_dtype(*d), s.clone()))).collect::<HashMap<_, _>>())
+        }
         (Some(spec), None) => {
             let ds = Dataset::load(spec).map_err(|e| {
                 let msg = match e {
@@ -228,17 +246,15 @@ pub fn compile(loaded: &Loaded, opts: &Options, stage: Stage) -> Result<Compiled
                 }
                 d
             })?;
-            let shapes: HashMap<String, (DType, Vec<usize>)> = ds
-                .names_and_shapes()
-                .into_iter()
-                .map(|(n, d, s)| (n, (to_graph_dtype(d), s)))
-                .collect();
+            let shapes: HashMap<String, (DType, Vec<usize>)> =
+                ds.names_and_shapes().into_iter().map(|(n, d, s)| (n, (to_graph_dtype(d), s))).collect();
             train.resolve_epochs(&ds);
             Some(shapes)
         }
         (None, _) => None,
     };
-    let input = ElabInput { model: Some(&model), blocks: &loaded.blocks, config: &config, batch: train.batch, data_shapes: data_shapes.as_ref() };
+    let input =
+        ElabInput { model: Some(&model), blocks: &loaded.blocks, config: &config, batch: train.batch, data_shapes: data_shapes.as_ref() };
     let mut graph = Elaborator::new(&input).elaborate_model()?;
     if let Some(shapes) = &data_shapes {
         check_inputs_against_data(loaded, &model, &graph, shapes, &train)?;
@@ -259,17 +275,29 @@ pub fn compile(loaded: &Loaded, opts: &Options, stage: Stage) -> Result<Compiled
     if stage == Stage::Graph {
         return Ok(compiled);
     }
-    let setup = TrainSetup { optimizer: compiled.train.optimizer.clone(), schedule: compiled.train.schedule.clone(), clip_grad: compiled.train.clip_grad };
-    optimizer::append_training(&mut graph, &setup).map_err(|e| Diagnostic::new(format!("internal error while building the training step: {e}")))?;
+    let setup = TrainSetup {
+        optimizer: compiled.train.optimizer.clone(),
+        schedule: compiled.train.schedule.clone(),
+        clip_grad: compiled.train.clip_grad,
+    };
+    optimizer::append_training(&mut graph, &setup)
+        .map_err(|e| Diagnostic::new(format!("internal error while building the training step: {e}")))?;
     compiled.train_graph = graph;
     if stage == Stage::Train {
         return Ok(compiled);
     }
-    compiled.program = crate::lower::lower(&compiled.train_graph).map_err(|e| Diagnostic::new(format!("internal error while lowering: {e}")))?;
+    compiled.program =
+        crate::lower::lower(&compiled.train_graph).map_err(|e| Diagnostic::new(format!("internal error while lowering: {e}")))?;
     Ok(compiled)
 }
 
-fn check_inputs_against_data(loaded: &Loaded, model: &BlockSource, g: &Graph, shapes: &HashMap<String, (DType, Vec<usize>)>, train: &TrainSection) -> Result<(), Diagnostic> {
+fn check_inputs_against_data(
+    loaded: &Loaded,
+    model: &BlockSource,
+    g: &Graph,
+    shapes: &HashMap<String, (DType, Vec<usize>)>,
+    train: &TrainSection,
+) -> Result<(), Diagnostic> {
     let gives = || {
         let mut v: Vec<String> = shapes.iter().map(|(n, (d, s))| format!("`{n}`: {}{s:?}", d.name())).collect();
         v.sort();
@@ -280,8 +308,13 @@ fn check_inputs_against_data(loaded: &Loaded, model: &BlockSource, g: &Graph, sh
         let data_kind = train.data.as_ref().map(|d| d.kind()).unwrap_or("data");
         match shapes.get(name) {
             None => {
-                let mut d = Diagnostic::at(&loaded.main, span, format!("the model's input `{name}` is not given by the data: `{data_kind}` gives {}", gives()), "declared here")
-                    .with_secondary(&loaded.main, train.data_span, "data declared here");
+                let mut d = Diagnostic::at(
+                    &loaded.main,
+                    span,
+                    format!("the model's input `{name}` is not given by the data: `{data_kind}` gives {}", gives()),
+                    "declared here",
+                )
+                .with_secondary(&loaded.main, train.data_span, "data declared here");
                 if let Some(s) = suggest(name, shapes.keys().map(String::as_str)) {
                     d = d.with_help(format!("did you mean `{s}`?"));
                 }
@@ -337,7 +370,9 @@ pub fn bundle(loaded: &Loaded, opts: &Options, c: &Compiled) -> Bundle {
             data_shapes: c
                 .data_shapes
                 .iter()
-                .map(|(n, (d, s))| (n.clone(), if *d == DType::I32 { bm_runtime::kir::DType::I32 } else { bm_runtime::kir::DType::F32 }, s.clone()))
+                .map(|(n, (d, s))| {
+                    (n.clone(), if *d == DType::I32 { bm_runtime::kir::DType::I32 } else { bm_runtime::kir::DType::F32 }, s.clone())
+                })
                 .collect(),
         },
         info: crate::info::report(c),

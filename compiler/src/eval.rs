@@ -20,26 +20,16 @@ pub struct Tensor {
 
 impl Tensor {
     pub fn new(shape: Vec<usize>, data: Vec<f64>) -> Self {
-        assert_eq!(
-            shape.iter().product::<usize>(),
-            data.len(),
-            "tensor data does not match its shape {shape:?}"
-        );
+        assert_eq!(shape.iter().product::<usize>(), data.len(), "tensor data does not match its shape {shape:?}");
         Tensor { shape, data }
     }
 
     pub fn full(shape: &[usize], value: f64) -> Self {
-        Tensor {
-            shape: shape.to_vec(),
-            data: vec![value; shape.iter().product()],
-        }
+        Tensor { shape: shape.to_vec(), data: vec![value; shape.iter().product()] }
     }
 
     pub fn scalar(value: f64) -> Self {
-        Tensor {
-            shape: vec![],
-            data: vec![value],
-        }
+        Tensor { shape: vec![], data: vec![value] }
     }
 
     pub fn len(&self) -> usize {
@@ -160,13 +150,7 @@ pub fn convert(x: f64, dtype: DType) -> f64 {
 pub fn evaluate(g: &Graph, feeds: &HashMap<String, Tensor>) -> Result<Vec<Tensor>, String> {
     let mut vals: Vec<Tensor> = Vec::with_capacity(g.len());
     for id in g.node_ids() {
-        let t = eval_node(g, id, &vals, feeds).map_err(|e| {
-            format!(
-                "%{} = {}: {e}",
-                id.index(),
-                crate::graph::op_text(&g.node(id).op)
-            )
-        })?;
+        let t = eval_node(g, id, &vals, feeds).map_err(|e| format!("%{} = {}: {e}", id.index(), crate::graph::op_text(&g.node(id).op)))?;
         let want: usize = g.shape(id).iter().product();
         if t.shape != g.shape(id) || t.data.len() != want {
             return Err(format!(
@@ -182,38 +166,24 @@ pub fn evaluate(g: &Graph, feeds: &HashMap<String, Tensor>) -> Result<Vec<Tensor
     Ok(vals)
 }
 
-fn eval_node(
-    g: &Graph,
-    id: NodeId,
-    vals: &[Tensor],
-    feeds: &HashMap<String, Tensor>,
-) -> Result<Tensor, String> {
+fn eval_node(g: &Graph, id: NodeId, vals: &[Tensor], feeds: &HashMap<String, Tensor>) -> Result<Tensor, String> {
     let node = g.node(id);
     let shape = node.shape.clone();
     let n: usize = shape.iter().product();
     let ops = g.operands(id);
     let arg = |i: usize| -> Result<&Tensor, String> {
         let o = ops.get(i).ok_or_else(|| format!("missing operand {i}"))?;
-        vals.get(o.index())
-            .ok_or_else(|| format!("operand %{} is not computed yet", o.index()))
+        vals.get(o.index()).ok_or_else(|| format!("operand %{} is not computed yet", o.index()))
     };
     Ok(match &node.op {
         Op::Input(name) | Op::Param(name) | Op::State(name) | Op::Hyper(name) => {
-            let t = feeds
-                .get(name)
-                .ok_or_else(|| format!("no value fed for `{name}`"))?;
+            let t = feeds.get(name).ok_or_else(|| format!("no value fed for `{name}`"))?;
             if t.shape != shape || t.data.len() != n {
-                return Err(format!(
-                    "the value fed for `{name}` has shape {:?}, the node {:?}",
-                    t.shape, shape
-                ));
+                return Err(format!("the value fed for `{name}` has shape {:?}, the node {:?}", t.shape, shape));
             }
             t.clone()
         }
-        Op::Const(v) => Tensor {
-            data: vec![convert(*v, node.dtype); n],
-            shape,
-        },
+        Op::Const(v) => Tensor { data: vec![convert(*v, node.dtype); n], shape },
         Op::Iota(axis) => {
             if *axis >= shape.len() {
                 return Err(format!("iota axis {axis} is out of range for {shape:?}"));
@@ -229,63 +199,32 @@ fn eval_node(
         }
         Op::Unary(u) => {
             let a = arg(0)?;
-            Tensor {
-                data: a.data.iter().map(|&x| unary(*u, x)).collect(),
-                shape,
-            }
+            Tensor { data: a.data.iter().map(|&x| unary(*u, x)).collect(), shape }
         }
         Op::Binary(b) => {
             let (x, y) = (arg(0)?, arg(1)?);
             if x.shape != shape || y.shape != shape {
-                return Err(format!(
-                    "binary operands {:?} and {:?} differ from the node's shape",
-                    x.shape, y.shape
-                ));
+                return Err(format!("binary operands {:?} and {:?} differ from the node's shape", x.shape, y.shape));
             }
-            Tensor {
-                data: x
-                    .data
-                    .iter()
-                    .zip(&y.data)
-                    .map(|(&p, &q)| binary(*b, p, q))
-                    .collect(),
-                shape,
-            }
+            Tensor { data: x.data.iter().zip(&y.data).map(|(&p, &q)| binary(*b, p, q)).collect(), shape }
         }
         Op::Select => {
             let (c, a, b) = (arg(0)?, arg(1)?, arg(2)?);
             if c.shape != shape || a.shape != shape || b.shape != shape {
                 return Err("select operands differ from the node's shape".into());
             }
-            let data = (0..n)
-                .map(|i| {
-                    if c.data[i] != 0.0 {
-                        a.data[i]
-                    } else {
-                        b.data[i]
-                    }
-                })
-                .collect();
+            let data = (0..n).map(|i| if c.data[i] != 0.0 { a.data[i] } else { b.data[i] }).collect();
             Tensor { shape, data }
         }
         Op::Reduce(op, axes) => {
             let a = arg(0)?;
             let in_shape = &a.shape;
             if axes.iter().any(|&ax| ax >= in_shape.len()) {
-                return Err(format!(
-                    "reduce axes {axes:?} are out of range for {in_shape:?}"
-                ));
+                return Err(format!("reduce axes {axes:?} are out of range for {in_shape:?}"));
             }
-            let out_shape: Vec<usize> = in_shape
-                .iter()
-                .enumerate()
-                .filter(|(i, _)| !axes.contains(i))
-                .map(|(_, &d)| d)
-                .collect();
+            let out_shape: Vec<usize> = in_shape.iter().enumerate().filter(|(i, _)| !axes.contains(i)).map(|(_, &d)| d).collect();
             if out_shape != shape {
-                return Err(format!(
-                    "reducing {in_shape:?} over {axes:?} gives {out_shape:?}, not {shape:?}"
-                ));
+                return Err(format!("reducing {in_shape:?} over {axes:?} gives {out_shape:?}, not {shape:?}"));
             }
             let init = match op {
                 ReduceOp::Sum => 0.0,
@@ -346,23 +285,12 @@ fn eval_node(
             if a.data.len() != n {
                 return Err(format!("cannot reshape {:?} into {shape:?}", a.shape));
             }
-            Tensor {
-                shape,
-                data: a.data.clone(),
-            }
+            Tensor { shape, data: a.data.clone() }
         }
         Op::Permute(perm) => {
             let a = arg(0)?;
-            if perm.len() != a.shape.len()
-                || perm
-                    .iter()
-                    .enumerate()
-                    .any(|(i, &p)| p >= a.shape.len() || a.shape[p] != shape[i])
-            {
-                return Err(format!(
-                    "permute {perm:?} of {:?} does not give {shape:?}",
-                    a.shape
-                ));
+            if perm.len() != a.shape.len() || perm.iter().enumerate().any(|(i, &p)| p >= a.shape.len() || a.shape[p] != shape[i]) {
+                return Err(format!("permute {perm:?} of {:?} does not give {shape:?}", a.shape));
             }
             let is = strides(&a.shape);
             let mut idx = vec![0; shape.len()];
@@ -377,15 +305,8 @@ fn eval_node(
         }
         Op::Slice { axis, start, end } => {
             let a = arg(0)?;
-            if *axis >= a.shape.len()
-                || start > end
-                || *end > a.shape[*axis]
-                || shape[*axis] != end - start
-            {
-                return Err(format!(
-                    "slice {start}..{end} of axis {axis} is invalid for {:?}",
-                    a.shape
-                ));
+            if *axis >= a.shape.len() || start > end || *end > a.shape[*axis] || shape[*axis] != end - start {
+                return Err(format!("slice {start}..{end} of axis {axis} is invalid for {:?}", a.shape));
             }
             let is = strides(&a.shape);
             let mut idx = vec![0; shape.len()];
@@ -399,17 +320,10 @@ fn eval_node(
                 .collect();
             Tensor { shape, data }
         }
-        Op::Pad {
-            axis,
-            before,
-            after,
-        } => {
+        Op::Pad { axis, before, after } => {
             let a = arg(0)?;
             if *axis >= a.shape.len() || shape[*axis] != a.shape[*axis] + before + after {
-                return Err(format!(
-                    "pad {before}, {after} of axis {axis} is invalid for {:?}",
-                    a.shape
-                ));
+                return Err(format!("pad {before}, {after} of axis {axis} is invalid for {:?}", a.shape));
             }
             let is = strides(&a.shape);
             let mut idx = vec![0; shape.len()];
@@ -430,10 +344,7 @@ fn eval_node(
         }
         Op::Concat(axis) => {
             let parts: Vec<&Tensor> = (0..ops.len()).map(&arg).collect::<Result<_, _>>()?;
-            let total: usize = parts
-                .iter()
-                .map(|p| p.shape.get(*axis).copied().unwrap_or(0))
-                .sum();
+            let total: usize = parts.iter().map(|p| p.shape.get(*axis).copied().unwrap_or(0)).sum();
             if *axis >= shape.len() || total != shape[*axis] {
                 return Err(format!("concat along axis {axis} does not give {shape:?}"));
             }
@@ -461,10 +372,7 @@ fn eval_node(
             let (a, b) = (arg(0)?, arg(1)?);
             let (ra, rb) = (a.shape.len(), b.shape.len());
             if ra < 2 || rb < 2 || ra != rb || a.shape[..ra - 2] != b.shape[..rb - 2] {
-                return Err(format!(
-                    "matmul operands {:?} and {:?} need rank ≥ 2 and equal batch dims",
-                    a.shape, b.shape
-                ));
+                return Err(format!("matmul operands {:?} and {:?} need rank ≥ 2 and equal batch dims", a.shape, b.shape));
             }
             let (m, k) = (a.shape[ra - 2], a.shape[ra - 1]);
             let (k2, nn) = (b.shape[rb - 2], b.shape[rb - 1]);
@@ -472,10 +380,7 @@ fn eval_node(
             let mut want = a.shape[..ra - 2].to_vec();
             want.extend([m, nn]);
             if k != k2 || want != shape {
-                return Err(format!(
-                    "matmul {:?} @ {:?} does not give {shape:?}",
-                    a.shape, b.shape
-                ));
+                return Err(format!("matmul {:?} @ {:?} does not give {shape:?}", a.shape, b.shape));
             }
             let mut data = vec![0.0; n];
             for bi in 0..batch {
@@ -495,19 +400,13 @@ fn eval_node(
         Op::Gather => {
             let (table, ids) = (arg(0)?, arg(1)?);
             if table.shape.len() != 2 {
-                return Err(format!(
-                    "gather table must be [rows, dim], got {:?}",
-                    table.shape
-                ));
+                return Err(format!("gather table must be [rows, dim], got {:?}", table.shape));
             }
             let (rows, d) = (table.shape[0], table.shape[1]);
             let mut want = ids.shape.clone();
             want.push(d);
             if want != shape {
-                return Err(format!(
-                    "gather of {:?} by ids {:?} does not give {shape:?}",
-                    table.shape, ids.shape
-                ));
+                return Err(format!("gather of {:?} by ids {:?} does not give {shape:?}", table.shape, ids.shape));
             }
             let mut data = Vec::with_capacity(n);
             for &id in &ids.data {
@@ -518,15 +417,9 @@ fn eval_node(
         }
         Op::ScatterAdd { rows } => {
             let (src, ids) = (arg(0)?, arg(1)?);
-            let d = *src
-                .shape
-                .last()
-                .ok_or("scatter_add source must have rank ≥ 1")?;
+            let d = *src.shape.last().ok_or("scatter_add source must have rank ≥ 1")?;
             if src.shape[..src.shape.len() - 1] != ids.shape[..] || shape != [*rows, d] {
-                return Err(format!(
-                    "scatter_add of {:?} by ids {:?} into {shape:?} is invalid",
-                    src.shape, ids.shape
-                ));
+                return Err(format!("scatter_add of {:?} by ids {:?} into {shape:?} is invalid", src.shape, ids.shape));
             }
             let mut data = vec![0.0; n];
             for (i, &id) in ids.data.iter().enumerate() {
@@ -539,32 +432,21 @@ fn eval_node(
         }
         Op::Cast(dt) => {
             let a = arg(0)?;
-            Tensor {
-                data: a.data.iter().map(|&x| convert(x, *dt)).collect(),
-                shape,
-            }
+            Tensor { data: a.data.iter().map(|&x| convert(x, *dt)).collect(), shape }
         }
         Op::Assign(_) => {
             let a = arg(0)?;
             if a.data.len() != n {
-                return Err(format!(
-                    "assigned value {:?} differs from the node's shape",
-                    a.shape
-                ));
+                return Err(format!("assigned value {:?} differs from the node's shape", a.shape));
             }
-            Tensor {
-                shape,
-                data: a.data.clone(),
-            }
+            Tensor { shape, data: a.data.clone() }
         }
     })
 }
 
 fn row_index(id: f64, rows: usize) -> Result<usize, String> {
     if !(id >= 0.0 && id < rows as f64) || id.fract() != 0.0 {
-        return Err(format!(
-            "id {id} is out of range for a table of {rows} rows"
-        ));
+        return Err(format!("id {id} is out of range for a table of {rows} rows"));
     }
     Ok(id as usize)
 }
@@ -652,18 +534,13 @@ mod erf_impl {
         let (r, big_s) = if ix < 0x4006db6d {
             // |x| < 1/0.35
             (
-                RA0 + s
-                    * (RA1 + s * (RA2 + s * (RA3 + s * (RA4 + s * (RA5 + s * (RA6 + s * RA7)))))),
-                1.0 + s
-                    * (SA1
-                        + s * (SA2
-                            + s * (SA3 + s * (SA4 + s * (SA5 + s * (SA6 + s * (SA7 + s * SA8))))))),
+                RA0 + s * (RA1 + s * (RA2 + s * (RA3 + s * (RA4 + s * (RA5 + s * (RA6 + s * RA7)))))),
+                1.0 + s * (SA1 + s * (SA2 + s * (SA3 + s * (SA4 + s * (SA5 + s * (SA6 + s * (SA7 + s * SA8))))))),
             )
         } else {
             (
                 RB0 + s * (RB1 + s * (RB2 + s * (RB3 + s * (RB4 + s * (RB5 + s * RB6))))),
-                1.0 + s
-                    * (SB1 + s * (SB2 + s * (SB3 + s * (SB4 + s * (SB5 + s * (SB6 + s * SB7)))))),
+                1.0 + s * (SB1 + s * (SB2 + s * (SB3 + s * (SB4 + s * (SB5 + s * (SB6 + s * SB7)))))),
             )
         };
         // z = x with the low 32 bits cleared, so that z*z is exact.
@@ -733,10 +610,7 @@ mod tests {
         ];
         for (x, want) in cases {
             let got = erf(x);
-            assert!(
-                (got - want).abs() <= 2e-16_f64.max(want.abs() * 4e-16),
-                "erf({x}) = {got}, want {want}"
-            );
+            assert!((got - want).abs() <= 2e-16_f64.max(want.abs() * 4e-16), "erf({x}) = {got}, want {want}");
         }
         assert_eq!(erf(f64::INFINITY), 1.0);
         assert_eq!(erf(f64::NEG_INFINITY), -1.0);
@@ -758,18 +632,12 @@ mod tests {
         let i32c = ops::constant(&mut g, -2.7, &[2], DType::F32);
         let ci = g.add(Op::Cast(DType::I32), &[i32c], vec![2], DType::I32);
         let mut feeds = HashMap::new();
-        feeds.insert(
-            "x".to_string(),
-            Tensor::new(vec![2, 3], vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]),
-        );
+        feeds.insert("x".to_string(), Tensor::new(vec![2, 3], vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]));
         let v = evaluate(&g, &feeds).unwrap();
         assert_eq!(v[t.index()].data, vec![1.0, 4.0, 2.0, 5.0, 3.0, 6.0]);
         assert_eq!(v[s.index()].data, vec![2.0, 5.0, 3.0, 6.0]);
         assert_eq!(v[p.index()].data, vec![0.0, 2.0, 5.0, 0.0, 3.0, 6.0]);
-        assert_eq!(
-            v[c.index()].data,
-            vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
-        );
+        assert_eq!(v[c.index()].data, vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
         assert_eq!(v[r.index()].data, vec![12.0, 30.0]);
         assert_eq!(v[m.index()].data, vec![3.0, 6.0]);
         assert_eq!(v[mm.index()].data, vec![14.0, 32.0, 32.0, 77.0]);
@@ -782,31 +650,14 @@ mod tests {
         let t = g.add(Op::Input("t".into()), &[], vec![3, 2], DType::F32);
         let ids = g.add(Op::Input("ids".into()), &[], vec![4], DType::I32);
         let e = ops::embedding(&mut g, t, ids).unwrap();
-        let s = g.add(
-            Op::ScatterAdd { rows: 3 },
-            &[e, ids],
-            vec![3, 2],
-            DType::F32,
-        );
+        let s = g.add(Op::ScatterAdd { rows: 3 }, &[e, ids], vec![3, 2], DType::F32);
         let mut feeds = HashMap::new();
-        feeds.insert(
-            "t".to_string(),
-            Tensor::new(vec![3, 2], vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]),
-        );
-        feeds.insert(
-            "ids".to_string(),
-            Tensor::new(vec![4], vec![2.0, 0.0, 2.0, 1.0]),
-        );
+        feeds.insert("t".to_string(), Tensor::new(vec![3, 2], vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]));
+        feeds.insert("ids".to_string(), Tensor::new(vec![4], vec![2.0, 0.0, 2.0, 1.0]));
         let v = evaluate(&g, &feeds).unwrap();
-        assert_eq!(
-            v[e.index()].data,
-            vec![5.0, 6.0, 1.0, 2.0, 5.0, 6.0, 3.0, 4.0]
-        );
+        assert_eq!(v[e.index()].data, vec![5.0, 6.0, 1.0, 2.0, 5.0, 6.0, 3.0, 4.0]);
         assert_eq!(v[s.index()].data, vec![1.0, 2.0, 3.0, 4.0, 10.0, 12.0]);
-        feeds.insert(
-            "ids".to_string(),
-            Tensor::new(vec![4], vec![2.0, 0.0, 3.0, 1.0]),
-        );
+        feeds.insert("ids".to_string(), Tensor::new(vec![4], vec![2.0, 0.0, 3.0, 1.0]));
         assert!(evaluate(&g, &feeds).is_err());
         feeds.remove("ids");
         assert!(evaluate(&g, &feeds).unwrap_err().contains("no value fed"));

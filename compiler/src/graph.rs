@@ -152,12 +152,7 @@ impl Graph {
     /// Adds a node; operands must already exist (this keeps indices topological).
     pub fn add(&mut self, op: Op, operands: &[NodeId], shape: Vec<usize>, dtype: DType) -> NodeId {
         let origin = self.current_origin.clone();
-        let id = self.g.add_node(Node {
-            op,
-            shape,
-            dtype,
-            origin,
-        });
+        let id = self.g.add_node(Node { op, shape, dtype, origin });
         for (pos, &o) in operands.iter().enumerate() {
             debug_assert!(o < id, "operands must precede their user");
             self.g.add_edge(o, id, pos as u32);
@@ -179,11 +174,7 @@ impl Graph {
 
     /// Operands of a node in position order.
     pub fn operands(&self, id: NodeId) -> Vec<NodeId> {
-        let mut es: Vec<(u32, NodeId)> = self
-            .g
-            .edges_directed(id, Direction::Incoming)
-            .map(|e| (*e.weight(), e.source()))
-            .collect();
+        let mut es: Vec<(u32, NodeId)> = self.g.edges_directed(id, Direction::Incoming).map(|e| (*e.weight(), e.source())).collect();
         es.sort_by_key(|(p, _)| *p);
         es.into_iter().map(|(_, n)| n).collect()
     }
@@ -209,10 +200,7 @@ impl Graph {
     }
 
     pub fn output(&self, name: &str) -> Option<NodeId> {
-        self.outputs
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, id)| *id)
+        self.outputs.iter().find(|(n, _)| n == name).map(|(_, id)| *id)
     }
 
     pub fn set_output(&mut self, name: &str, id: NodeId) {
@@ -241,11 +229,7 @@ impl Graph {
         let mut s = String::new();
         for id in self.node_ids() {
             let n = &self.g[id];
-            let args: Vec<String> = self
-                .operands(id)
-                .iter()
-                .map(|o| format!("%{}", o.index()))
-                .collect();
+            let args: Vec<String> = self.operands(id).iter().map(|o| format!("%{}", o.index())).collect();
             let _ = write!(s, "%{} = {}", id.index(), op_text(&n.op));
             if !args.is_empty() {
                 let _ = write!(s, "({})", args.join(", "));
@@ -257,13 +241,7 @@ impl Graph {
             s.push('\n');
         }
         for p in &self.params {
-            let _ = writeln!(
-                s,
-                "param {} = %{} init {}",
-                p.name,
-                p.node.index(),
-                init_text(&p.init)
-            );
+            let _ = writeln!(s, "param {} = %{} init {}", p.name, p.node.index(), init_text(&p.init));
         }
         for (name, id) in &self.outputs {
             let _ = writeln!(s, "output {name} = %{}", id.index());
@@ -279,32 +257,14 @@ impl Graph {
         let mut s = String::from("digraph bm {\n  node [shape=box, fontname=monospace];\n");
         for id in self.node_ids() {
             let n = &self.g[id];
-            let label = format!(
-                "%{} {}\\n{}{:?}",
-                id.index(),
-                op_text(&n.op).replace('"', "\\\""),
-                n.dtype.name(),
-                n.shape
-            );
+            let label = format!("%{} {}\\n{}{:?}", id.index(), op_text(&n.op).replace('"', "\\\""), n.dtype.name(), n.shape);
             let _ = writeln!(s, "  n{} [label=\"{}\"];", id.index(), label);
         }
         for e in self.g.edge_references() {
-            let _ = writeln!(
-                s,
-                "  n{} -> n{} [label=\"{}\"];",
-                e.source().index(),
-                e.target().index(),
-                e.weight()
-            );
+            let _ = writeln!(s, "  n{} -> n{} [label=\"{}\"];", e.source().index(), e.target().index(), e.weight());
         }
         for (name, id) in &self.outputs {
-            let _ = writeln!(
-                s,
-                "  out_{0} [label=\"{1}\", shape=ellipse];\n  n{2} -> out_{0};",
-                sanitize(name),
-                name,
-                id.index()
-            );
+            let _ = writeln!(s, "  out_{0} [label=\"{1}\", shape=ellipse];\n  n{2} -> out_{0};", sanitize(name), name, id.index());
         }
         s.push_str("}\n");
         s
@@ -336,9 +296,7 @@ impl Graph {
 }
 
 fn sanitize(name: &str) -> String {
-    name.chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-        .collect()
+    name.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect()
 }
 
 pub fn init_text(init: &Init) -> String {
@@ -367,11 +325,7 @@ pub fn op_text(op: &Op) -> String {
         Op::Reshape => "reshape".into(),
         Op::Permute(p) => format!("permute{p:?}"),
         Op::Slice { axis, start, end } => format!("slice[axis {axis}, {start}..{end}]"),
-        Op::Pad {
-            axis,
-            before,
-            after,
-        } => format!("pad[axis {axis}, {before}, {after}]"),
+        Op::Pad { axis, before, after } => format!("pad[axis {axis}, {before}, {after}]"),
         Op::Concat(a) => format!("concat[axis {a}]"),
         Op::MatMul => "matmul".into(),
         Op::Gather => "gather".into(),

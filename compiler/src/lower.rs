@@ -8,8 +8,8 @@
 
 use crate::graph::{DType, Graph, NodeId, Op};
 use bm_runtime::kir::{
-    self, Access, BufId, BufKind, Buffer, Entry, GatherKernel, Kernel, LoopKernel, MatMulKernel,
-    MatOperand, ParamSpec, Program, ScalarExpr, ScatterAddKernel,
+    self, Access, BufId, BufKind, Buffer, Entry, GatherKernel, Kernel, LoopKernel, MatMulKernel, MatOperand, ParamSpec, Program,
+    ScalarExpr, ScatterAddKernel,
 };
 
 /// Where a node's value lives.
@@ -41,28 +41,15 @@ fn row_major(shape: &[usize]) -> Vec<usize> {
 
 impl View {
     fn contiguous(src: Src, shape: &[usize]) -> View {
-        View {
-            src,
-            offset: 0,
-            shape: shape.to_vec(),
-            strides: row_major(shape),
-        }
+        View { src, offset: 0, shape: shape.to_vec(), strides: row_major(shape) }
     }
     fn is_contiguous(&self) -> bool {
-        self.shape
-            .iter()
-            .zip(&self.strides)
-            .zip(row_major(&self.shape))
-            .all(|((&d, &s), r)| d <= 1 || s == r)
+        self.shape.iter().zip(&self.strides).zip(row_major(&self.shape)).all(|((&d, &s), r)| d <= 1 || s == r)
     }
     fn expr(&self) -> ScalarExpr {
         match &self.src {
             Src::Const(v) => ScalarExpr::Const(*v as f32),
-            Src::Buf(b) => ScalarExpr::Load(Access {
-                buf: *b,
-                offset: self.offset,
-                strides: self.strides.clone(),
-            }),
+            Src::Buf(b) => ScalarExpr::Load(Access { buf: *b, offset: self.offset, strides: self.strides.clone() }),
             Src::Iota => {
                 let mut e = ScalarExpr::Const(self.offset as f32);
                 for (d, &s) in self.strides.iter().enumerate() {
@@ -70,11 +57,7 @@ impl View {
                         let term = if s == 1 {
                             ScalarExpr::Index(d)
                         } else {
-                            ScalarExpr::Binary(
-                                kir::BinaryOp::Mul,
-                                Box::new(ScalarExpr::Index(d)),
-                                Box::new(ScalarExpr::Const(s as f32)),
-                            )
+                            ScalarExpr::Binary(kir::BinaryOp::Mul, Box::new(ScalarExpr::Index(d)), Box::new(ScalarExpr::Const(s as f32)))
                         };
                         e = if e == ScalarExpr::Const(0.0) {
                             term
@@ -118,22 +101,13 @@ pub fn lower(g: &Graph) -> Result<Program, String> {
         l.lower_node(id)?;
     }
     for p in &g.params {
-        if let Some(View {
-            src: Src::Buf(b), ..
-        }) = &l.views[p.node.index()]
-        {
-            params.push(ParamSpec {
-                name: p.name.clone(),
-                buf: *b,
-                init: p.init.clone(),
-            });
+        if let Some(View { src: Src::Buf(b), .. }) = &l.views[p.node.index()] {
+            params.push(ParamSpec { name: p.name.clone(), buf: *b, init: p.init.clone() });
         }
     }
     let mut entries = vec![];
     let outputs: Vec<(String, NodeId)> = g.outputs.clone();
-    let pick = |pred: &dyn Fn(&str) -> bool| -> Vec<(String, NodeId)> {
-        outputs.iter().filter(|(n, _)| pred(n)).cloned().collect()
-    };
+    let pick = |pred: &dyn Fn(&str) -> bool| -> Vec<(String, NodeId)> { outputs.iter().filter(|(n, _)| pred(n)).cloned().collect() };
     let user_output = |n: &str| !n.starts_with("grad.") && n != "lr" && n != "grad_norm";
     let forward = pick(&|n| user_output(n));
     let grad = pick(&|n| n == "loss" || n.starts_with("grad."));
@@ -146,28 +120,12 @@ pub fn lower(g: &Graph) -> Result<Program, String> {
     if !l.assigns.is_empty() {
         entries.push(l.entry("train_step", &train, true)?);
     }
-    Ok(Program {
-        buffers: l.buffers,
-        kernels: l.kernels,
-        entries,
-        params,
-    })
+    Ok(Program { buffers: l.buffers, kernels: l.kernels, entries, params })
 }
 
 impl Lowering<'_> {
-    fn new_buffer(
-        &mut self,
-        name: String,
-        dtype: kir::DType,
-        shape: &[usize],
-        kind: BufKind,
-    ) -> BufId {
-        self.buffers.push(Buffer {
-            name,
-            dtype,
-            shape: shape.to_vec(),
-            kind,
-        });
+    fn new_buffer(&mut self, name: String, dtype: kir::DType, shape: &[usize], kind: BufKind) -> BufId {
+        self.buffers.push(Buffer { name, dtype, shape: shape.to_vec(), kind });
         self.buffers.len() - 1
     }
 
@@ -178,48 +136,27 @@ impl Lowering<'_> {
     }
 
     fn view(&self, id: NodeId) -> Result<View, String> {
-        self.views[id.index()]
-            .clone()
-            .ok_or_else(|| format!("node %{} was not lowered", id.index()))
+        self.views[id.index()].clone().ok_or_else(|| format!("node %{} was not lowered", id.index()))
     }
 
     /// A loop kernel over `shape` writing `body` into a contiguous view of `buf`.
     fn loop_into(&mut self, node: NodeId, shape: &[usize], body: ScalarExpr, out: Access) {
         let (shape, body, out) = scalar_fix(shape, body, out);
-        self.emit(
-            node,
-            Kernel::Loop(LoopKernel {
-                shape,
-                reduce: None,
-                reduced_dims: 0,
-                body,
-                out,
-                accumulate: false,
-            }),
-        );
+        self.emit(node, Kernel::Loop(LoopKernel { shape, reduce: None, reduced_dims: 0, body, out, accumulate: false }));
     }
 
     /// Computes `view` into a fresh contiguous buffer (for operands that must be
     /// materialised: GEMM inputs that are constants, non-contiguous reshapes, ids).
     fn materialize(&mut self, node: NodeId, v: &View, dtype: kir::DType) -> View {
         let b = self.new_buffer(format!("t{}", node.index()), dtype, &v.shape, BufKind::Temp);
-        let out = Access {
-            buf: b,
-            offset: 0,
-            strides: row_major(&v.shape),
-        };
+        let out = Access { buf: b, offset: 0, strides: row_major(&v.shape) };
         self.loop_into(node, &v.shape.clone(), v.expr(), out);
         View::contiguous(Src::Buf(b), &v.shape)
     }
 
     fn temp(&mut self, node: NodeId) -> (BufId, View) {
         let shape = self.g.shape(node).to_vec();
-        let b = self.new_buffer(
-            format!("t{}", node.index()),
-            kir::DType::F32,
-            &shape,
-            BufKind::Temp,
-        );
+        let b = self.new_buffer(format!("t{}", node.index()), kir::DType::F32, &shape, BufKind::Temp);
         (b, View::contiguous(Src::Buf(b), &shape))
     }
 
@@ -229,62 +166,31 @@ impl Lowering<'_> {
         let ops = self.g.operands(id);
         let v = match &n.op {
             Op::Input(name) => {
-                let dt = if n.dtype == DType::F32 {
-                    kir::DType::F32
-                } else {
-                    kir::DType::I32
-                };
+                let dt = if n.dtype == DType::F32 { kir::DType::F32 } else { kir::DType::I32 };
                 let b = self.new_buffer(name.clone(), dt, &shape, BufKind::Input);
                 View::contiguous(Src::Buf(b), &shape)
             }
-            Op::Param(name) => View::contiguous(
-                Src::Buf(self.new_buffer(name.clone(), kir::DType::F32, &shape, BufKind::Param)),
-                &shape,
-            ),
-            Op::State(name) => View::contiguous(
-                Src::Buf(self.new_buffer(name.clone(), kir::DType::F32, &shape, BufKind::OptState)),
-                &shape,
-            ),
-            Op::Hyper(name) => View::contiguous(
-                Src::Buf(self.new_buffer(name.clone(), kir::DType::F32, &shape, BufKind::Hyper)),
-                &shape,
-            ),
-            Op::Const(c) => View {
-                src: Src::Const(*c),
-                offset: 0,
-                shape: shape.clone(),
-                strides: vec![0; shape.len()],
-            },
+            Op::Param(name) => View::contiguous(Src::Buf(self.new_buffer(name.clone(), kir::DType::F32, &shape, BufKind::Param)), &shape),
+            Op::State(name) => {
+                View::contiguous(Src::Buf(self.new_buffer(name.clone(), kir::DType::F32, &shape, BufKind::OptState)), &shape)
+            }
+            Op::Hyper(name) => View::contiguous(Src::Buf(self.new_buffer(name.clone(), kir::DType::F32, &shape, BufKind::Hyper)), &shape),
+            Op::Const(c) => View { src: Src::Const(*c), offset: 0, shape: shape.clone(), strides: vec![0; shape.len()] },
             Op::Iota(axis) => {
                 let mut strides = vec![0; shape.len()];
                 strides[*axis] = 1;
-                View {
-                    src: Src::Iota,
-                    offset: 0,
-                    shape: shape.clone(),
-                    strides,
-                }
+                View { src: Src::Iota, offset: 0, shape: shape.clone(), strides }
             }
             Op::Unary(op) => {
                 let a = self.view(ops[0])?;
                 let (b, out) = self.temp(id);
-                self.loop_into(
-                    id,
-                    &shape,
-                    ScalarExpr::Unary(*op, Box::new(a.expr())),
-                    access(b, &shape),
-                );
+                self.loop_into(id, &shape, ScalarExpr::Unary(*op, Box::new(a.expr())), access(b, &shape));
                 out
             }
             Op::Binary(op) => {
                 let (a, c) = (self.view(ops[0])?, self.view(ops[1])?);
                 let (b, out) = self.temp(id);
-                self.loop_into(
-                    id,
-                    &shape,
-                    ScalarExpr::Binary(*op, Box::new(a.expr()), Box::new(c.expr())),
-                    access(b, &shape),
-                );
+                self.loop_into(id, &shape, ScalarExpr::Binary(*op, Box::new(a.expr()), Box::new(c.expr())), access(b, &shape));
                 out
             }
             Op::Select => {
@@ -302,11 +208,7 @@ impl Lowering<'_> {
                 let a = self.view(ops[0])?;
                 if *to == DType::Bool {
                     let (b, out) = self.temp(id);
-                    let e = ScalarExpr::Binary(
-                        kir::BinaryOp::Ne,
-                        Box::new(a.expr()),
-                        Box::new(ScalarExpr::Const(0.0)),
-                    );
+                    let e = ScalarExpr::Binary(kir::BinaryOp::Ne, Box::new(a.expr()), Box::new(ScalarExpr::Const(0.0)));
                     self.loop_into(id, &shape, e, access(b, &shape));
                     out
                 } else {
@@ -344,11 +246,7 @@ impl Lowering<'_> {
                         reduce: Some(*op),
                         reduced_dims: axes.len(),
                         body,
-                        out: Access {
-                            buf: b,
-                            offset: 0,
-                            strides: out_strides,
-                        },
+                        out: Access { buf: b, offset: 0, strides: out_strides },
                         accumulate: false,
                     }),
                 );
@@ -361,69 +259,33 @@ impl Lowering<'_> {
                 for (i, (&d, &s)) in a.shape.iter().zip(&a.strides).enumerate() {
                     strides.push(if d == 1 && shape[lead + i] != 1 { 0 } else { s });
                 }
-                View {
-                    src: a.src,
-                    offset: a.offset,
-                    shape: shape.clone(),
-                    strides,
-                }
+                View { src: a.src, offset: a.offset, shape: shape.clone(), strides }
             }
             Op::Reshape => {
                 let a = self.view(ops[0])?;
                 match a.src {
-                    Src::Const(_) => View {
-                        shape: shape.clone(),
-                        strides: vec![0; shape.len()],
-                        ..a
-                    },
+                    Src::Const(_) => View { shape: shape.clone(), strides: vec![0; shape.len()], ..a },
                     _ => {
-                        let a = if a.is_contiguous() && a.src != Src::Iota {
-                            a
-                        } else {
-                            self.materialize(id, &a, kir::DType::F32)
-                        };
-                        View {
-                            src: a.src,
-                            offset: a.offset,
-                            shape: shape.clone(),
-                            strides: row_major(&shape),
-                        }
+                        let a = if a.is_contiguous() && a.src != Src::Iota { a } else { self.materialize(id, &a, kir::DType::F32) };
+                        View { src: a.src, offset: a.offset, shape: shape.clone(), strides: row_major(&shape) }
                     }
                 }
             }
             Op::Permute(perm) => {
                 let a = self.view(ops[0])?;
-                View {
-                    src: a.src.clone(),
-                    offset: a.offset,
-                    shape: shape.clone(),
-                    strides: perm.iter().map(|&p| a.strides[p]).collect(),
-                }
+                View { src: a.src.clone(), offset: a.offset, shape: shape.clone(), strides: perm.iter().map(|&p| a.strides[p]).collect() }
             }
             Op::Slice { axis, start, .. } => {
                 let a = self.view(ops[0])?;
                 // Offsets of constants are ignored; of buffers and iotas they shift the start.
-                View {
-                    offset: a.offset + start * a.strides[*axis],
-                    shape: shape.clone(),
-                    ..a
-                }
+                View { offset: a.offset + start * a.strides[*axis], shape: shape.clone(), ..a }
             }
             Op::Pad { axis, before, .. } => {
                 let a = self.view(ops[0])?;
                 let (b, out) = self.temp(id);
                 self.loop_into(id, &shape, ScalarExpr::Const(0.0), access(b, &shape));
                 let rm = row_major(&shape);
-                self.loop_into(
-                    id,
-                    &a.shape.clone(),
-                    a.expr(),
-                    Access {
-                        buf: b,
-                        offset: before * rm[*axis],
-                        strides: rm,
-                    },
-                );
+                self.loop_into(id, &a.shape.clone(), a.expr(), Access { buf: b, offset: before * rm[*axis], strides: rm });
                 out
             }
             Op::Concat(axis) => {
@@ -433,16 +295,7 @@ impl Lowering<'_> {
                 for &o in &ops {
                     let a = self.view(o)?;
                     let w = a.shape[*axis];
-                    self.loop_into(
-                        id,
-                        &a.shape.clone(),
-                        a.expr(),
-                        Access {
-                            buf: b,
-                            offset: at * rm[*axis],
-                            strides: rm.clone(),
-                        },
-                    );
+                    self.loop_into(id, &a.shape.clone(), a.expr(), Access { buf: b, offset: at * rm[*axis], strides: rm.clone() });
                     at += w;
                 }
                 out
@@ -472,13 +325,7 @@ impl Lowering<'_> {
                     k,
                     a: operand(&a),
                     b: operand(&c),
-                    c: MatOperand {
-                        buf: b,
-                        offset: 0,
-                        batch_strides: rm[..r - 2].to_vec(),
-                        row_stride: rm[r - 2],
-                        col_stride: rm[r - 1],
-                    },
+                    c: MatOperand { buf: b, offset: 0, batch_strides: rm[..r - 2].to_vec(), row_stride: rm[r - 2], col_stride: rm[r - 1] },
                     accumulate: false,
                 };
                 self.emit(id, Kernel::MatMul(kern));
@@ -494,18 +341,7 @@ impl Lowering<'_> {
                     _ => "embedding ids".to_string(),
                 };
                 let n: usize = self.g.shape(ops[1]).iter().product();
-                self.emit(
-                    id,
-                    Kernel::Gather(GatherKernel {
-                        table,
-                        ids,
-                        out: b,
-                        n,
-                        rows: ts[0],
-                        dim: ts[1],
-                        what,
-                    }),
-                );
+                self.emit(id, Kernel::Gather(GatherKernel { table, ids, out: b, n, rows: ts[0], dim: ts[1], what }));
                 out
             }
             Op::ScatterAdd { rows } => {
@@ -514,17 +350,7 @@ impl Lowering<'_> {
                 let (b, out) = self.temp(id);
                 self.loop_into(id, &shape, ScalarExpr::Const(0.0), access(b, &shape));
                 let n: usize = self.g.shape(ops[1]).iter().product();
-                self.emit(
-                    id,
-                    Kernel::ScatterAdd(ScatterAddKernel {
-                        src,
-                        ids,
-                        out: b,
-                        n,
-                        rows: *rows,
-                        dim: shape[1],
-                    }),
-                );
+                self.emit(id, Kernel::ScatterAdd(ScatterAddKernel { src, ids, out: b, n, rows: *rows, dim: shape[1] }));
                 out
             }
             Op::Assign(target) => {
@@ -532,9 +358,7 @@ impl Lowering<'_> {
                 let buf = self
                     .buffers
                     .iter()
-                    .position(|b| {
-                        b.name == *target && matches!(b.kind, BufKind::Param | BufKind::OptState)
-                    })
+                    .position(|b| b.name == *target && matches!(b.kind, BufKind::Param | BufKind::OptState))
                     .ok_or_else(|| format!("assign to unknown `{target}`"))?;
                 let before = self.kernels.len();
                 self.loop_into(id, &shape, a.expr(), access(buf, &shape));
@@ -548,28 +372,15 @@ impl Lowering<'_> {
 
     fn gemm_operand(&mut self, node: NodeId, o: NodeId) -> Result<View, String> {
         let v = self.view(o)?;
-        Ok(if matches!(v.src, Src::Buf(_)) {
-            v
-        } else {
-            self.materialize(node, &v, kir::DType::F32)
-        })
+        Ok(if matches!(v.src, Src::Buf(_)) { v } else { self.materialize(node, &v, kir::DType::F32) })
     }
 
     /// The operand as a whole contiguous buffer of `dtype` starting at offset 0.
-    fn whole_buffer(
-        &mut self,
-        node: NodeId,
-        o: NodeId,
-        dtype: kir::DType,
-    ) -> Result<BufId, String> {
+    fn whole_buffer(&mut self, node: NodeId, o: NodeId, dtype: kir::DType) -> Result<BufId, String> {
         let v = self.view(o)?;
         if let Src::Buf(b) = v.src {
             let buf = &self.buffers[b];
-            if v.offset == 0
-                && v.is_contiguous()
-                && buf.dtype == dtype
-                && buf.len() == v.shape.iter().product::<usize>()
-            {
+            if v.offset == 0 && v.is_contiguous() && buf.dtype == dtype && buf.len() == v.shape.iter().product::<usize>() {
                 return Ok(b);
             }
         }
@@ -581,12 +392,7 @@ impl Lowering<'_> {
 
     /// An entry computing `results`: the kernels of their dependency closure, in order,
     /// and with `assigns`, every Assign last.
-    fn entry(
-        &mut self,
-        name: &str,
-        results: &[(String, NodeId)],
-        assigns: bool,
-    ) -> Result<Entry, String> {
+    fn entry(&mut self, name: &str, results: &[(String, NodeId)], assigns: bool) -> Result<Entry, String> {
         let mut roots: Vec<NodeId> = results.iter().map(|r| r.1).collect();
         if assigns {
             roots.extend(self.assigns.iter().map(|a| a.0));
@@ -596,13 +402,7 @@ impl Lowering<'_> {
         for (rname, id) in results {
             let v = self.view(*id)?;
             let b = match v.src {
-                Src::Buf(b)
-                    if v.offset == 0
-                        && v.is_contiguous()
-                        && self.buffers[b].len() == v.shape.iter().product::<usize>() =>
-                {
-                    b
-                }
+                Src::Buf(b) if v.offset == 0 && v.is_contiguous() && self.buffers[b].len() == v.shape.iter().product::<usize>() => b,
                 _ => match self.result_kernels.iter().find(|(n, _)| n == id) {
                     Some(&(_, k)) => match &self.kernels[k] {
                         Kernel::Loop(l) => l.out.buf,
@@ -640,20 +440,12 @@ impl Lowering<'_> {
                 kernels.extend(self.node_kernels[a.index()].iter().copied());
             }
         }
-        Ok(Entry {
-            name: name.to_string(),
-            kernels,
-            results: named,
-        })
+        Ok(Entry { name: name.to_string(), kernels, results: named })
     }
 }
 
 fn access(buf: BufId, shape: &[usize]) -> Access {
-    Access {
-        buf,
-        offset: 0,
-        strides: row_major(shape),
-    }
+    Access { buf, offset: 0, strides: row_major(shape) }
 }
 
 /// Rank-0 loops become rank-1 loops of one point, so every loop has an outer axis.
@@ -663,30 +455,14 @@ fn scalar_fix(shape: &[usize], body: ScalarExpr, out: Access) -> (Vec<usize>, Sc
     }
     fn widen(e: ScalarExpr) -> ScalarExpr {
         match e {
-            ScalarExpr::Load(a) => ScalarExpr::Load(Access {
-                strides: vec![0],
-                ..a
-            }),
+            ScalarExpr::Load(a) => ScalarExpr::Load(Access { strides: vec![0], ..a }),
             ScalarExpr::Unary(op, a) => ScalarExpr::Unary(op, Box::new(widen(*a))),
-            ScalarExpr::Binary(op, a, b) => {
-                ScalarExpr::Binary(op, Box::new(widen(*a)), Box::new(widen(*b)))
-            }
-            ScalarExpr::Select(c, a, b) => ScalarExpr::Select(
-                Box::new(widen(*c)),
-                Box::new(widen(*a)),
-                Box::new(widen(*b)),
-            ),
+            ScalarExpr::Binary(op, a, b) => ScalarExpr::Binary(op, Box::new(widen(*a)), Box::new(widen(*b))),
+            ScalarExpr::Select(c, a, b) => ScalarExpr::Select(Box::new(widen(*c)), Box::new(widen(*a)), Box::new(widen(*b))),
             other => other,
         }
     }
-    (
-        vec![1],
-        widen(body),
-        Access {
-            strides: vec![0],
-            ..out
-        },
-    )
+    (vec![1], widen(body), Access { strides: vec![0], ..out })
 }
 
 /// Summary numbers for `bmc info`.
@@ -698,35 +474,15 @@ pub struct ProgramStats {
 }
 
 pub fn stats(p: &Program, entry: &str) -> ProgramStats {
-    let temp_bytes = p
-        .buffers
-        .iter()
-        .filter(|b| b.kind == BufKind::Temp)
-        .map(|b| b.len() * 4)
-        .sum();
-    let param_count = p
-        .buffers
-        .iter()
-        .filter(|b| b.kind == BufKind::Param)
-        .map(|b| b.len())
-        .sum();
-    let ks: Vec<usize> = p
-        .entry(entry)
-        .map(|e| e.kernels.clone())
-        .unwrap_or_default();
+    let temp_bytes = p.buffers.iter().filter(|b| b.kind == BufKind::Temp).map(|b| b.len() * 4).sum();
+    let param_count = p.buffers.iter().filter(|b| b.kind == BufKind::Param).map(|b| b.len()).sum();
+    let ks: Vec<usize> = p.entry(entry).map(|e| e.kernels.clone()).unwrap_or_default();
     let matmul_flops = ks
         .iter()
         .filter_map(|&k| match &p.kernels[k] {
-            Kernel::MatMul(m) => {
-                Some(2 * (m.m * m.n * m.k) as u128 * m.batch.iter().product::<usize>() as u128)
-            }
+            Kernel::MatMul(m) => Some(2 * (m.m * m.n * m.k) as u128 * m.batch.iter().product::<usize>() as u128),
             _ => None,
         })
         .sum();
-    ProgramStats {
-        kernels: ks.len(),
-        temp_bytes,
-        param_count,
-        matmul_flops,
-    }
+    ProgramStats { kernels: ks.len(), temp_bytes, param_count, matmul_flops }
 }

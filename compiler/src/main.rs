@@ -148,7 +148,12 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let loaded = driver::load(&path_str(&model), &FileSource::Disk)?;
             let opts = Options { overrides: set, ..Default::default() };
             let c = driver::compile(&loaded, &opts, Stage::Train)?;
-            println!("{}: ok (model {}, {} parameters)", model.display(), c.model_name, c.graph.params.iter().map(|p| c.graph.shape(p.node).iter().product::<usize>()).sum::<usize>());
+            println!(
+                "{}: ok (model {}, {} parameters)",
+                model.display(),
+                c.model_name,
+                c.graph.params.iter().map(|p| c.graph.shape(p.node).iter().product::<usize>()).sum::<usize>()
+            );
             Ok(())
         }
         Cmd::Info { model, set } => {
@@ -166,7 +171,10 @@ fn run(cli: Cli) -> Result<(), Failure> {
         }
         Cmd::Compile { model, out, target, set } => {
             if target == Target::Cuda {
-                return Err(Failure { message: "error: --target cuda: this build of bmc has no CUDA backend yet; use --target cpu\n".into(), code: 1 });
+                return Err(Failure {
+                    message: "error: --target cuda: this build of bmc has no CUDA backend yet; use --target cpu\n".into(),
+                    code: 1,
+                });
             }
             let loaded = driver::load(&path_str(&model), &FileSource::Disk)?;
             let opts = Options { overrides: set, ..Default::default() };
@@ -174,7 +182,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
             // JIT once now, so a program the backend rejects fails here, not on the user's machine.
             bm_runtime::exec::Executor::new(&c.program, 1)?;
             let b = driver::bundle(&loaded, &opts, &c);
-            let out = out.unwrap_or_else(|| PathBuf::from(model.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into())));
+            let out = out.unwrap_or_else(|| {
+                PathBuf::from(model.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into()))
+            });
             let runtime = bundle::own_runtime()?;
             b.write_binary(&runtime, &out)?;
             println!("wrote {} (model {}; run `{} train`)", out.display(), c.model_name, display_cmd(&out));
@@ -228,6 +238,8 @@ fn emit(loaded: &driver::Loaded, opts: &Options, stage: EmitStage, format: Forma
             }
             bm_runtime::jit::clif_text(&c.program)?
         }
-        EmitStage::Cuda => return Err(Failure { message: "error: --stage cuda: this build of bmc has no CUDA backend yet\n".into(), code: 1 }),
+        EmitStage::Cuda => {
+            return Err(Failure { message: "error: --stage cuda: this build of bmc has no CUDA backend yet\n".into(), code: 1 });
+        }
     })
 }

@@ -18,11 +18,7 @@ pub struct OpError {
 
 impl OpError {
     pub fn new(message: impl Into<String>) -> Self {
-        OpError {
-            message: message.into(),
-            operands: vec![],
-            help: None,
-        }
+        OpError { message: message.into(), operands: vec![], help: None }
     }
     pub fn about(mut self, operands: &[usize]) -> Self {
         self.operands = operands.to_vec();
@@ -49,10 +45,11 @@ pub fn norm_axis(axis: i64, rank: usize) -> OpResult<usize> {
     let r = rank as i64;
     let a = if axis < 0 { axis + r } else { axis };
     if a < 0 || a >= r.max(0) {
-        return Err(OpError::new(format!(
-            "axis {axis} is out of range for a tensor of rank {rank}"
-        ))
-        .help(format!("valid axes are {} to {}", -r, r - 1)));
+        return Err(OpError::new(format!("axis {axis} is out of range for a tensor of rank {rank}")).help(format!(
+            "valid axes are {} to {}",
+            -r,
+            r - 1
+        )));
     }
     Ok(a as usize)
 }
@@ -70,16 +67,8 @@ pub fn broadcast_shapes(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
     let n = a.len().max(b.len());
     let mut out = vec![0; n];
     for i in 0..n {
-        let da = if i + a.len() >= n {
-            a[i + a.len() - n]
-        } else {
-            1
-        };
-        let db = if i + b.len() >= n {
-            b[i + b.len() - n]
-        } else {
-            1
-        };
+        let da = if i + a.len() >= n { a[i + a.len() - n] } else { 1 };
+        let db = if i + b.len() >= n { b[i + b.len() - n] } else { 1 };
         out[i] = match (da, db) {
             (x, y) if x == y => x,
             (1, y) => y,
@@ -97,12 +86,7 @@ pub fn broadcast_to(g: &mut Graph, x: NodeId, shape: &[usize]) -> OpResult {
     match broadcast_shapes(g.shape(x), shape) {
         Some(s) if s == shape => {}
         _ => {
-            return Err(OpError::new(format!(
-                "cannot broadcast {} to {:?}",
-                describe(g, x),
-                shape
-            ))
-            .about(&[0]));
+            return Err(OpError::new(format!("cannot broadcast {} to {:?}", describe(g, x), shape)).about(&[0]));
         }
     }
     // A broadcast constant stays a constant (no data to read).
@@ -143,10 +127,7 @@ pub fn unary(g: &mut Graph, op: UnaryOp, x: NodeId) -> NodeId {
 }
 
 fn is_comparison(op: BinaryOp) -> bool {
-    matches!(
-        op,
-        BinaryOp::Lt | BinaryOp::Le | BinaryOp::Gt | BinaryOp::Ge | BinaryOp::Eq | BinaryOp::Ne
-    )
+    matches!(op, BinaryOp::Lt | BinaryOp::Le | BinaryOp::Gt | BinaryOp::Ge | BinaryOp::Eq | BinaryOp::Ne)
 }
 
 /// Elementwise binary operation with NumPy broadcasting. Arithmetic on two `i32`
@@ -162,19 +143,13 @@ pub fn binary(g: &mut Graph, op: BinaryOp, a: NodeId, b: NodeId) -> OpResult {
         .about(&[0, 1])
         .help("NumPy broadcasting compares dims from the right; each pair must be equal or one of them 1"));
     };
-    let int = g.dtype(a) == DType::I32
-        && g.dtype(b) == DType::I32
-        && !matches!(op, BinaryOp::Div | BinaryOp::Pow);
+    let int = g.dtype(a) == DType::I32 && g.dtype(b) == DType::I32 && !matches!(op, BinaryOp::Div | BinaryOp::Pow);
     let operand_dtype = if int { DType::I32 } else { DType::F32 };
     let a = cast(g, a, operand_dtype);
     let b = cast(g, b, operand_dtype);
     let a = broadcast_to(g, a, &shape)?;
     let b = broadcast_to(g, b, &shape)?;
-    let dtype = if is_comparison(op) {
-        DType::Bool
-    } else {
-        operand_dtype
-    };
+    let dtype = if is_comparison(op) { DType::Bool } else { operand_dtype };
     Ok(g.add(Op::Binary(op), &[a, b], shape, dtype))
 }
 
@@ -222,22 +197,16 @@ pub fn neg(g: &mut Graph, a: NodeId) -> NodeId {
 
 /// `where(c, a, b)` with broadcasting of all three.
 pub fn select(g: &mut Graph, c: NodeId, a: NodeId, b: NodeId) -> OpResult {
-    let shape = broadcast_shapes(g.shape(a), g.shape(b))
-        .and_then(|s| broadcast_shapes(&s, g.shape(c)))
-        .ok_or_else(|| {
-            OpError::new(format!(
-                "where(): condition {}, and values {} and {} cannot be broadcast together",
-                describe(g, c),
-                describe(g, a),
-                describe(g, b)
-            ))
-            .about(&[0, 1, 2])
-        })?;
-    let dtype = if g.dtype(a) == DType::I32 && g.dtype(b) == DType::I32 {
-        DType::I32
-    } else {
-        DType::F32
-    };
+    let shape = broadcast_shapes(g.shape(a), g.shape(b)).and_then(|s| broadcast_shapes(&s, g.shape(c))).ok_or_else(|| {
+        OpError::new(format!(
+            "where(): condition {}, and values {} and {} cannot be broadcast together",
+            describe(g, c),
+            describe(g, a),
+            describe(g, b)
+        ))
+        .about(&[0, 1, 2])
+    })?;
+    let dtype = if g.dtype(a) == DType::I32 && g.dtype(b) == DType::I32 { DType::I32 } else { DType::F32 };
     let c = cast(g, c, DType::Bool);
     let a = cast(g, a, dtype);
     let b = cast(g, b, dtype);
@@ -250,40 +219,18 @@ pub fn select(g: &mut Graph, c: NodeId, a: NodeId, b: NodeId) -> OpResult {
 /// Reduction over `axes` (all axes if empty), optionally keeping them as size 1.
 pub fn reduce(g: &mut Graph, op: ReduceOp, x: NodeId, axes: &[i64], keepdim: bool) -> OpResult {
     let rank = g.shape(x).len();
-    let mut ax: Vec<usize> = if axes.is_empty() {
-        (0..rank).collect()
-    } else {
-        axes.iter()
-            .map(|&a| norm_axis(a, rank))
-            .collect::<OpResult<_>>()?
-    };
+    let mut ax: Vec<usize> =
+        if axes.is_empty() { (0..rank).collect() } else { axes.iter().map(|&a| norm_axis(a, rank)).collect::<OpResult<_>>()? };
     ax.sort();
     ax.dedup();
     let x = if op == ReduceOp::Sum { x } else { to_f32(g, x) };
-    let x = if g.dtype(x) == DType::Bool {
-        to_f32(g, x)
-    } else {
-        x
-    };
+    let x = if g.dtype(x) == DType::Bool { to_f32(g, x) } else { x };
     let in_shape = g.shape(x).to_vec();
-    let out: Vec<usize> = in_shape
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| !ax.contains(i))
-        .map(|(_, &d)| d)
-        .collect();
+    let out: Vec<usize> = in_shape.iter().enumerate().filter(|(i, _)| !ax.contains(i)).map(|(_, &d)| d).collect();
     let dt = g.dtype(x);
-    let r = if ax.is_empty() {
-        x
-    } else {
-        g.add(Op::Reduce(op, ax.clone()), &[x], out, dt)
-    };
+    let r = if ax.is_empty() { x } else { g.add(Op::Reduce(op, ax.clone()), &[x], out, dt) };
     if keepdim {
-        let kept: Vec<usize> = in_shape
-            .iter()
-            .enumerate()
-            .map(|(i, &d)| if ax.contains(&i) { 1 } else { d })
-            .collect();
+        let kept: Vec<usize> = in_shape.iter().enumerate().map(|(i, &d)| if ax.contains(&i) { 1 } else { d }).collect();
         reshape(g, r, &kept)
     } else {
         Ok(r)
@@ -308,11 +255,7 @@ fn count(g: &Graph, x: NodeId, axes: &[i64]) -> OpResult<usize> {
 }
 
 pub fn sum(g: &mut Graph, x: NodeId, axes: &[i64], keepdim: bool) -> OpResult {
-    let x = if g.dtype(x) == DType::Bool {
-        to_f32(g, x)
-    } else {
-        x
-    };
+    let x = if g.dtype(x) == DType::Bool { to_f32(g, x) } else { x };
     reduce(g, ReduceOp::Sum, x, axes, keepdim)
 }
 
@@ -346,19 +289,9 @@ pub fn logsumexp(g: &mut Graph, x: NodeId, axes: &[i64], keepdim: bool) -> OpRes
     } else {
         let out: Vec<usize> = {
             let rank = g.shape(x).len();
-            let ax: Vec<usize> = if axes.is_empty() {
-                (0..rank).collect()
-            } else {
-                axes.iter()
-                    .map(|&a| norm_axis(a, rank))
-                    .collect::<OpResult<_>>()?
-            };
-            g.shape(x)
-                .iter()
-                .enumerate()
-                .filter(|(i, _)| !ax.contains(i))
-                .map(|(_, &d)| d)
-                .collect()
+            let ax: Vec<usize> =
+                if axes.is_empty() { (0..rank).collect() } else { axes.iter().map(|&a| norm_axis(a, rank)).collect::<OpResult<_>>()? };
+            g.shape(x).iter().enumerate().filter(|(i, _)| !ax.contains(i)).map(|(_, &d)| d).collect()
         };
         reshape(g, r, &out)
     }
@@ -382,23 +315,14 @@ pub fn log_softmax(g: &mut Graph, x: NodeId, axis: i64) -> OpResult {
 /// Reshape with at most one `-1`.
 pub fn reshape_spec(g: &mut Graph, x: NodeId, spec: &[i64]) -> OpResult {
     let total: usize = g.shape(x).iter().product();
-    let unknown: Vec<usize> = spec
-        .iter()
-        .enumerate()
-        .filter(|(_, d)| **d == -1)
-        .map(|(i, _)| i)
-        .collect();
+    let unknown: Vec<usize> = spec.iter().enumerate().filter(|(_, d)| **d == -1).map(|(i, _)| i).collect();
     if unknown.len() > 1 {
         return Err(OpError::new("reshape(): at most one dim may be -1"));
     }
     if let Some(bad) = spec.iter().find(|&&d| d < -1) {
         return Err(OpError::new(format!("reshape(): dim {bad} is negative")));
     }
-    let known: usize = spec
-        .iter()
-        .filter(|&&d| d != -1)
-        .map(|&d| d as usize)
-        .product();
+    let known: usize = spec.iter().filter(|&&d| d != -1).map(|&d| d as usize).product();
     let mut shape: Vec<usize> = spec.iter().map(|&d| d.max(0) as usize).collect();
     if let Some(&u) = unknown.first() {
         if known == 0 || total % known != 0 {
@@ -417,14 +341,9 @@ pub fn reshape(g: &mut Graph, x: NodeId, shape: &[usize]) -> OpResult {
     let total: usize = g.shape(x).iter().product();
     let n: usize = shape.iter().product();
     if total != n {
-        return Err(OpError::new(format!(
-            "reshape(): cannot reshape {} ({total} elements) into {shape:?} ({n} elements)",
-            describe(g, x)
-        ))
-        .about(&[0])
-        .help(
-            "the number of elements must stay the same; use -1 for one dim to have it inferred",
-        ));
+        return Err(OpError::new(format!("reshape(): cannot reshape {} ({total} elements) into {shape:?} ({n} elements)", describe(g, x)))
+            .about(&[0])
+            .help("the number of elements must stay the same; use -1 for one dim to have it inferred"));
     }
     if g.shape(x) == shape {
         return Ok(x);
@@ -441,11 +360,7 @@ pub fn permute(g: &mut Graph, x: NodeId, perm: &[usize]) -> OpResult {
     let mut sorted = perm.to_vec();
     sorted.sort();
     if sorted != (0..s.len()).collect::<Vec<_>>() {
-        return Err(OpError::new(format!(
-            "permute(): {perm:?} is not a permutation of the {} axes of {}",
-            s.len(),
-            describe(g, x)
-        )));
+        return Err(OpError::new(format!("permute(): {perm:?} is not a permutation of the {} axes of {}", s.len(), describe(g, x))));
     }
     if perm.iter().enumerate().all(|(i, &p)| i == p) {
         return Ok(x);
@@ -471,9 +386,7 @@ pub fn slice(g: &mut Graph, x: NodeId, axis: i64, start: i64, end: i64) -> OpRes
     let fix = |v: i64| if v < 0 { v + n } else { v };
     let (st, en) = (fix(start), fix(end));
     if st < 0 || en > n || st > en {
-        return Err(OpError::new(format!(
-            "slice(): range {start}..{end} is out of bounds for axis {axis} of size {n}"
-        )));
+        return Err(OpError::new(format!("slice(): range {start}..{end} is out of bounds for axis {axis} of size {n}")));
     }
     let (st, en) = (st as usize, en as usize);
     if st == 0 && en == s[axis] {
@@ -482,32 +395,14 @@ pub fn slice(g: &mut Graph, x: NodeId, axis: i64, start: i64, end: i64) -> OpRes
     let mut out = s.clone();
     out[axis] = en - st;
     let dt = g.dtype(x);
-    Ok(g.add(
-        Op::Slice {
-            axis,
-            start: st,
-            end: en,
-        },
-        &[x],
-        out,
-        dt,
-    ))
+    Ok(g.add(Op::Slice { axis, start: st, end: en }, &[x], out, dt))
 }
 
 pub fn pad(g: &mut Graph, x: NodeId, axis: usize, before: usize, after: usize) -> NodeId {
     let mut out = g.shape(x).to_vec();
     out[axis] += before + after;
     let dt = g.dtype(x);
-    g.add(
-        Op::Pad {
-            axis,
-            before,
-            after,
-        },
-        &[x],
-        out,
-        dt,
-    )
+    g.add(Op::Pad { axis, before, after }, &[x], out, dt)
 }
 
 pub fn split(g: &mut Graph, x: NodeId, parts: usize, axis: i64) -> OpResult<Vec<NodeId>> {
@@ -521,9 +416,7 @@ pub fn split(g: &mut Graph, x: NodeId, parts: usize, axis: i64) -> OpResult<Vec<
         )));
     }
     let w = s[a] / parts;
-    (0..parts)
-        .map(|i| slice(g, x, a as i64, (i * w) as i64, ((i + 1) * w) as i64))
-        .collect()
+    (0..parts).map(|i| slice(g, x, a as i64, (i * w) as i64, ((i + 1) * w) as i64)).collect()
 }
 
 pub fn concat(g: &mut Graph, xs: &[NodeId], axis: i64) -> OpResult {
@@ -533,20 +426,11 @@ pub fn concat(g: &mut Graph, xs: &[NodeId], axis: i64) -> OpResult {
     let s0 = g.shape(first).to_vec();
     let a = norm_axis(axis, s0.len())?;
     let mut total = 0;
-    let dt = if xs.iter().all(|&x| g.dtype(x) == DType::I32) {
-        DType::I32
-    } else {
-        DType::F32
-    };
+    let dt = if xs.iter().all(|&x| g.dtype(x) == DType::I32) { DType::I32 } else { DType::F32 };
     let mut cast_xs = vec![];
     for (i, &x) in xs.iter().enumerate() {
         let s = g.shape(x);
-        if s.len() != s0.len()
-            || s.iter()
-                .zip(&s0)
-                .enumerate()
-                .any(|(d, (p, q))| d != a && p != q)
-        {
+        if s.len() != s0.len() || s.iter().zip(&s0).enumerate().any(|(d, (p, q))| d != a && p != q) {
             return Err(OpError::new(format!(
                 "concat(): tensor {i} has shape {}, which does not match {} except along axis {axis}",
                 describe(g, x),
@@ -578,17 +462,9 @@ pub fn squeeze(g: &mut Graph, x: NodeId, axis: Option<i64>) -> OpResult {
         Some(a) => {
             let a = norm_axis(a, s.len())?;
             if s[a] != 1 {
-                return Err(OpError::new(format!(
-                    "squeeze(): axis {a} of {} has size {}, not 1",
-                    describe(g, x),
-                    s[a]
-                )));
+                return Err(OpError::new(format!("squeeze(): axis {a} of {} has size {}, not 1", describe(g, x), s[a])));
             }
-            s.iter()
-                .enumerate()
-                .filter(|(i, _)| *i != a)
-                .map(|(_, &d)| d)
-                .collect()
+            s.iter().enumerate().filter(|(i, _)| *i != a).map(|(_, &d)| d).collect()
         }
     };
     reshape(g, x, &out)
@@ -610,46 +486,22 @@ pub fn flatten(g: &mut Graph, x: NodeId, start: i64) -> OpResult {
 pub fn matmul(g: &mut Graph, a: NodeId, b: NodeId) -> OpResult {
     let (sa, sb) = (g.shape(a).to_vec(), g.shape(b).to_vec());
     if sa.is_empty() || sb.is_empty() {
-        return Err(OpError::new(format!(
-            "`@` needs tensors of rank ≥ 1, got {} and {}",
-            describe(g, a),
-            describe(g, b)
-        ))
-        .about(&[0, 1]));
+        return Err(OpError::new(format!("`@` needs tensors of rank ≥ 1, got {} and {}", describe(g, a), describe(g, b))).about(&[0, 1]));
     }
     let a = to_f32(g, a);
     let b = to_f32(g, b);
-    let a2 = if sa.len() == 1 {
-        unsqueeze(g, a, 0)?
-    } else {
-        a
-    };
-    let b2 = if sb.len() == 1 {
-        unsqueeze(g, b, 1)?
-    } else {
-        b
-    };
+    let a2 = if sa.len() == 1 { unsqueeze(g, a, 0)? } else { a };
+    let b2 = if sb.len() == 1 { unsqueeze(g, b, 1)? } else { b };
     let (pa, pb) = (g.shape(a2).to_vec(), g.shape(b2).to_vec());
     let (m, k) = (pa[pa.len() - 2], pa[pa.len() - 1]);
     let (k2, n) = (pb[pb.len() - 2], pb[pb.len() - 1]);
     if k != k2 {
-        return Err(OpError::new(format!(
-            "`@`: inner dims differ: {} @ {} ({k} vs {k2})",
-            describe(g, a),
-            describe(g, b)
-        ))
-        .about(&[0, 1])
-        .help(
-            "for x @ w the last dim of x must equal the second-to-last dim of w; `w.T` transposes",
-        ));
+        return Err(OpError::new(format!("`@`: inner dims differ: {} @ {} ({k} vs {k2})", describe(g, a), describe(g, b)))
+            .about(&[0, 1])
+            .help("for x @ w the last dim of x must equal the second-to-last dim of w; `w.T` transposes"));
     }
     let batch = broadcast_shapes(&pa[..pa.len() - 2], &pb[..pb.len() - 2]).ok_or_else(|| {
-        OpError::new(format!(
-            "`@`: batch dims of {} and {} cannot be broadcast together",
-            describe(g, a),
-            describe(g, b)
-        ))
-        .about(&[0, 1])
+        OpError::new(format!("`@`: batch dims of {} and {} cannot be broadcast together", describe(g, a), describe(g, b))).about(&[0, 1])
     })?;
     let mut ta = batch.clone();
     ta.extend([m, k]);
@@ -677,18 +529,10 @@ pub fn matmul(g: &mut Graph, a: NodeId, b: NodeId) -> OpResult {
 pub fn embedding(g: &mut Graph, table: NodeId, ids: NodeId) -> OpResult {
     let ts = g.shape(table).to_vec();
     if ts.len() != 2 {
-        return Err(OpError::new(format!(
-            "embedding(): the table must be [rows, dim], got {}",
-            describe(g, table)
-        ))
-        .about(&[0]));
+        return Err(OpError::new(format!("embedding(): the table must be [rows, dim], got {}", describe(g, table))).about(&[0]));
     }
     if g.dtype(ids) != DType::I32 {
-        return Err(OpError::new(format!(
-            "embedding(): ids must be i32, got {}",
-            describe(g, ids)
-        ))
-        .about(&[1]));
+        return Err(OpError::new(format!("embedding(): ids must be i32, got {}", describe(g, ids))).about(&[1]));
     }
     let mut out = g.shape(ids).to_vec();
     out.push(ts[1]);
@@ -750,12 +594,7 @@ pub fn silu(g: &mut Graph, x: NodeId) -> OpResult {
 }
 
 /// Mean cross-entropy over all non-ignored positions; logits `[..., C]`, targets `i32[...]`.
-pub fn cross_entropy(
-    g: &mut Graph,
-    logits: NodeId,
-    targets: NodeId,
-    ignore_index: i64,
-) -> OpResult {
+pub fn cross_entropy(g: &mut Graph, logits: NodeId, targets: NodeId, ignore_index: i64) -> OpResult {
     let ls = g.shape(logits).to_vec();
     let ts = g.shape(targets).to_vec();
     if ls.is_empty() || ls[..ls.len() - 1] != ts[..] {
@@ -768,11 +607,7 @@ pub fn cross_entropy(
         .about(&[0, 1]));
     }
     if g.dtype(targets) != DType::I32 {
-        return Err(OpError::new(format!(
-            "cross_entropy(): targets must be i32 class indices, got {}",
-            describe(g, targets)
-        ))
-        .about(&[1]));
+        return Err(OpError::new(format!("cross_entropy(): targets must be i32 class indices, got {}", describe(g, targets))).about(&[1]));
     }
     let logp = log_softmax(g, logits, -1)?;
     let hot = one_hot(g, targets, ls[ls.len() - 1])?;
@@ -812,21 +647,10 @@ pub fn bce_with_logits(g: &mut Graph, x: NodeId, y: NodeId) -> OpResult {
 
 /// `softmax(q @ kᵀ * scale + mask) @ v`, unfused (the attention fusion pass of a later
 /// stage recognises this exact pattern).
-pub fn attention(
-    g: &mut Graph,
-    q: NodeId,
-    k: NodeId,
-    v: NodeId,
-    causal: bool,
-    scale: Option<f64>,
-) -> OpResult {
+pub fn attention(g: &mut Graph, q: NodeId, k: NodeId, v: NodeId, causal: bool, scale: Option<f64>) -> OpResult {
     let qs = g.shape(q).to_vec();
     if qs.len() < 2 {
-        return Err(OpError::new(format!(
-            "attention(): q must be [..., T, head_dim], got {}",
-            describe(g, q)
-        ))
-        .about(&[0]));
+        return Err(OpError::new(format!("attention(): q must be [..., T, head_dim], got {}", describe(g, q))).about(&[0]));
     }
     let hd = qs[qs.len() - 1];
     let scale = scale.unwrap_or(1.0 / (hd as f64).sqrt());
@@ -837,9 +661,7 @@ pub fn attention(
         let ss = g.shape(s).to_vec();
         let (tq, tk) = (ss[ss.len() - 2], ss[ss.len() - 1]);
         if tq != tk {
-            return Err(OpError::new(format!(
-                "attention(causal = true) needs as many queries as keys, got {tq} and {tk}"
-            )));
+            return Err(OpError::new(format!("attention(causal = true) needs as many queries as keys, got {tq} and {tk}")));
         }
         let m = causal_mask(g, tq)?;
         add(g, s, m)?
@@ -854,9 +676,7 @@ pub fn attention(
 /// runtime draws each step; identity outside training.
 pub fn dropout(g: &mut Graph, x: NodeId, p: f64, noise_index: usize) -> OpResult {
     if !(0.0..1.0).contains(&p) {
-        return Err(OpError::new(format!(
-            "dropout(): p must be in [0, 1), got {p}"
-        )));
+        return Err(OpError::new(format!("dropout(): p must be in [0, 1), got {p}")));
     }
     if p == 0.0 {
         return Ok(x);

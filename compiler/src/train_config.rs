@@ -1,8 +1,8 @@
 //! The `train` section (LANGUAGE.md §8): every field checked and resolved, with
 //! PyTorch's defaults.
 
-use crate::elaborate::{CallValue, ElabInput, Elaborator, Scope, Value};
 use crate::driver::Loaded;
+use crate::elaborate::{CallValue, ElabInput, Elaborator, Scope, Value};
 use crate::passes::optimizer::{Optimizer, OptimizerKind, Schedule};
 use bm_grammar::ast::{Item, Span};
 use bm_grammar::diagnostic::suggest;
@@ -32,7 +32,8 @@ pub struct TrainSection {
     pub summary: Vec<(String, String)>,
 }
 
-const FIELDS: &[&str] = &["data", "batch", "steps", "epochs", "optimizer", "schedule", "clip_grad", "eval", "checkpoint", "seed", "precision", "device"];
+const FIELDS: &[&str] =
+    &["data", "batch", "steps", "epochs", "optimizer", "schedule", "clip_grad", "eval", "checkpoint", "seed", "precision", "device"];
 
 impl TrainSection {
     /// Converts `epochs` into steps once the data's size is known.
@@ -140,7 +141,8 @@ impl Ctx<'_> {
 pub fn evaluate(loaded: &Loaded, config: &[(String, Value)]) -> Result<TrainSection, Diagnostic> {
     let file = &loaded.main;
     let cx = Ctx { file };
-    let fields: Vec<&bm_grammar::ast::Field> = loaded.ast.items.iter().flat_map(|i| if let Item::Train { fields, .. } = i { fields.iter().collect() } else { vec![] }).collect();
+    let fields: Vec<&bm_grammar::ast::Field> =
+        loaded.ast.items.iter().flat_map(|i| if let Item::Train { fields, .. } = i { fields.iter().collect() } else { vec![] }).collect();
     let blocks = HashMap::new();
     let input = ElabInput { model: None, blocks: &blocks, config, batch: 1, data_shapes: None };
     let mut el = Elaborator::new(&input);
@@ -178,7 +180,17 @@ pub fn evaluate(loaded: &Loaded, config: &[(String, Value)]) -> Result<TrainSect
             let c = cx.call(v, "data source", &["csv", "safetensors", "text", "tokens"])?;
             Some(match c.name.as_str() {
                 "csv" => {
-                    let a = cx.bind(c, &[("path", None), ("label", Some(Value::Int(-1))), ("header", Some(Value::Bool(true))), ("scale", Some(Value::Float(1.0))), ("split", Some(Value::Float(0.9))), ("shuffle", Some(Value::Bool(true)))])?;
+                    let a = cx.bind(
+                        c,
+                        &[
+                            ("path", None),
+                            ("label", Some(Value::Int(-1))),
+                            ("header", Some(Value::Bool(true))),
+                            ("scale", Some(Value::Float(1.0))),
+                            ("split", Some(Value::Float(0.9))),
+                            ("shuffle", Some(Value::Bool(true))),
+                        ],
+                    )?;
                     DataSpec::Csv {
                         path: resolve(&cx.string(&a[0], "the path")?),
                         label: a[1].0.as_i64().ok_or_else(|| cx.err(a[1].1, "`label` must be a column index", "not an integer"))?,
@@ -190,20 +202,45 @@ pub fn evaluate(loaded: &Loaded, config: &[(String, Value)]) -> Result<TrainSect
                 }
                 "safetensors" => {
                     let a = cx.bind(c, &[("path", None), ("split", Some(Value::Float(0.9))), ("shuffle", Some(Value::Bool(true)))])?;
-                    DataSpec::Safetensors { path: resolve(&cx.string(&a[0], "the path")?), split: split(&cx, &a[1])?, shuffle: cx.boolean(&a[2], "`shuffle`")? }
+                    DataSpec::Safetensors {
+                        path: resolve(&cx.string(&a[0], "the path")?),
+                        split: split(&cx, &a[1])?,
+                        shuffle: cx.boolean(&a[2], "`shuffle`")?,
+                    }
                 }
                 "text" => {
-                    let a = cx.bind(c, &[("path", None), ("ctx", None), ("tokenizer", Some(Value::Str("bytes".into()))), ("split", Some(Value::Float(0.9)))])?;
+                    let a = cx.bind(
+                        c,
+                        &[
+                            ("path", None),
+                            ("ctx", None),
+                            ("tokenizer", Some(Value::Str("bytes".into()))),
+                            ("split", Some(Value::Float(0.9))),
+                        ],
+                    )?;
                     let tokenizer = match cx.string(&a[2], "`tokenizer`")?.as_str() {
                         "bytes" => Tokenizer::Bytes,
                         "chars" => Tokenizer::Chars,
-                        other => return Err(cx.err(a[2].1, format!("unknown tokenizer \"{other}\""), "not a tokenizer").with_help("use \"bytes\" or \"chars\"")),
+                        other => {
+                            return Err(cx
+                                .err(a[2].1, format!("unknown tokenizer \"{other}\""), "not a tokenizer")
+                                .with_help("use \"bytes\" or \"chars\""));
+                        }
                     };
-                    DataSpec::Text { path: resolve(&cx.string(&a[0], "the path")?), ctx: cx.positive(&a[1], "`ctx`")? as usize, tokenizer, split: split(&cx, &a[3])? }
+                    DataSpec::Text {
+                        path: resolve(&cx.string(&a[0], "the path")?),
+                        ctx: cx.positive(&a[1], "`ctx`")? as usize,
+                        tokenizer,
+                        split: split(&cx, &a[3])?,
+                    }
                 }
                 _ => {
                     let a = cx.bind(c, &[("path", None), ("ctx", None), ("split", Some(Value::Float(0.9)))])?;
-                    DataSpec::Tokens { path: resolve(&cx.string(&a[0], "the path")?), ctx: cx.positive(&a[1], "`ctx`")? as usize, split: split(&cx, &a[2])? }
+                    DataSpec::Tokens {
+                        path: resolve(&cx.string(&a[0], "the path")?),
+                        ctx: cx.positive(&a[1], "`ctx`")? as usize,
+                        split: split(&cx, &a[2])?,
+                    }
                 }
             })
         }
@@ -221,7 +258,12 @@ pub fn evaluate(loaded: &Loaded, config: &[(String, Value)]) -> Result<TrainSect
     };
     let epochs = vals.get("epochs").map(|v| cx.positive(v, "`epochs`")).transpose()?;
     let optimizer = match vals.get("optimizer") {
-        None => Optimizer { kind: OptimizerKind::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8, decoupled: true }, lr: 1e-3, weight_decay: 0.01, decay_matrices_only: false },
+        None => Optimizer {
+            kind: OptimizerKind::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8, decoupled: true },
+            lr: 1e-3,
+            weight_decay: 0.01,
+            decay_matrices_only: false,
+        },
         Some(v) => optimizer(&cx, v)?,
     };
     let schedule = match vals.get("schedule") {
@@ -282,8 +324,14 @@ pub fn evaluate(loaded: &Loaded, config: &[(String, Value)]) -> Result<TrainSect
         None => "f32".to_string(),
         Some(v) => match cx.string(v, "`precision`")?.as_str() {
             "f32" => "f32".to_string(),
-            "bf16" => return Err(cx.err(v.1, "precision \"bf16\" needs the CUDA backend, which this build does not have yet", "not available").with_help("use precision = \"f32\"")),
-            other => return Err(cx.err(v.1, format!("unknown precision \"{other}\""), "not a precision").with_help("use \"f32\" or \"bf16\"")),
+            "bf16" => {
+                return Err(cx
+                    .err(v.1, "precision \"bf16\" needs the CUDA backend, which this build does not have yet", "not available")
+                    .with_help("use precision = \"f32\""));
+            }
+            other => {
+                return Err(cx.err(v.1, format!("unknown precision \"{other}\""), "not a precision").with_help("use \"f32\" or \"bf16\""));
+            }
         },
     };
     let device = match vals.get("device") {
@@ -293,7 +341,23 @@ pub fn evaluate(loaded: &Loaded, config: &[(String, Value)]) -> Result<TrainSect
             other => return Err(cx.err(v.1, format!("unknown device \"{other}\""), "not a device").with_help("use \"cpu\" or \"cuda\"")),
         },
     };
-    Ok(TrainSection { data, data_span, batch, steps, epochs, optimizer, schedule, clip_grad, eval_every, eval_batches, checkpoint_every, seed, precision, device, summary })
+    Ok(TrainSection {
+        data,
+        data_span,
+        batch,
+        steps,
+        epochs,
+        optimizer,
+        schedule,
+        clip_grad,
+        eval_every,
+        eval_batches,
+        checkpoint_every,
+        seed,
+        precision,
+        device,
+        summary,
+    })
 }
 
 fn split(cx: &Ctx, v: &(Value, Span)) -> Result<f64, Diagnostic> {
@@ -310,7 +374,9 @@ fn optimizer(cx: &Ctx, v: &(Value, Span)) -> Result<Optimizer, Diagnostic> {
         match cx.string(a, "`decay`")?.as_str() {
             "all" => Ok(false),
             "matrices" => Ok(true),
-            other => Err(cx.err(a.1, format!("unknown decay \"{other}\""), "bad value").with_help("use \"all\" (PyTorch's default) or \"matrices\"")),
+            other => Err(cx
+                .err(a.1, format!("unknown decay \"{other}\""), "bad value")
+                .with_help("use \"all\" (PyTorch's default) or \"matrices\"")),
         }
     };
     let all = || Some(Value::Str("all".into()));
@@ -332,17 +398,40 @@ fn optimizer(cx: &Ctx, v: &(Value, Span)) -> Result<Optimizer, Diagnostic> {
     };
     Ok(match c.name.as_str() {
         "SGD" => {
-            let a = cx.bind(c, &[("lr", None), ("momentum", Some(Value::Float(0.0))), ("nesterov", Some(Value::Bool(false))), ("weight_decay", Some(Value::Float(0.0))), ("decay", all())])?;
+            let a = cx.bind(
+                c,
+                &[
+                    ("lr", None),
+                    ("momentum", Some(Value::Float(0.0))),
+                    ("nesterov", Some(Value::Bool(false))),
+                    ("weight_decay", Some(Value::Float(0.0))),
+                    ("decay", all()),
+                ],
+            )?;
             let nesterov = cx.boolean(&a[2], "`nesterov`")?;
             let momentum = cx.num(&a[1], "`momentum`")?;
             if nesterov && momentum <= 0.0 {
                 return Err(cx.err(a[2].1, "Nesterov momentum needs momentum > 0", "nesterov without momentum"));
             }
-            Optimizer { kind: OptimizerKind::Sgd { momentum, nesterov }, lr: lr_of(&a[0])?, weight_decay: cx.num(&a[3], "`weight_decay`")?, decay_matrices_only: decay(&a[4])? }
+            Optimizer {
+                kind: OptimizerKind::Sgd { momentum, nesterov },
+                lr: lr_of(&a[0])?,
+                weight_decay: cx.num(&a[3], "`weight_decay`")?,
+                decay_matrices_only: decay(&a[4])?,
+            }
         }
         "Adam" | "AdamW" => {
             let wd = if c.name == "AdamW" { 0.01 } else { 0.0 };
-            let a = cx.bind(c, &[("lr", Some(Value::Float(1e-3))), ("betas", Some(Value::Tuple(vec![Value::Float(0.9), Value::Float(0.999)]))), ("eps", Some(Value::Float(1e-8))), ("weight_decay", Some(Value::Float(wd))), ("decay", all())])?;
+            let a = cx.bind(
+                c,
+                &[
+                    ("lr", Some(Value::Float(1e-3))),
+                    ("betas", Some(Value::Tuple(vec![Value::Float(0.9), Value::Float(0.999)]))),
+                    ("eps", Some(Value::Float(1e-8))),
+                    ("weight_decay", Some(Value::Float(wd))),
+                    ("decay", all()),
+                ],
+            )?;
             let (beta1, beta2) = betas(&a[1])?;
             Optimizer {
                 kind: OptimizerKind::Adam { beta1, beta2, eps: cx.num(&a[2], "`eps`")?, decoupled: c.name == "AdamW" },
@@ -352,9 +441,23 @@ fn optimizer(cx: &Ctx, v: &(Value, Span)) -> Result<Optimizer, Diagnostic> {
             }
         }
         _ => {
-            let a = cx.bind(c, &[("lr", Some(Value::Float(1e-2))), ("alpha", Some(Value::Float(0.99))), ("eps", Some(Value::Float(1e-8))), ("momentum", Some(Value::Float(0.0))), ("weight_decay", Some(Value::Float(0.0))), ("decay", all())])?;
+            let a = cx.bind(
+                c,
+                &[
+                    ("lr", Some(Value::Float(1e-2))),
+                    ("alpha", Some(Value::Float(0.99))),
+                    ("eps", Some(Value::Float(1e-8))),
+                    ("momentum", Some(Value::Float(0.0))),
+                    ("weight_decay", Some(Value::Float(0.0))),
+                    ("decay", all()),
+                ],
+            )?;
             Optimizer {
-                kind: OptimizerKind::RmsProp { alpha: cx.num(&a[1], "`alpha`")?, eps: cx.num(&a[2], "`eps`")?, momentum: cx.num(&a[3], "`momentum`")? },
+                kind: OptimizerKind::RmsProp {
+                    alpha: cx.num(&a[1], "`alpha`")?,
+                    eps: cx.num(&a[2], "`eps`")?,
+                    momentum: cx.num(&a[3], "`momentum`")?,
+                },
                 lr: lr_of(&a[0])?,
                 weight_decay: cx.num(&a[4], "`weight_decay`")?,
                 decay_matrices_only: decay(&a[5])?,

@@ -46,47 +46,33 @@ struct Check {
 
 impl Check {
     fn new(seed: u64) -> Self {
-        Check {
-            g: Graph::new(),
-            rng: Rng(seed),
-            feeds: HashMap::new(),
-            params: vec![],
-        }
+        Check { g: Graph::new(), rng: Rng(seed), feeds: HashMap::new(), params: vec![] }
     }
 
     fn param_data(&mut self, shape: &[usize], data: Vec<f64>) -> NodeId {
         let name = format!("p{}", self.params.len());
-        let id = self
-            .g
-            .add(Op::Param(name.clone()), &[], shape.to_vec(), DType::F32);
-        self.feeds
-            .insert(name.clone(), Tensor::new(shape.to_vec(), data));
+        let id = self.g.add(Op::Param(name.clone()), &[], shape.to_vec(), DType::F32);
+        self.feeds.insert(name.clone(), Tensor::new(shape.to_vec(), data));
         self.params.push((name, id));
         id
     }
 
     /// A parameter with values ±[0.1, 2).
     fn param(&mut self, shape: &[usize]) -> NodeId {
-        let data = (0..shape.iter().product())
-            .map(|_| self.rng.nonzero())
-            .collect();
+        let data = (0..shape.iter().product()).map(|_| self.rng.nonzero()).collect();
         self.param_data(shape, data)
     }
 
     /// A parameter with values uniform in [lo, hi).
     fn param_in(&mut self, shape: &[usize], lo: f64, hi: f64) -> NodeId {
-        let data = (0..shape.iter().product())
-            .map(|_| self.rng.uniform(lo, hi))
-            .collect();
+        let data = (0..shape.iter().product()).map(|_| self.rng.uniform(lo, hi)).collect();
         self.param_data(shape, data)
     }
 
     /// A non-trainable input (not differentiated).
     fn input(&mut self, shape: &[usize], dtype: DType, data: Vec<f64>) -> NodeId {
         let name = format!("x{}", self.feeds.len());
-        let id = self
-            .g
-            .add(Op::Input(name.clone()), &[], shape.to_vec(), dtype);
+        let id = self.g.add(Op::Input(name.clone()), &[], shape.to_vec(), dtype);
         self.feeds.insert(name, Tensor::new(shape.to_vec(), data));
         id
     }
@@ -95,9 +81,7 @@ impl Check {
     fn check(mut self, result: NodeId) -> Vec<Vec<f64>> {
         let r = ops::to_f32(&mut self.g, result);
         let s = self.g.shape(r).to_vec();
-        let w: Vec<f64> = (0..s.iter().product())
-            .map(|_| self.rng.uniform(-1.0, 1.0))
-            .collect();
+        let w: Vec<f64> = (0..s.iter().product()).map(|_| self.rng.uniform(-1.0, 1.0)).collect();
         let w = self.input(&s, DType::F32, w);
         let m = ops::mul(&mut self.g, r, w).unwrap();
         let loss = ops::sum(&mut self.g, m, &[], false).unwrap();
@@ -109,20 +93,14 @@ impl Check {
     fn check_loss(mut self, loss: NodeId) -> Vec<Vec<f64>> {
         let forward = self.g.clone();
         let wrt: Vec<NodeId> = self.params.iter().map(|(_, id)| *id).collect();
-        let grads =
-            differentiate(&mut self.g, loss, &wrt).unwrap_or_else(|e| panic!("differentiate: {e}"));
+        let grads = differentiate(&mut self.g, loss, &wrt).unwrap_or_else(|e| panic!("differentiate: {e}"));
         assert_eq!(grads.len(), wrt.len());
-        let vals = evaluate(&self.g, &self.feeds)
-            .unwrap_or_else(|e| panic!("evaluate: {e}\n{}", self.g.to_text()));
+        let vals = evaluate(&self.g, &self.feeds).unwrap_or_else(|e| panic!("evaluate: {e}\n{}", self.g.to_text()));
         let l0 = vals[loss.index()].data[0];
         assert!(l0.is_finite(), "loss is {l0}");
         let mut out = vec![];
         for ((name, p), &gid) in self.params.iter().zip(&grads) {
-            assert_eq!(
-                self.g.shape(gid),
-                self.g.shape(*p),
-                "gradient shape of {name}"
-            );
+            assert_eq!(self.g.shape(gid), self.g.shape(*p), "gradient shape of {name}");
             assert_eq!(self.g.dtype(gid), DType::F32, "gradient dtype of {name}");
             let analytic = vals[gid.index()].data.clone();
             for (j, &a) in analytic.iter().enumerate() {
@@ -170,11 +148,7 @@ fn unary_ops() {
     for (i, op) in all.into_iter().enumerate() {
         let mut c = Check::new(100 + i as u64);
         let positive = matches!(op, UnaryOp::Log | UnaryOp::Sqrt | UnaryOp::Rsqrt);
-        let x = if positive {
-            c.param_in(&[2, 3], 0.2, 3.0)
-        } else {
-            c.param(&[2, 3])
-        };
+        let x = if positive { c.param_in(&[2, 3], 0.2, 3.0) } else { c.param(&[2, 3]) };
         let y = ops::unary(&mut c.g, op, x);
         c.check(y);
     }
@@ -199,24 +173,11 @@ fn step_has_no_gradient() {
 
 #[test]
 fn binary_ops_same_shape() {
-    for (i, op) in [
-        BinaryOp::Add,
-        BinaryOp::Sub,
-        BinaryOp::Mul,
-        BinaryOp::Div,
-        BinaryOp::Max,
-        BinaryOp::Min,
-        BinaryOp::Pow,
-    ]
-    .into_iter()
-    .enumerate()
+    for (i, op) in
+        [BinaryOp::Add, BinaryOp::Sub, BinaryOp::Mul, BinaryOp::Div, BinaryOp::Max, BinaryOp::Min, BinaryOp::Pow].into_iter().enumerate()
     {
         let mut c = Check::new(200 + i as u64);
-        let a = if op == BinaryOp::Pow {
-            c.param_in(&[2, 3], 0.3, 2.0)
-        } else {
-            c.param(&[2, 3])
-        };
+        let a = if op == BinaryOp::Pow { c.param_in(&[2, 3], 0.3, 2.0) } else { c.param(&[2, 3]) };
         let b = c.param(&[2, 3]);
         let y = ops::binary(&mut c.g, op, a, b).unwrap();
         c.check(y);
@@ -225,32 +186,14 @@ fn binary_ops_same_shape() {
 
 #[test]
 fn binary_ops_broadcasting() {
-    let shapes: [(&[usize], &[usize]); 6] = [
-        (&[3, 1], &[4]),
-        (&[], &[2, 3]),
-        (&[2, 3], &[]),
-        (&[2, 1, 4], &[3, 1]),
-        (&[1, 3], &[2, 1]),
-        (&[4], &[2, 3, 4]),
-    ];
+    let shapes: [(&[usize], &[usize]); 6] =
+        [(&[3, 1], &[4]), (&[], &[2, 3]), (&[2, 3], &[]), (&[2, 1, 4], &[3, 1]), (&[1, 3], &[2, 1]), (&[4], &[2, 3, 4])];
     let mut seed = 300;
-    for op in [
-        BinaryOp::Add,
-        BinaryOp::Sub,
-        BinaryOp::Mul,
-        BinaryOp::Div,
-        BinaryOp::Max,
-        BinaryOp::Min,
-        BinaryOp::Pow,
-    ] {
+    for op in [BinaryOp::Add, BinaryOp::Sub, BinaryOp::Mul, BinaryOp::Div, BinaryOp::Max, BinaryOp::Min, BinaryOp::Pow] {
         for (sa, sb) in shapes {
             seed += 1;
             let mut c = Check::new(seed);
-            let a = if op == BinaryOp::Pow {
-                c.param_in(sa, 0.3, 2.0)
-            } else {
-                c.param(sa)
-            };
+            let a = if op == BinaryOp::Pow { c.param_in(sa, 0.3, 2.0) } else { c.param(sa) };
             let b = c.param(sb);
             let y = ops::binary(&mut c.g, op, a, b).unwrap();
             c.check(y);
@@ -299,10 +242,7 @@ fn max_min_ties_split_evenly() {
     let gr = differentiate(&mut c.g, s, &[p]).unwrap();
     let v = evaluate(&c.g, &c.feeds).unwrap();
     assert_eq!(v[gr[0].index()].data, vec![0.5, 1.0, 0.0]);
-    assert_eq!(
-        evaluate(&forward, &c.feeds).unwrap()[s.index()].data,
-        vec![4.0]
-    );
+    assert_eq!(evaluate(&forward, &c.feeds).unwrap()[s.index()].data, vec![4.0]);
 }
 
 #[test]
@@ -400,12 +340,7 @@ fn softmax_and_log_softmax() {
             seed += 1;
             let mut c = Check::new(seed);
             let x = c.param(&[2, 3, 4]);
-            let y = if log {
-                ops::log_softmax(&mut c.g, x, axis)
-            } else {
-                ops::softmax(&mut c.g, x, axis)
-            }
-            .unwrap();
+            let y = if log { ops::log_softmax(&mut c.g, x, axis) } else { ops::softmax(&mut c.g, x, axis) }.unwrap();
             c.check(y);
         }
     }
@@ -416,16 +351,12 @@ fn shape_ops() {
     type Build = fn(&mut Graph, NodeId) -> NodeId;
     let cases: Vec<(&str, Build)> = vec![
         ("reshape", |g, x| ops::reshape(g, x, &[4, 6]).unwrap()),
-        ("reshape -1", |g, x| {
-            ops::reshape_spec(g, x, &[3, -1, 2]).unwrap()
-        }),
+        ("reshape -1", |g, x| ops::reshape_spec(g, x, &[3, -1, 2]).unwrap()),
         ("transpose", |g, x| ops::transpose(g, x, 0, -1).unwrap()),
         ("permute", |g, x| ops::permute(g, x, &[2, 0, 1]).unwrap()),
         ("permute 2", |g, x| ops::permute(g, x, &[1, 2, 0]).unwrap()),
         ("slice", |g, x| ops::slice(g, x, 1, 1, 3).unwrap()),
-        ("slice negative", |g, x| {
-            ops::slice(g, x, -1, -3, -1).unwrap()
-        }),
+        ("slice negative", |g, x| ops::slice(g, x, -1, -3, -1).unwrap()),
         ("pad", |g, x| ops::pad(g, x, 2, 1, 2)),
         ("squeeze all", |g, x| {
             let s = ops::slice(g, x, 1, 0, 1).unwrap();
@@ -443,9 +374,7 @@ fn shape_ops() {
             let s = ops::slice(g, x, 1, 2, 3).unwrap();
             ops::broadcast_to(g, s, &[5, 2, 3, 4]).unwrap()
         }),
-        ("cast f32", |g, x| {
-            g.add(Op::Cast(DType::F32), &[x], vec![2, 3, 4], DType::F32)
-        }),
+        ("cast f32", |g, x| g.add(Op::Cast(DType::F32), &[x], vec![2, 3, 4], DType::F32)),
         ("chain", |g, x| {
             let t = ops::transpose(g, x, 1, 2).unwrap();
             let r = ops::reshape(g, t, &[8, 3]).unwrap();
@@ -535,12 +464,7 @@ fn scatter_add_primitive() {
     let mut c = Check::new(22);
     let src = c.param(&[4, 2]);
     let ids = c.input(&[4], DType::I32, vec![1.0, 1.0, 0.0, 2.0]);
-    let y = c.g.add(
-        Op::ScatterAdd { rows: 3 },
-        &[src, ids],
-        vec![3, 2],
-        DType::F32,
-    );
+    let y = c.g.add(Op::ScatterAdd { rows: 3 }, &[src, ids], vec![3, 2], DType::F32);
     let y = ops::unary(&mut c.g, UnaryOp::Sin, y);
     c.check(y);
 }
@@ -586,11 +510,7 @@ fn cross_entropy_losses() {
     // 3-D logits with ignored positions.
     let mut c = Check::new(28);
     let logits = c.param(&[2, 3, 5]);
-    let t = c.input(
-        &[2, 3],
-        DType::I32,
-        vec![1.0, -100.0, 4.0, 0.0, 2.0, -100.0],
-    );
+    let t = c.input(&[2, 3], DType::I32, vec![1.0, -100.0, 4.0, 0.0, 2.0, -100.0]);
     let l = ops::cross_entropy(&mut c.g, logits, t, -100).unwrap();
     let grads = c.check(l);
     // Ignored positions get no gradient.
@@ -674,10 +594,7 @@ fn dropout_in_and_out_of_training() {
         let mut c = Check::new(34);
         let x = c.param(&[2, 4]);
         let y = ops::dropout(&mut c.g, x, 0.25, 0).unwrap();
-        c.feeds.insert(
-            "rand.0".into(),
-            Tensor::new(vec![2, 4], vec![0.1, 0.5, 0.9, 0.2, 0.3, 0.7, 0.05, 0.6]),
-        );
+        c.feeds.insert("rand.0".into(), Tensor::new(vec![2, 4], vec![0.1, 0.5, 0.9, 0.2, 0.3, 0.7, 0.05, 0.6]));
         c.feeds.insert("training".into(), Tensor::scalar(training));
         let grads = c.check(y);
         if training == 1.0 {
@@ -690,11 +607,7 @@ fn dropout_in_and_out_of_training() {
 #[test]
 fn a_small_mlp() {
     let mut c = Check::new(35);
-    let x = c.input(
-        &[3, 4],
-        DType::F32,
-        (0..12).map(|i| (i as f64 * 0.37).sin()).collect(),
-    );
+    let x = c.input(&[3, 4], DType::F32, (0..12).map(|i| (i as f64 * 0.37).sin()).collect());
     let w1 = c.param(&[4, 5]);
     let b1 = c.param(&[5]);
     let w2 = c.param(&[5, 3]);
@@ -819,20 +732,14 @@ fn high_level_forward_values() {
     }
     let lse0: f64 = row(0).iter().map(|v| v.exp()).sum::<f64>().ln();
     let lse1: f64 = row(1).iter().map(|v| v.exp()).sum::<f64>().ln();
-    assert!(close(
-        v[ce.index()].data[0],
-        ((lse0 - xs[2]) + (lse1 - xs[3])) / 2.0
-    ));
+    assert!(close(v[ce.index()].data[0], ((lse0 - xs[2]) + (lse1 - xs[3])) / 2.0));
     let (mut b, mut m) = (0.0, 0.0);
     for i in 0..6 {
         let x = xs[i];
         let cdf = 0.5 * (1.0 + bmc::eval::erf(x / std::f64::consts::SQRT_2));
         assert!(close(v[ge.index()].data[i], x * cdf));
         let k = (2.0 / std::f64::consts::PI).sqrt();
-        assert!(close(
-            v[gt.index()].data[i],
-            0.5 * x * (1.0 + (k * (x + 0.044715 * x * x * x)).tanh())
-        ));
+        assert!(close(v[gt.index()].data[i], 0.5 * x * (1.0 + (k * (x + 0.044715 * x * x * x)).tanh())));
         assert!(close(v[si.index()].data[i], x / (1.0 + (-x).exp())));
         let p = 1.0 / (1.0 + (-x).exp());
         b += -(ys[i] * p.ln() + (1.0 - ys[i]) * (1.0 - p).ln()) / 6.0;
@@ -859,14 +766,8 @@ fn attention_forward_matches_a_direct_computation() {
     }
     let out = &evaluate(&g, &feeds).unwrap()[y.index()];
     for i in 0..t {
-        let s: Vec<f64> = (0..=i)
-            .map(|j| {
-                (0..d)
-                    .map(|c| data["q"][i * d + c] * data["k"][j * d + c])
-                    .sum::<f64>()
-                    / (d as f64).sqrt()
-            })
-            .collect();
+        let s: Vec<f64> =
+            (0..=i).map(|j| (0..d).map(|c| data["q"][i * d + c] * data["k"][j * d + c]).sum::<f64>() / (d as f64).sqrt()).collect();
         let z: f64 = s.iter().map(|v| v.exp()).sum();
         for c in 0..d {
             let want: f64 = (0..=i).map(|j| s[j].exp() / z * data["v"][j * d + c]).sum();

@@ -153,9 +153,16 @@ pub enum ExprKind {
     /// `a.b`; `x.T` is `Field(x, "T")`; `wte.weight` names a child's parameter.
     Field(Box<Expr>, Ident),
     /// `f(args)`
-    Call { callee: Ident, args: Vec<Arg> },
+    Call {
+        callee: Ident,
+        args: Vec<Arg>,
+    },
     /// `x.f(args)`, which means `f(x, args)`
-    Method { receiver: Box<Expr>, method: Ident, args: Vec<Arg> },
+    Method {
+        receiver: Box<Expr>,
+        method: Ident,
+        args: Vec<Arg>,
+    },
     Unary(UnaryOp, Box<Expr>),
     Binary(BinaryOp, Box<Expr>, Box<Expr>),
     /// `[a, b, c]`
@@ -163,7 +170,11 @@ pub enum ExprKind {
     /// `(a, b)` (a parenthesised single expression is just that expression)
     Tuple(Vec<Expr>),
     /// `if c { a } else { b }` on compile-time values
-    If { cond: Box<Expr>, then: Box<Body>, otherwise: Box<Body> },
+    If {
+        cond: Box<Expr>,
+        then: Box<Body>,
+        otherwise: Box<Body>,
+    },
 }
 
 /// A positional (`name: None`) or keyword (`axis = -1`) argument.

@@ -356,12 +356,10 @@ fn syntax_error(file: &Arc<SourceFile>, e: pest::error::Error<Rule>) -> Diagnost
     if has(Rule::assign)
         && let Some((b'{', opos)) = innermost
     {
-        {
-            let before = src[..opos].trim_end();
-            let kw = before.rsplit(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).next().unwrap_or("");
-            if kw == "config" || kw == "train" {
-                return d.with_help(format!("each `{kw}` field is written `name = value`"));
-            }
+        let before = src[..opos].trim_end();
+        let kw = before.rsplit(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).next().unwrap_or("");
+        if kw == "config" || kw == "train" {
+            return d.with_help(format!("each `{kw}` field is written `name = value`"));
         }
     }
     // `a < b < c`
@@ -808,12 +806,12 @@ impl Builder<'_> {
                 _ => None,
             }
         };
-        if let Some(n) = literal {
-            if !negs.is_empty() {
-                let negative = negs.len() % 2 == 1;
-                let kind = self.number(&n, negative)?;
-                return Ok((Expr { kind, span: sp }, 1));
-            }
+        if let Some(n) = literal
+            && !negs.is_empty()
+        {
+            let negative = negs.len() % 2 == 1;
+            let kind = self.number(&n, negative)?;
+            return Ok((Expr { kind, span: sp }, 1));
         }
         let (mut e, mut depth) = self.postfix(operand)?;
         for start in negs.into_iter().rev() {

@@ -61,13 +61,11 @@ pub struct Bundle {
 
 impl Bundle {
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
-        serde_json::to_vec(self)
-            .map_err(|e| Error::internal(format!("cannot serialise the program: {e}")))
+        serde_json::to_vec(self).map_err(|e| Error::internal(format!("cannot serialise the program: {e}")))
     }
 
     pub fn from_bytes(b: &[u8]) -> Result<Bundle> {
-        serde_json::from_slice(b)
-            .map_err(|e| Error::internal(format!("the embedded program is corrupt: {e}")))
+        serde_json::from_slice(b).map_err(|e| Error::internal(format!("the embedded program is corrupt: {e}")))
     }
 
     /// Writes `exe` (the runtime executable) with this bundle appended to `out`,
@@ -83,9 +81,8 @@ impl Bundle {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(out, std::fs::Permissions::from_mode(0o755)).map_err(|e| {
-                Error::user(format!("cannot make `{}` executable: {e}", out.display()))
-            })?;
+            std::fs::set_permissions(out, std::fs::Permissions::from_mode(0o755))
+                .map_err(|e| Error::user(format!("cannot make `{}` executable: {e}", out.display())))?;
         }
         Ok(())
     }
@@ -114,10 +111,8 @@ pub fn own_payload() -> Option<(Vec<u8>, Bundle)> {
 /// The bytes of the running executable without any payload (the runtime that
 /// `bmc compile` copies into each training binary).
 pub fn own_runtime() -> Result<Vec<u8>> {
-    let exe = std::env::current_exe()
-        .map_err(|e| Error::internal(format!("cannot find the bmc executable: {e}")))?;
-    let bytes = std::fs::read(&exe)
-        .map_err(|e| Error::internal(format!("cannot read `{}`: {e}", exe.display())))?;
+    let exe = std::env::current_exe().map_err(|e| Error::internal(format!("cannot find the bmc executable: {e}")))?;
+    let bytes = std::fs::read(&exe).map_err(|e| Error::internal(format!("cannot read `{}`: {e}", exe.display())))?;
     Ok(match split_payload(&bytes) {
         Some((rt, _)) => rt.to_vec(),
         None => bytes,

@@ -83,10 +83,7 @@ impl Checkpoint {
 
     /// The metadata value `key`, or an error naming the file.
     pub fn expect_metadata(&self, key: &str) -> Result<&str> {
-        self.metadata
-            .get(key)
-            .map(|s| s.as_str())
-            .ok_or_else(|| Error::user(format!("{} has no metadata entry `{key}`", self.file())))
+        self.metadata.get(key).map(|s| s.as_str()).ok_or_else(|| Error::user(format!("{} has no metadata entry `{key}`", self.file())))
     }
 }
 
@@ -95,9 +92,7 @@ impl Checkpoint {
 fn similar_name<'a>(name: &str, names: impl Iterator<Item = &'a String>) -> Option<&'a String> {
     let norm = |s: &str| s.to_ascii_lowercase().replace(['_', '-'], ".");
     let n = norm(name);
-    names
-        .into_iter()
-        .find(|k| norm(k) == n || k.ends_with(&format!(".{name}")))
+    names.into_iter().find(|k| norm(k) == n || k.ends_with(&format!(".{name}")))
 }
 
 struct Raw<'a> {
@@ -147,17 +142,12 @@ fn i32_bytes(v: &[i32]) -> Cow<'_, [u8]> {
 }
 
 /// The bytes of a safetensors file holding `tensors` and `metadata`.
-pub fn serialize(
-    tensors: &[(String, Vec<usize>, TensorData)],
-    metadata: &BTreeMap<String, String>,
-) -> Result<Vec<u8>> {
+pub fn serialize(tensors: &[(String, Vec<usize>, TensorData)], metadata: &BTreeMap<String, String>) -> Result<Vec<u8>> {
     let mut seen = HashSet::new();
     let mut raws = Vec::with_capacity(tensors.len());
     for (name, shape, data) in tensors {
         if !seen.insert(name.as_str()) {
-            return Err(Error::internal(format!(
-                "checkpoint tensor `{name}` written twice"
-            )));
+            return Err(Error::internal(format!("checkpoint tensor `{name}` written twice")));
         }
         let n: usize = shape.iter().product();
         if n != data.len() {
@@ -170,25 +160,10 @@ pub fn serialize(
             TensorData::F32(v) => (Dtype::F32, f32_bytes(v)),
             TensorData::I32(v) => (Dtype::I32, i32_bytes(v)),
         };
-        raws.push((
-            name.clone(),
-            Raw {
-                dtype,
-                shape,
-                bytes,
-            },
-        ));
+        raws.push((name.clone(), Raw { dtype, shape, bytes }));
     }
-    let info: Option<HashMap<String, String>> = if metadata.is_empty() {
-        None
-    } else {
-        Some(
-            metadata
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-        )
-    };
+    let info: Option<HashMap<String, String>> =
+        if metadata.is_empty() { None } else { Some(metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect()) };
     safetensors::serialize(raws.iter().map(|(n, r)| (n.as_str(), r)), info)
         .map_err(|e| Error::internal(format!("serialising a checkpoint: {e}")))
 }
@@ -196,21 +171,13 @@ pub fn serialize(
 /// Writes `bytes` to `path` atomically: temp file in the same directory, fsync, rename,
 /// fsync of the directory. Errors name `path`.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let io = |what: &str, e: std::io::Error| {
-        Error::user(format!("cannot {what} `{}`: {e}", path.display()))
-    };
+    let io = |what: &str, e: std::io::Error| Error::user(format!("cannot {what} `{}`: {e}", path.display()));
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let fname = path
-        .file_name()
-        .ok_or_else(|| Error::user(format!("`{}` is not a file path", path.display())))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp.{}",
-        fname.to_string_lossy(),
-        std::process::id()
-    ));
+    let fname = path.file_name().ok_or_else(|| Error::user(format!("`{}` is not a file path", path.display())))?;
+    let tmp = dir.join(format!(".{}.tmp.{}", fname.to_string_lossy(), std::process::id()));
     let result = (|| {
         let mut f = File::create(&tmp).map_err(|e| io("create a temporary file for", e))?;
         f.write_all(bytes).map_err(|e| io("write", e))?;
@@ -231,11 +198,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 /// Writes a safetensors file atomically (see [`write_atomic`]).
-pub fn save_atomic(
-    path: &Path,
-    tensors: &[(String, Vec<usize>, TensorData)],
-    metadata: &BTreeMap<String, String>,
-) -> Result<()> {
+pub fn save_atomic(path: &Path, tensors: &[(String, Vec<usize>, TensorData)], metadata: &BTreeMap<String, String>) -> Result<()> {
     let bytes = serialize(tensors, metadata)?;
     write_atomic(path, &bytes)
 }
@@ -266,12 +229,7 @@ fn describe(bytes: &[u8], e: &SafeTensorError) -> String {
             format!("it is truncated: {len} bytes, shorter than the 8-byte header length")
         }
         InvalidHeaderLength => {
-            let n = u64::from_le_bytes(
-                bytes
-                    .get(..8)
-                    .and_then(|b| b.try_into().ok())
-                    .unwrap_or([0; 8]),
-            );
+            let n = u64::from_le_bytes(bytes.get(..8).and_then(|b| b.try_into().ok()).unwrap_or([0; 8]));
             format!(
                 "it is truncated or not a safetensors file: the header says {n} bytes of JSON follow, the file has {} after the length",
                 len.saturating_sub(8)
@@ -283,27 +241,14 @@ fn describe(bytes: &[u8], e: &SafeTensorError) -> String {
             format!("its JSON header is invalid: {e}")
         }
         MetadataIncompleteBuffer => {
-            let n = u64::from_le_bytes(
-                bytes
-                    .get(..8)
-                    .and_then(|b| b.try_into().ok())
-                    .unwrap_or([0; 8]),
-            ) as usize;
-            match n
-                .checked_add(8)
-                .and_then(|e| bytes.get(8..e))
-                .and_then(declared_data_end)
-            {
-                Some(end) if end.saturating_add(8 + n) > len => format!(
-                    "it is truncated: its tensors need {} bytes of data, only {} are there",
-                    end,
-                    len.saturating_sub(8 + n)
-                ),
-                Some(end) => format!(
-                    "it has {} bytes of unexpected data after its {} bytes of tensors",
-                    len.saturating_sub(8 + n + end),
-                    end
-                ),
+            let n = u64::from_le_bytes(bytes.get(..8).and_then(|b| b.try_into().ok()).unwrap_or([0; 8])) as usize;
+            match n.checked_add(8).and_then(|e| bytes.get(8..e)).and_then(declared_data_end) {
+                Some(end) if end.saturating_add(8 + n) > len => {
+                    format!("it is truncated: its tensors need {} bytes of data, only {} are there", end, len.saturating_sub(8 + n))
+                }
+                Some(end) => {
+                    format!("it has {} bytes of unexpected data after its {} bytes of tensors", len.saturating_sub(8 + n + end), end)
+                }
                 None => "its tensor data does not match the file size".into(),
             }
         }
@@ -332,39 +277,18 @@ fn declared_data_end(header: &[u8]) -> Option<usize> {
 /// Parses safetensors bytes (never panics); `path` and `what` name the file in messages.
 pub fn parse(bytes: &[u8], path: &Path, what: &str) -> Result<Checkpoint> {
     let file = format!("{what} `{}`", path.display());
-    let bad = |e: SafeTensorError| {
-        Error::user(format!(
-            "{file} is not a valid safetensors file: {}",
-            describe(bytes, &e)
-        ))
-    };
+    let bad = |e: SafeTensorError| Error::user(format!("{file} is not a valid safetensors file: {}", describe(bytes, &e)));
     let (_, meta) = SafeTensors::read_metadata(bytes).map_err(bad)?;
     let st = SafeTensors::deserialize(bytes).map_err(bad)?;
-    let metadata: BTreeMap<String, String> = meta
-        .metadata()
-        .as_ref()
-        .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
-        .unwrap_or_default();
+    let metadata: BTreeMap<String, String> =
+        meta.metadata().as_ref().map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()).unwrap_or_default();
     let mut tensors = BTreeMap::new();
     for (name, view) in st.iter() {
         let shape = view.shape().to_vec();
-        let data = convert(view.dtype(), view.data())
-            .map_err(|why| Error::user(format!("tensor `{name}` in {file} {why}")))?;
-        tensors.insert(
-            name.to_string(),
-            Tensor {
-                shape,
-                data,
-                stored_dtype: format!("{:?}", view.dtype()),
-            },
-        );
+        let data = convert(view.dtype(), view.data()).map_err(|why| Error::user(format!("tensor `{name}` in {file} {why}")))?;
+        tensors.insert(name.to_string(), Tensor { shape, data, stored_dtype: format!("{:?}", view.dtype()) });
     }
-    Ok(Checkpoint {
-        path: path.to_path_buf(),
-        what: what.to_string(),
-        tensors,
-        metadata,
-    })
+    Ok(Checkpoint { path: path.to_path_buf(), what: what.to_string(), tensors, metadata })
 }
 
 /// Converts raw little-endian tensor bytes; the error completes "tensor `x` in file …".
@@ -378,38 +302,22 @@ fn convert(dtype: Dtype, b: &[u8]) -> std::result::Result<TensorData, String> {
     }
     Ok(match dtype {
         Dtype::F32 => TensorData::F32(words::<4>(b).map(f32::from_le_bytes).collect()),
-        Dtype::F16 => TensorData::F32(
-            words::<2>(b)
-                .map(|w| half::f16::from_le_bytes(w).to_f32())
-                .collect(),
-        ),
-        Dtype::BF16 => TensorData::F32(
-            words::<2>(b)
-                .map(|w| half::bf16::from_le_bytes(w).to_f32())
-                .collect(),
-        ),
-        Dtype::F64 => TensorData::F32(
-            words::<8>(b)
-                .map(|w| f64::from_le_bytes(w) as f32)
-                .collect(),
-        ),
+        Dtype::F16 => TensorData::F32(words::<2>(b).map(|w| half::f16::from_le_bytes(w).to_f32()).collect()),
+        Dtype::BF16 => TensorData::F32(words::<2>(b).map(|w| half::bf16::from_le_bytes(w).to_f32()).collect()),
+        Dtype::F64 => TensorData::F32(words::<8>(b).map(|w| f64::from_le_bytes(w) as f32).collect()),
         Dtype::U8 => TensorData::F32(b.iter().map(|&x| x as f32).collect()),
         Dtype::I32 => TensorData::I32(words::<4>(b).map(i32::from_le_bytes).collect()),
         Dtype::I64 => {
             let mut out = Vec::with_capacity(b.len() / 8);
             for (i, w) in words::<8>(b).enumerate() {
                 let x = i64::from_le_bytes(w);
-                let y = i32::try_from(x).map_err(|_| {
-                    format!("has value {x} at flat index {i}, which does not fit in i32")
-                })?;
+                let y = i32::try_from(x).map_err(|_| format!("has value {x} at flat index {i}, which does not fit in i32"))?;
                 out.push(y);
             }
             TensorData::I32(out)
         }
         other => {
-            return Err(format!(
-                "has dtype {other:?}; supported are F32, F16, BF16, F64, U8 (read as f32) and I32, I64 (read as i32)"
-            ));
+            return Err(format!("has dtype {other:?}; supported are F32, F16, BF16, F64, U8 (read as f32) and I32, I64 (read as i32)"));
         }
     })
 }
@@ -423,22 +331,10 @@ mod tests {
 
     fn sample() -> (Named, BTreeMap<String, String>) {
         let tensors = vec![
-            (
-                "fc1.weight".to_string(),
-                vec![2, 3],
-                TensorData::F32(vec![1.0, -2.0, 3.5, 0.0, f32::MIN_POSITIVE, 7.0]),
-            ),
-            (
-                "fc1.bias".to_string(),
-                vec![2],
-                TensorData::F32(vec![0.5, -0.5]),
-            ),
+            ("fc1.weight".to_string(), vec![2, 3], TensorData::F32(vec![1.0, -2.0, 3.5, 0.0, f32::MIN_POSITIVE, 7.0])),
+            ("fc1.bias".to_string(), vec![2], TensorData::F32(vec![0.5, -0.5])),
             ("step".to_string(), vec![], TensorData::I32(vec![42])),
-            (
-                "ids".to_string(),
-                vec![3],
-                TensorData::I32(vec![-1, 0, i32::MAX]),
-            ),
+            ("ids".to_string(), vec![3], TensorData::I32(vec![-1, 0, i32::MAX])),
         ];
         let mut meta = BTreeMap::new();
         meta.insert("step".to_string(), "42".to_string());
@@ -475,31 +371,13 @@ mod tests {
         let (tensors, meta) = sample();
         save_atomic(&path, &tensors, &meta).unwrap();
         let ck = load(&path).unwrap();
-        let e = ck
-            .expect_tensor("fc2.weight", &[2, 3], DType::F32)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("has no tensor `fc2.weight`") && e.contains("x.safetensors"),
-            "{e}"
-        );
-        let e = ck
-            .expect_tensor("fc1.weight", &[3, 2], DType::F32)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("has shape [2, 3], the model needs [3, 2]"),
-            "{e}"
-        );
-        let e = ck
-            .expect_tensor("ids", &[3], DType::F32)
-            .unwrap_err()
-            .to_string();
+        let e = ck.expect_tensor("fc2.weight", &[2, 3], DType::F32).unwrap_err().to_string();
+        assert!(e.contains("has no tensor `fc2.weight`") && e.contains("x.safetensors"), "{e}");
+        let e = ck.expect_tensor("fc1.weight", &[3, 2], DType::F32).unwrap_err().to_string();
+        assert!(e.contains("has shape [2, 3], the model needs [3, 2]"), "{e}");
+        let e = ck.expect_tensor("ids", &[3], DType::F32).unwrap_err().to_string();
         assert!(e.contains("dtype i32"), "{e}");
-        let e = ck
-            .expect_tensor("FC1_weight", &[3, 2], DType::F32)
-            .unwrap_err()
-            .to_string();
+        let e = ck.expect_tensor("FC1_weight", &[3, 2], DType::F32).unwrap_err().to_string();
         assert!(e.contains("(it has `fc1.weight`)"), "{e}");
         assert!(ck.expect_metadata("nope").is_err());
         assert_eq!(ck.expect_metadata("step").unwrap(), "42");
@@ -515,31 +393,17 @@ mod tests {
 
         let (tensors, meta) = sample();
         let bytes = serialize(&tensors, &meta).unwrap();
-        let e = parse(&bytes[..bytes.len() - 3], &path, "checkpoint")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("truncated") && e.contains("gone.safetensors"),
-            "{e}"
-        );
-        let e = parse(&bytes[..20], &path, "checkpoint")
-            .unwrap_err()
-            .to_string();
+        let e = parse(&bytes[..bytes.len() - 3], &path, "checkpoint").unwrap_err().to_string();
+        assert!(e.contains("truncated") && e.contains("gone.safetensors"), "{e}");
+        let e = parse(&bytes[..20], &path, "checkpoint").unwrap_err().to_string();
         assert!(e.contains("truncated"), "{e}");
-        let e = parse(&bytes[..5], &path, "checkpoint")
-            .unwrap_err()
-            .to_string();
+        let e = parse(&bytes[..5], &path, "checkpoint").unwrap_err().to_string();
         assert!(e.contains("truncated"), "{e}");
         let mut extra = bytes.clone();
         extra.extend_from_slice(b"junk");
         let e = parse(&extra, &path, "checkpoint").unwrap_err().to_string();
         assert!(e.contains("unexpected data"), "{e}");
-        let e = parse(
-            b"hello world, this is not a tensor file",
-            &path,
-            "checkpoint",
-        )
-        .unwrap_err();
+        let e = parse(b"hello world, this is not a tensor file", &path, "checkpoint").unwrap_err();
         assert!(matches!(e, Error::User(_)));
     }
 
@@ -568,19 +432,13 @@ mod tests {
         assert_eq!(ck.tensors["l"].data, TensorData::I32(vec![-5]));
         assert_eq!(ck.tensors["d"].data, TensorData::F32(vec![0.25]));
 
-        let header =
-            serde_json::json!({"l": {"dtype": "I64", "shape": [1], "data_offsets": [0, 8]}});
+        let header = serde_json::json!({"l": {"dtype": "I64", "shape": [1], "data_offsets": [0, 8]}});
         let bytes = with_header(&header, &(1i64 << 40).to_le_bytes());
-        let e = parse(&bytes, Path::new("t.safetensors"), "checkpoint")
-            .unwrap_err()
-            .to_string();
+        let e = parse(&bytes, Path::new("t.safetensors"), "checkpoint").unwrap_err().to_string();
         assert!(e.contains("does not fit in i32"), "{e}");
-        let header =
-            serde_json::json!({"l": {"dtype": "BOOL", "shape": [1], "data_offsets": [0, 1]}});
+        let header = serde_json::json!({"l": {"dtype": "BOOL", "shape": [1], "data_offsets": [0, 1]}});
         let bytes = with_header(&header, &[1]);
-        let e = parse(&bytes, Path::new("t.safetensors"), "checkpoint")
-            .unwrap_err()
-            .to_string();
+        let e = parse(&bytes, Path::new("t.safetensors"), "checkpoint").unwrap_err().to_string();
         assert!(e.contains("dtype BOOL"), "{e}");
     }
 

@@ -57,10 +57,7 @@ pub fn parse_kv(s: &str) -> std::result::Result<(String, String), String> {
 }
 
 #[derive(Parser, Debug)]
-#[command(
-    about = "A training binary compiled by bmc",
-    disable_help_subcommand = true
-)]
+#[command(about = "A training binary compiled by bmc", disable_help_subcommand = true)]
 struct BinCli {
     #[command(subcommand)]
     cmd: BinCmd,
@@ -122,9 +119,7 @@ struct RunArgs {
 }
 
 fn default_threads() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
 
 /// Entry point of a training binary. Returns the process exit code.
@@ -139,11 +134,7 @@ pub fn binary_main(bundle: Bundle, respec: Respecialise) -> i32 {
     };
     let r = match cli.cmd {
         BinCmd::Train(a) => train(bundle, &a, respec),
-        BinCmd::Eval {
-            checkpoint,
-            data,
-            threads,
-        } => eval_cmd(bundle, &checkpoint, data.as_deref(), threads),
+        BinCmd::Eval { checkpoint, data, threads } => eval_cmd(bundle, &checkpoint, data.as_deref(), threads, respec),
         BinCmd::Sample { .. } => Err(Error::user(format!(
             "`sample` generates text from models trained on `text` or `tokens` data; `{}` is trained on {} data",
             bundle.model,
@@ -169,18 +160,17 @@ pub fn binary_main(bundle: Bundle, respec: Respecialise) -> i32 {
 fn check_device(device: &str) -> Result<()> {
     match device {
         "cpu" => Ok(()),
-        "cuda" => Err(Error::user(
-            "--device cuda: this build of bmc has no CUDA backend yet; train on the CPU with --device cpu",
-        )),
-        other => Err(Error::user(format!(
-            "unknown device `{other}`: use cpu or cuda"
-        ))),
+        "cuda" => Err(Error::user("--device cuda: this build of bmc has no CUDA backend yet; train on the CPU with --device cpu")),
+        other => Err(Error::user(format!("unknown device `{other}`: use cpu or cuda"))),
     }
 }
 
 fn load_dataset(bundle: &Bundle, data: Option<&Path>) -> Result<Dataset> {
     let mut spec = bundle.train.data.clone().ok_or_else(|| {
-        Error::user(format!("model `{}` has no data: add `data = csv(\"...\")` (or another source) to its train section, or pass --data", bundle.model))
+        Error::user(format!(
+            "model `{}` has no data: add `data = csv(\"...\")` (or another source) to its train section, or pass --data",
+            bundle.model
+        ))
     })?;
     if let Some(d) = data {
         spec.set_path(d.to_string_lossy());
@@ -195,10 +185,7 @@ fn check_data_matches(bundle: &Bundle, ds: &Dataset) -> Result<()> {
             continue;
         }
         let Some((_, dt, s)) = shapes.iter().find(|(n, _, _)| *n == b.name) else {
-            let have: Vec<String> = shapes
-                .iter()
-                .map(|(n, d, s)| format!("`{n}`: {}{s:?}", d.name()))
-                .collect();
+            let have: Vec<String> = shapes.iter().map(|(n, d, s)| format!("`{n}`: {}{s:?}", d.name())).collect();
             return Err(Error::user(format!(
                 "the data `{}` gives {}, but the model's input `{}` is not among them",
                 ds.spec().path(),
@@ -222,14 +209,7 @@ fn check_data_matches(bundle: &Bundle, ds: &Dataset) -> Result<()> {
 
 /// Items (examples or tokens) in one batch, for throughput.
 fn items_per_batch(bundle: &Bundle, ds: &Dataset) -> usize {
-    let ctx = if ds.is_stream() {
-        ds.names_and_shapes()
-            .first()
-            .and_then(|(_, _, s)| s.first().copied())
-            .unwrap_or(1)
-    } else {
-        1
-    };
+    let ctx = if ds.is_stream() { ds.names_and_shapes().first().and_then(|(_, _, s)| s.first().copied()).unwrap_or(1) } else { 1 };
     bundle.train.batch * ctx
 }
 
@@ -246,42 +226,55 @@ struct Evaluation {
     accuracy: Option<f64>,
 }
 
-fn evaluate(
-    session: &mut Session,
-    ds: &Dataset,
-    batches: usize,
-    step: u64,
-    total: u64,
-    rng: &mut Rng,
-) -> Result<Option<Evaluation>> {
-    if !ds.has_eval() {
-        return Ok(None);
-    }
-    let batch = session.bundle.train.batch;
-    let list = ds.eval_batches(batch, batches.max(1))?;
-    let (mut loss, mut acc, mut n) = (0.0, 0.0, 0.0);
-    let has_acc = session
-        .bundle
-        .program
-        .entry("forward")
-        .is_some_and(|e| e.results.iter().any(|(n, _)| n == "accuracy"));
-    for b in &list {
-        session.feed(b, "the held-out data")?;
-        session.set_hypers(step, total, false, rng)?;
-        session.run("forward")?;
-        loss += session.scalar("forward", "loss")?;
-        if has_acc {
-            acc += session.scalar("forward", "accuracy")?;
+/// Most examples evaluated in one batch.
+const MAX_EVAL_BATCH: usize = 4096;
+
+/// Evaluates on the held-out split. Example datasets are evaluated exactly: the first
+/// `min(held-out, batch × eval batches, 4096)` held-out examples in one batch, with the
+/// model re-specialised for that batch size when it differs; token streams use
+/// `eval_batches` batches of windows at the training batch size.
+struct Evaluator {
+    /// A session specialised for the eval batch (None: use the training session).
+    session: Option<Session>,
+    batches: Vec<Batch>,
+}
+
+impl Evaluator {
+    fn new(bundle: &Bundle, ds: &Dataset, threads: usize, respec: Respecialise) -> Result<Option<Evaluator>> {
+        if !ds.has_eval() {
+            return Ok(None);
         }
-        n += 1.0;
+        let batch = bundle.train.batch;
+        if ds.is_stream() {
+            return Ok(Some(Evaluator { session: None, batches: ds.eval_batches(batch, bundle.train.eval_batches.max(1))? }));
+        }
+        let n = ds.eval_len().min(batch * bundle.train.eval_batches.max(1)).min(MAX_EVAL_BATCH).max(1);
+        let session = if n == batch { None } else { Some(Session::new(respec(&bundle.sources, n, &[])?, threads)?) };
+        Ok(Some(Evaluator { session, batches: vec![ds.eval_batch(n, 0)] }))
     }
-    if n == 0.0 {
-        return Ok(None);
+
+    fn run(&mut self, train: &mut Session, step: u64, total: u64, rng: &mut Rng) -> Result<Evaluation> {
+        let session = match &mut self.session {
+            Some(s) => {
+                s.copy_params_from(train)?;
+                s
+            }
+            None => train,
+        };
+        let has_acc = session.bundle.program.entry("forward").is_some_and(|e| e.results.iter().any(|(n, _)| n == "accuracy"));
+        let (mut loss, mut acc) = (0.0, 0.0);
+        for b in &self.batches {
+            session.feed(b, "the held-out data")?;
+            session.set_hypers(step, total, false, rng)?;
+            session.run("forward")?;
+            loss += session.scalar("forward", "loss")?;
+            if has_acc {
+                acc += session.scalar("forward", "accuracy")?;
+            }
+        }
+        let n = self.batches.len().max(1) as f64;
+        Ok(Evaluation { loss: loss / n, accuracy: has_acc.then_some(acc / n) })
     }
-    Ok(Some(Evaluation {
-        loss: loss / n,
-        accuracy: has_acc.then_some(acc / n),
-    }))
 }
 
 /// Trains as the bundle's train section says, with flags overriding it.
@@ -305,16 +298,10 @@ pub fn train(mut bundle: Bundle, args: &TrainArgs, respec: Respecialise) -> Resu
     let threads = args.threads.unwrap_or_else(default_threads).max(1);
     let items = items_per_batch(&bundle, &ds);
     let model = bundle.model.clone();
+    let mut evaluator = Evaluator::new(&bundle, &ds, threads, respec)?;
     let mut session = Session::new(bundle, threads)?;
-    let out = args.out.clone().unwrap_or_else(|| {
-        PathBuf::from("runs").join(format!("{}-{}", model.to_lowercase(), timestamp()))
-    });
-    std::fs::create_dir_all(&out).map_err(|e| {
-        Error::user(format!(
-            "cannot create the output directory `{}`: {e}",
-            out.display()
-        ))
-    })?;
+    let out = args.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(format!("{}-{}", model.to_lowercase(), timestamp())));
+    std::fs::create_dir_all(&out).map_err(|e| Error::user(format!("cannot create the output directory `{}`: {e}", out.display())))?;
     let mut batcher = Batcher::new(&ds, cfg.batch, cfg.seed)?;
     let mut rng = Rng::new(cfg.seed ^ 0xD0_0D_5EED);
     let mut start = 0;
@@ -324,21 +311,15 @@ pub fn train(mut bundle: Bundle, args: &TrainArgs, respec: Respecialise) -> Resu
         let opath = optim_path(ck);
         let opt = checkpoint::load_file(&opath, "optimizer checkpoint")?;
         session.load_opt_state(&opt)?;
-        start = opt.expect_metadata("step")?.parse::<u64>().map_err(|_| {
-            Error::user(format!(
-                "optimizer checkpoint `{}` has a bad `step`",
-                opath.display()
-            ))
-        })?;
-        batcher.restore(&BatcherState::from_json(
-            opt.expect_metadata("data_position")?,
-        )?)?;
-        let rs = opt.expect_metadata("rng")?.parse::<u64>().map_err(|_| {
-            Error::user(format!(
-                "optimizer checkpoint `{}` has a bad `rng`",
-                opath.display()
-            ))
-        })?;
+        start = opt
+            .expect_metadata("step")?
+            .parse::<u64>()
+            .map_err(|_| Error::user(format!("optimizer checkpoint `{}` has a bad `step`", opath.display())))?;
+        batcher.restore(&BatcherState::from_json(opt.expect_metadata("data_position")?)?)?;
+        let rs = opt
+            .expect_metadata("rng")?
+            .parse::<u64>()
+            .map_err(|_| Error::user(format!("optimizer checkpoint `{}` has a bad `rng`", opath.display())))?;
         rng = Rng::from_state(rs);
     } else if let Some(ck) = &args.init_from {
         session.load_params(&checkpoint::load(ck)?)?;
@@ -346,19 +327,13 @@ pub fn train(mut bundle: Bundle, args: &TrainArgs, respec: Respecialise) -> Resu
         session.init_params(cfg.seed)?;
     }
     let mut metrics = MetricsWriter::create(&out)?;
-    let eval_every = if cfg.eval_every == 0 {
-        (steps / 10).max(1)
-    } else {
-        cfg.eval_every
-    };
+    let eval_every = if cfg.eval_every == 0 { (steps / 10).max(1) } else { cfg.eval_every };
     let interactive = std::io::stderr().is_terminal();
     let bar = if interactive {
         let b = indicatif::ProgressBar::new(steps);
         b.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{bar:30} {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
         b.set_position(start);
         Some(b)
@@ -369,11 +344,7 @@ pub fn train(mut bundle: Bundle, args: &TrainArgs, respec: Respecialise) -> Resu
     let t0 = Instant::now();
     let codec_meta: Vec<(String, String)> = ds.codec().map(|c| c.to_metadata()).unwrap_or_default();
     let mut last_eval: Option<Evaluation> = None;
-    eprintln!(
-        "training {model} for {steps} steps (batch {}, {threads} threads) into {}",
-        cfg.batch,
-        out.display()
-    );
+    eprintln!("training {model} for {steps} steps (batch {}, {threads} threads) into {}", cfg.batch, out.display());
     for step in start..steps {
         let ts = Instant::now();
         let b: Batch = batcher.next_batch();
@@ -384,10 +355,7 @@ pub fn train(mut bundle: Bundle, args: &TrainArgs, respec: Respecialise) -> Resu
         let lr = session.scalar("train_step", "lr")?;
         let grad_norm = session.scalar("train_step", "grad_norm")?;
         if !loss.is_finite() || !grad_norm.is_finite() {
-            let what = session
-                .first_non_finite_param()
-                .map(|p| format!("; parameter `{p}` is no longer finite"))
-                .unwrap_or_default();
+            let what = session.first_non_finite_param().map(|p| format!("; parameter `{p}` is no longer finite")).unwrap_or_default();
             return Err(Error::user(format!(
                 "training stopped: the loss became {loss} (gradient norm {grad_norm}) at step {step}{what}; the last good checkpoint in `{}` is kept. Try a lower learning rate or clip_grad.",
                 out.display()
@@ -405,14 +373,10 @@ pub fn train(mut bundle: Bundle, args: &TrainArgs, respec: Respecialise) -> Resu
             ..Default::default()
         };
         if done % eval_every == 0 || done == steps {
-            if let Some(ev) = evaluate(&mut session, &ds, cfg.eval_batches, step, steps, &mut rng)?
-            {
+            if let Some(ev) = evaluator.as_mut().map(|e| e.run(&mut session, step, steps, &mut rng)).transpose()? {
                 m.eval_loss = Some(ev.loss);
                 m.eval_accuracy = ev.accuracy;
-                let acc = ev
-                    .accuracy
-                    .map(|a| format!(" eval_accuracy {a:.4}"))
-                    .unwrap_or_default();
+                let acc = ev.accuracy.map(|a| format!(" eval_accuracy {a:.4}")).unwrap_or_default();
                 let line = format!("step {done}/{steps} eval_loss {:.4}{acc}", ev.loss);
                 match &bar {
                     Some(b) => b.println(line),
@@ -432,15 +396,11 @@ pub fn train(mut bundle: Bundle, args: &TrainArgs, respec: Respecialise) -> Resu
                 ));
             }
             None if done % log_every == 0 || done == steps || done == start + 1 => {
-                eprintln!(
-                    "step {done}/{steps} loss {loss:.4} lr {lr:.3e} grad_norm {grad_norm:.3} {:.0} items/s",
-                    m.throughput
-                );
+                eprintln!("step {done}/{steps} loss {loss:.4} lr {lr:.3e} grad_norm {grad_norm:.3} {:.0} items/s", m.throughput);
             }
             None => {}
         }
-        let ckpt_due =
-            (cfg.checkpoint_every > 0 && done % cfg.checkpoint_every == 0) || done == steps;
+        let ckpt_due = (cfg.checkpoint_every > 0 && done % cfg.checkpoint_every == 0) || done == steps;
         if ckpt_due {
             save_checkpoint(&session, &out, done, &batcher, &rng, &codec_meta)?;
             metrics.write_svg()?;
@@ -455,44 +415,25 @@ pub fn train(mut bundle: Bundle, args: &TrainArgs, respec: Respecialise) -> Resu
             "done: {steps} steps in {:.1}s; eval_loss {:.4}{}",
             t0.elapsed().as_secs_f64(),
             ev.loss,
-            ev.accuracy
-                .map(|a| format!(", eval_accuracy {a:.4}"))
-                .unwrap_or_default()
+            ev.accuracy.map(|a| format!(", eval_accuracy {a:.4}")).unwrap_or_default()
         ),
         None => format!("done: {steps} steps in {:.1}s", t0.elapsed().as_secs_f64()),
     };
     println!("{summary}");
-    println!(
-        "checkpoint: {}",
-        out.join(format!("step-{steps}.safetensors")).display()
-    );
+    println!("checkpoint: {}", out.join(format!("step-{steps}.safetensors")).display());
     Ok(())
 }
 
-fn save_checkpoint(
-    session: &Session,
-    out: &Path,
-    step: u64,
-    batcher: &Batcher,
-    rng: &Rng,
-    codec: &[(String, String)],
-) -> Result<()> {
+fn save_checkpoint(session: &Session, out: &Path, step: u64, batcher: &Batcher, rng: &Rng, codec: &[(String, String)]) -> Result<()> {
     session.save_params(&out.join(format!("step-{step}.safetensors")), step, codec)?;
     let mut meta = session.metadata(step, codec);
     meta.insert("data_position".into(), batcher.state().to_json());
     meta.insert("rng".into(), rng.state().to_string());
-    checkpoint::save_atomic(
-        &out.join(format!("step-{step}.optim.safetensors")),
-        &session.opt_state()?,
-        &meta,
-    )
+    checkpoint::save_atomic(&out.join(format!("step-{step}.optim.safetensors")), &session.opt_state()?, &meta)
 }
 
 fn timestamp() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     // UTC date and time from the Unix time (civil-from-days).
     let days = (secs / 86400) as i64;
     let rem = secs % 86400;
@@ -505,39 +446,24 @@ fn timestamp() -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}{m:02}{d:02}-{:02}{:02}{:02}",
-        rem / 3600,
-        (rem / 60) % 60,
-        rem % 60
-    )
+    format!("{y:04}{m:02}{d:02}-{:02}{:02}{:02}", rem / 3600, (rem / 60) % 60, rem % 60)
 }
 
-fn eval_cmd(
-    bundle: Bundle,
-    ckpt: &Path,
-    data: Option<&Path>,
-    threads: Option<usize>,
-) -> Result<()> {
+fn eval_cmd(bundle: Bundle, ckpt: &Path, data: Option<&Path>, threads: Option<usize>, respec: Respecialise) -> Result<()> {
     let ds = load_dataset(&bundle, data)?;
     check_data_matches(&bundle, &ds)?;
     if !ds.has_eval() {
-        return Err(Error::user(format!(
-            "the data `{}` has no held-out split (split = 1.0)",
-            ds.spec().path()
-        )));
+        return Err(Error::user(format!("the data `{}` has no held-out split (split = 1.0)", ds.spec().path())));
     }
     let params = checkpoint::load(ckpt)?;
-    let batches = bundle.train.eval_batches;
     let seed = bundle.train.seed;
-    let mut session = Session::new(bundle, threads.unwrap_or_else(default_threads))?;
+    let threads = threads.unwrap_or_else(default_threads);
+    let mut evaluator = Evaluator::new(&bundle, &ds, threads, respec)?;
+    let mut session = Session::new(bundle, threads)?;
     session.load_params(&params)?;
     let mut rng = Rng::new(seed);
-    if let Some(ev) = evaluate(&mut session, &ds, batches, 0, 1, &mut rng)? {
-        let acc = ev
-            .accuracy
-            .map(|a| format!(" eval_accuracy {a:.4}"))
-            .unwrap_or_default();
+    if let Some(ev) = evaluator.as_mut().map(|e| e.run(&mut session, 0, 1, &mut rng)).transpose()? {
+        let acc = ev.accuracy.map(|a| format!(" eval_accuracy {a:.4}")).unwrap_or_default();
         println!("eval_loss {:.6}{acc}", ev.loss);
     }
     Ok(())
@@ -554,13 +480,8 @@ fn init_cmd(bundle: Bundle, out: &Path, seed: Option<u64>) -> Result<()> {
 
 fn run_on_inputs(mut bundle: Bundle, a: &RunArgs, entry: &str, respec: Respecialise) -> Result<()> {
     let inputs = checkpoint::load_file(&a.inputs, "inputs file")?;
-    let input_names: Vec<String> = bundle
-        .program
-        .buffers
-        .iter()
-        .filter(|b| b.kind == crate::kir::BufKind::Input)
-        .map(|b| b.name.clone())
-        .collect();
+    let input_names: Vec<String> =
+        bundle.program.buffers.iter().filter(|b| b.kind == crate::kir::BufKind::Input).map(|b| b.name.clone()).collect();
     let Some(first) = input_names.iter().find_map(|n| inputs.get(n)) else {
         return Err(Error::user(format!(
             "inputs file `{}` has none of the model's inputs ({})",
@@ -570,10 +491,7 @@ fn run_on_inputs(mut bundle: Bundle, a: &RunArgs, entry: &str, respec: Respecial
     };
     let batch = first.shape.first().copied().unwrap_or(1);
     if batch == 0 {
-        return Err(Error::user(format!(
-            "inputs file `{}`: the batch axis is empty",
-            a.inputs.display()
-        )));
+        return Err(Error::user(format!("inputs file `{}`: the batch axis is empty", a.inputs.display())));
     }
     if batch != bundle.train.batch {
         bundle = respec(&bundle.sources, batch, &[])?;
@@ -581,19 +499,8 @@ fn run_on_inputs(mut bundle: Bundle, a: &RunArgs, entry: &str, respec: Respecial
     let params = checkpoint::load(&a.checkpoint)?;
     let mut b: Batch = vec![];
     for name in &input_names {
-        let t = inputs.get(name).ok_or_else(|| {
-            Error::user(format!(
-                "inputs file `{}` has no tensor `{name}`",
-                a.inputs.display()
-            ))
-        })?;
-        let want = bundle
-            .program
-            .buffers
-            .iter()
-            .find(|x| x.name == *name)
-            .map(|x| x.shape.clone())
-            .unwrap_or_default();
+        let t = inputs.get(name).ok_or_else(|| Error::user(format!("inputs file `{}` has no tensor `{name}`", a.inputs.display())))?;
+        let want = bundle.program.buffers.iter().find(|x| x.name == *name).map(|x| x.shape.clone()).unwrap_or_default();
         if t.shape != want {
             return Err(Error::user(format!(
                 "tensor `{name}` in `{}` has shape {:?}, the model needs {want:?}",

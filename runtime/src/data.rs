@@ -207,10 +207,7 @@ impl TextCodec {
                 .chars()
                 .map(|c| {
                     chars.binary_search(&c).map(|i| i as i32).map_err(|_| {
-                        Error::user(format!(
-                            "the character {c:?} is not in the model's vocabulary of {} characters",
-                            chars.len()
-                        ))
+                        Error::user(format!("the character {c:?} is not in the model's vocabulary of {} characters", chars.len()))
                     })
                 })
                 .collect(),
@@ -221,21 +218,12 @@ impl TextCodec {
     pub fn decode(&self, ids: &[i32]) -> String {
         match self {
             TextCodec::Bytes => {
-                let bytes: Vec<u8> = ids
-                    .iter()
-                    .map(|&i| if (0..256).contains(&i) { i as u8 } else { 0xFF })
-                    .collect();
+                let bytes: Vec<u8> = ids.iter().map(|&i| if (0..256).contains(&i) { i as u8 } else { 0xFF }).collect();
                 String::from_utf8_lossy(&bytes).into_owned()
             }
-            TextCodec::Chars(chars) => ids
-                .iter()
-                .map(|&i| {
-                    usize::try_from(i)
-                        .ok()
-                        .and_then(|i| chars.get(i).copied())
-                        .unwrap_or('\u{FFFD}')
-                })
-                .collect(),
+            TextCodec::Chars(chars) => {
+                ids.iter().map(|&i| usize::try_from(i).ok().and_then(|i| chars.get(i).copied()).unwrap_or('\u{FFFD}')).collect()
+            }
         }
     }
 
@@ -244,10 +232,7 @@ impl TextCodec {
     pub fn to_metadata(&self) -> Vec<(String, String)> {
         match self {
             TextCodec::Bytes => vec![("tokenizer".into(), "bytes".into())],
-            TextCodec::Chars(c) => vec![
-                ("tokenizer".into(), "chars".into()),
-                ("vocab".into(), c.iter().collect()),
-            ],
+            TextCodec::Chars(c) => vec![("tokenizer".into(), "chars".into()), ("vocab".into(), c.iter().collect())],
         }
     }
 
@@ -258,20 +243,14 @@ impl TextCodec {
             None => Ok(None),
             Some("bytes") => Ok(Some(TextCodec::Bytes)),
             Some("chars") => {
-                let v = meta.get("vocab").ok_or_else(|| {
-                    Error::user("checkpoint metadata has tokenizer `chars` but no `vocab`")
-                })?;
+                let v = meta.get("vocab").ok_or_else(|| Error::user("checkpoint metadata has tokenizer `chars` but no `vocab`"))?;
                 let chars: Vec<char> = v.chars().collect();
                 if chars.windows(2).any(|w| w[0] >= w[1]) {
-                    return Err(Error::user(
-                        "checkpoint metadata `vocab` is not a sorted list of distinct characters",
-                    ));
+                    return Err(Error::user("checkpoint metadata `vocab` is not a sorted list of distinct characters"));
                 }
                 Ok(Some(TextCodec::Chars(chars)))
             }
-            Some(other) => Err(Error::user(format!(
-                "checkpoint metadata has unknown tokenizer `{other}`"
-            ))),
+            Some(other) => Err(Error::user(format!("checkpoint metadata has unknown tokenizer `{other}`"))),
         }
     }
 }
@@ -293,16 +272,8 @@ impl Field {
 
 #[derive(Clone, Debug, PartialEq)]
 enum Source {
-    Examples {
-        fields: Vec<Field>,
-        n: usize,
-        shuffle: bool,
-    },
-    Stream {
-        tokens: Vec<i32>,
-        ctx: usize,
-        codec: Option<TextCodec>,
-    },
+    Examples { fields: Vec<Field>, n: usize, shuffle: bool },
+    Stream { tokens: Vec<i32>, ctx: usize, codec: Option<TextCodec> },
 }
 
 /// A loaded data source with its split.
@@ -337,31 +308,15 @@ impl Dataset {
         let file = spec.file();
         let split = spec.split();
         if !(split > 0.0 && split <= 1.0) {
-            return Err(Error::user(format!(
-                "data split must be in (0, 1], got {split}"
-            )));
+            return Err(Error::user(format!("data split must be in (0, 1], got {split}")));
         }
         let source = match spec {
-            DataSpec::Csv {
-                label,
-                header,
-                scale,
-                shuffle,
-                ..
-            } => {
+            DataSpec::Csv { label, header, scale, shuffle, .. } => {
                 let (x, y, n, f) = parse_csv(bytes, &file, *label, *header, *scale)?;
                 Source::Examples {
                     fields: vec![
-                        Field {
-                            name: "x".into(),
-                            shape: vec![f],
-                            data: TensorData::F32(x),
-                        },
-                        Field {
-                            name: "y".into(),
-                            shape: vec![],
-                            data: TensorData::I32(y),
-                        },
+                        Field { name: "x".into(), shape: vec![f], data: TensorData::F32(x) },
+                        Field { name: "y".into(), shape: vec![], data: TensorData::I32(y) },
                     ],
                     n,
                     shuffle: *shuffle,
@@ -370,17 +325,11 @@ impl Dataset {
             DataSpec::Safetensors { shuffle, .. } => {
                 let ck = crate::checkpoint::parse(bytes, Path::new(spec.path()), "data file")?;
                 let (fields, n) = example_fields(ck, &file)?;
-                Source::Examples {
-                    fields,
-                    n,
-                    shuffle: *shuffle,
-                }
+                Source::Examples { fields, n, shuffle: *shuffle }
             }
             DataSpec::Text { ctx, tokenizer, .. } => {
                 let (tokens, codec) = match tokenizer {
-                    Tokenizer::Bytes => {
-                        (bytes.iter().map(|&b| b as i32).collect(), TextCodec::Bytes)
-                    }
+                    Tokenizer::Bytes => (bytes.iter().map(|&b| b as i32).collect(), TextCodec::Bytes),
                     Tokenizer::Chars => {
                         let text = std::str::from_utf8(bytes).map_err(|e| {
                             Error::user(format!(
@@ -395,11 +344,7 @@ impl Dataset {
                         (codec.encode(text)?, codec)
                     }
                 };
-                Source::Stream {
-                    tokens,
-                    ctx: *ctx,
-                    codec: Some(codec),
-                }
+                Source::Stream { tokens, ctx: *ctx, codec: Some(codec) }
             }
             DataSpec::Tokens { ctx, .. } => {
                 if !bytes.len().is_multiple_of(2) {
@@ -408,24 +353,15 @@ impl Dataset {
                         bytes.len()
                     )));
                 }
-                let tokens = bytes
-                    .chunks_exact(2)
-                    .map(|c| u16::from_le_bytes([c[0], c[1]]) as i32)
-                    .collect();
-                Source::Stream {
-                    tokens,
-                    ctx: *ctx,
-                    codec: None,
-                }
+                let tokens = bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]) as i32).collect();
+                Source::Stream { tokens, ctx: *ctx, codec: None }
             }
         };
         let n_train = match &source {
             Source::Examples { n, .. } => {
                 let t = split_point(*n, split);
                 if t == 0 {
-                    return Err(Error::user(format!(
-                        "{file} has {n} example(s); split = {split} leaves no training examples"
-                    )));
+                    return Err(Error::user(format!("{file} has {n} example(s); split = {split} leaves no training examples")));
                 }
                 t
             }
@@ -447,11 +383,7 @@ impl Dataset {
                 t
             }
         };
-        Ok(Dataset {
-            spec: spec.clone(),
-            source,
-            n_train,
-        })
+        Ok(Dataset { spec: spec.clone(), source, n_train })
     }
 
     pub fn spec(&self) -> &DataSpec {
@@ -463,14 +395,8 @@ impl Dataset {
     /// tokens `tokens: i32[ctx]`, `targets: i32[ctx]`.
     pub fn names_and_shapes(&self) -> Vec<(String, DType, Vec<usize>)> {
         match &self.source {
-            Source::Examples { fields, .. } => fields
-                .iter()
-                .map(|f| (f.name.clone(), f.data.dtype(), f.shape.clone()))
-                .collect(),
-            Source::Stream { ctx, .. } => vec![
-                ("tokens".into(), DType::I32, vec![*ctx]),
-                ("targets".into(), DType::I32, vec![*ctx]),
-            ],
+            Source::Examples { fields, .. } => fields.iter().map(|f| (f.name.clone(), f.data.dtype(), f.shape.clone())).collect(),
+            Source::Stream { ctx, .. } => vec![("tokens".into(), DType::I32, vec![*ctx]), ("targets".into(), DType::I32, vec![*ctx])],
         }
     }
 
@@ -555,15 +481,11 @@ impl Dataset {
         assert!(m > 0, "eval_batch without held-out data");
         match &self.source {
             Source::Examples { fields, .. } => {
-                let idx: Vec<usize> = (0..batch)
-                    .map(|r| self.n_train + (j * batch + r) % m)
-                    .collect();
+                let idx: Vec<usize> = (0..batch).map(|r| self.n_train + (j * batch + r) % m).collect();
                 gather(fields, &idx)
             }
             Source::Stream { tokens, ctx, .. } => {
-                let starts: Vec<usize> = (0..batch)
-                    .map(|r| self.n_train + ((j * batch + r) % m) * ctx)
-                    .collect();
+                let starts: Vec<usize> = (0..batch).map(|r| self.n_train + ((j * batch + r) % m) * ctx).collect();
                 windows(tokens, *ctx, &starts)
             }
         }
@@ -584,17 +506,12 @@ impl Dataset {
                     ctx + 1
                 ),
             };
-            return Err(Error::user(format!(
-                "cannot evaluate on {}: {why}",
-                self.spec.file()
-            )));
+            return Err(Error::user(format!("cannot evaluate on {}: {why}", self.spec.file())));
         }
         if batch == 0 {
             return Err(Error::user("batch must be at least 1"));
         }
-        Ok((0..self.eval_batch_count(batch, max_batches))
-            .map(|j| self.eval_batch(batch, j))
-            .collect())
+        Ok((0..self.eval_batch_count(batch, max_batches)).map(|j| self.eval_batch(batch, j)).collect())
     }
 }
 
@@ -619,10 +536,7 @@ fn windows(tokens: &[i32], ctx: usize, starts: &[usize]) -> Batch {
         x.extend_from_slice(&tokens[s..s + ctx]);
         y.extend_from_slice(&tokens[s + 1..s + ctx + 1]);
     }
-    vec![
-        ("tokens".into(), TensorData::I32(x)),
-        ("targets".into(), TensorData::I32(y)),
-    ]
+    vec![("tokens".into(), TensorData::I32(x)), ("targets".into(), TensorData::I32(y))]
 }
 
 /// Safetensors data: every tensor, first axis = examples.
@@ -631,9 +545,7 @@ fn example_fields(ck: crate::checkpoint::Checkpoint, file: &str) -> Result<(Vec<
     let mut n: Option<(usize, String)> = None;
     for (name, t) in ck.tensors {
         let Some((&first, rest)) = t.shape.split_first() else {
-            return Err(Error::user(format!(
-                "tensor `{name}` in {file} is a scalar; every tensor needs a first axis of examples"
-            )));
+            return Err(Error::user(format!("tensor `{name}` in {file} is a scalar; every tensor needs a first axis of examples")));
         };
         match &n {
             None => n = Some((first, name.clone())),
@@ -644,11 +556,7 @@ fn example_fields(ck: crate::checkpoint::Checkpoint, file: &str) -> Result<(Vec<
             }
             _ => {}
         }
-        fields.push(Field {
-            name,
-            shape: rest.to_vec(),
-            data: t.data,
-        });
+        fields.push(Field { name, shape: rest.to_vec(), data: t.data });
     }
     let Some((n, _)) = n else {
         return Err(Error::user(format!("{file} holds no tensors")));
@@ -660,21 +568,11 @@ fn example_fields(ck: crate::checkpoint::Checkpoint, file: &str) -> Result<(Vec<
 }
 
 fn show_cell(s: &str) -> String {
-    if s.chars().count() > 40 {
-        format!("{}…", s.chars().take(40).collect::<String>())
-    } else {
-        s.to_string()
-    }
+    if s.chars().count() > 40 { format!("{}…", s.chars().take(40).collect::<String>()) } else { s.to_string() }
 }
 
 /// Returns (features row-major [n, f], labels [n], n, f).
-fn parse_csv(
-    bytes: &[u8],
-    file: &str,
-    label: i64,
-    header: bool,
-    scale: f64,
-) -> Result<(Vec<f32>, Vec<i32>, usize, usize)> {
+fn parse_csv(bytes: &[u8], file: &str, label: i64, header: bool, scale: f64) -> Result<(Vec<f32>, Vec<i32>, usize, usize)> {
     let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
     let mut ncols: Option<(usize, usize)> = None; // (columns, line they came from)
     let mut label_col = 0usize;
@@ -686,8 +584,7 @@ fn parse_csv(
     for (lineno, raw) in bytes.split(|&b| b == b'\n').enumerate() {
         let lineno = lineno + 1;
         let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
-        let line = std::str::from_utf8(raw)
-            .map_err(|_| Error::user(format!("{file}, line {lineno}: not valid UTF-8 text")))?;
+        let line = std::str::from_utf8(raw).map_err(|_| Error::user(format!("{file}, line {lineno}: not valid UTF-8 text")))?;
         if line.trim().is_empty() {
             continue;
         }
@@ -697,11 +594,7 @@ fn parse_csv(
         match ncols {
             None => {
                 if c < 2 {
-                    let hint = if line.contains(';') || line.contains('\t') {
-                        " (the file must be comma-separated)"
-                    } else {
-                        ""
-                    };
+                    let hint = if line.contains(';') || line.contains('\t') { " (the file must be comma-separated)" } else { "" };
                     return Err(Error::user(format!(
                         "{file}, line {lineno}: found 1 column, need at least 2 (features and a label){hint}"
                     )));
@@ -716,9 +609,7 @@ fn parse_csv(
                 ncols = Some((c, lineno));
             }
             Some((k, from)) if k != c => {
-                return Err(Error::user(format!(
-                    "{file}, line {lineno}: found {c} columns, expected {k} (as on line {from})"
-                )));
+                return Err(Error::user(format!("{file}, line {lineno}: found {c} columns, expected {k} (as on line {from})")));
             }
             _ => {}
         }
@@ -728,28 +619,15 @@ fn parse_csv(
         }
         for (ci, cell) in cells.iter().enumerate() {
             let t = cell.trim();
-            let t = t
-                .strip_prefix('"')
-                .and_then(|t| t.strip_suffix('"'))
-                .unwrap_or(t)
-                .trim();
+            let t = t.strip_prefix('"').and_then(|t| t.strip_suffix('"')).unwrap_or(t).trim();
             let col = ci + 1;
             if t.is_empty() {
-                return Err(Error::user(format!(
-                    "{file}, line {lineno}, column {col}: empty cell"
-                )));
+                return Err(Error::user(format!("{file}, line {lineno}, column {col}: empty cell")));
             }
-            let v: f64 = t.parse().map_err(|_| {
-                Error::user(format!(
-                    "{file}, line {lineno}, column {col}: `{}` is not a number",
-                    show_cell(t)
-                ))
-            })?;
+            let v: f64 =
+                t.parse().map_err(|_| Error::user(format!("{file}, line {lineno}, column {col}: `{}` is not a number", show_cell(t))))?;
             if !v.is_finite() {
-                return Err(Error::user(format!(
-                    "{file}, line {lineno}, column {col}: `{}` is not a finite number",
-                    show_cell(t)
-                )));
+                return Err(Error::user(format!("{file}, line {lineno}, column {col}: `{}` is not a finite number", show_cell(t))));
             }
             if ci == label_col {
                 if v.fract() != 0.0 || v < i32::MIN as f64 || v > i32::MAX as f64 {
@@ -773,11 +651,7 @@ fn parse_csv(
         n += 1;
     }
     if n == 0 {
-        let what = if ncols.is_some() {
-            "no data rows (only a header)"
-        } else {
-            "no data (it is empty)"
-        };
+        let what = if ncols.is_some() { "no data rows (only a header)" } else { "no data (it is empty)" };
         return Err(Error::user(format!("{file} has {what}")));
     }
     let f = ncols.map(|(k, _)| k - 1).unwrap_or(0);
@@ -804,8 +678,7 @@ impl BatcherState {
         serde_json::to_string(self).expect("BatcherState serialises")
     }
     pub fn from_json(s: &str) -> Result<BatcherState> {
-        serde_json::from_str(s)
-            .map_err(|e| Error::user(format!("invalid data position in checkpoint: {e}")))
+        serde_json::from_str(s).map_err(|e| Error::user(format!("invalid data position in checkpoint: {e}")))
     }
 }
 
@@ -829,16 +702,8 @@ impl<'a> Batcher<'a> {
         if batch == 0 {
             return Err(Error::user("batch must be at least 1"));
         }
-        let mut b = Batcher {
-            ds,
-            batch,
-            seed,
-            epoch: 0,
-            pos: 0,
-            order: Vec::new(),
-            rng: Rng::with_stream(seed, WINDOW_STREAM),
-            batches: 0,
-        };
+        let mut b =
+            Batcher { ds, batch, seed, epoch: 0, pos: 0, order: Vec::new(), rng: Rng::with_stream(seed, WINDOW_STREAM), batches: 0 };
         b.order = b.epoch_order(0);
         Ok(b)
     }
@@ -862,9 +727,7 @@ impl<'a> Batcher<'a> {
     pub fn epoch(&self) -> u64 {
         match &self.ds.source {
             Source::Examples { .. } => self.epoch + (self.pos >= self.ds.n_train) as u64,
-            Source::Stream { ctx, .. } => {
-                self.batches * (self.batch * ctx) as u64 / self.ds.n_train as u64
-            }
+            Source::Stream { ctx, .. } => self.batches * (self.batch * ctx) as u64 / self.ds.n_train as u64,
         }
     }
 
@@ -886,9 +749,7 @@ impl<'a> Batcher<'a> {
             }
             Source::Stream { tokens, ctx, .. } => {
                 let span = (self.ds.n_train - ctx) as u64;
-                let starts: Vec<usize> = (0..self.batch)
-                    .map(|_| self.rng.below(span) as usize)
-                    .collect();
+                let starts: Vec<usize> = (0..self.batch).map(|_| self.rng.below(span) as usize).collect();
                 windows(tokens, *ctx, &starts)
             }
         }
@@ -910,11 +771,7 @@ impl<'a> Batcher<'a> {
             return Err(Error::user(format!(
                 "the checkpoint's data position was taken on data with {} training {}, {} has {}; resume with the same data and split",
                 s.train_len,
-                if self.ds.is_stream() {
-                    "tokens"
-                } else {
-                    "examples"
-                },
+                if self.ds.is_stream() { "tokens" } else { "examples" },
                 self.ds.spec.file(),
                 self.ds.n_train
             )));
@@ -934,14 +791,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn csv(label: i64, header: bool, shuffle: bool, split: f64) -> DataSpec {
-        DataSpec::Csv {
-            path: "d.csv".into(),
-            label,
-            header,
-            scale: 1.0,
-            split,
-            shuffle,
-        }
+        DataSpec::Csv { path: "d.csv".into(), label, header, scale: 1.0, split, shuffle }
     }
 
     fn err(spec: &DataSpec, bytes: &[u8]) -> String {
@@ -954,25 +804,12 @@ mod tests {
     #[test]
     fn csv_basic() {
         let text = "\u{feff}a,b,label\r\n1,2,0\r\n3,4,1\n\n5,6,2\n7,8,3\n9,10,4\n";
-        let spec = DataSpec::Csv {
-            path: "d.csv".into(),
-            label: -1,
-            header: true,
-            scale: 0.5,
-            split: 0.8,
-            shuffle: false,
-        };
+        let spec = DataSpec::Csv { path: "d.csv".into(), label: -1, header: true, scale: 0.5, split: 0.8, shuffle: false };
         let ds = Dataset::from_bytes(&spec, text.as_bytes()).unwrap();
         assert_eq!(ds.len(), 5);
         assert_eq!(ds.train_len(), 4);
         assert_eq!(ds.eval_len(), 1);
-        assert_eq!(
-            ds.names_and_shapes(),
-            vec![
-                ("x".into(), DType::F32, vec![2]),
-                ("y".into(), DType::I32, vec![])
-            ]
-        );
+        assert_eq!(ds.names_and_shapes(), vec![("x".into(), DType::F32, vec![2]), ("y".into(), DType::I32, vec![])]);
         let mut b = Batcher::new(&ds, 3, 0).unwrap();
         let b1 = b.next_batch();
         assert_eq!(b1[0].1, TensorData::F32(vec![0.5, 1.0, 1.5, 2.0, 2.5, 3.0]));
@@ -990,24 +827,14 @@ mod tests {
         assert_eq!(bt[0].1, TensorData::F32(vec![1.5, 2.0, 3.0, 4.0]));
         assert_eq!(bt[1].1, TensorData::I32(vec![7, 8]));
         assert!(!ds.has_eval());
-        assert!(
-            ds.eval_batches(2, 1)
-                .unwrap_err()
-                .to_string()
-                .contains("holds out no examples")
-        );
+        assert!(ds.eval_batches(2, 1).unwrap_err().to_string().contains("holds out no examples"));
     }
 
     #[test]
     fn csv_errors() {
         let s = csv(-1, true, true, 0.9);
         let e = err(&s, b"a,b\n1,2\n3,x\n");
-        assert!(
-            e.contains("d.csv")
-                && e.contains("line 3, column 2")
-                && e.contains("`x` is not a number"),
-            "{e}"
-        );
+        assert!(e.contains("d.csv") && e.contains("line 3, column 2") && e.contains("`x` is not a number"), "{e}");
         let e = err(&s, b"a,b\n1,2\n3,4,5\n");
         assert!(e.contains("line 3: found 3 columns, expected 2"), "{e}");
         assert!(err(&s, b"").contains("empty"));
@@ -1070,28 +897,15 @@ mod tests {
     #[test]
     fn text_bytes_and_chars() {
         let text = "hello world, hello bmc! ".repeat(10);
-        let spec = DataSpec::Text {
-            path: "t.txt".into(),
-            ctx: 8,
-            tokenizer: Tokenizer::Chars,
-            split: 0.9,
-        };
+        let spec = DataSpec::Text { path: "t.txt".into(), ctx: 8, tokenizer: Tokenizer::Chars, split: 0.9 };
         let ds = Dataset::from_bytes(&spec, text.as_bytes()).unwrap();
         let codec = ds.codec().unwrap().clone();
-        let TextCodec::Chars(chars) = &codec else {
-            panic!()
-        };
+        let TextCodec::Chars(chars) = &codec else { panic!() };
         assert_eq!(chars.iter().collect::<String>(), " !,bcdehlmorw");
         assert_eq!(ds.vocab_size(), Some(13));
-        assert_eq!(
-            ds.names_and_shapes()[0],
-            ("tokens".into(), DType::I32, vec![8])
-        );
+        assert_eq!(ds.names_and_shapes()[0], ("tokens".into(), DType::I32, vec![8]));
         let meta: BTreeMap<String, String> = codec.to_metadata().into_iter().collect();
-        assert_eq!(
-            TextCodec::from_metadata(&meta).unwrap(),
-            Some(codec.clone())
-        );
+        assert_eq!(TextCodec::from_metadata(&meta).unwrap(), Some(codec.clone()));
         let mut b = Batcher::new(&ds, 4, 1).unwrap();
         for _ in 0..20 {
             let bt = b.next_batch();
@@ -1119,29 +933,13 @@ mod tests {
         assert_eq!(ev.len(), 1);
         let x = ev[0][0].1.as_i32().unwrap();
         assert_eq!(codec.decode(x), text[216..232]);
-        assert!(
-            codec
-                .encode("zz")
-                .unwrap_err()
-                .to_string()
-                .contains("vocabulary")
-        );
+        assert!(codec.encode("zz").unwrap_err().to_string().contains("vocabulary"));
 
-        let spec = DataSpec::Text {
-            path: "t.txt".into(),
-            ctx: 4,
-            tokenizer: Tokenizer::Bytes,
-            split: 1.0,
-        };
+        let spec = DataSpec::Text { path: "t.txt".into(), ctx: 4, tokenizer: Tokenizer::Bytes, split: 1.0 };
         let ds = Dataset::from_bytes(&spec, b"\xff\x00abcdef").unwrap();
         assert_eq!(ds.vocab_size(), Some(256));
         assert!(!ds.has_eval());
-        let spec = DataSpec::Text {
-            path: "t.txt".into(),
-            ctx: 4,
-            tokenizer: Tokenizer::Chars,
-            split: 1.0,
-        };
+        let spec = DataSpec::Text { path: "t.txt".into(), ctx: 4, tokenizer: Tokenizer::Chars, split: 1.0 };
         assert!(err(&spec, b"\xff\x00abcdef").contains("UTF-8"));
         assert!(err(&spec, b"abc").contains("fewer than one window"));
         assert!(err(&spec, b"").contains("empty"));
@@ -1151,11 +949,7 @@ mod tests {
     fn tokens_file() {
         let toks: Vec<u16> = (0..100).map(|i| (i * 7 % 50) as u16).collect();
         let bytes: Vec<u8> = toks.iter().flat_map(|t| t.to_le_bytes()).collect();
-        let spec = DataSpec::Tokens {
-            path: "t.bin".into(),
-            ctx: 5,
-            split: 0.9,
-        };
+        let spec = DataSpec::Tokens { path: "t.bin".into(), ctx: 5, split: 0.9 };
         let ds = Dataset::from_bytes(&spec, &bytes).unwrap();
         assert_eq!(ds.len(), 100);
         assert_eq!(ds.train_len(), 90);
@@ -1163,14 +957,8 @@ mod tests {
         assert!(ds.codec().is_none());
         let ev = ds.eval_batches(1, 5).unwrap();
         assert_eq!(ev.len(), 1); // (10-1)/5 = 1 window
-        assert_eq!(
-            ev[0][0].1,
-            TensorData::I32(toks[90..95].iter().map(|&t| t as i32).collect())
-        );
-        assert_eq!(
-            ev[0][1].1,
-            TensorData::I32(toks[91..96].iter().map(|&t| t as i32).collect())
-        );
+        assert_eq!(ev[0][0].1, TensorData::I32(toks[90..95].iter().map(|&t| t as i32).collect()));
+        assert_eq!(ev[0][1].1, TensorData::I32(toks[91..96].iter().map(|&t| t as i32).collect()));
         assert!(err(&spec, &bytes[..5]).contains("odd"));
         assert_eq!(ds.steps_per_epoch(2), 9);
     }
@@ -1182,26 +970,13 @@ mod tests {
         let img: Vec<f32> = (0..4 * 2 * 3).map(|i| i as f32).collect();
         crate::checkpoint::save_atomic(
             &path,
-            &[
-                ("image".into(), vec![4, 2, 3], TensorData::F32(img.clone())),
-                ("label".into(), vec![4], TensorData::I32(vec![9, 8, 7, 6])),
-            ],
+            &[("image".into(), vec![4, 2, 3], TensorData::F32(img.clone())), ("label".into(), vec![4], TensorData::I32(vec![9, 8, 7, 6]))],
             &BTreeMap::new(),
         )
         .unwrap();
-        let spec = DataSpec::Safetensors {
-            path: path.to_string_lossy().into(),
-            split: 0.5,
-            shuffle: false,
-        };
+        let spec = DataSpec::Safetensors { path: path.to_string_lossy().into(), split: 0.5, shuffle: false };
         let ds = Dataset::load(&spec).unwrap();
-        assert_eq!(
-            ds.names_and_shapes(),
-            vec![
-                ("image".into(), DType::F32, vec![2, 3]),
-                ("label".into(), DType::I32, vec![])
-            ]
-        );
+        assert_eq!(ds.names_and_shapes(), vec![("image".into(), DType::F32, vec![2, 3]), ("label".into(), DType::I32, vec![])]);
         let mut b = Batcher::new(&ds, 3, 0).unwrap();
         let bt = b.next_batch();
         assert_eq!(bt[1].1, TensorData::I32(vec![9, 8, 9]));
@@ -1213,30 +988,14 @@ mod tests {
 
         crate::checkpoint::save_atomic(
             &path,
-            &[
-                ("a".into(), vec![4, 2], TensorData::F32(vec![0.0; 8])),
-                ("b".into(), vec![3], TensorData::I32(vec![0; 3])),
-            ],
+            &[("a".into(), vec![4, 2], TensorData::F32(vec![0.0; 8])), ("b".into(), vec![3], TensorData::I32(vec![0; 3]))],
             &BTreeMap::new(),
         )
         .unwrap();
         let e = Dataset::load(&spec).unwrap_err().to_string();
-        assert!(
-            e.contains("disagree") && e.contains("`a` has 4") && e.contains("`b` has 3"),
-            "{e}"
-        );
-        crate::checkpoint::save_atomic(
-            &path,
-            &[("s".into(), vec![], TensorData::F32(vec![1.0]))],
-            &BTreeMap::new(),
-        )
-        .unwrap();
-        assert!(
-            Dataset::load(&spec)
-                .unwrap_err()
-                .to_string()
-                .contains("scalar")
-        );
+        assert!(e.contains("disagree") && e.contains("`a` has 4") && e.contains("`b` has 3"), "{e}");
+        crate::checkpoint::save_atomic(&path, &[("s".into(), vec![], TensorData::F32(vec![1.0]))], &BTreeMap::new()).unwrap();
+        assert!(Dataset::load(&spec).unwrap_err().to_string().contains("scalar"));
         let missing = DataSpec::Csv {
             path: dir.path().join("nope.csv").to_string_lossy().into(),
             label: -1,
@@ -1245,22 +1004,12 @@ mod tests {
             split: 0.9,
             shuffle: true,
         };
-        assert!(
-            Dataset::load(&missing)
-                .unwrap_err()
-                .to_string()
-                .contains("does not exist")
-        );
+        assert!(Dataset::load(&missing).unwrap_err().to_string().contains("does not exist"));
     }
 
     #[test]
     fn spec_serde_round_trip() {
-        let mut s = DataSpec::Text {
-            path: "a.txt".into(),
-            ctx: 64,
-            tokenizer: Tokenizer::Chars,
-            split: 0.9,
-        };
+        let mut s = DataSpec::Text { path: "a.txt".into(), ctx: 64, tokenizer: Tokenizer::Chars, split: 0.9 };
         let j = serde_json::to_string(&s).unwrap();
         assert_eq!(serde_json::from_str::<DataSpec>(&j).unwrap(), s);
         s.set_path("b.txt");

@@ -28,10 +28,9 @@ impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Error::User(m) => write!(f, "error: {m}"),
-            Error::Internal(m) => write!(
-                f,
-                "internal error: {m}\nThis is a bug in bmc; please report it with the command and the .bm file that caused it."
-            ),
+            Error::Internal(m) => {
+                write!(f, "internal error: {m}\nThis is a bug in bmc; please report it with the command and the .bm file that caused it.")
+            }
         }
     }
 }

@@ -15,10 +15,7 @@
 use crate::error::{Error, Result};
 use crate::interp;
 use crate::jit::{self, JitProgram, KernelFn};
-use crate::kir::{
-    Access, BufId, DType, GatherKernel, Kernel, LoopKernel, MatOperand, Program, ScalarExpr,
-    ScatterAddKernel,
-};
+use crate::kir::{Access, BufId, DType, GatherKernel, Kernel, LoopKernel, MatOperand, Program, ScalarExpr, ScatterAddKernel};
 use rayon::prelude::*;
 use std::collections::HashMap;
 
@@ -38,11 +35,7 @@ pub struct BufData {
 impl BufData {
     /// A zero-filled buffer (0.0 for f32, 0 for i32).
     pub fn zeroed(dtype: DType, len: usize) -> BufData {
-        BufData {
-            dtype,
-            len,
-            lines: vec![Line([0; 16]); len.div_ceil(16)],
-        }
+        BufData { dtype, len, lines: vec![Line([0; 16]); len.div_ceil(16)] }
     }
     pub fn dtype(&self) -> DType {
         self.dtype
@@ -57,18 +50,14 @@ impl BufData {
     pub fn as_f32(&self) -> Option<&[f32]> {
         match self.dtype {
             // SAFETY: `lines` holds at least `len` initialised 4-byte elements, suitably aligned.
-            DType::F32 => Some(unsafe {
-                std::slice::from_raw_parts(self.lines.as_ptr() as *const f32, self.len)
-            }),
+            DType::F32 => Some(unsafe { std::slice::from_raw_parts(self.lines.as_ptr() as *const f32, self.len) }),
             DType::I32 => None,
         }
     }
     pub fn as_f32_mut(&mut self) -> Option<&mut [f32]> {
         match self.dtype {
             // SAFETY: as in `as_f32`, and `&mut self` gives exclusive access.
-            DType::F32 => Some(unsafe {
-                std::slice::from_raw_parts_mut(self.lines.as_mut_ptr() as *mut f32, self.len)
-            }),
+            DType::F32 => Some(unsafe { std::slice::from_raw_parts_mut(self.lines.as_mut_ptr() as *mut f32, self.len) }),
             DType::I32 => None,
         }
     }
@@ -76,18 +65,14 @@ impl BufData {
     pub fn as_i32(&self) -> Option<&[i32]> {
         match self.dtype {
             // SAFETY: as in `as_f32`.
-            DType::I32 => Some(unsafe {
-                std::slice::from_raw_parts(self.lines.as_ptr() as *const i32, self.len)
-            }),
+            DType::I32 => Some(unsafe { std::slice::from_raw_parts(self.lines.as_ptr() as *const i32, self.len) }),
             DType::F32 => None,
         }
     }
     pub fn as_i32_mut(&mut self) -> Option<&mut [i32]> {
         match self.dtype {
             // SAFETY: as in `as_f32_mut`.
-            DType::I32 => Some(unsafe {
-                std::slice::from_raw_parts_mut(self.lines.as_mut_ptr() as *mut i32, self.len)
-            }),
+            DType::I32 => Some(unsafe { std::slice::from_raw_parts_mut(self.lines.as_mut_ptr() as *mut i32, self.len) }),
             DType::F32 => None,
         }
     }
@@ -128,13 +113,7 @@ pub struct Buffers(Vec<BufData>);
 impl Buffers {
     /// Zero-filled buffers for every buffer of `program`.
     pub fn new(program: &Program) -> Buffers {
-        Buffers(
-            program
-                .buffers
-                .iter()
-                .map(|b| BufData::zeroed(b.dtype, b.len()))
-                .collect(),
-        )
+        Buffers(program.buffers.iter().map(|b| BufData::zeroed(b.dtype, b.len())).collect())
     }
     pub fn from_data(data: Vec<BufData>) -> Buffers {
         Buffers(data)
@@ -146,34 +125,22 @@ impl Buffers {
         self.0.is_empty()
     }
     pub fn get(&self, id: BufId) -> Result<&BufData> {
-        self.0
-            .get(id)
-            .ok_or_else(|| Error::internal(format!("buffer b{id} does not exist")))
+        self.0.get(id).ok_or_else(|| Error::internal(format!("buffer b{id} does not exist")))
     }
     pub fn get_mut(&mut self, id: BufId) -> Result<&mut BufData> {
-        self.0
-            .get_mut(id)
-            .ok_or_else(|| Error::internal(format!("buffer b{id} does not exist")))
+        self.0.get_mut(id).ok_or_else(|| Error::internal(format!("buffer b{id} does not exist")))
     }
     pub fn f32(&self, id: BufId) -> Result<&[f32]> {
-        self.get(id)?
-            .as_f32()
-            .ok_or_else(|| dtype_err(id, DType::F32))
+        self.get(id)?.as_f32().ok_or_else(|| dtype_err(id, DType::F32))
     }
     pub fn f32_mut(&mut self, id: BufId) -> Result<&mut [f32]> {
-        self.get_mut(id)?
-            .as_f32_mut()
-            .ok_or_else(|| dtype_err(id, DType::F32))
+        self.get_mut(id)?.as_f32_mut().ok_or_else(|| dtype_err(id, DType::F32))
     }
     pub fn i32(&self, id: BufId) -> Result<&[i32]> {
-        self.get(id)?
-            .as_i32()
-            .ok_or_else(|| dtype_err(id, DType::I32))
+        self.get(id)?.as_i32().ok_or_else(|| dtype_err(id, DType::I32))
     }
     pub fn i32_mut(&mut self, id: BufId) -> Result<&mut [i32]> {
-        self.get_mut(id)?
-            .as_i32_mut()
-            .ok_or_else(|| dtype_err(id, DType::I32))
+        self.get_mut(id)?.as_i32_mut().ok_or_else(|| dtype_err(id, DType::I32))
     }
     /// `out` mutably and `src` shared; they must differ.
     pub(crate) fn pair_mut(&mut self, out: BufId, src: BufId) -> Result<(&mut BufData, &BufData)> {
@@ -210,28 +177,17 @@ fn max_offset(offset: usize, dims: impl Iterator<Item = (usize, usize)>) -> Resu
         if extent == 0 {
             return Ok(None);
         }
-        m = (extent - 1)
-            .checked_mul(stride)
-            .and_then(|x| x.checked_add(m))
-            .ok_or_else(|| Error::internal("access offset overflows"))?;
+        m = (extent - 1).checked_mul(stride).and_then(|x| x.checked_add(m)).ok_or_else(|| Error::internal("access offset overflows"))?;
     }
     Ok(Some(m))
 }
 
 fn check_buf(program: &Program, buf: BufId, dtype: Option<DType>, what: &str) -> Result<usize> {
-    let b = program
-        .buffers
-        .get(buf)
-        .ok_or_else(|| Error::internal(format!("{what}: buffer b{buf} does not exist")))?;
+    let b = program.buffers.get(buf).ok_or_else(|| Error::internal(format!("{what}: buffer b{buf} does not exist")))?;
     if let Some(d) = dtype
         && b.dtype != d
     {
-        return Err(Error::internal(format!(
-            "{what}: buffer b{buf} `{}` is {}, not {}",
-            b.name,
-            b.dtype.name(),
-            d.name()
-        )));
+        return Err(Error::internal(format!("{what}: buffer b{buf} `{}` is {}, not {}", b.name, b.dtype.name(), d.name())));
     }
     Ok(b.len())
 }
@@ -246,10 +202,8 @@ fn check_access(program: &Program, a: &Access, shape: &[usize], what: &str) -> R
             shape.len()
         )));
     }
-    if let Some(m) = max_offset(
-        a.offset,
-        shape.iter().copied().zip(a.strides.iter().copied()),
-    )? && m >= len
+    if let Some(m) = max_offset(a.offset, shape.iter().copied().zip(a.strides.iter().copied()))?
+        && m >= len
     {
         return Err(Error::internal(format!(
             "{what}: access b{}[{}; {:?}] reaches element {m} of a buffer of {len}",
@@ -259,14 +213,7 @@ fn check_access(program: &Program, a: &Access, shape: &[usize], what: &str) -> R
     Ok(())
 }
 
-fn check_operand(
-    program: &Program,
-    o: &MatOperand,
-    batch: &[usize],
-    rows: usize,
-    cols: usize,
-    what: &str,
-) -> Result<()> {
+fn check_operand(program: &Program, o: &MatOperand, batch: &[usize], rows: usize, cols: usize, what: &str) -> Result<()> {
     let len = check_buf(program, o.buf, Some(DType::F32), what)?;
     if o.batch_strides.len() != batch.len() {
         return Err(Error::internal(format!(
@@ -276,18 +223,11 @@ fn check_operand(
             batch.len()
         )));
     }
-    let dims = batch
-        .iter()
-        .copied()
-        .zip(o.batch_strides.iter().copied())
-        .chain([(rows, o.row_stride), (cols, o.col_stride)]);
+    let dims = batch.iter().copied().zip(o.batch_strides.iter().copied()).chain([(rows, o.row_stride), (cols, o.col_stride)]);
     if let Some(m) = max_offset(o.offset, dims)?
         && m >= len
     {
-        return Err(Error::internal(format!(
-            "{what}: operand b{} reaches element {m} of a buffer of {len}",
-            o.buf
-        )));
+        return Err(Error::internal(format!("{what}: operand b{} reaches element {m} of a buffer of {len}", o.buf)));
     }
     Ok(())
 }
@@ -344,27 +284,16 @@ fn max_index(e: &ScalarExpr) -> Option<usize> {
 fn validate_loop(program: &Program, k: &LoopKernel, what: &str) -> Result<()> {
     let rank = k.shape.len();
     if k.reduce.is_some() && k.reduced_dims > rank {
-        return Err(Error::internal(format!(
-            "{what}: reduces {} axes of a rank-{rank} loop",
-            k.reduced_dims
-        )));
+        return Err(Error::internal(format!("{what}: reduces {} axes of a rank-{rank} loop", k.reduced_dims)));
     }
     check_access(program, &k.out, &k.shape, what)?;
-    if k.reduce.is_some()
-        && k.out.strides[rank - k.reduced_dims..]
-            .iter()
-            .any(|&s| s != 0)
-    {
-        return Err(Error::internal(format!(
-            "{what}: output strides are not zero on reduced axes"
-        )));
+    if k.reduce.is_some() && k.out.strides[rank - k.reduced_dims..].iter().any(|&s| s != 0) {
+        return Err(Error::internal(format!("{what}: output strides are not zero on reduced axes")));
     }
     if let Some(n) = max_index(&k.body)
         && n >= rank
     {
-        return Err(Error::internal(format!(
-            "{what}: index i{n} of a rank-{rank} loop"
-        )));
+        return Err(Error::internal(format!("{what}: index i{n} of a rank-{rank} loop")));
     }
     let mut res = Ok(());
     walk_loads(&k.body, &mut |a| {
@@ -385,21 +314,11 @@ fn validate_kernel(program: &Program, i: usize, k: &Kernel) -> Result<()> {
             check_operand(program, &m.b, &m.batch, m.k, m.n, what)?;
             check_operand(program, &m.c, &m.batch, m.m, m.n, what)?;
             if m.c.buf == m.a.buf || m.c.buf == m.b.buf {
-                return Err(Error::internal(format!(
-                    "{what}: matmul output b{} aliases an input",
-                    m.c.buf
-                )));
+                return Err(Error::internal(format!("{what}: matmul output b{} aliases an input", m.c.buf)));
             }
-            let dims = m
-                .batch
-                .iter()
-                .copied()
-                .zip(m.c.batch_strides.iter().copied())
-                .chain([(m.m, m.c.row_stride), (m.n, m.c.col_stride)]);
+            let dims = m.batch.iter().copied().zip(m.c.batch_strides.iter().copied()).chain([(m.m, m.c.row_stride), (m.n, m.c.col_stride)]);
             if !injective(dims) {
-                return Err(Error::internal(format!(
-                    "{what}: matmul output view overlaps itself"
-                )));
+                return Err(Error::internal(format!("{what}: matmul output view overlaps itself")));
             }
             Ok(())
         }
@@ -408,18 +327,11 @@ fn validate_kernel(program: &Program, i: usize, k: &Kernel) -> Result<()> {
             let il = check_buf(program, g.ids, None, what)?;
             let ol = check_buf(program, g.out, Some(DType::F32), what)?;
             if g.out == g.table || g.out == g.ids {
-                return Err(Error::internal(format!(
-                    "{what}: gather output aliases an input"
-                )));
+                return Err(Error::internal(format!("{what}: gather output aliases an input")));
             }
-            let need = |a: usize, b: usize| {
-                a.checked_mul(b)
-                    .ok_or_else(|| Error::internal("gather size overflows"))
-            };
+            let need = |a: usize, b: usize| a.checked_mul(b).ok_or_else(|| Error::internal("gather size overflows"));
             if need(g.rows, g.dim)? > tl || g.n > il || need(g.n, g.dim)? > ol {
-                return Err(Error::internal(format!(
-                    "{what}: gather sizes exceed its buffers"
-                )));
+                return Err(Error::internal(format!("{what}: gather sizes exceed its buffers")));
             }
             Ok(())
         }
@@ -428,18 +340,11 @@ fn validate_kernel(program: &Program, i: usize, k: &Kernel) -> Result<()> {
             let il = check_buf(program, s.ids, None, what)?;
             let ol = check_buf(program, s.out, Some(DType::F32), what)?;
             if s.out == s.src || s.out == s.ids {
-                return Err(Error::internal(format!(
-                    "{what}: scatter-add output aliases an input"
-                )));
+                return Err(Error::internal(format!("{what}: scatter-add output aliases an input")));
             }
-            let need = |a: usize, b: usize| {
-                a.checked_mul(b)
-                    .ok_or_else(|| Error::internal("scatter-add size overflows"))
-            };
+            let need = |a: usize, b: usize| a.checked_mul(b).ok_or_else(|| Error::internal("scatter-add size overflows"));
             if need(s.rows, s.dim)? > ol || s.n > il || need(s.n, s.dim)? > sl {
-                return Err(Error::internal(format!(
-                    "{what}: scatter-add sizes exceed its buffers"
-                )));
+                return Err(Error::internal(format!("{what}: scatter-add sizes exceed its buffers")));
             }
             Ok(())
         }
@@ -455,16 +360,10 @@ pub fn validate(program: &Program) -> Result<()> {
     }
     for e in &program.entries {
         if let Some(&k) = e.kernels.iter().find(|&&k| k >= program.kernels.len()) {
-            return Err(Error::internal(format!(
-                "entry `{}` names kernel k{k} which does not exist",
-                e.name
-            )));
+            return Err(Error::internal(format!("entry `{}` names kernel k{k} which does not exist", e.name)));
         }
         if let Some((n, b)) = e.results.iter().find(|(_, b)| *b >= program.buffers.len()) {
-            return Err(Error::internal(format!(
-                "entry `{}` result `{n}` names buffer b{b} which does not exist",
-                e.name
-            )));
+            return Err(Error::internal(format!("entry `{}` result `{n}` names buffer b{b} which does not exist", e.name)));
         }
     }
     Ok(())
@@ -478,19 +377,11 @@ fn id_at(ids: &BufData, i: usize, rows: usize) -> std::result::Result<usize, Str
     match ids.dtype() {
         DType::I32 => {
             let v = ids.as_i32().unwrap()[i];
-            if v >= 0 && (v as usize) < rows {
-                Ok(v as usize)
-            } else {
-                Err(v.to_string())
-            }
+            if v >= 0 && (v as usize) < rows { Ok(v as usize) } else { Err(v.to_string()) }
         }
         DType::F32 => {
             let v = ids.as_f32().unwrap()[i];
-            if v >= 0.0 && v.fract() == 0.0 && (v as usize) < rows {
-                Ok(v as usize)
-            } else {
-                Err(format!("{v}"))
-            }
+            if v >= 0.0 && v.fract() == 0.0 && (v as usize) < rows { Ok(v as usize) } else { Err(format!("{v}")) }
         }
     }
 }
@@ -501,22 +392,14 @@ pub fn gather(g: &GatherKernel, bufs: &mut Buffers) -> Result<()> {
     {
         let ids = bufs.get(g.ids)?;
         for i in 0..g.n {
-            let r = id_at(ids, i, g.rows).map_err(|v| {
-                Error::user(format!(
-                    "embedding id {v} at position {i} of `{}` is out of range 0..{}",
-                    g.what, g.rows
-                ))
-            })?;
+            let r = id_at(ids, i, g.rows)
+                .map_err(|v| Error::user(format!("embedding id {v} at position {i} of `{}` is out of range 0..{}", g.what, g.rows)))?;
             rows.push(r);
         }
     }
     let (out, table) = bufs.pair_mut(g.out, g.table)?;
-    let out = out
-        .as_f32_mut()
-        .ok_or_else(|| dtype_err(g.out, DType::F32))?;
-    let table = table
-        .as_f32()
-        .ok_or_else(|| dtype_err(g.table, DType::F32))?;
+    let out = out.as_f32_mut().ok_or_else(|| dtype_err(g.out, DType::F32))?;
+    let table = table.as_f32().ok_or_else(|| dtype_err(g.table, DType::F32))?;
     let d = g.dim;
     for (i, &r) in rows.iter().enumerate() {
         out[i * d..(i + 1) * d].copy_from_slice(&table[r * d..(r + 1) * d]);
@@ -537,16 +420,11 @@ pub fn scatter_add(s: &ScatterAddKernel, bufs: &mut Buffers) -> Result<()> {
         }
     }
     let (out, src) = bufs.pair_mut(s.out, s.src)?;
-    let out = out
-        .as_f32_mut()
-        .ok_or_else(|| dtype_err(s.out, DType::F32))?;
+    let out = out.as_f32_mut().ok_or_else(|| dtype_err(s.out, DType::F32))?;
     let src = src.as_f32().ok_or_else(|| dtype_err(s.src, DType::F32))?;
     let d = s.dim;
     for (i, &r) in rows.iter().enumerate() {
-        for (o, x) in out[r * d..(r + 1) * d]
-            .iter_mut()
-            .zip(&src[i * d..(i + 1) * d])
-        {
+        for (o, x) in out[r * d..(r + 1) * d].iter_mut().zip(&src[i * d..(i + 1) * d]) {
             *o += *x;
         }
     }
@@ -584,12 +462,7 @@ fn splittable(k: &LoopKernel) -> bool {
     if keep == 0 || k.out.strides[0] == 0 && k.shape[0] > 1 {
         return false;
     }
-    if !injective(
-        k.shape[..keep]
-            .iter()
-            .copied()
-            .zip(k.out.strides[..keep].iter().copied()),
-    ) {
+    if !injective(k.shape[..keep].iter().copied().zip(k.out.strides[..keep].iter().copied())) {
         return false;
     }
     let mut ok = true;
@@ -622,11 +495,7 @@ fn build_pool(threads: usize) -> Result<rayon::ThreadPool> {
 }
 
 fn resolve_threads(threads: usize) -> usize {
-    if threads == 0 {
-        std::thread::available_parallelism().map_or(1, |n| n.get())
-    } else {
-        threads
-    }
+    if threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { threads }
 }
 
 impl Executor {
@@ -642,15 +511,8 @@ impl Executor {
             .map(|(i, k)| match k {
                 Kernel::Loop(l) => {
                     let n = jit::normalize(l);
-                    let f = jit
-                        .function(i)
-                        .ok_or_else(|| Error::internal(format!("kernel k{i} was not compiled")))?;
-                    Ok(Plan::Jit {
-                        f,
-                        outer: n.shape[0],
-                        points: n.shape.iter().product(),
-                        splittable: splittable(&n),
-                    })
+                    let f = jit.function(i).ok_or_else(|| Error::internal(format!("kernel k{i} was not compiled")))?;
+                    Ok(Plan::Jit { f, outer: n.shape[0], points: n.shape.iter().product(), splittable: splittable(&n) })
                 }
                 Kernel::MatMul(_) => Ok(Plan::MatMul),
                 Kernel::Gather(_) => Ok(Plan::Gather),
@@ -667,18 +529,8 @@ impl Executor {
         Self::build(program, plans, 1, None)
     }
 
-    fn build(
-        program: &Program,
-        plans: Vec<Plan>,
-        threads: usize,
-        jit: Option<JitProgram>,
-    ) -> Result<Executor> {
-        let entries = program
-            .entries
-            .iter()
-            .enumerate()
-            .map(|(i, e)| (e.name.clone(), i))
-            .collect();
+    fn build(program: &Program, plans: Vec<Plan>, threads: usize, jit: Option<JitProgram>) -> Result<Executor> {
+        let entries = program.entries.iter().enumerate().map(|(i, e)| (e.name.clone(), i)).collect();
         Ok(Executor {
             program: program.clone(),
             bufs: Buffers::new(program),
@@ -728,10 +580,7 @@ impl Executor {
 
     /// Runs the kernels of entry `entry` in order.
     pub fn run(&mut self, entry: &str) -> Result<()> {
-        let e = *self
-            .entries
-            .get(entry)
-            .ok_or_else(|| Error::internal(format!("the program has no entry `{entry}`")))?;
+        let e = *self.entries.get(entry).ok_or_else(|| Error::internal(format!("the program has no entry `{entry}`")))?;
         let kernels = std::mem::take(&mut self.program.entries[e].kernels);
         let res = kernels.iter().try_for_each(|&k| self.run_kernel(k));
         self.program.entries[e].kernels = kernels;
@@ -740,22 +589,11 @@ impl Executor {
 
     /// Runs kernel `k` of the program alone.
     pub fn run_kernel(&mut self, k: usize) -> Result<()> {
-        let plan = self
-            .plans
-            .get(k)
-            .ok_or_else(|| Error::internal(format!("kernel k{k} does not exist")))?;
+        let plan = self.plans.get(k).ok_or_else(|| Error::internal(format!("kernel k{k} does not exist")))?;
         let kernel = &self.program.kernels[k];
         match (plan, kernel) {
             (Plan::Interp, k) => interp::run_kernel(k, &mut self.bufs),
-            (
-                &Plan::Jit {
-                    f,
-                    outer,
-                    points,
-                    splittable,
-                },
-                _,
-            ) => {
+            (&Plan::Jit { f, outer, points, splittable }, _) => {
                 let ptrs = self.bufs.base_ptrs();
                 let p = ptrs.as_ptr() as usize;
                 if splittable && self.threads > 1 && points > PARALLEL_POINTS && outer > 1 {
@@ -780,9 +618,7 @@ impl Executor {
             }
             (Plan::Gather, Kernel::Gather(g)) => gather(g, &mut self.bufs),
             (Plan::ScatterAdd, Kernel::ScatterAdd(s)) => scatter_add(s, &mut self.bufs),
-            _ => Err(Error::internal(format!(
-                "kernel k{k} does not match its plan"
-            ))),
+            _ => Err(Error::internal(format!("kernel k{k} does not match its plan"))),
         }
     }
 }
@@ -821,12 +657,7 @@ pub(crate) mod test_support {
     }
 
     pub fn buf(name: &str, dtype: DType, len: usize) -> Buffer {
-        Buffer {
-            name: name.into(),
-            dtype,
-            shape: vec![len],
-            kind: BufKind::Temp,
-        }
+        Buffer { name: name.into(), dtype, shape: vec![len], kind: BufKind::Temp }
     }
 
     /// A program with one entry `main` running every kernel in order.
@@ -835,11 +666,7 @@ pub(crate) mod test_support {
         Program {
             buffers,
             kernels,
-            entries: vec![Entry {
-                name: "main".into(),
-                kernels: (0..n).collect(),
-                results: vec![],
-            }],
+            entries: vec![Entry { name: "main".into(), kernels: (0..n).collect(), results: vec![] }],
             params: vec![],
         }
     }
@@ -880,15 +707,8 @@ pub(crate) mod test_support {
             let (x, y) = (a.get(id).unwrap(), b.get(id).unwrap());
             match x.dtype() {
                 DType::F32 => {
-                    for (i, (&p, &q)) in x
-                        .as_f32()
-                        .unwrap()
-                        .iter()
-                        .zip(y.as_f32().unwrap())
-                        .enumerate()
-                    {
-                        let ok = same_f32(p, q)
-                            || (rel > 0.0 && (p - q).abs() <= rel * p.abs().max(q.abs()).max(1.0));
+                    for (i, (&p, &q)) in x.as_f32().unwrap().iter().zip(y.as_f32().unwrap()).enumerate() {
+                        let ok = same_f32(p, q) || (rel > 0.0 && (p - q).abs() <= rel * p.abs().max(q.abs()).max(1.0));
                         assert!(ok, "{ctx}: b{id}[{i}]: {p:e} vs {q:e}");
                     }
                 }
@@ -919,11 +739,7 @@ mod tests {
     use crate::kir::{MatMulKernel, ReduceOp, UnaryOp};
 
     fn acc(buf: BufId, offset: usize, strides: &[usize]) -> Access {
-        Access {
-            buf,
-            offset,
-            strides: strides.to_vec(),
-        }
+        Access { buf, offset, strides: strides.to_vec() }
     }
     fn copy(shape: &[usize], src: Access, out: Access) -> Kernel {
         Kernel::Loop(LoopKernel {
@@ -945,14 +761,7 @@ mod tests {
 
     #[test]
     fn buffers_are_aligned_zeroed_and_typed() {
-        let p = program(
-            vec![
-                buf("x", DType::F32, 5),
-                buf("i", DType::I32, 33),
-                buf("e", DType::F32, 0),
-            ],
-            vec![],
-        );
+        let p = program(vec![buf("x", DType::F32, 5), buf("i", DType::I32, 33), buf("e", DType::F32, 0)], vec![]);
         let mut e = Executor::new(&p, 1).unwrap();
         assert_eq!(e.f32(0).unwrap(), &[0.0; 5]);
         assert_eq!(e.i32(1).unwrap(), &[0; 33][..]);
@@ -970,13 +779,7 @@ mod tests {
 
     #[test]
     fn validation_rejects_bad_programs() {
-        let bufs = || {
-            vec![
-                buf("x", DType::F32, 12),
-                buf("o", DType::F32, 12),
-                buf("i", DType::I32, 4),
-            ]
-        };
+        let bufs = || vec![buf("x", DType::F32, 12), buf("o", DType::F32, 12), buf("i", DType::I32, 4)];
         let bad = |k: Kernel| {
             let p = program(bufs(), vec![k]);
             let m1 = internal(Executor::new(&p, 1));
@@ -1027,62 +830,21 @@ mod tests {
                 m,
                 n: 2,
                 k: 2,
-                a: MatOperand {
-                    buf: a,
-                    offset: 0,
-                    batch_strides: vec![],
-                    row_stride: 2,
-                    col_stride: 1,
-                },
-                b: MatOperand {
-                    buf: 0,
-                    offset: 0,
-                    batch_strides: vec![],
-                    row_stride: 2,
-                    col_stride: 1,
-                },
+                a: MatOperand { buf: a, offset: 0, batch_strides: vec![], row_stride: 2, col_stride: 1 },
+                b: MatOperand { buf: 0, offset: 0, batch_strides: vec![], row_stride: 2, col_stride: 1 },
                 c,
                 accumulate: false,
             })
         };
-        let c = |buf, rs, cs| MatOperand {
-            buf,
-            offset: 0,
-            batch_strides: vec![],
-            row_stride: rs,
-            col_stride: cs,
-        };
+        let c = |buf, rs, cs| MatOperand { buf, offset: 0, batch_strides: vec![], row_stride: rs, col_stride: cs };
         bad(mm(0, c(0, 2, 1), 2));
         bad(mm(0, c(1, 1, 1), 2));
         bad(mm(2, c(1, 2, 1), 2));
         bad(mm(0, c(1, 2, 1), 7));
         // gather: sizes, aliasing
-        bad(Kernel::Gather(GatherKernel {
-            table: 0,
-            ids: 2,
-            out: 1,
-            n: 5,
-            rows: 3,
-            dim: 2,
-            what: "e".into(),
-        }));
-        bad(Kernel::Gather(GatherKernel {
-            table: 0,
-            ids: 2,
-            out: 0,
-            n: 4,
-            rows: 3,
-            dim: 2,
-            what: "e".into(),
-        }));
-        bad(Kernel::ScatterAdd(ScatterAddKernel {
-            src: 0,
-            ids: 2,
-            out: 1,
-            n: 4,
-            rows: 7,
-            dim: 2,
-        }));
+        bad(Kernel::Gather(GatherKernel { table: 0, ids: 2, out: 1, n: 5, rows: 3, dim: 2, what: "e".into() }));
+        bad(Kernel::Gather(GatherKernel { table: 0, ids: 2, out: 0, n: 4, rows: 3, dim: 2, what: "e".into() }));
+        bad(Kernel::ScatterAdd(ScatterAddKernel { src: 0, ids: 2, out: 1, n: 4, rows: 7, dim: 2 }));
         // entries naming missing kernels
         let mut p = program(bufs(), vec![]);
         p.entries[0].kernels.push(3);
@@ -1091,30 +853,10 @@ mod tests {
 
     fn gather_program(ids_dtype: DType) -> Program {
         program(
+            vec![buf("table", DType::F32, 8), buf("ids", ids_dtype, 3), buf("out", DType::F32, 6), buf("grad", DType::F32, 8)],
             vec![
-                buf("table", DType::F32, 8),
-                buf("ids", ids_dtype, 3),
-                buf("out", DType::F32, 6),
-                buf("grad", DType::F32, 8),
-            ],
-            vec![
-                Kernel::Gather(GatherKernel {
-                    table: 0,
-                    ids: 1,
-                    out: 2,
-                    n: 3,
-                    rows: 4,
-                    dim: 2,
-                    what: "wte".into(),
-                }),
-                Kernel::ScatterAdd(ScatterAddKernel {
-                    src: 2,
-                    ids: 1,
-                    out: 3,
-                    n: 3,
-                    rows: 4,
-                    dim: 2,
-                }),
+                Kernel::Gather(GatherKernel { table: 0, ids: 1, out: 2, n: 3, rows: 4, dim: 2, what: "wte".into() }),
+                Kernel::ScatterAdd(ScatterAddKernel { src: 2, ids: 1, out: 3, n: 3, rows: 4, dim: 2 }),
             ],
         )
     }
@@ -1123,13 +865,8 @@ mod tests {
     fn gather_and_scatter_add() {
         for dt in [DType::I32, DType::F32] {
             let p = gather_program(dt);
-            for mut e in [
-                Executor::interpreted(&p).unwrap(),
-                Executor::new(&p, 2).unwrap(),
-            ] {
-                e.f32_mut(0)
-                    .unwrap()
-                    .copy_from_slice(&[0.0, 1.0, 10.0, 11.0, 20.0, 21.0, 30.0, 31.0]);
+            for mut e in [Executor::interpreted(&p).unwrap(), Executor::new(&p, 2).unwrap()] {
+                e.f32_mut(0).unwrap().copy_from_slice(&[0.0, 1.0, 10.0, 11.0, 20.0, 21.0, 30.0, 31.0]);
                 match dt {
                     DType::I32 => e.i32_mut(1).unwrap().copy_from_slice(&[2, 0, 2]),
                     DType::F32 => e.f32_mut(1).unwrap().copy_from_slice(&[2.0, 0.0, 2.0]),
@@ -1137,10 +874,7 @@ mod tests {
                 e.f32_mut(3).unwrap().fill(1.0);
                 e.run("main").unwrap();
                 assert_eq!(e.f32(2).unwrap(), &[20.0, 21.0, 0.0, 1.0, 20.0, 21.0]);
-                assert_eq!(
-                    e.f32(3).unwrap(),
-                    &[1.0, 2.0, 1.0, 1.0, 41.0, 43.0, 1.0, 1.0]
-                );
+                assert_eq!(e.f32(3).unwrap(), &[1.0, 2.0, 1.0, 1.0, 41.0, 43.0, 1.0, 1.0]);
 
                 // out of range ids are user errors naming the embedding
                 match dt {
@@ -1149,19 +883,11 @@ mod tests {
                 }
                 let err = e.run("main").unwrap_err();
                 let v = if dt == DType::I32 { "4" } else { "-1" };
-                assert_eq!(
-                    err,
-                    Error::User(format!(
-                        "embedding id {v} at position 1 of `wte` is out of range 0..4"
-                    ))
-                );
+                assert_eq!(err, Error::User(format!("embedding id {v} at position 1 of `wte` is out of range 0..4")));
                 assert_eq!(err.exit_code(), 1);
                 // and scatter-add alone checks too
                 let err = e.run_kernel(1).unwrap_err();
-                assert!(
-                    matches!(&err, Error::User(m) if m.contains("position 1") && m.contains("out of range 0..4")),
-                    "{err}"
-                );
+                assert!(matches!(&err, Error::User(m) if m.contains("position 1") && m.contains("out of range 0..4")), "{err}");
             }
         }
     }
@@ -1174,59 +900,23 @@ mod tests {
         assert!(!injective([(3, 1), (4, 1)].into_iter()));
         assert!(!injective([(3, 0), (4, 1)].into_iter()));
         assert!(!injective([(3, 3), (4, 1)].into_iter()));
-        let lk =
-            |out: Access, body: ScalarExpr, reduce: Option<ReduceOp>, nred: usize| LoopKernel {
-                shape: vec![10, 20],
-                reduce,
-                reduced_dims: nred,
-                body,
-                out,
-                accumulate: false,
-            };
+        let lk = |out: Access, body: ScalarExpr, reduce: Option<ReduceOp>, nred: usize| LoopKernel {
+            shape: vec![10, 20],
+            reduce,
+            reduced_dims: nred,
+            body,
+            out,
+            accumulate: false,
+        };
         let ld = |a: Access| ScalarExpr::Load(a);
-        assert!(splittable(&lk(
-            acc(1, 0, &[20, 1]),
-            ld(acc(0, 0, &[20, 1])),
-            None,
-            0
-        )));
-        assert!(splittable(&lk(
-            acc(1, 0, &[1, 10]),
-            ld(acc(0, 0, &[20, 1])),
-            None,
-            0
-        )));
-        assert!(splittable(&lk(
-            acc(1, 0, &[1, 0]),
-            ld(acc(0, 0, &[20, 1])),
-            Some(ReduceOp::Sum),
-            1
-        )));
-        assert!(!splittable(&lk(
-            acc(1, 0, &[0, 1]),
-            ld(acc(0, 0, &[20, 1])),
-            None,
-            0
-        )));
-        assert!(!splittable(&lk(
-            acc(1, 0, &[1, 1]),
-            ld(acc(0, 0, &[20, 1])),
-            None,
-            0
-        )));
+        assert!(splittable(&lk(acc(1, 0, &[20, 1]), ld(acc(0, 0, &[20, 1])), None, 0)));
+        assert!(splittable(&lk(acc(1, 0, &[1, 10]), ld(acc(0, 0, &[20, 1])), None, 0)));
+        assert!(splittable(&lk(acc(1, 0, &[1, 0]), ld(acc(0, 0, &[20, 1])), Some(ReduceOp::Sum), 1)));
+        assert!(!splittable(&lk(acc(1, 0, &[0, 1]), ld(acc(0, 0, &[20, 1])), None, 0)));
+        assert!(!splittable(&lk(acc(1, 0, &[1, 1]), ld(acc(0, 0, &[20, 1])), None, 0)));
         // in place with the same view is fine, a shifted read of the output is not
-        assert!(splittable(&lk(
-            acc(0, 0, &[20, 1]),
-            ld(acc(0, 0, &[20, 1])),
-            None,
-            0
-        )));
-        assert!(!splittable(&lk(
-            acc(0, 0, &[20, 1]),
-            ld(acc(0, 20, &[20, 1])),
-            None,
-            0
-        )));
+        assert!(splittable(&lk(acc(0, 0, &[20, 1]), ld(acc(0, 0, &[20, 1])), None, 0)));
+        assert!(!splittable(&lk(acc(0, 0, &[20, 1]), ld(acc(0, 20, &[20, 1])), None, 0)));
     }
 
     #[test]
@@ -1242,10 +932,7 @@ mod tests {
                     shape: vec![m, n],
                     reduce: None,
                     reduced_dims: 0,
-                    body: ScalarExpr::Unary(
-                        UnaryOp::Tanh,
-                        Box::new(ScalarExpr::Load(acc(0, n, &[n, 1]))),
-                    ),
+                    body: ScalarExpr::Unary(UnaryOp::Tanh, Box::new(ScalarExpr::Load(acc(0, n, &[n, 1])))),
                     out: acc(0, 0, &[n, 1]),
                     accumulate: true,
                 }),
@@ -1258,11 +945,7 @@ mod tests {
     fn set_threads_and_entries() {
         let n = 100_000;
         let mut p = program(
-            vec![
-                buf("x", DType::F32, n),
-                buf("o", DType::F32, n),
-                buf("s", DType::F32, 1),
-            ],
+            vec![buf("x", DType::F32, n), buf("o", DType::F32, n), buf("s", DType::F32, 1)],
             vec![
                 copy(&[n], acc(0, 0, &[1]), acc(1, 0, &[1])),
                 Kernel::Loop(LoopKernel {
@@ -1275,18 +958,10 @@ mod tests {
                 }),
             ],
         );
-        p.entries.push(crate::kir::Entry {
-            name: "second".into(),
-            kernels: vec![1],
-            results: vec![("s".into(), 2)],
-        });
+        p.entries.push(crate::kir::Entry { name: "second".into(), kernels: vec![1], results: vec![("s".into(), 2)] });
         let mut e = Executor::new(&p, 3).unwrap();
         assert_eq!(e.threads(), 3);
-        e.f32_mut(0)
-            .unwrap()
-            .iter_mut()
-            .enumerate()
-            .for_each(|(i, x)| *x = (i % 7) as f32);
+        e.f32_mut(0).unwrap().iter_mut().enumerate().for_each(|(i, x)| *x = (i % 7) as f32);
         e.run("main").unwrap();
         let want: f32 = {
             let mut s = 0.0f32;

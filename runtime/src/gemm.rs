@@ -16,10 +16,7 @@ const PARALLEL_FLOPS: usize = 1 << 18;
 fn batch_offsets(o: &MatOperand, batch: &[usize]) -> Vec<usize> {
     let mut offs = vec![o.offset];
     for (&n, &s) in batch.iter().zip(&o.batch_strides) {
-        offs = offs
-            .iter()
-            .flat_map(|&b| (0..n).map(move |i| b + i * s))
-            .collect();
+        offs = offs.iter().flat_map(|&b| (0..n).map(move |i| b + i * s)).collect();
     }
     offs
 }
@@ -29,25 +26,15 @@ fn check(o: &MatOperand, batch: &[usize], rows: usize, cols: usize, len: usize) 
         return Err(Error::internal("matmul operand batch rank mismatch"));
     }
     let mut m = o.offset;
-    let dims = batch
-        .iter()
-        .zip(&o.batch_strides)
-        .map(|(&n, &s)| (n, s))
-        .chain([(rows, o.row_stride), (cols, o.col_stride)]);
+    let dims = batch.iter().zip(&o.batch_strides).map(|(&n, &s)| (n, s)).chain([(rows, o.row_stride), (cols, o.col_stride)]);
     for (n, s) in dims {
         if n == 0 {
             return Ok(());
         }
-        m = (n - 1)
-            .checked_mul(s)
-            .and_then(|x| x.checked_add(m))
-            .ok_or_else(|| Error::internal("matmul offset overflows"))?;
+        m = (n - 1).checked_mul(s).and_then(|x| x.checked_add(m)).ok_or_else(|| Error::internal("matmul offset overflows"))?;
     }
     if m >= len {
-        return Err(Error::internal(format!(
-            "matmul operand b{} reaches element {m} of {len}",
-            o.buf
-        )));
+        return Err(Error::internal(format!("matmul operand b{} reaches element {m} of {len}", o.buf)));
     }
     Ok(())
 }
@@ -138,14 +125,9 @@ pub fn matmul(k: &MatMulKernel, bufs: &mut Buffers, threads: usize) -> Result<()
         }
     } else if offs.len() >= threads && flops < PARALLEL_FLOPS * 4 {
         // SAFETY: as above; distinct batches write disjoint parts of c (validated injective).
-        offs.par_iter()
-            .for_each(|&o| unsafe { one(k, p, o, Parallelism::None) });
+        offs.par_iter().for_each(|&o| unsafe { one(k, p, o, Parallelism::None) });
     } else {
-        let par = if flops >= PARALLEL_FLOPS {
-            Parallelism::Rayon(threads)
-        } else {
-            Parallelism::None
-        };
+        let par = if flops >= PARALLEL_FLOPS { Parallelism::Rayon(threads) } else { Parallelism::None };
         for &o in &offs {
             // SAFETY: as above.
             unsafe { one(k, p, o, par) };
@@ -159,31 +141,12 @@ mod tests {
     use crate::exec::test_support::*;
     use crate::kir::{DType, Kernel, MatMulKernel, MatOperand};
 
-    fn op(
-        buf: usize,
-        offset: usize,
-        batch_strides: &[usize],
-        row_stride: usize,
-        col_stride: usize,
-    ) -> MatOperand {
-        MatOperand {
-            buf,
-            offset,
-            batch_strides: batch_strides.to_vec(),
-            row_stride,
-            col_stride,
-        }
+    fn op(buf: usize, offset: usize, batch_strides: &[usize], row_stride: usize, col_stride: usize) -> MatOperand {
+        MatOperand { buf, offset, batch_strides: batch_strides.to_vec(), row_stride, col_stride }
     }
 
     /// Row-major (or transposed, `t`) operand of `rows × cols` per batch, batches contiguous.
-    fn dense(
-        buf: usize,
-        batch: &[usize],
-        rows: usize,
-        cols: usize,
-        t: bool,
-        bcast: bool,
-    ) -> (MatOperand, usize) {
+    fn dense(buf: usize, batch: &[usize], rows: usize, cols: usize, t: bool, bcast: bool) -> (MatOperand, usize) {
         let mat = rows * cols;
         let mut bs = vec![0; batch.len()];
         let mut acc = mat;
@@ -198,66 +161,23 @@ mod tests {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn case(
-        batch: &[usize],
-        m: usize,
-        n: usize,
-        k: usize,
-        ta: bool,
-        tb: bool,
-        tc: bool,
-        bcast: bool,
-        acc: bool,
-        threads: usize,
-    ) {
+    fn case(batch: &[usize], m: usize, n: usize, k: usize, ta: bool, tb: bool, tc: bool, bcast: bool, acc: bool, threads: usize) {
         let (a, la) = dense(0, batch, m, k, ta, false);
         let (b, lb) = dense(1, batch, k, n, tb, bcast);
         let (c, lc) = dense(2, batch, m, n, tc, false);
         let p = program(
-            vec![
-                buf("a", DType::F32, la),
-                buf("b", DType::F32, lb),
-                buf("c", DType::F32, lc),
-            ],
-            vec![Kernel::MatMul(MatMulKernel {
-                batch: batch.to_vec(),
-                m,
-                n,
-                k,
-                a,
-                b,
-                c,
-                accumulate: acc,
-            })],
+            vec![buf("a", DType::F32, la), buf("b", DType::F32, lb), buf("c", DType::F32, lc)],
+            vec![Kernel::MatMul(MatMulKernel { batch: batch.to_vec(), m, n, k, a, b, c, accumulate: acc })],
         );
         check_jit(&p, (m * 31 + n * 7 + k) as u64, threads, false, 1e-5);
     }
 
     #[test]
     fn matmul_matches_naive_loop() {
-        for &(m, n, k) in &[
-            (1, 1, 1),
-            (3, 5, 7),
-            (16, 16, 16),
-            (17, 9, 33),
-            (1, 40, 8),
-            (40, 1, 8),
-            (5, 6, 0),
-        ] {
+        for &(m, n, k) in &[(1, 1, 1), (3, 5, 7), (16, 16, 16), (17, 9, 33), (1, 40, 8), (40, 1, 8), (5, 6, 0)] {
             for bits in 0..32u32 {
                 let f = |i: u32| bits & (1u32 << i) != 0;
-                case(
-                    &[],
-                    m,
-                    n,
-                    k,
-                    f(0),
-                    f(1),
-                    f(2),
-                    false,
-                    f(3),
-                    if f(4) { 2 } else { 1 },
-                );
+                case(&[], m, n, k, f(0), f(1), f(2), false, f(3), if f(4) { 2 } else { 1 });
             }
         }
     }
@@ -276,11 +196,7 @@ mod tests {
     #[test]
     fn hand_computed_2x2() {
         let p = program(
-            vec![
-                buf("a", DType::F32, 4),
-                buf("b", DType::F32, 4),
-                buf("c", DType::F32, 4),
-            ],
+            vec![buf("a", DType::F32, 4), buf("b", DType::F32, 4), buf("c", DType::F32, 4)],
             vec![Kernel::MatMul(MatMulKernel {
                 batch: vec![],
                 m: 2,
@@ -292,10 +208,7 @@ mod tests {
                 accumulate: true,
             })],
         );
-        for mut e in [
-            crate::exec::Executor::interpreted(&p).unwrap(),
-            crate::exec::Executor::new(&p, 1).unwrap(),
-        ] {
+        for mut e in [crate::exec::Executor::interpreted(&p).unwrap(), crate::exec::Executor::new(&p, 1).unwrap()] {
             e.f32_mut(0).unwrap().copy_from_slice(&[1.0, 2.0, 3.0, 4.0]);
             e.f32_mut(1).unwrap().copy_from_slice(&[5.0, 7.0, 6.0, 8.0]); // b = [[5, 6], [7, 8]]
             e.f32_mut(2).unwrap().copy_from_slice(&[1.0, 1.0, 1.0, 1.0]);

@@ -49,11 +49,7 @@ pub fn init_param_stream(init: &Init, shape: &[usize], stream: u64) -> Vec<f32> 
 const PAR_MIN: usize = 1 << 16;
 
 fn fill(n: usize, f: impl Fn(usize) -> f32 + Sync + Send) -> Vec<f32> {
-    if n >= PAR_MIN {
-        (0..n).into_par_iter().map(f).collect()
-    } else {
-        (0..n).map(f).collect()
-    }
+    if n >= PAR_MIN { (0..n).into_par_iter().map(f).collect() } else { (0..n).map(f).collect() }
 }
 
 /// `n` values of `init` from the sequence starting after `base`.
@@ -95,10 +91,7 @@ mod tests {
 
     #[test]
     fn deterministic_and_name_dependent() {
-        let init = Init::Normal {
-            mean: 0.0,
-            std: 1.0,
-        };
+        let init = Init::Normal { mean: 0.0, std: 1.0 };
         let a = init_param(&init, &[10, 10], "fc1.weight", 0);
         let b = init_param(&init, &[10, 10], "fc1.weight", 0);
         let c = init_param(&init, &[10, 10], "fc2.weight", 0);
@@ -114,28 +107,12 @@ mod tests {
 
     #[test]
     fn uniform_stats() {
-        let v = init_param(
-            &Init::Uniform {
-                low: -0.5,
-                high: 1.5,
-            },
-            &[100_000],
-            "u",
-            3,
-        );
+        let v = init_param(&Init::Uniform { low: -0.5, high: 1.5 }, &[100_000], "u", 3);
         assert!(v.iter().all(|&x| (-0.5..=1.5).contains(&x)));
         let (m, s) = stats(&v);
         assert!((m - 0.5).abs() < 0.01, "{m}");
         assert!((s - 2.0 / 12f64.sqrt()).abs() < 0.01, "{s}");
-        let v = init_param(
-            &Init::Uniform {
-                low: -0.1,
-                high: 0.1,
-            },
-            &[100_000],
-            "u",
-            3,
-        );
+        let v = init_param(&Init::Uniform { low: -0.1, high: 0.1 }, &[100_000], "u", 3);
         let (m, s) = stats(&v);
         assert!(m.abs() < 0.001, "{m}");
         assert!((s - 0.2 / 12f64.sqrt()).abs() < 0.001, "{s}");
@@ -143,15 +120,7 @@ mod tests {
 
     #[test]
     fn normal_stats() {
-        let v = init_param(
-            &Init::Normal {
-                mean: 2.0,
-                std: 0.5,
-            },
-            &[100_000],
-            "n",
-            11,
-        );
+        let v = init_param(&Init::Normal { mean: 2.0, std: 0.5 }, &[100_000], "n", 11);
         assert!(v.iter().all(|x| x.is_finite()));
         let (m, s) = stats(&v);
         assert!((m - 2.0).abs() < 0.01, "{m}");
@@ -162,10 +131,7 @@ mod tests {
     fn constants() {
         assert_eq!(init_param(&Init::Zeros, &[2, 3], "a", 0), vec![0.0; 6]);
         assert_eq!(init_param(&Init::Ones, &[4], "a", 0), vec![1.0; 4]);
-        assert_eq!(
-            init_param(&Init::Constant(0.25), &[3], "a", 0),
-            vec![0.25; 3]
-        );
+        assert_eq!(init_param(&Init::Constant(0.25), &[3], "a", 0), vec![0.25; 3]);
         assert!(init_param(&Init::Ones, &[0, 5], "a", 0).is_empty());
         assert_eq!(init_param(&Init::Ones, &[], "scalar", 0), vec![1.0]);
     }

@@ -14,9 +14,7 @@
 
 use crate::error::{Error, Result};
 use crate::exec::{self, BufData, Buffers};
-use crate::kir::{
-    Access, BinaryOp, Kernel, LoopKernel, MatMulKernel, MatOperand, ReduceOp, ScalarExpr, UnaryOp,
-};
+use crate::kir::{Access, BinaryOp, Kernel, LoopKernel, MatMulKernel, MatOperand, ReduceOp, ScalarExpr, UnaryOp};
 
 // ---------------------------------------------------------------------------------------
 // Scalar functions (the JIT calls the `extern "C"` ones)
@@ -144,23 +142,14 @@ pub fn reduce_combine(op: ReduceOp, acc: f32, v: f32) -> f32 {
 // ---------------------------------------------------------------------------------------
 
 fn element(a: &Access, idx: &[usize]) -> usize {
-    a.offset
-        + idx
-            .iter()
-            .zip(&a.strides)
-            .map(|(i, s)| i * s)
-            .sum::<usize>()
+    a.offset + idx.iter().zip(&a.strides).map(|(i, s)| i * s).sum::<usize>()
 }
 
 fn get(bufs: &Buffers, a: &Access, idx: &[usize]) -> Result<f32> {
     let b = bufs.get(a.buf)?;
     let e = element(a, idx);
     if e >= b.len() {
-        return Err(Error::internal(format!(
-            "load b{}[{e}] is out of bounds ({})",
-            a.buf,
-            b.len()
-        )));
+        return Err(Error::internal(format!("load b{}[{e}] is out of bounds ({})", a.buf, b.len())));
     }
     Ok(b.get_f32(e))
 }
@@ -170,10 +159,7 @@ pub fn eval(e: &ScalarExpr, bufs: &Buffers, idx: &[usize]) -> Result<f32> {
     Ok(match e {
         ScalarExpr::Load(a) => get(bufs, a, idx)?,
         ScalarExpr::Const(c) => *c,
-        ScalarExpr::Index(n) => *idx
-            .get(*n)
-            .ok_or_else(|| Error::internal(format!("index i{n} out of the iteration rank")))?
-            as f32,
+        ScalarExpr::Index(n) => *idx.get(*n).ok_or_else(|| Error::internal(format!("index i{n} out of the iteration rank")))? as f32,
         ScalarExpr::Unary(op, a) => unary(*op, eval(a, bufs, idx)?),
         ScalarExpr::Binary(op, a, b) => binary(*op, eval(a, bufs, idx)?, eval(b, bufs, idx)?),
         ScalarExpr::Select(c, a, b) => {
@@ -189,11 +175,7 @@ fn store(bufs: &mut Buffers, out: &Access, idx: &[usize], v: f32, accumulate: bo
     let b: &mut BufData = bufs.get_mut(out.buf)?;
     let e = element(out, idx);
     if e >= b.len() {
-        return Err(Error::internal(format!(
-            "store b{}[{e}] is out of bounds ({})",
-            out.buf,
-            b.len()
-        )));
+        return Err(Error::internal(format!("store b{}[{e}] is out of bounds ({})", out.buf, b.len())));
     }
     let v = if accumulate { b.get_f32(e) + v } else { v };
     b.set_f32(e, v);
@@ -267,30 +249,17 @@ pub fn run_matmul(k: &MatMulKernel, bufs: &mut Buffers) -> Result<()> {
     let oob = || Error::internal("matmul operand out of bounds");
     let mut bidx = vec![0usize; k.batch.len()];
     loop {
-        let off = |o: &MatOperand| {
-            o.offset
-                + bidx
-                    .iter()
-                    .zip(&o.batch_strides)
-                    .map(|(i, s)| i * s)
-                    .sum::<usize>()
-        };
+        let off = |o: &MatOperand| o.offset + bidx.iter().zip(&o.batch_strides).map(|(i, s)| i * s).sum::<usize>();
         let (ao, bo, co) = (off(&k.a), off(&k.b), off(&k.c));
         for i in 0..k.m {
             for j in 0..k.n {
                 let mut s = 0.0f32;
                 for p in 0..k.k {
-                    let x = a
-                        .get(ao + i * k.a.row_stride + p * k.a.col_stride)
-                        .ok_or_else(oob)?;
-                    let y = b
-                        .get(bo + p * k.b.row_stride + j * k.b.col_stride)
-                        .ok_or_else(oob)?;
+                    let x = a.get(ao + i * k.a.row_stride + p * k.a.col_stride).ok_or_else(oob)?;
+                    let y = b.get(bo + p * k.b.row_stride + j * k.b.col_stride).ok_or_else(oob)?;
                     s += x * y;
                 }
-                let e = c
-                    .get_mut(co + i * k.c.row_stride + j * k.c.col_stride)
-                    .ok_or_else(oob)?;
+                let e = c.get_mut(co + i * k.c.row_stride + j * k.c.col_stride).ok_or_else(oob)?;
                 *e = if k.accumulate { *e + s } else { s };
             }
         }
@@ -355,29 +324,14 @@ mod tests {
     #[test]
     fn loop_kernel_by_hand() {
         // o[i, j] (+)= select(x[j] > 0, x[j] * i, -1) with a strided output sub-view
-        let p = program(
-            vec![buf("x", DType::F32, 3), buf("o", DType::F32, 20)],
-            vec![],
-        );
+        let p = program(vec![buf("x", DType::F32, 3), buf("o", DType::F32, 20)], vec![]);
         let mut bufs = Buffers::new(&p);
         bufs.f32_mut(0).unwrap().copy_from_slice(&[1.0, -2.0, 3.0]);
         bufs.f32_mut(1).unwrap().fill(100.0);
-        let x = ScalarExpr::Load(Access {
-            buf: 0,
-            offset: 0,
-            strides: vec![0, 1],
-        });
+        let x = ScalarExpr::Load(Access { buf: 0, offset: 0, strides: vec![0, 1] });
         let body = ScalarExpr::Select(
-            Box::new(ScalarExpr::Binary(
-                BinaryOp::Gt,
-                Box::new(x.clone()),
-                Box::new(ScalarExpr::Const(0.0)),
-            )),
-            Box::new(ScalarExpr::Binary(
-                BinaryOp::Mul,
-                Box::new(x),
-                Box::new(ScalarExpr::Index(0)),
-            )),
+            Box::new(ScalarExpr::Binary(BinaryOp::Gt, Box::new(x.clone()), Box::new(ScalarExpr::Const(0.0)))),
+            Box::new(ScalarExpr::Binary(BinaryOp::Mul, Box::new(x), Box::new(ScalarExpr::Index(0)))),
             Box::new(ScalarExpr::Const(-1.0)),
         );
         let k = Kernel::Loop(LoopKernel {
@@ -385,11 +339,7 @@ mod tests {
             reduce: None,
             reduced_dims: 0,
             body,
-            out: Access {
-                buf: 1,
-                offset: 2,
-                strides: vec![8, 2],
-            },
+            out: Access { buf: 1, offset: 2, strides: vec![8, 2] },
             accumulate: true,
         });
         run_kernel(&k, &mut bufs).unwrap();

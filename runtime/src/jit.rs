@@ -17,14 +17,10 @@
 
 use crate::error::{Error, Result};
 use crate::interp;
-use crate::kir::{
-    Access, BinaryOp, BufId, DType, Kernel, LoopKernel, Program, ReduceOp, ScalarExpr, UnaryOp,
-};
+use crate::kir::{Access, BinaryOp, BufId, DType, Kernel, LoopKernel, Program, ReduceOp, ScalarExpr, UnaryOp};
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::immediates::Ieee32;
-use cranelift_codegen::ir::{
-    AbiParam, BlockArg, FuncRef, InstBuilder, MemFlagsData, Type, UserFuncName, Value, types,
-};
+use cranelift_codegen::ir::{AbiParam, BlockArg, FuncRef, InstBuilder, MemFlagsData, Type, UserFuncName, Value, types};
 use cranelift_codegen::settings::{self, Configurable};
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext, Variable};
 use cranelift_jit::{JITBuilder, JITModule};
@@ -46,11 +42,7 @@ pub fn normalize(k: &LoopKernel) -> Cow<'_, LoopKernel> {
     fn acc(a: &Access) -> Access {
         let mut strides = vec![0];
         strides.extend_from_slice(&a.strides);
-        Access {
-            buf: a.buf,
-            offset: a.offset,
-            strides,
-        }
+        Access { buf: a.buf, offset: a.offset, strides }
     }
     fn expr(e: &ScalarExpr) -> ScalarExpr {
         match e {
@@ -58,12 +50,8 @@ pub fn normalize(k: &LoopKernel) -> Cow<'_, LoopKernel> {
             ScalarExpr::Const(c) => ScalarExpr::Const(*c),
             ScalarExpr::Index(n) => ScalarExpr::Index(n + 1),
             ScalarExpr::Unary(op, a) => ScalarExpr::Unary(*op, Box::new(expr(a))),
-            ScalarExpr::Binary(op, a, b) => {
-                ScalarExpr::Binary(*op, Box::new(expr(a)), Box::new(expr(b)))
-            }
-            ScalarExpr::Select(c, a, b) => {
-                ScalarExpr::Select(Box::new(expr(c)), Box::new(expr(a)), Box::new(expr(b)))
-            }
+            ScalarExpr::Binary(op, a, b) => ScalarExpr::Binary(*op, Box::new(expr(a)), Box::new(expr(b))),
+            ScalarExpr::Select(c, a, b) => ScalarExpr::Select(Box::new(expr(c)), Box::new(expr(a)), Box::new(expr(b))),
         }
     }
     let mut shape = vec![1];
@@ -188,25 +176,14 @@ pub fn clif_text(program: &Program) -> Result<String> {
 
 fn compile_inner(kernels: &[Option<&LoopKernel>], dtypes: &[DType], mut clif: Option<&mut String>) -> Result<JitProgram> {
     if kernels.iter().all(|k| k.is_none()) {
-        return Ok(JitProgram {
-            module: None,
-            fns: vec![None; kernels.len()],
-        });
+        return Ok(JitProgram { module: None, fns: vec![None; kernels.len()] });
     }
     let mut flags = settings::builder();
-    flags
-        .set("opt_level", "speed")
-        .map_err(|e| cl_err("flags", e))?;
-    flags
-        .set("use_colocated_libcalls", "false")
-        .map_err(|e| cl_err("flags", e))?;
-    flags
-        .set("is_pic", "false")
-        .map_err(|e| cl_err("flags", e))?;
-    let isa = cranelift_native::builder()
-        .map_err(|e| cl_err("host", e))?
-        .finish(settings::Flags::new(flags))
-        .map_err(|e| cl_err("isa", e))?;
+    flags.set("opt_level", "speed").map_err(|e| cl_err("flags", e))?;
+    flags.set("use_colocated_libcalls", "false").map_err(|e| cl_err("flags", e))?;
+    flags.set("is_pic", "false").map_err(|e| cl_err("flags", e))?;
+    let isa =
+        cranelift_native::builder().map_err(|e| cl_err("host", e))?.finish(settings::Flags::new(flags)).map_err(|e| cl_err("isa", e))?;
     let mut jb = JITBuilder::with_isa(isa, default_libcall_names());
     for (e, name, _) in EXTS {
         jb.symbol(name, ext_ptr(e));
@@ -221,9 +198,7 @@ fn compile_inner(kernels: &[Option<&LoopKernel>], dtypes: &[DType], mut clif: Op
             sig.params.push(AbiParam::new(types::F32));
         }
         sig.returns.push(AbiParam::new(types::F32));
-        let id = module
-            .declare_function(name, Linkage::Import, &sig)
-            .map_err(|e| cl_err("declare", e))?;
+        let id = module.declare_function(name, Linkage::Import, &sig).map_err(|e| cl_err("declare", e))?;
         ext_ids.insert(e, id);
     }
 
@@ -244,9 +219,7 @@ fn compile_inner(kernels: &[Option<&LoopKernel>], dtypes: &[DType], mut clif: Op
             continue;
         };
         let k = normalize(k);
-        let id = module
-            .declare_function(&format!("bm_kernel_{i}"), Linkage::Local, &sig)
-            .map_err(|e| cl_err("declare", e))?;
+        let id = module.declare_function(&format!("bm_kernel_{i}"), Linkage::Local, &sig).map_err(|e| cl_err("declare", e))?;
         ctx.func.signature = sig.clone();
         ctx.func.name = UserFuncName::user(0, id.as_u32());
         {
@@ -269,18 +242,14 @@ fn compile_inner(kernels: &[Option<&LoopKernel>], dtypes: &[DType], mut clif: Op
         if let Some(t) = clif.as_deref_mut() {
             t.push_str(&format!("; kernel k{i}\n{}\n", ctx.func.display()));
         }
-        module
-            .define_function(id, &mut ctx)
-            .map_err(|e| cl_err(&format!("kernel k{i}"), format!("{e:?}")))?;
+        module.define_function(id, &mut ctx).map_err(|e| cl_err(&format!("kernel k{i}"), format!("{e:?}")))?;
         if dump && let Some(code) = ctx.compiled_code().and_then(|c| c.vcode.as_ref()) {
             eprintln!("; kernel k{i}\n{}\n{code}", ctx.func.display());
         }
         module.clear_context(&mut ctx);
         ids.push(Some(id));
     }
-    module
-        .finalize_definitions()
-        .map_err(|e| cl_err("finalize", e))?;
+    module.finalize_definitions().map_err(|e| cl_err("finalize", e))?;
     let fns = ids
         .iter()
         .map(|id| {
@@ -291,10 +260,7 @@ fn compile_inner(kernels: &[Option<&LoopKernel>], dtypes: &[DType], mut clif: Op
             })
         })
         .collect();
-    Ok(JitProgram {
-        module: Some(module),
-        fns,
-    })
+    Ok(JitProgram { module: Some(module), fns })
 }
 
 struct Gen<'a, 'k> {
@@ -336,10 +302,7 @@ fn collect<'k>(e: &'k ScalarExpr, out: &mut Vec<&'k Access>) {
 
 impl<'k> Gen<'_, 'k> {
     fn dtype(&self, buf: BufId) -> Result<DType> {
-        self.dtypes
-            .get(buf)
-            .copied()
-            .ok_or_else(|| Error::internal(format!("JIT: buffer b{buf} does not exist")))
+        self.dtypes.get(buf).copied().ok_or_else(|| Error::internal(format!("JIT: buffer b{buf} does not exist")))
     }
 
     fn function(mut self) -> Result<()> {
@@ -359,10 +322,7 @@ impl<'k> Gen<'_, 'k> {
                 Some(&v) => v,
                 None => {
                     let off = (a.buf * self.ptr_ty.bytes() as usize) as i32;
-                    let v = self
-                        .b
-                        .ins()
-                        .load(self.ptr_ty, MemFlagsData::trusted(), bufs, off);
+                    let v = self.b.ins().load(self.ptr_ty, MemFlagsData::trusted(), bufs, off);
                     bases.insert(a.buf, v);
                     v
                 }
@@ -382,9 +342,7 @@ impl<'k> Gen<'_, 'k> {
     }
 
     fn reduce_start(&self) -> Option<(ReduceOp, usize)> {
-        self.k
-            .reduce
-            .map(|op| (op, self.k.shape.len() - self.k.reduced_dims))
+        self.k.reduce.map(|op| (op, self.k.shape.len() - self.k.reduced_dims))
     }
 
     fn f32c(&mut self, x: f32) -> Value {
@@ -505,9 +463,7 @@ impl<'k> Gen<'_, 'k> {
         let fr = match self.ext_refs.get(&e) {
             Some(&f) => f,
             None => {
-                let f = self
-                    .module
-                    .declare_func_in_func(self.ext_ids[&e], self.b.func);
+                let f = self.module.declare_func_in_func(self.ext_ids[&e], self.b.func);
                 self.ext_refs.insert(e, f);
                 f
             }
@@ -525,32 +481,19 @@ impl<'k> Gen<'_, 'k> {
     fn expr(&mut self, e: &ScalarExpr) -> Result<Value> {
         Ok(match e {
             ScalarExpr::Load(a) => {
-                let j = self
-                    .accesses
-                    .iter()
-                    .position(|x| *x == a)
-                    .expect("collected");
+                let j = self.accesses.iter().position(|x| *x == a).expect("collected");
                 let addr = self.addrs[j];
                 match self.dtype(a.buf)? {
-                    DType::F32 => self
-                        .b
-                        .ins()
-                        .load(types::F32, MemFlagsData::trusted(), addr, 0),
+                    DType::F32 => self.b.ins().load(types::F32, MemFlagsData::trusted(), addr, 0),
                     DType::I32 => {
-                        let v = self
-                            .b
-                            .ins()
-                            .load(types::I32, MemFlagsData::trusted(), addr, 0);
+                        let v = self.b.ins().load(types::I32, MemFlagsData::trusted(), addr, 0);
                         self.b.ins().fcvt_from_sint(types::F32, v)
                     }
                 }
             }
             ScalarExpr::Const(c) => self.f32c(*c),
             ScalarExpr::Index(n) => {
-                let i = *self
-                    .idx
-                    .get(*n)
-                    .ok_or_else(|| Error::internal(format!("JIT: index i{n} out of rank")))?;
+                let i = *self.idx.get(*n).ok_or_else(|| Error::internal(format!("JIT: index i{n} out of rank")))?;
                 self.b.ins().fcvt_from_sint(types::F32, i)
             }
             ScalarExpr::Unary(op, a) => {
@@ -672,11 +615,7 @@ mod tests {
     const REDUCE: [ReduceOp; 3] = [ReduceOp::Sum, ReduceOp::Max, ReduceOp::Min];
 
     fn load(buf: BufId, offset: usize, strides: &[usize]) -> ScalarExpr {
-        ScalarExpr::Load(Access {
-            buf,
-            offset,
-            strides: strides.to_vec(),
-        })
+        ScalarExpr::Load(Access { buf, offset, strides: strides.to_vec() })
     }
     fn un(op: UnaryOp, a: ScalarExpr) -> ScalarExpr {
         ScalarExpr::Unary(op, Box::new(a))
@@ -693,13 +632,7 @@ mod tests {
         }
         s
     }
-    fn lp(
-        shape: &[usize],
-        reduce: Option<(ReduceOp, usize)>,
-        body: ScalarExpr,
-        out: Access,
-        accumulate: bool,
-    ) -> Kernel {
+    fn lp(shape: &[usize], reduce: Option<(ReduceOp, usize)>, body: ScalarExpr, out: Access, accumulate: bool) -> Kernel {
         Kernel::Loop(LoopKernel {
             shape: shape.to_vec(),
             reduce: reduce.map(|r| r.0),
@@ -731,13 +664,7 @@ mod tests {
     }
 
     fn need(a: &Access, shape: &[usize]) -> usize {
-        a.offset
-            + shape
-                .iter()
-                .zip(&a.strides)
-                .map(|(n, s)| n.saturating_sub(1) * s)
-                .sum::<usize>()
-            + 1
+        a.offset + shape.iter().zip(&a.strides).map(|(n, s)| n.saturating_sub(1) * s).sum::<usize>() + 1
     }
 
     struct Gen {
@@ -750,11 +677,7 @@ mod tests {
     impl Gen {
         fn access(&mut self) -> Access {
             let buf = self.r.below(self.nin);
-            let a = Access {
-                buf,
-                offset: self.r.below(3),
-                strides: layout(&mut self.r, &self.shape.clone(), true),
-            };
+            let a = Access { buf, offset: self.r.below(3), strides: layout(&mut self.r, &self.shape.clone(), true) };
             self.lens[buf] = self.lens[buf].max(need(&a, &self.shape));
             a
         }
@@ -762,12 +685,8 @@ mod tests {
             let leaf = depth == 0 || self.r.chance(1, 4);
             if leaf {
                 match self.r.below(6) {
-                    0 if !self.shape.is_empty() => {
-                        ScalarExpr::Index(self.r.below(self.shape.len()))
-                    }
-                    1 => ScalarExpr::Const(
-                        [0.0, 1.0, -1.5, 0.5, 2.0, -0.0, f32::INFINITY, f32::NAN][self.r.below(8)],
-                    ),
+                    0 if !self.shape.is_empty() => ScalarExpr::Index(self.r.below(self.shape.len())),
+                    1 => ScalarExpr::Const([0.0, 1.0, -1.5, 0.5, 2.0, -0.0, f32::INFINITY, f32::NAN][self.r.below(8)]),
                     _ => ScalarExpr::Load(self.access()),
                 }
             } else {
@@ -792,21 +711,10 @@ mod tests {
     fn random_program(seed: u64) -> Program {
         let mut r = Rng::new(seed);
         let rank = r.below(5);
-        let shape: Vec<usize> = (0..rank)
-            .map(|_| if r.chance(1, 30) { 0 } else { 1 + r.below(5) })
-            .collect();
+        let shape: Vec<usize> = (0..rank).map(|_| if r.chance(1, 30) { 0 } else { 1 + r.below(5) }).collect();
         let nin = 1 + r.below(3);
-        let mut g = Gen {
-            r,
-            shape: shape.clone(),
-            nin,
-            lens: vec![1; nin],
-        };
-        let reduce = if g.r.chance(1, 2) {
-            Some((REDUCE[g.r.below(3)], g.r.below(rank + 1)))
-        } else {
-            None
-        };
+        let mut g = Gen { r, shape: shape.clone(), nin, lens: vec![1; nin] };
+        let reduce = if g.r.chance(1, 2) { Some((REDUCE[g.r.below(3)], g.r.below(rank + 1))) } else { None };
         let depth = 1 + g.r.below(4);
         let body = g.expr(depth);
         let nred = reduce.map_or(0, |r| r.1);
@@ -816,35 +724,16 @@ mod tests {
         strides.resize(rank, 0);
         let inplace = reduce.is_none() && g.r.chance(1, 5);
         let out_buf = if inplace { 0 } else { nin };
-        let out = Access {
-            buf: out_buf,
-            offset: g.r.below(3),
-            strides,
-        };
+        let out = Access { buf: out_buf, offset: g.r.below(3), strides };
         let out_len = need(&out, &shape);
         let mut body = body;
         if inplace {
             g.lens[0] = g.lens[0].max(out_len);
             body = bin(BinaryOp::Add, body, ScalarExpr::Load(out.clone()));
         }
-        let mut buffers: Vec<Buffer> = (0..nin)
-            .map(|i| {
-                buf(
-                    &format!("in{i}"),
-                    if g.r.chance(1, 5) {
-                        DType::I32
-                    } else {
-                        DType::F32
-                    },
-                    g.lens[i],
-                )
-            })
-            .collect();
-        let odt = if g.r.chance(1, 6) {
-            DType::I32
-        } else {
-            DType::F32
-        };
+        let mut buffers: Vec<Buffer> =
+            (0..nin).map(|i| buf(&format!("in{i}"), if g.r.chance(1, 5) { DType::I32 } else { DType::F32 }, g.lens[i])).collect();
+        let odt = if g.r.chance(1, 6) { DType::I32 } else { DType::F32 };
         if !inplace {
             buffers.push(buf("out", odt, out_len));
         }
@@ -872,67 +761,23 @@ mod tests {
     #[test]
     fn every_unary_and_binary_op() {
         let n = 64;
-        let bufs = vec![
-            buf("x", DType::F32, n),
-            buf("y", DType::F32, n),
-            buf("o", DType::F32, n),
-        ];
+        let bufs = vec![buf("x", DType::F32, n), buf("y", DType::F32, n), buf("o", DType::F32, n)];
         for op in UNARY {
             let p = program(
                 bufs.clone(),
-                vec![lp(
-                    &[n],
-                    None,
-                    un(op, load(0, 0, &[1])),
-                    Access {
-                        buf: 2,
-                        offset: 0,
-                        strides: vec![1],
-                    },
-                    false,
-                )],
+                vec![lp(&[n], None, un(op, load(0, 0, &[1])), Access { buf: 2, offset: 0, strides: vec![1] }, false)],
             );
             check_jit(&p, 1, 1, true, 0.0);
             check_jit(&p, 2, 1, false, 0.0);
         }
         for op in BINARY {
             let body = bin(op, load(0, 0, &[1]), load(1, 0, &[1]));
-            let p = program(
-                bufs.clone(),
-                vec![lp(
-                    &[n],
-                    None,
-                    body,
-                    Access {
-                        buf: 2,
-                        offset: 0,
-                        strides: vec![1],
-                    },
-                    false,
-                )],
-            );
+            let p = program(bufs.clone(), vec![lp(&[n], None, body, Access { buf: 2, offset: 0, strides: vec![1] }, false)]);
             check_jit(&p, 3, 1, true, 0.0);
             check_jit(&p, 4, 1, false, 0.0);
             // equal operands matter for comparisons, max/min and -0/+0
-            let body = bin(
-                op,
-                load(0, 0, &[1]),
-                un(UnaryOp::Neg, un(UnaryOp::Neg, load(0, 0, &[1]))),
-            );
-            let p = program(
-                bufs.clone(),
-                vec![lp(
-                    &[n],
-                    None,
-                    body,
-                    Access {
-                        buf: 2,
-                        offset: 0,
-                        strides: vec![1],
-                    },
-                    false,
-                )],
-            );
+            let body = bin(op, load(0, 0, &[1]), un(UnaryOp::Neg, un(UnaryOp::Neg, load(0, 0, &[1]))));
+            let p = program(bufs.clone(), vec![lp(&[n], None, body, Access { buf: 2, offset: 0, strides: vec![1] }, false)]);
             check_jit(&p, 5, 1, true, 0.0);
         }
     }
@@ -952,43 +797,22 @@ mod tests {
                     &[6],
                     None,
                     bin(BinaryOp::Max, load(0, 0, &[1]), load(1, 0, &[1])),
-                    Access {
-                        buf: 2,
-                        offset: 0,
-                        strides: vec![1],
-                    },
+                    Access { buf: 2, offset: 0, strides: vec![1] },
                     false,
                 ),
                 lp(
                     &[6],
                     None,
                     bin(BinaryOp::Min, load(0, 0, &[1]), load(1, 0, &[1])),
-                    Access {
-                        buf: 3,
-                        offset: 0,
-                        strides: vec![1],
-                    },
+                    Access { buf: 3, offset: 0, strides: vec![1] },
                     false,
                 ),
-                lp(
-                    &[6],
-                    None,
-                    un(UnaryOp::Relu, load(0, 0, &[1])),
-                    Access {
-                        buf: 4,
-                        offset: 0,
-                        strides: vec![1],
-                    },
-                    false,
-                ),
+                lp(&[6], None, un(UnaryOp::Relu, load(0, 0, &[1])), Access { buf: 4, offset: 0, strides: vec![1] }, false),
             ],
         );
         let x = [f32::NAN, 1.0, -0.0, 0.0, 3.0, f32::NAN];
         let y = [1.0, f32::NAN, 0.0, -0.0, -3.0, f32::NAN];
-        for mut e in [
-            crate::exec::Executor::interpreted(&p).unwrap(),
-            crate::exec::Executor::new(&p, 1).unwrap(),
-        ] {
+        for mut e in [crate::exec::Executor::interpreted(&p).unwrap(), crate::exec::Executor::new(&p, 1).unwrap()] {
             e.f32_mut(0).unwrap().copy_from_slice(&x);
             e.f32_mut(1).unwrap().copy_from_slice(&y);
             e.run("main").unwrap();
@@ -997,14 +821,8 @@ mod tests {
             let relu = e.f32(4).unwrap();
             assert!(mx[0].is_nan() && mx[1].is_nan() && mx[5].is_nan());
             assert!(mn[0].is_nan() && mn[1].is_nan() && mn[5].is_nan());
-            assert_eq!(
-                (mx[2].to_bits(), mx[3].to_bits(), mx[4]),
-                (0.0f32.to_bits(), 0.0f32.to_bits(), 3.0)
-            );
-            assert_eq!(
-                (mn[2].to_bits(), mn[3].to_bits(), mn[4]),
-                ((-0.0f32).to_bits(), (-0.0f32).to_bits(), -3.0)
-            );
+            assert_eq!((mx[2].to_bits(), mx[3].to_bits(), mx[4]), (0.0f32.to_bits(), 0.0f32.to_bits(), 3.0));
+            assert_eq!((mn[2].to_bits(), mn[3].to_bits(), mn[4]), ((-0.0f32).to_bits(), (-0.0f32).to_bits(), -3.0));
             assert!(relu[0].is_nan());
             assert_eq!(&relu[1..5], &[1.0, 0.0, 0.0, 3.0]);
             assert_eq!(relu[2].to_bits(), 0.0f32.to_bits());
@@ -1025,34 +843,12 @@ mod tests {
                     ostr.resize(4, 0);
                     let out_len = shape[..keep].iter().product::<usize>();
                     for accumulate in [false, true] {
-                        let x = Access {
-                            buf: 0,
-                            offset: 1,
-                            strides: strides.clone(),
-                        };
+                        let x = Access { buf: 0, offset: 1, strides: strides.clone() };
                         let len = need(&x, &shape);
-                        let body = bin(
-                            BinaryOp::Mul,
-                            ScalarExpr::Load(x),
-                            load(1, 0, &[0, 0, 1, 0]),
-                        );
+                        let body = bin(BinaryOp::Mul, ScalarExpr::Load(x), load(1, 0, &[0, 0, 1, 0]));
                         let p = program(
-                            vec![
-                                buf("x", DType::F32, len.max(n)),
-                                buf("w", DType::F32, 5),
-                                buf("o", DType::F32, out_len),
-                            ],
-                            vec![lp(
-                                &shape,
-                                Some((op, nred)),
-                                body,
-                                Access {
-                                    buf: 2,
-                                    offset: 0,
-                                    strides: ostr.clone(),
-                                },
-                                accumulate,
-                            )],
+                            vec![buf("x", DType::F32, len.max(n)), buf("w", DType::F32, 5), buf("o", DType::F32, out_len)],
+                            vec![lp(&shape, Some((op, nred)), body, Access { buf: 2, offset: 0, strides: ostr.clone() }, accumulate)],
                         );
                         check_jit(&p, perm, 1, false, 0.0);
                     }
@@ -1066,100 +862,35 @@ mod tests {
         // o[i] = sum_j x[i, j]; m[i] = max_j x[j, i] (transposed read); full min into s
         let x: Vec<f32> = (0..12).map(|v| ((v * 7) % 12) as f32 - 5.0).collect();
         let p = program(
+            vec![buf("x", DType::F32, 12), buf("o", DType::F32, 3), buf("m", DType::F32, 4), buf("s", DType::F32, 1)],
             vec![
-                buf("x", DType::F32, 12),
-                buf("o", DType::F32, 3),
-                buf("m", DType::F32, 4),
-                buf("s", DType::F32, 1),
-            ],
-            vec![
-                lp(
-                    &[3, 4],
-                    Some((ReduceOp::Sum, 1)),
-                    load(0, 0, &[4, 1]),
-                    Access {
-                        buf: 1,
-                        offset: 0,
-                        strides: vec![1, 0],
-                    },
-                    false,
-                ),
-                lp(
-                    &[4, 3],
-                    Some((ReduceOp::Max, 1)),
-                    load(0, 0, &[1, 4]),
-                    Access {
-                        buf: 2,
-                        offset: 0,
-                        strides: vec![1, 0],
-                    },
-                    false,
-                ),
-                lp(
-                    &[3, 4],
-                    Some((ReduceOp::Min, 2)),
-                    load(0, 0, &[4, 1]),
-                    Access {
-                        buf: 3,
-                        offset: 0,
-                        strides: vec![0, 0],
-                    },
-                    false,
-                ),
+                lp(&[3, 4], Some((ReduceOp::Sum, 1)), load(0, 0, &[4, 1]), Access { buf: 1, offset: 0, strides: vec![1, 0] }, false),
+                lp(&[4, 3], Some((ReduceOp::Max, 1)), load(0, 0, &[1, 4]), Access { buf: 2, offset: 0, strides: vec![1, 0] }, false),
+                lp(&[3, 4], Some((ReduceOp::Min, 2)), load(0, 0, &[4, 1]), Access { buf: 3, offset: 0, strides: vec![0, 0] }, false),
             ],
         );
-        for mut e in [
-            crate::exec::Executor::interpreted(&p).unwrap(),
-            crate::exec::Executor::new(&p, 1).unwrap(),
-        ] {
+        for mut e in [crate::exec::Executor::interpreted(&p).unwrap(), crate::exec::Executor::new(&p, 1).unwrap()] {
             e.f32_mut(0).unwrap().copy_from_slice(&x);
             e.run("main").unwrap();
             let want_o: Vec<f32> = (0..3).map(|i| (0..4).map(|j| x[i * 4 + j]).sum()).collect();
-            let want_m: Vec<f32> = (0..4)
-                .map(|i| {
-                    (0..3)
-                        .map(|j| x[j * 4 + i])
-                        .fold(f32::NEG_INFINITY, f32::max)
-                })
-                .collect();
+            let want_m: Vec<f32> = (0..4).map(|i| (0..3).map(|j| x[j * 4 + i]).fold(f32::NEG_INFINITY, f32::max)).collect();
             assert_eq!(e.f32(1).unwrap(), &want_o[..]);
             assert_eq!(e.f32(2).unwrap(), &want_m[..]);
-            assert_eq!(
-                e.f32(3).unwrap()[0],
-                x.iter().copied().fold(f32::INFINITY, f32::min)
-            );
+            assert_eq!(e.f32(3).unwrap()[0], x.iter().copied().fold(f32::INFINITY, f32::min));
         }
     }
 
     #[test]
     fn empty_reduction_gives_identity_and_rank0() {
         let p = program(
+            vec![buf("x", DType::F32, 4), buf("o", DType::F32, 3), buf("s", DType::F32, 1)],
             vec![
-                buf("x", DType::F32, 4),
-                buf("o", DType::F32, 3),
-                buf("s", DType::F32, 1),
-            ],
-            vec![
-                lp(
-                    &[3, 0],
-                    Some((ReduceOp::Max, 1)),
-                    load(0, 0, &[1, 1]),
-                    Access {
-                        buf: 1,
-                        offset: 0,
-                        strides: vec![1, 0],
-                    },
-                    false,
-                ),
+                lp(&[3, 0], Some((ReduceOp::Max, 1)), load(0, 0, &[1, 1]), Access { buf: 1, offset: 0, strides: vec![1, 0] }, false),
                 lp(
                     &[],
                     None,
                     bin(BinaryOp::Add, load(0, 2, &[]), ScalarExpr::Const(1.0)),
-                    Access {
-                        buf: 2,
-                        offset: 0,
-                        strides: vec![],
-                    },
+                    Access { buf: 2, offset: 0, strides: vec![] },
                     true,
                 ),
             ],
@@ -1172,65 +903,34 @@ mod tests {
     fn index_i32_loads_and_i32_rounding() {
         // o[i, j] = ids[i] * 10 + j + 0.5 → i32 with ties to even
         let p = program(
-            vec![
-                buf("ids", DType::I32, 3),
-                buf("o", DType::I32, 12),
-                buf("f", DType::F32, 12),
-            ],
+            vec![buf("ids", DType::I32, 3), buf("o", DType::I32, 12), buf("f", DType::F32, 12)],
             vec![
                 lp(
                     &[3, 4],
                     None,
                     bin(
                         BinaryOp::Add,
-                        bin(
-                            BinaryOp::Add,
-                            bin(BinaryOp::Mul, load(0, 0, &[1, 0]), ScalarExpr::Const(10.0)),
-                            ScalarExpr::Index(1),
-                        ),
+                        bin(BinaryOp::Add, bin(BinaryOp::Mul, load(0, 0, &[1, 0]), ScalarExpr::Const(10.0)), ScalarExpr::Index(1)),
                         ScalarExpr::Const(0.5),
                     ),
-                    Access {
-                        buf: 1,
-                        offset: 0,
-                        strides: vec![4, 1],
-                    },
+                    Access { buf: 1, offset: 0, strides: vec![4, 1] },
                     false,
                 ),
-                lp(
-                    &[3, 4],
-                    None,
-                    ScalarExpr::Index(0),
-                    Access {
-                        buf: 2,
-                        offset: 0,
-                        strides: vec![1, 3],
-                    },
-                    false,
-                ),
+                lp(&[3, 4], None, ScalarExpr::Index(0), Access { buf: 2, offset: 0, strides: vec![1, 3] }, false),
             ],
         );
-        for mut e in [
-            crate::exec::Executor::interpreted(&p).unwrap(),
-            crate::exec::Executor::new(&p, 1).unwrap(),
-        ] {
+        for mut e in [crate::exec::Executor::interpreted(&p).unwrap(), crate::exec::Executor::new(&p, 1).unwrap()] {
             e.i32_mut(0).unwrap().copy_from_slice(&[1, 2, -3]);
             e.run("main").unwrap();
             let want: Vec<i32> = [1, 2, -3]
                 .iter()
-                .flat_map(|&id| {
-                    (0..4)
-                        .map(move |j| (id as f32 * 10.0 + j as f32 + 0.5).round_ties_even() as i32)
-                })
+                .flat_map(|&id| (0..4).map(move |j| (id as f32 * 10.0 + j as f32 + 0.5).round_ties_even() as i32))
                 .collect();
             assert_eq!(e.i32(1).unwrap(), &want[..]);
             assert_eq!(e.i32(1).unwrap()[0], 10); // 10.5 → 10
             assert_eq!(e.i32(1).unwrap()[1], 12); // 11.5 → 12
             let f = e.f32(2).unwrap();
-            assert_eq!(
-                f,
-                &[0.0, 1.0, 2.0, 0.0, 1.0, 2.0, 0.0, 1.0, 2.0, 0.0, 1.0, 2.0]
-            );
+            assert_eq!(f, &[0.0, 1.0, 2.0, 0.0, 1.0, 2.0, 0.0, 1.0, 2.0, 0.0, 1.0, 2.0]);
         }
     }
 
@@ -1250,65 +950,24 @@ mod tests {
             lp(
                 &[m, n],
                 None,
-                un(
-                    UnaryOp::Tanh,
-                    bin(BinaryOp::Add, load(0, 0, &[n, 1]), load(1, 0, &[0, 1])),
-                ),
-                Access {
-                    buf: 2,
-                    offset: 0,
-                    strides: vec![n, 1],
-                },
+                un(UnaryOp::Tanh, bin(BinaryOp::Add, load(0, 0, &[n, 1]), load(1, 0, &[0, 1]))),
+                Access { buf: 2, offset: 0, strides: vec![n, 1] },
                 false,
             ),
             // row reduction
-            lp(
-                &[m, n],
-                Some((ReduceOp::Sum, 1)),
-                load(2, 0, &[n, 1]),
-                Access {
-                    buf: 3,
-                    offset: 0,
-                    strides: vec![1, 0],
-                },
-                true,
-            ),
+            lp(&[m, n], Some((ReduceOp::Sum, 1)), load(2, 0, &[n, 1]), Access { buf: 3, offset: 0, strides: vec![1, 0] }, true),
             // transposed write
-            lp(
-                &[m, n],
-                None,
-                load(0, 0, &[n, 1]),
-                Access {
-                    buf: 4,
-                    offset: 0,
-                    strides: vec![1, m],
-                },
-                false,
-            ),
+            lp(&[m, n], None, load(0, 0, &[n, 1]), Access { buf: 4, offset: 0, strides: vec![1, m] }, false),
             // in-place update
             lp(
                 &[m, n],
                 None,
                 bin(BinaryOp::Mul, load(4, 0, &[n, 1]), ScalarExpr::Const(0.5)),
-                Access {
-                    buf: 4,
-                    offset: 0,
-                    strides: vec![n, 1],
-                },
+                Access { buf: 4, offset: 0, strides: vec![n, 1] },
                 true,
             ),
             // full reduction
-            lp(
-                &[m, n],
-                Some((ReduceOp::Max, 2)),
-                load(4, 0, &[n, 1]),
-                Access {
-                    buf: 5,
-                    offset: 0,
-                    strides: vec![0, 0],
-                },
-                false,
-            ),
+            lp(&[m, n], Some((ReduceOp::Max, 2)), load(4, 0, &[n, 1]), Access { buf: 5, offset: 0, strides: vec![0, 0] }, false),
         ];
         let p = program(bufs, ks);
         check_jit(&p, 77, 4, false, 0.0);
@@ -1322,21 +981,14 @@ mod tests {
             reduce: Some(ReduceOp::Sum),
             reduced_dims: 2,
             body: ScalarExpr::Index(1),
-            out: Access {
-                buf: 0,
-                offset: 0,
-                strides: vec![0, 0],
-            },
+            out: Access { buf: 0, offset: 0, strides: vec![0, 0] },
             accumulate: false,
         };
         let n = normalize(&k);
         assert_eq!(n.shape, vec![1, 2, 3]);
         assert_eq!(n.body, ScalarExpr::Index(2));
         assert_eq!(n.out.strides, vec![0, 0, 0]);
-        let k2 = LoopKernel {
-            reduced_dims: 1,
-            ..k
-        };
+        let k2 = LoopKernel { reduced_dims: 1, ..k };
         assert!(matches!(normalize(&k2), Cow::Borrowed(_)));
     }
 }

@@ -266,13 +266,7 @@ impl Program {
                 BufKind::Hyper => "hyper",
                 BufKind::Temp => "temp",
             };
-            let _ = writeln!(
-                s,
-                "buf b{i}: {}{:?} {kind} \"{}\"",
-                b.dtype.name(),
-                b.shape,
-                b.name
-            );
+            let _ = writeln!(s, "buf b{i}: {}{:?} {kind} \"{}\"", b.dtype.name(), b.shape, b.name);
         }
         for (i, k) in self.kernels.iter().enumerate() {
             let _ = writeln!(s, "\nk{i}: {}", kernel_text(k));
@@ -280,13 +274,7 @@ impl Program {
         for e in &self.entries {
             let ks: Vec<String> = e.kernels.iter().map(|k| format!("k{k}")).collect();
             let rs: Vec<String> = e.results.iter().map(|(n, b)| format!("{n}=b{b}")).collect();
-            let _ = writeln!(
-                s,
-                "\nentry {} [{}] -> {{{}}}",
-                e.name,
-                ks.join(" "),
-                rs.join(", ")
-            );
+            let _ = writeln!(s, "\nentry {} [{}] -> {{{}}}", e.name, ks.join(" "), rs.join(", "));
         }
         s
     }
@@ -297,28 +285,18 @@ fn access_text(a: &Access) -> String {
 }
 
 fn operand_text(o: &MatOperand) -> String {
-    format!(
-        "b{}[{}; batch {:?}, row {}, col {}]",
-        o.buf, o.offset, o.batch_strides, o.row_stride, o.col_stride
-    )
+    format!("b{}[{}; batch {:?}, row {}, col {}]", o.buf, o.offset, o.batch_strides, o.row_stride, o.col_stride)
 }
 
 pub fn kernel_text(k: &Kernel) -> String {
     match k {
         Kernel::Loop(l) => {
             let head = match l.reduce {
-                Some(op) => format!(
-                    "loop {:?} reduce {:?} over last {}",
-                    l.shape, op, l.reduced_dims
-                ),
+                Some(op) => format!("loop {:?} reduce {:?} over last {}", l.shape, op, l.reduced_dims),
                 None => format!("loop {:?}", l.shape),
             };
             let assign = if l.accumulate { "+=" } else { "=" };
-            format!(
-                "{head}\n    {} {assign} {}",
-                access_text(&l.out),
-                expr_text(&l.body)
-            )
+            format!("{head}\n    {} {assign} {}", access_text(&l.out), expr_text(&l.body))
         }
         Kernel::MatMul(m) => format!(
             "matmul batch {:?} m {} n {} k {}\n    {} {} {} @ {}",
@@ -331,15 +309,9 @@ pub fn kernel_text(k: &Kernel) -> String {
             operand_text(&m.a),
             operand_text(&m.b)
         ),
-        Kernel::Gather(g) => format!(
-            "gather b{} = b{}[b{}] n {} rows {} dim {}",
-            g.out, g.table, g.ids, g.n, g.rows, g.dim
-        ),
+        Kernel::Gather(g) => format!("gather b{} = b{}[b{}] n {} rows {} dim {}", g.out, g.table, g.ids, g.n, g.rows, g.dim),
         Kernel::ScatterAdd(g) => {
-            format!(
-                "scatter_add b{}[b{}] += b{} n {} rows {} dim {}",
-                g.out, g.ids, g.src, g.n, g.rows, g.dim
-            )
+            format!("scatter_add b{}[b{}] += b{} n {} rows {} dim {}", g.out, g.ids, g.src, g.n, g.rows, g.dim)
         }
     }
 }
@@ -352,17 +324,7 @@ pub fn expr_text(e: &ScalarExpr) -> String {
         ScalarExpr::Unary(op, a) => {
             format!("{}({})", format!("{op:?}").to_lowercase(), expr_text(a))
         }
-        ScalarExpr::Binary(op, a, b) => format!(
-            "{}({}, {})",
-            format!("{op:?}").to_lowercase(),
-            expr_text(a),
-            expr_text(b)
-        ),
-        ScalarExpr::Select(c, a, b) => format!(
-            "select({}, {}, {})",
-            expr_text(c),
-            expr_text(a),
-            expr_text(b)
-        ),
+        ScalarExpr::Binary(op, a, b) => format!("{}({}, {})", format!("{op:?}").to_lowercase(), expr_text(a), expr_text(b)),
+        ScalarExpr::Select(c, a, b) => format!("select({}, {}, {})", expr_text(c), expr_text(a), expr_text(b)),
     }
 }

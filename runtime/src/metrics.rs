@@ -77,19 +77,12 @@ fn hostname() -> String {
         .or_else(|| std::env::var("HOSTNAME").ok())
         .or_else(|| std::env::var("COMPUTERNAME").ok())
         .unwrap_or_default();
-    let h: String = raw
-        .trim()
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-        .collect();
+    let h: String = raw.trim().chars().filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')).collect();
     if h.is_empty() { "localhost".into() } else { h }
 }
 
 fn now_s() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
 
 impl MetricsWriter {
@@ -115,29 +108,15 @@ impl MetricsWriter {
                 }
             }
         }
-        let jsonl = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&jpath)
-            .map_err(|e| io_err("open", &jpath, e))?;
+        let jsonl = OpenOptions::new().create(true).append(true).open(&jpath).map_err(|e| io_err("open", &jpath, e))?;
         let secs = now_s() as u64;
         let host = hostname();
         let mut events_path = dir.join(format!("events.out.tfevents.{secs}.{host}"));
         if events_path.exists() {
-            events_path = dir.join(format!(
-                "events.out.tfevents.{secs}.{host}.{}",
-                std::process::id()
-            ));
+            events_path = dir.join(format!("events.out.tfevents.{secs}.{host}.{}", std::process::id()));
         }
         let events = File::create(&events_path).map_err(|e| io_err("create", &events_path, e))?;
-        let mut w = MetricsWriter {
-            dir: dir.to_path_buf(),
-            jsonl,
-            events,
-            events_path,
-            train,
-            eval,
-        };
+        let mut w = MetricsWriter { dir: dir.to_path_buf(), jsonl, events, events_path, train, eval };
         let first = encode_event(now_s(), 0, Some("brain.Event:2"), &[]);
         w.write_record(&first)?;
         Ok(w)
@@ -157,22 +136,15 @@ impl MetricsWriter {
 
     fn write_record(&mut self, data: &[u8]) -> Result<()> {
         let rec = tf_record(data);
-        self.events
-            .write_all(&rec)
-            .and_then(|_| self.events.flush())
-            .map_err(|e| io_err("write", &self.events_path, e))
+        self.events.write_all(&rec).and_then(|_| self.events.flush()).map_err(|e| io_err("write", &self.events_path, e))
     }
 
     /// Appends one step to `metrics.jsonl` and the event file (both flushed).
     pub fn log(&mut self, m: &StepMetrics) -> Result<()> {
-        let mut line =
-            serde_json::to_string(m).map_err(|e| Error::internal(format!("metrics json: {e}")))?;
+        let mut line = serde_json::to_string(m).map_err(|e| Error::internal(format!("metrics json: {e}")))?;
         line.push('\n');
         let jpath = self.jsonl_path();
-        self.jsonl
-            .write_all(line.as_bytes())
-            .and_then(|_| self.jsonl.flush())
-            .map_err(|e| io_err("write", &jpath, e))?;
+        self.jsonl.write_all(line.as_bytes()).and_then(|_| self.jsonl.flush()).map_err(|e| io_err("write", &jpath, e))?;
         let ev = encode_event(now_s(), m.step as i64, None, &m.scalars());
         self.write_record(&ev)?;
         // A resumed run restarts from an earlier step: drop the abandoned future.
@@ -189,9 +161,7 @@ impl MetricsWriter {
     pub fn write_svg(&self) -> Result<()> {
         let svg = render_svg(&self.train, &self.eval);
         let path = self.svg_path();
-        let tmp = self
-            .dir
-            .join(format!(".loss.svg.tmp.{}", std::process::id()));
+        let tmp = self.dir.join(format!(".loss.svg.tmp.{}", std::process::id()));
         std::fs::write(&tmp, svg).map_err(|e| io_err("write", &tmp, e))?;
         std::fs::rename(&tmp, &path).map_err(|e| {
             let _ = std::fs::remove_file(&tmp);
@@ -209,11 +179,7 @@ const CRC32C_TABLE: [u32; 256] = {
         let mut c = i as u32;
         let mut k = 0;
         while k < 8 {
-            c = if c & 1 != 0 {
-                (c >> 1) ^ 0x82F6_3B78
-            } else {
-                c >> 1
-            };
+            c = if c & 1 != 0 { (c >> 1) ^ 0x82F6_3B78 } else { c >> 1 };
             k += 1;
         }
         t[i] = c;
@@ -269,12 +235,7 @@ fn bytes_field(out: &mut Vec<u8>, field: u64, b: &[u8]) {
 /// A `tensorflow.Event`: wall_time (1, double), step (2, int64), file_version (3,
 /// string) or summary (5) with one `Summary.Value { tag (1), simple_value (2, float) }`
 /// per scalar.
-pub fn encode_event(
-    wall_time: f64,
-    step: i64,
-    file_version: Option<&str>,
-    scalars: &[(&str, f64)],
-) -> Vec<u8> {
+pub fn encode_event(wall_time: f64, step: i64, file_version: Option<&str>, scalars: &[(&str, f64)]) -> Vec<u8> {
     let mut out = Vec::new();
     key(&mut out, 1, 1);
     out.extend_from_slice(&wall_time.to_le_bytes());
@@ -319,11 +280,7 @@ fn nice_step(range: f64, n: f64) -> f64 {
 }
 
 fn fmt_num(v: f64, step: f64) -> String {
-    let decimals = if step >= 1.0 {
-        0
-    } else {
-        (-step.log10().floor()) as usize
-    };
+    let decimals = if step >= 1.0 { 0 } else { (-step.log10().floor()) as usize };
     format!("{v:.decimals$}")
 }
 
@@ -354,11 +311,7 @@ pub fn render_svg(train: &[(u64, f64)], eval: &[(u64, f64)]) -> String {
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">"#
     );
     let _ = writeln!(s, r#"<rect width="{w}" height="{h}" fill="white"/>"#);
-    let _ = writeln!(
-        s,
-        r#"<text x="{}" y="24" text-anchor="middle" font-size="15">Loss</text>"#,
-        w / 2.0
-    );
+    let _ = writeln!(s, r#"<text x="{}" y="24" text-anchor="middle" font-size="15">Loss</text>"#, w / 2.0);
     let (x0, x1) = match (all.iter().map(|p| p.0).min(), all.iter().map(|p| p.0).max()) {
         (Some(a), Some(b)) if b > a => (a as f64, b as f64),
         (Some(a), _) => (a as f64, a as f64 + 1.0),
@@ -366,11 +319,7 @@ pub fn render_svg(train: &[(u64, f64)], eval: &[(u64, f64)]) -> String {
     };
     let lo = all.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
     let hi = all.iter().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
-    let (mut y0, mut y1) = if lo.is_finite() && hi.is_finite() {
-        (lo, hi)
-    } else {
-        (0.0, 1.0)
-    };
+    let (mut y0, mut y1) = if lo.is_finite() && hi.is_finite() { (lo, hi) } else { (0.0, 1.0) };
     if y1 - y0 < 1e-12 {
         let d = (y0.abs() * 0.1).max(0.5);
         y0 -= d;
@@ -387,47 +336,20 @@ pub fn render_svg(train: &[(u64, f64)], eval: &[(u64, f64)]) -> String {
     let mut t = (y0 / ystep).ceil() * ystep;
     while t <= y1 + ystep * 1e-9 {
         let y = sy(t);
-        let _ = writeln!(
-            s,
-            r##"<line x1="{ml}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="#e5e5e5"/>"##,
-            ml + pw
-        );
-        let _ = writeln!(
-            s,
-            r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"#,
-            ml - 6.0,
-            y + 4.0,
-            fmt_num(t, ystep)
-        );
+        let _ = writeln!(s, r##"<line x1="{ml}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="#e5e5e5"/>"##, ml + pw);
+        let _ = writeln!(s, r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"#, ml - 6.0, y + 4.0, fmt_num(t, ystep));
         t += ystep;
     }
     let xstep = nice_step(x1 - x0, 8.0).max(1.0);
     let mut t = (x0 / xstep).ceil() * xstep;
     while t <= x1 + xstep * 1e-9 {
         let x = sx(t);
-        let _ = writeln!(
-            s,
-            r##"<line x1="{x:.1}" y1="{mt}" x2="{x:.1}" y2="{:.1}" stroke="#e5e5e5"/>"##,
-            mt + ph
-        );
-        let _ = writeln!(
-            s,
-            r#"<text x="{x:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
-            mt + ph + 18.0,
-            fmt_num(t, xstep)
-        );
+        let _ = writeln!(s, r##"<line x1="{x:.1}" y1="{mt}" x2="{x:.1}" y2="{:.1}" stroke="#e5e5e5"/>"##, mt + ph);
+        let _ = writeln!(s, r#"<text x="{x:.1}" y="{:.1}" text-anchor="middle">{}</text>"#, mt + ph + 18.0, fmt_num(t, xstep));
         t += xstep;
     }
-    let _ = writeln!(
-        s,
-        r##"<rect x="{ml}" y="{mt}" width="{pw}" height="{ph}" fill="none" stroke="#333"/>"##
-    );
-    let _ = writeln!(
-        s,
-        r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">step</text>"#,
-        ml + pw / 2.0,
-        h - 12.0
-    );
+    let _ = writeln!(s, r##"<rect x="{ml}" y="{mt}" width="{pw}" height="{ph}" fill="none" stroke="#333"/>"##);
+    let _ = writeln!(s, r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">step</text>"#, ml + pw / 2.0, h - 12.0);
     let _ = writeln!(
         s,
         r#"<text x="16" y="{:.1}" text-anchor="middle" transform="rotate(-90 16 {:.1})">loss</text>"#,
@@ -439,15 +361,8 @@ pub fn render_svg(train: &[(u64, f64)], eval: &[(u64, f64)]) -> String {
         if pts.is_empty() {
             continue;
         }
-        let coords: Vec<String> = pts
-            .iter()
-            .map(|&(x, y)| format!("{:.1},{:.1}", sx(x as f64), sy(y)))
-            .collect();
-        let _ = writeln!(
-            s,
-            r#"<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{}"/>"#,
-            coords.join(" ")
-        );
+        let coords: Vec<String> = pts.iter().map(|&(x, y)| format!("{:.1},{:.1}", sx(x as f64), sy(y))).collect();
+        let _ = writeln!(s, r#"<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{}"/>"#, coords.join(" "));
         if pts.len() <= 60 {
             for c in &coords {
                 let (cx, cy) = c.split_once(',').unwrap();
@@ -458,10 +373,7 @@ pub fn render_svg(train: &[(u64, f64)], eval: &[(u64, f64)]) -> String {
     // legend
     let lx = ml + pw - 130.0;
     let mut ly = mt + 16.0;
-    for (label, color, present) in [
-        ("train loss", "#1f77b4", !train.is_empty()),
-        ("eval loss", "#ff7f0e", !eval.is_empty()),
-    ] {
+    for (label, color, present) in [("train loss", "#1f77b4", !train.is_empty()), ("eval loss", "#ff7f0e", !eval.is_empty())] {
         if !present {
             continue;
         }
@@ -581,18 +493,17 @@ mod tests {
         let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 5);
-        assert!(lines[0].starts_with(r#"{"step":0,"loss":2.0,"lr":0.001,"grad_norm":0.5,"throughput":1000.0,"elapsed_s":0.0}"#), "{}", lines[0]);
+        assert!(
+            lines[0].starts_with(r#"{"step":0,"loss":2.0,"lr":0.001,"grad_norm":0.5,"throughput":1000.0,"elapsed_s":0.0}"#),
+            "{}",
+            lines[0]
+        );
         let last: StepMetrics = serde_json::from_str(lines[4]).unwrap();
         assert_eq!(last.eval_accuracy, Some(0.25));
         assert!(!lines[3].contains("eval"));
 
         // TensorBoard records
-        let name = w
-            .events_path()
-            .file_name()
-            .unwrap()
-            .to_string_lossy()
-            .into_owned();
+        let name = w.events_path().file_name().unwrap().to_string_lossy().into_owned();
         assert!(name.starts_with("events.out.tfevents."), "{name}");
         let bytes = std::fs::read(w.events_path()).unwrap();
         let recs = records(&bytes);
@@ -603,9 +514,7 @@ mod tests {
         let ev = fields(&recs[5]);
         assert!(matches!(ev[0], (1, F::Fixed64(t)) if f64::from_le_bytes(t) > 1.6e9));
         assert_eq!(ev[1], (2, F::Varint(4)));
-        let (5, F::Bytes(summary)) = &ev[2] else {
-            panic!("{ev:?}")
-        };
+        let (5, F::Bytes(summary)) = &ev[2] else { panic!("{ev:?}") };
         let values: Vec<(String, f32)> = fields(summary)
             .into_iter()
             .map(|(k, f)| {
@@ -614,25 +523,11 @@ mod tests {
                 let vf = fields(&v);
                 let (1, F::Bytes(tag)) = &vf[0] else { panic!() };
                 let (2, F::Fixed32(x)) = &vf[1] else { panic!() };
-                (
-                    String::from_utf8(tag.clone()).unwrap(),
-                    f32::from_le_bytes(*x),
-                )
+                (String::from_utf8(tag.clone()).unwrap(), f32::from_le_bytes(*x))
             })
             .collect();
         let tags: Vec<&str> = values.iter().map(|v| v.0.as_str()).collect();
-        assert_eq!(
-            tags,
-            [
-                "loss",
-                "lr",
-                "grad_norm",
-                "throughput",
-                "elapsed_s",
-                "eval_loss",
-                "eval_accuracy"
-            ]
-        );
+        assert_eq!(tags, ["loss", "lr", "grad_norm", "throughput", "elapsed_s", "eval_loss", "eval_accuracy"]);
         assert_eq!(values[0].1, 1.6f32);
         assert_eq!(values[6].1, 0.25f32);
         // step 0 event omits the default step field
@@ -649,12 +544,7 @@ mod tests {
         drop(w);
         let mut w2 = MetricsWriter::create(&run).unwrap();
         assert_eq!(w2.train.len(), 5);
-        w2.log(&StepMetrics {
-            step: 3,
-            loss: 1.0,
-            ..Default::default()
-        })
-        .unwrap();
+        w2.log(&StepMetrics { step: 3, loss: 1.0, ..Default::default() }).unwrap();
         assert_eq!(w2.train.len(), 4);
         w2.write_svg().unwrap();
         let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
@@ -667,10 +557,7 @@ mod tests {
             (vec![], vec![]),
             (vec![(0u64, 1.0)], vec![]),
             (vec![(0, f64::NAN), (1, f64::INFINITY)], vec![(1, 2.0)]),
-            (
-                (0..10_000).map(|i| (i, 1.0 / (i + 1) as f64)).collect(),
-                vec![(5000, 0.5)],
-            ),
+            ((0..10_000).map(|i| (i, 1.0 / (i + 1) as f64)).collect(), vec![(5000, 0.5)]),
             (vec![(5, 3.0), (5, 3.0)], vec![]),
         ] {
             let svg = render_svg(&t, &e);

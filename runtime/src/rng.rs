@@ -64,9 +64,7 @@ impl Rng {
     /// A generator for an independent purpose (`stream`) under one seed: the seed and
     /// the stream are hashed together so nearby seeds/streams give unrelated sequences.
     pub fn with_stream(seed: u64, stream: u64) -> Rng {
-        Rng {
-            state: mix64(seed.wrapping_mul(GOLDEN) ^ mix64(stream.wrapping_add(GOLDEN))),
-        }
+        Rng { state: mix64(seed.wrapping_mul(GOLDEN) ^ mix64(stream.wrapping_add(GOLDEN))) }
     }
 
     /// The whole state; `Rng::from_state(r.state())` continues exactly where `r` is.
@@ -139,15 +137,11 @@ mod tests {
     fn models_md_uniform_bits() {
         // mlp-digits fc1.w[0, 0:3]: stream 0, a = 1/sqrt(64)
         let a = 1.0 / 64f64.sqrt();
-        let got: Vec<u32> = (0..3)
-            .map(|i| uniform_sym(splitmix_h(0, i), a).to_bits())
-            .collect();
+        let got: Vec<u32> = (0..3).map(|i| uniform_sym(splitmix_h(0, i), a).to_bits()).collect();
         assert_eq!(got, vec![0x3dc44150, 0xbc8c3b0d, 0xbdf27746]);
         // GPT wte[0, 0:3]: stream 0, a = 0.02 * sqrt(3)
         let a = 0.02 * 3f64.sqrt();
-        let got: Vec<u32> = (0..3)
-            .map(|i| uniform_sym(splitmix_h(0, i), a).to_bits())
-            .collect();
+        let got: Vec<u32> = (0..3).map(|i| uniform_sym(splitmix_h(0, i), a).to_bits()).collect();
         assert_eq!(got, vec![0x3cd98d20, 0xbb9b728c, 0xbd066364]);
     }
 

@@ -78,12 +78,20 @@ impl Session {
             match data {
                 TensorData::F32(v) => self.exec.f32_mut(i)?.copy_from_slice(v),
                 TensorData::I32(_) => {
-                    return Err(Error::user(format!(
-                        "tensor `{name}` in `{}` must be floating point",
-                        ck.path.display()
-                    )));
+                    return Err(Error::user(format!("tensor `{name}` in `{}` must be floating point", ck.path.display())));
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Copies every parameter from another session of the same model (e.g. one
+    /// specialised for another batch size).
+    pub fn copy_params_from(&mut self, other: &Session) -> Result<()> {
+        for (i, name, _, _) in self.buffers_of(BufKind::Param) {
+            let src = other.bundle.program.buffer_named(&name).ok_or_else(|| Error::internal(format!("parameter `{name}` missing")))?;
+            let data = other.exec.f32(src)?.to_vec();
+            self.exec.f32_mut(i)?.copy_from_slice(&data);
         }
         Ok(())
     }
@@ -114,9 +122,7 @@ impl Session {
                     }
                 }
                 (DType::I32, TensorData::F32(_)) => {
-                    return Err(Error::user(format!(
-                        "{source}: `{name}` is f32, the model's input is i32"
-                    )));
+                    return Err(Error::user(format!("{source}: `{name}` is f32, the model's input is i32")));
                 }
             }
         }
@@ -125,13 +131,7 @@ impl Session {
 
     /// Sets the runtime scalars: `step`, `total_steps`, `training`, and fresh
     /// dropout noise (`rand.N`) drawn from `rng`.
-    pub fn set_hypers(
-        &mut self,
-        step: u64,
-        total: u64,
-        training: bool,
-        rng: &mut Rng,
-    ) -> Result<()> {
+    pub fn set_hypers(&mut self, step: u64, total: u64, training: bool, rng: &mut Rng) -> Result<()> {
         for (i, name, _, _) in self.buffers_of(BufKind::Hyper) {
             let buf = self.exec.f32_mut(i)?;
             match name.as_str() {
@@ -155,40 +155,22 @@ impl Session {
     }
 
     pub fn result(&self, entry: &str, name: &str) -> Result<Vec<f32>> {
-        let e = self
-            .bundle
-            .program
-            .entry(entry)
-            .ok_or_else(|| Error::internal(format!("no entry `{entry}`")))?;
+        let e = self.bundle.program.entry(entry).ok_or_else(|| Error::internal(format!("no entry `{entry}`")))?;
         let (_, b) =
-            e.results.iter().find(|(n, _)| n == name).ok_or_else(|| {
-                Error::internal(format!("entry `{entry}` has no result `{name}`"))
-            })?;
+            e.results.iter().find(|(n, _)| n == name).ok_or_else(|| Error::internal(format!("entry `{entry}` has no result `{name}`")))?;
         Ok(self.exec.f32(*b)?.to_vec())
     }
 
     pub fn scalar(&self, entry: &str, name: &str) -> Result<f64> {
-        Ok(self
-            .result(entry, name)?
-            .first()
-            .copied()
-            .unwrap_or(f32::NAN) as f64)
+        Ok(self.result(entry, name)?.first().copied().unwrap_or(f32::NAN) as f64)
     }
 
     pub fn results(&self, entry: &str) -> Result<Vec<(String, Vec<usize>, TensorData)>> {
-        let e = self
-            .bundle
-            .program
-            .entry(entry)
-            .ok_or_else(|| Error::internal(format!("no entry `{entry}`")))?;
+        let e = self.bundle.program.entry(entry).ok_or_else(|| Error::internal(format!("no entry `{entry}`")))?;
         let mut out = vec![];
         for (name, b) in &e.results {
             let shape = self.bundle.program.buffers[*b].shape.clone();
-            out.push((
-                name.clone(),
-                shape,
-                TensorData::F32(self.exec.f32(*b)?.to_vec()),
-            ));
+            out.push((name.clone(), shape, TensorData::F32(self.exec.f32(*b)?.to_vec())));
         }
         Ok(out)
     }
@@ -209,10 +191,7 @@ impl Session {
         m.insert("format".into(), "bmc".into());
         m.insert("model".into(), self.bundle.model.clone());
         m.insert("step".into(), step.to_string());
-        m.insert(
-            "config".into(),
-            serde_json::to_string(&self.bundle.config).unwrap_or_default(),
-        );
+        m.insert("config".into(), serde_json::to_string(&self.bundle.config).unwrap_or_default());
         for (k, v) in extra {
             m.insert(k.clone(), v.clone());
         }

@@ -50,17 +50,12 @@ fn signature(name: &str) -> Option<&'static [ParamSpec]> {
     use ArgDefault as D;
     const X: ParamSpec = ("x", None);
     Some(match name {
-        "exp" | "log" | "sqrt" | "rsqrt" | "abs" | "tanh" | "sigmoid" | "relu" | "sin" | "cos"
-        | "square" | "silu" => &[X],
+        "exp" | "log" | "sqrt" | "rsqrt" | "abs" | "tanh" | "sigmoid" | "relu" | "sin" | "cos" | "square" | "silu" => &[X],
         "gelu" => &[X, ("approximate", Some(D::Str("tanh")))],
         "pow" => &[X, ("p", None)],
         "maximum" | "minimum" | "mse" | "bce_with_logits" => &[("a", None), ("b", None)],
         "where" => &[("c", None), ("a", None), ("b", None)],
-        "sum" | "mean" | "max" | "min" | "var" | "logsumexp" => &[
-            X,
-            ("axis", Some(D::None)),
-            ("keepdim", Some(D::Bool(false))),
-        ],
+        "sum" | "mean" | "max" | "min" | "var" | "logsumexp" => &[X, ("axis", Some(D::None)), ("keepdim", Some(D::Bool(false)))],
         "softmax" | "log_softmax" => &[X, ("axis", Some(D::Int(-1)))],
         "reshape" => &[X, ("shape", None)],
         "transpose" => &[X, ("a", None), ("b", None)],
@@ -77,26 +72,10 @@ fn signature(name: &str) -> Option<&'static [ParamSpec]> {
         "zeros" | "ones" => &[("shape", None)],
         "full" => &[("shape", None), ("v", None)],
         "causal_mask" => &[("T", None)],
-        "attention" => &[
-            ("q", None),
-            ("k", None),
-            ("v", None),
-            ("causal", Some(D::Bool(false))),
-            ("scale", Some(D::None)),
-        ],
+        "attention" => &[("q", None), ("k", None), ("v", None), ("causal", Some(D::Bool(false))), ("scale", Some(D::None))],
         "dropout" => &[X, ("p", None)],
-        "cross_entropy" => &[
-            ("logits", None),
-            ("targets", None),
-            ("ignore_index", Some(D::Int(-100))),
-        ],
-        "conv2d" => &[
-            X,
-            ("w", None),
-            ("b", None),
-            ("stride", Some(D::Int(1))),
-            ("padding", Some(D::Int(0))),
-        ],
+        "cross_entropy" => &[("logits", None), ("targets", None), ("ignore_index", Some(D::Int(-100)))],
+        "conv2d" => &[X, ("w", None), ("b", None), ("stride", Some(D::Int(1))), ("padding", Some(D::Int(0)))],
         "max_pool2d" | "avg_pool2d" => &[X, ("k", None), ("stride", Some(D::None))],
         _ => return None,
     })
@@ -185,36 +164,21 @@ fn bind(
         match k {
             None => {
                 if pos >= sig.len() {
-                    return Err(el.err(
-                        &scope.file,
-                        s,
-                        format!("`{name}` takes at most {} arguments", sig.len()),
-                        "extra argument",
-                    ));
+                    return Err(el.err(&scope.file, s, format!("`{name}` takes at most {} arguments", sig.len()), "extra argument"));
                 }
                 slots[pos] = Some((v, s));
                 pos += 1;
             }
             Some(k) => {
                 let Some(i) = sig.iter().position(|(n, _)| *n == k.name) else {
-                    let mut d = el.err(
-                        &scope.file,
-                        k.span,
-                        format!("`{name}` has no argument `{}`", k.name),
-                        "unknown argument",
-                    );
+                    let mut d = el.err(&scope.file, k.span, format!("`{name}` has no argument `{}`", k.name), "unknown argument");
                     if let Some(sug) = suggest(&k.name, sig.iter().map(|(n, _)| *n)) {
                         d = d.with_help(format!("did you mean `{sug}`?"));
                     }
                     return Err(d);
                 };
                 if slots[i].is_some() {
-                    return Err(el.err(
-                        &scope.file,
-                        k.span,
-                        format!("argument `{}` is given twice", k.name),
-                        "duplicate",
-                    ));
+                    return Err(el.err(&scope.file, k.span, format!("argument `{}` is given twice", k.name), "duplicate"));
                 }
                 slots[i] = Some((v, s));
             }
@@ -229,12 +193,7 @@ fn bind(
                 None => {
                     let params: Vec<&str> = sig.iter().map(|(n, _)| *n).collect();
                     return Err(el
-                        .err(
-                            &scope.file,
-                            span,
-                            format!("`{name}` needs an argument `{}`", sig[i].0),
-                            "missing argument",
-                        )
+                        .err(&scope.file, span, format!("`{name}` needs an argument `{}`", sig[i].0), "missing argument")
                         .with_help(format!("{name}({})", params.join(", "))));
                 }
             },
@@ -257,12 +216,7 @@ pub fn call(
                 .err(&scope.file, name_span, format!("`{name}` is a block; blocks are instantiated as members"), "cannot call a block here")
                 .with_help(format!("declare `child = {name}(...)` in the block or model, then call `child(x)` in forward")));
         }
-        let mut d = el.err(
-            &scope.file,
-            name_span,
-            format!("unknown function `{name}`"),
-            "not an operation",
-        );
+        let mut d = el.err(&scope.file, name_span, format!("unknown function `{name}`"), "not an operation");
         if let Some(s) = suggest(name, ALL.iter().copied()) {
             d = d.with_help(format!("did you mean `{s}`?"));
         }
@@ -274,20 +228,8 @@ pub fn call(
     r.map_err(|e| match e {
         Failure::Diag(d) => *d,
         Failure::Op(e) => {
-            let operands: Vec<(Option<NodeId>, Span)> = b
-                .vals
-                .iter()
-                .map(|(v, s)| {
-                    (
-                        if let Value::Tensor(t) = v {
-                            Some(*t)
-                        } else {
-                            None
-                        },
-                        *s,
-                    )
-                })
-                .collect();
+            let operands: Vec<(Option<NodeId>, Span)> =
+                b.vals.iter().map(|(v, s)| (if let Value::Tensor(t) = v { Some(*t) } else { None }, *s)).collect();
             el.op_error(e, scope, span, &operands)
         }
     })
@@ -309,17 +251,9 @@ impl From<Diagnostic> for Failure {
     }
 }
 
-fn dispatch(
-    el: &mut Elaborator,
-    name: &str,
-    b: &Bound,
-    scope: &Scope,
-    span: Span,
-) -> Result<Value, Failure> {
+fn dispatch(el: &mut Elaborator, name: &str, b: &Bound, scope: &Scope, span: Span) -> Result<Value, Failure> {
     let file = scope.file.clone();
-    let tensor = |el: &mut Elaborator, i: usize| -> Result<NodeId, Failure> {
-        Ok(el.tensor_of(b.get(i), scope, b.span(i))?)
-    };
+    let tensor = |el: &mut Elaborator, i: usize| -> Result<NodeId, Failure> { Ok(el.tensor_of(b.get(i), scope, b.span(i))?) };
     let int = |el: &Elaborator, i: usize| -> Result<i64, Failure> {
         b.get(i).as_i64().ok_or_else(|| {
             Failure::Diag(Box::new(el.err(
@@ -360,10 +294,7 @@ fn dispatch(
                         Failure::Diag(Box::new(el.err(
                             &file,
                             b.span(i),
-                            format!(
-                                "expected a list of integers, found an element that is {}",
-                                v.text()
-                            ),
+                            format!("expected a list of integers, found an element that is {}", v.text()),
                             "not integers",
                         )))
                     })
@@ -391,12 +322,7 @@ fn dispatch(
                 if d >= 0 {
                     Ok(d as usize)
                 } else {
-                    Err(Failure::Diag(Box::new(el.err(
-                        &file,
-                        b.span(i),
-                        format!("dims must not be negative, got {d}"),
-                        "negative dim",
-                    ))))
+                    Err(Failure::Diag(Box::new(el.err(&file, b.span(i), format!("dims must not be negative, got {d}"), "negative dim"))))
                 }
             })
             .collect()
@@ -425,10 +351,7 @@ fn dispatch(
                     return Err(Failure::Diag(Box::new(el.err(
                         &file,
                         b.span(1),
-                        format!(
-                            "gelu's `approximate` is \"tanh\" or \"none\", found {}",
-                            other.text()
-                        ),
+                        format!("gelu's `approximate` is \"tanh\" or \"none\", found {}", other.text()),
                         "bad value",
                     ))));
                 }
@@ -444,11 +367,7 @@ fn dispatch(
             t(ops::binary(&mut el.g, BinaryOp::Pow, x, p)?)
         }
         "maximum" | "minimum" => {
-            let op = if name == "maximum" {
-                BinaryOp::Max
-            } else {
-                BinaryOp::Min
-            };
+            let op = if name == "maximum" { BinaryOp::Max } else { BinaryOp::Min };
             let (x, y) = (tensor(el, 0)?, tensor(el, 1)?);
             t(ops::binary(&mut el.g, op, x, y)?)
         }
@@ -473,11 +392,7 @@ fn dispatch(
         "softmax" | "log_softmax" => {
             let a = int(el, 1)?;
             let x = tensor(el, 0)?;
-            t(if name == "softmax" {
-                ops::softmax(&mut el.g, x, a)?
-            } else {
-                ops::log_softmax(&mut el.g, x, a)?
-            })
+            t(if name == "softmax" { ops::softmax(&mut el.g, x, a)? } else { ops::log_softmax(&mut el.g, x, a)? })
         }
         "reshape" => {
             let s = int_list(el, 1)?;
@@ -493,28 +408,17 @@ fn dispatch(
             let dims = int_list(el, 1)?;
             let x = tensor(el, 0)?;
             let rank = el.g.shape(x).len();
-            let perm = dims
-                .iter()
-                .map(|&d| ops::norm_axis(d, rank))
-                .collect::<Result<Vec<_>, _>>()?;
+            let perm = dims.iter().map(|&d| ops::norm_axis(d, rank)).collect::<Result<Vec<_>, _>>()?;
             t(ops::permute(&mut el.g, x, &perm)?)
         }
         "split" => {
             let n = int(el, 1)?;
             let a = int(el, 2)?;
             if n <= 0 {
-                return Err(OpError::new(format!(
-                    "split(): the number of parts must be positive, got {n}"
-                ))
-                .into());
+                return Err(OpError::new(format!("split(): the number of parts must be positive, got {n}")).into());
             }
             let x = tensor(el, 0)?;
-            Value::Tuple(
-                ops::split(&mut el.g, x, n as usize, a)?
-                    .into_iter()
-                    .map(Value::Tensor)
-                    .collect(),
-            )
+            Value::Tuple(ops::split(&mut el.g, x, n as usize, a)?.into_iter().map(Value::Tensor).collect())
         }
         "concat" => {
             let items = match b.get(0) {
@@ -523,10 +427,7 @@ fn dispatch(
                     return Err(Failure::Diag(Box::new(el.err(
                         &file,
                         b.span(0),
-                        format!(
-                            "concat() takes a list of tensors `[a, b]`, found {}",
-                            describe(el, other)
-                        ),
+                        format!("concat() takes a list of tensors `[a, b]`, found {}", describe(el, other)),
                         "not a list",
                     ))));
                 }
@@ -576,9 +477,7 @@ fn dispatch(
         "arange" => {
             let n = int(el, 0)?;
             if n < 0 {
-                return Err(
-                    OpError::new(format!("arange(): n must not be negative, got {n}")).into(),
-                );
+                return Err(OpError::new(format!("arange(): n must not be negative, got {n}")).into());
             }
             t(ops::arange(&mut el.g, n as usize))
         }
@@ -594,9 +493,7 @@ fn dispatch(
         "causal_mask" => {
             let n = int(el, 0)?;
             if n <= 0 {
-                return Err(
-                    OpError::new(format!("causal_mask(): T must be positive, got {n}")).into(),
-                );
+                return Err(OpError::new(format!("causal_mask(): T must be positive, got {n}")).into());
             }
             t(ops::causal_mask(&mut el.g, n as usize)?)
         }
@@ -632,22 +529,12 @@ fn dispatch(
         }
         "conv2d" | "max_pool2d" | "avg_pool2d" => {
             return Err(Failure::Diag(Box::new(
-                el.err(
-                    &file,
-                    span,
-                    format!("`{name}` (the vision group) is not implemented yet"),
-                    "not supported yet",
-                )
-                .with_help("see docs/LANGUAGE-STATUS.md for what is supported"),
+                el.err(&file, span, format!("`{name}` (the vision group) is not implemented yet"), "not supported yet")
+                    .with_help("see docs/LANGUAGE-STATUS.md for what is supported"),
             )));
         }
         _ => {
-            return Err(Failure::Diag(Box::new(el.err(
-                &file,
-                span,
-                format!("`{name}` is not implemented"),
-                "here",
-            ))));
+            return Err(Failure::Diag(Box::new(el.err(&file, span, format!("`{name}` is not implemented"), "here"))));
         }
     })
 }

@@ -11,11 +11,7 @@ impl Elaborator<'_> {
     /// Evaluates an expression that must be a compile-time constant (shapes, config,
     /// block arguments, initialisers).
     pub fn eval_const(&mut self, e: &Expr, scope: &Scope) -> Result<Value, Diagnostic> {
-        let mut s = Scope {
-            file: scope.file.clone(),
-            locals: scope.locals.clone(),
-            inst: scope.inst,
-        };
+        let mut s = Scope { file: scope.file.clone(), locals: scope.locals.clone(), inst: scope.inst };
         let nodes_before = self.g.len();
         let v = self.eval(e, &mut s)?;
         if !v.is_const() || self.g.len() != nodes_before {
@@ -57,11 +53,7 @@ impl Elaborator<'_> {
                             return Err(self.err(
                                 &scope.file,
                                 value.span,
-                                format!(
-                                    "cannot destructure {} into {} names",
-                                    other.kind(),
-                                    names.len()
-                                ),
+                                format!("cannot destructure {} into {} names", other.kind(), names.len()),
                                 "not a tuple",
                             ));
                         }
@@ -70,11 +62,7 @@ impl Elaborator<'_> {
                         return Err(self.err(
                             &scope.file,
                             value.span,
-                            format!(
-                                "this gives {} values, but {} names are bound",
-                                items.len(),
-                                names.len()
-                            ),
+                            format!("this gives {} values, but {} names are bound", items.len(), names.len()),
                             "wrong count",
                         ));
                     }
@@ -86,22 +74,13 @@ impl Elaborator<'_> {
             }
             Stmt::Expr(e) => self.eval(e, scope).map(|_| ()),
             Stmt::Output { span, .. } | Stmt::Loss { span, .. } => Err(self
-                .err(
-                    &scope.file,
-                    *span,
-                    "`output` and `loss` are only allowed in the model's forward",
-                    "inside a block",
-                )
+                .err(&scope.file, *span, "`output` and `loss` are only allowed in the model's forward", "inside a block")
                 .with_help("return the value from the block's forward instead")),
         }
     }
 
     pub fn unknown_name(&self, scope: &Scope, name: &str, span: Span) -> Diagnostic {
-        let mut candidates: Vec<String> = scope
-            .locals
-            .iter()
-            .flat_map(|m| m.keys().cloned())
-            .collect();
+        let mut candidates: Vec<String> = scope.locals.iter().flat_map(|m| m.keys().cloned()).collect();
         if let Some(i) = scope.inst {
             let inst = &self.instances[i];
             candidates.extend(inst.params.keys().cloned());
@@ -109,12 +88,7 @@ impl Elaborator<'_> {
             candidates.extend(inst.env.keys().cloned());
         }
         candidates.extend(self.input.config.iter().map(|(k, _)| k.clone()));
-        let mut d = self.err(
-            &scope.file,
-            span,
-            format!("unknown name `{name}`"),
-            "not defined here",
-        );
+        let mut d = self.err(&scope.file, span, format!("unknown name `{name}`"), "not defined here");
         if let Some(s) = suggest(name, candidates.iter().map(String::as_str)) {
             d = d.with_help(format!("did you mean `{s}`?"));
         } else if is_symbolic_name(name) {
@@ -151,32 +125,18 @@ impl Elaborator<'_> {
     }
 
     pub fn set_origin(&mut self, what: &str, scope: &Scope, span: Span) {
-        self.g.current_origin = Some(Origin {
-            what: what.to_string(),
-            file: scope.file.clone(),
-            span,
-        });
+        self.g.current_origin = Some(Origin { what: what.to_string(), file: scope.file.clone(), span });
     }
 
     /// Converts an `OpError` into a diagnostic at `span`, labelling the operands.
-    pub fn op_error(
-        &self,
-        e: OpError,
-        scope: &Scope,
-        span: Span,
-        operands: &[(Option<NodeId>, Span)],
-    ) -> Diagnostic {
+    pub fn op_error(&self, e: OpError, scope: &Scope, span: Span, operands: &[(Option<NodeId>, Span)]) -> Diagnostic {
         let mut d = self.err(&scope.file, span, e.message.clone(), "in this operation");
         for &i in &e.operands {
             if let Some((Some(id), s)) = operands.get(i) {
                 let text = shape_text(self.g.dtype(*id), self.g.shape(*id));
                 d = d.with_secondary(&scope.file, *s, format!("this is {text}"));
                 if let Some(o) = &self.g.node(*id).origin {
-                    d = d.with_note(format!(
-                        "the {text} operand comes from `{}` at {}",
-                        o.what,
-                        o.location()
-                    ));
+                    d = d.with_note(format!("the {text} operand comes from `{}` at {}", o.what, o.location()));
                 }
             }
         }
@@ -187,28 +147,13 @@ impl Elaborator<'_> {
     }
 
     /// A tensor for a value (numbers become scalar constants).
-    pub fn tensor_of(
-        &mut self,
-        v: &Value,
-        scope: &Scope,
-        span: Span,
-    ) -> Result<NodeId, Diagnostic> {
+    pub fn tensor_of(&mut self, v: &Value, scope: &Scope, span: Span) -> Result<NodeId, Diagnostic> {
         match v {
             Value::Tensor(id) => Ok(*id),
             Value::Int(i) => Ok(ops::constant(&mut self.g, *i as f64, &[], DType::I32)),
             Value::Float(f) => Ok(ops::constant(&mut self.g, *f, &[], DType::F32)),
-            Value::Bool(b) => Ok(ops::constant(
-                &mut self.g,
-                f64::from(u8::from(*b)),
-                &[],
-                DType::Bool,
-            )),
-            other => Err(self.err(
-                &scope.file,
-                span,
-                format!("expected a tensor or a number, found {}", other.kind()),
-                "not a tensor",
-            )),
+            Value::Bool(b) => Ok(ops::constant(&mut self.g, f64::from(u8::from(*b)), &[], DType::Bool)),
+            other => Err(self.err(&scope.file, span, format!("expected a tensor or a number, found {}", other.kind()), "not a tensor")),
         }
     }
 
@@ -218,36 +163,17 @@ impl Elaborator<'_> {
             ExprKind::Float(f) => Ok(Value::Float(*f)),
             ExprKind::Str(s) => Ok(Value::Str(s.clone())),
             ExprKind::Bool(b) => Ok(Value::Bool(*b)),
-            ExprKind::Name(n) => self
-                .lookup(scope, n)
-                .ok_or_else(|| self.unknown_name(scope, n, e.span)),
-            ExprKind::Tuple(items) => Ok(Value::Tuple(
-                items
-                    .iter()
-                    .map(|i| self.eval(i, scope))
-                    .collect::<Result<_, _>>()?,
-            )),
-            ExprKind::List(items) => Ok(Value::List(
-                items
-                    .iter()
-                    .map(|i| self.eval(i, scope))
-                    .collect::<Result<_, _>>()?,
-            )),
-            ExprKind::If {
-                cond,
-                then,
-                otherwise,
-            } => {
+            ExprKind::Name(n) => self.lookup(scope, n).ok_or_else(|| self.unknown_name(scope, n, e.span)),
+            ExprKind::Tuple(items) => Ok(Value::Tuple(items.iter().map(|i| self.eval(i, scope)).collect::<Result<_, _>>()?)),
+            ExprKind::List(items) => Ok(Value::List(items.iter().map(|i| self.eval(i, scope)).collect::<Result<_, _>>()?)),
+            ExprKind::If { cond, then, otherwise } => {
                 let c = self.eval(cond, scope)?;
                 let Value::Bool(b) = c else {
                     return Err(self
                         .err(
                             &scope.file,
                             cond.span,
-                            format!(
-                                "an `if` condition must be a compile-time bool, found {}",
-                                c.kind()
-                            ),
+                            format!("an `if` condition must be a compile-time bool, found {}", c.kind()),
                             "not a bool",
                         )
                         .with_help("use `where(c, a, b)` to choose between tensors elementwise"));
@@ -258,27 +184,21 @@ impl Elaborator<'_> {
             ExprKind::Unary(UnaryOp::Neg, inner) => {
                 let v = self.eval(inner, scope)?;
                 match v {
-                    Value::Int(i) => Ok(Value::Int(i.checked_neg().ok_or_else(|| {
-                        self.err(&scope.file, e.span, "integer overflow", "here")
-                    })?)),
+                    Value::Int(i) => {
+                        Ok(Value::Int(i.checked_neg().ok_or_else(|| self.err(&scope.file, e.span, "integer overflow", "here"))?))
+                    }
                     Value::Float(f) => Ok(Value::Float(-f)),
                     Value::Tensor(id) => {
                         self.set_origin("-", scope, e.span);
                         let id = if self.g.dtype(id) == DType::I32 {
                             let z = ops::constant(&mut self.g, 0.0, &[], DType::I32);
-                            ops::sub(&mut self.g, z, id)
-                                .map_err(|er| self.op_error(er, scope, e.span, &[]))?
+                            ops::sub(&mut self.g, z, id).map_err(|er| self.op_error(er, scope, e.span, &[]))?
                         } else {
                             ops::neg(&mut self.g, id)
                         };
                         Ok(Value::Tensor(id))
                     }
-                    other => Err(self.err(
-                        &scope.file,
-                        inner.span,
-                        format!("cannot negate {}", other.kind()),
-                        "not a number",
-                    )),
+                    other => Err(self.err(&scope.file, inner.span, format!("cannot negate {}", other.kind()), "not a number")),
                 }
             }
             ExprKind::Binary(op, a, b) => {
@@ -297,11 +217,7 @@ impl Elaborator<'_> {
                 }
                 builtins::call(self, &callee.name, callee.span, evaluated, scope, e.span)
             }
-            ExprKind::Method {
-                receiver,
-                method,
-                args,
-            } => {
+            ExprKind::Method { receiver, method, args } => {
                 let r = self.eval(receiver, scope)?;
                 let mut evaluated = vec![(None, r, receiver.span)];
                 for a in args {
@@ -313,23 +229,11 @@ impl Elaborator<'_> {
         }
     }
 
-    fn call_value(
-        &mut self,
-        v: Value,
-        args: &[ast::Arg],
-        scope: &mut Scope,
-        span: Span,
-        name: &str,
-    ) -> Result<Value, Diagnostic> {
+    fn call_value(&mut self, v: Value, args: &[ast::Arg], scope: &mut Scope, span: Span, name: &str) -> Result<Value, Diagnostic> {
         let mut vals = vec![];
         for a in args {
             if let Some(k) = &a.name {
-                return Err(self.err(
-                    &scope.file,
-                    k.span,
-                    "a block's forward takes positional arguments only",
-                    "keyword argument",
-                ));
+                return Err(self.err(&scope.file, k.span, "a block's forward takes positional arguments only", "keyword argument"));
             }
             vals.push((self.eval(&a.value, scope)?, a.value.span));
         }
@@ -344,35 +248,17 @@ impl Elaborator<'_> {
                 }
                 Ok(cur.pop().map(|(v, _)| v).unwrap_or(Value::None))
             }
-            other => Err(self.err(
-                &file,
-                span,
-                format!(
-                    "`{name}` is {}, not something that can be called",
-                    other.kind()
-                ),
-                "not callable",
-            )),
+            other => Err(self.err(&file, span, format!("`{name}` is {}, not something that can be called", other.kind()), "not callable")),
         }
     }
 
-    fn eval_field(
-        &mut self,
-        base: &Expr,
-        field: &ast::Ident,
-        scope: &mut Scope,
-    ) -> Result<Value, Diagnostic> {
+    fn eval_field(&mut self, base: &Expr, field: &ast::Ident, scope: &mut Scope) -> Result<Value, Diagnostic> {
         let v = self.eval(base, scope)?;
         match v {
             Value::Tensor(id) if field.name == "T" => {
                 self.set_origin(".T", scope, field.span);
                 let r = ops::transpose(&mut self.g, id, -2, -1).map_err(|e| {
-                    self.op_error(
-                        e.help("`.T` swaps the last two axes and needs rank ≥ 2"),
-                        scope,
-                        field.span,
-                        &[(Some(id), base.span)],
-                    )
+                    self.op_error(e.help("`.T` swaps the last two axes and needs rank ≥ 2"), scope, field.span, &[(Some(id), base.span)])
                 })?;
                 Ok(Value::Tensor(r))
             }
@@ -389,10 +275,7 @@ impl Elaborator<'_> {
                 let mut d = self.err(
                     &scope.file,
                     field.span,
-                    format!(
-                        "`{}` (a `{}`) has no parameter or child `{}`",
-                        inst.path, inst.block, field.name
-                    ),
+                    format!("`{}` (a `{}`) has no parameter or child `{}`", inst.path, inst.block, field.name),
                     "unknown member",
                 );
                 if let Some(s) = suggest(&field.name, names.iter().copied()) {
@@ -400,27 +283,17 @@ impl Elaborator<'_> {
                 }
                 Err(d)
             }
-            Value::Repeat(items) => {
-                match field.name.parse::<usize>().ok().and_then(|i| items.get(i)) {
-                    Some(&i) => Ok(Value::Instance(i)),
-                    None => Err(self.err(
-                        &scope.file,
-                        field.span,
-                        format!(
-                            "a repeat has members 0 to {}",
-                            items.len().saturating_sub(1)
-                        ),
-                        "no such member",
-                    )),
-                }
-            }
-            other => Err(self
-                .err(
+            Value::Repeat(items) => match field.name.parse::<usize>().ok().and_then(|i| items.get(i)) {
+                Some(&i) => Ok(Value::Instance(i)),
+                None => Err(self.err(
                     &scope.file,
                     field.span,
-                    format!("{} has no field `{}`", other.kind(), field.name),
-                    "unknown field",
-                )
+                    format!("a repeat has members 0 to {}", items.len().saturating_sub(1)),
+                    "no such member",
+                )),
+            },
+            other => Err(self
+                .err(&scope.file, field.span, format!("{} has no field `{}`", other.kind(), field.name), "unknown field")
                 .with_help(if field.name == "t" {
                     "did you mean `.T` (transpose)?"
                 } else {
@@ -430,16 +303,7 @@ impl Elaborator<'_> {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn binary(
-        &mut self,
-        op: BinaryOp,
-        a: Value,
-        b: Value,
-        scope: &Scope,
-        span: Span,
-        sa: Span,
-        sb: Span,
-    ) -> Result<Value, Diagnostic> {
+    fn binary(&mut self, op: BinaryOp, a: Value, b: Value, scope: &Scope, span: Span, sa: Span, sb: Span) -> Result<Value, Diagnostic> {
         // Compile-time folding of numbers.
         if let (Some(x), Some(y)) = (num(&a), num(&b)) {
             return self.fold(op, x, y, scope, span, sb);
@@ -448,24 +312,14 @@ impl Elaborator<'_> {
             return match op {
                 BinaryOp::Eq => Ok(Value::Bool(x == y)),
                 BinaryOp::Ne => Ok(Value::Bool(x != y)),
-                _ => Err(self.err(
-                    &scope.file,
-                    span,
-                    format!("`{}` is not defined on bools", op.symbol()),
-                    "here",
-                )),
+                _ => Err(self.err(&scope.file, span, format!("`{}` is not defined on bools", op.symbol()), "here")),
             };
         }
         if let (Value::Str(x), Value::Str(y)) = (&a, &b) {
             return match op {
                 BinaryOp::Eq => Ok(Value::Bool(x == y)),
                 BinaryOp::Ne => Ok(Value::Bool(x != y)),
-                _ => Err(self.err(
-                    &scope.file,
-                    span,
-                    format!("`{}` is not defined on strings", op.symbol()),
-                    "here",
-                )),
+                _ => Err(self.err(&scope.file, span, format!("`{}` is not defined on strings", op.symbol()), "here")),
             };
         }
         let ta = self.tensor_of(&a, scope, sa)?;
@@ -485,27 +339,11 @@ impl Elaborator<'_> {
             BinaryOp::Eq => ops::binary(&mut self.g, GBin::Eq, ta, tb),
             BinaryOp::Ne => ops::binary(&mut self.g, GBin::Ne, ta, tb),
         };
-        r.map(Value::Tensor)
-            .map_err(|e| self.op_error(e, scope, span, &operands))
+        r.map(Value::Tensor).map_err(|e| self.op_error(e, scope, span, &operands))
     }
 
-    fn fold(
-        &self,
-        op: BinaryOp,
-        a: Num,
-        b: Num,
-        scope: &Scope,
-        span: Span,
-        sb: Span,
-    ) -> Result<Value, Diagnostic> {
-        let overflow = || {
-            self.err(
-                &scope.file,
-                span,
-                "integer overflow in a compile-time expression",
-                "overflows i64",
-            )
-        };
+    fn fold(&self, op: BinaryOp, a: Num, b: Num, scope: &Scope, span: Span, sb: Span) -> Result<Value, Diagnostic> {
+        let overflow = || self.err(&scope.file, span, "integer overflow in a compile-time expression", "overflows i64");
         if let (Num::I(x), Num::I(y)) = (a, b) {
             return Ok(match op {
                 BinaryOp::Add => Value::Int(x.checked_add(y).ok_or_else(overflow)?),
@@ -513,26 +351,12 @@ impl Elaborator<'_> {
                 BinaryOp::Mul => Value::Int(x.checked_mul(y).ok_or_else(overflow)?),
                 BinaryOp::Div => {
                     if y == 0 {
-                        return Err(self.err(
-                            &scope.file,
-                            sb,
-                            "division by zero in a compile-time expression",
-                            "this is 0",
-                        ));
+                        return Err(self.err(&scope.file, sb, "division by zero in a compile-time expression", "this is 0"));
                     }
-                    if x % y == 0 {
-                        Value::Int(x / y)
-                    } else {
-                        Value::Float(x as f64 / y as f64)
-                    }
+                    if x % y == 0 { Value::Int(x / y) } else { Value::Float(x as f64 / y as f64) }
                 }
                 BinaryOp::MatMul => {
-                    return Err(self.err(
-                        &scope.file,
-                        span,
-                        "`@` needs tensors, not numbers",
-                        "numbers here",
-                    ));
+                    return Err(self.err(&scope.file, span, "`@` needs tensors, not numbers", "numbers here"));
                 }
                 BinaryOp::Lt => Value::Bool(x < y),
                 BinaryOp::Le => Value::Bool(x <= y),
@@ -549,22 +373,12 @@ impl Elaborator<'_> {
             BinaryOp::Mul => Value::Float(x * y),
             BinaryOp::Div => {
                 if y == 0.0 {
-                    return Err(self.err(
-                        &scope.file,
-                        sb,
-                        "division by zero in a compile-time expression",
-                        "this is 0",
-                    ));
+                    return Err(self.err(&scope.file, sb, "division by zero in a compile-time expression", "this is 0"));
                 }
                 Value::Float(x / y)
             }
             BinaryOp::MatMul => {
-                return Err(self.err(
-                    &scope.file,
-                    span,
-                    "`@` needs tensors, not numbers",
-                    "numbers here",
-                ));
+                return Err(self.err(&scope.file, span, "`@` needs tensors, not numbers", "numbers here"));
             }
             BinaryOp::Lt => Value::Bool(x < y),
             BinaryOp::Le => Value::Bool(x <= y),
@@ -613,12 +427,7 @@ impl Elaborator<'_> {
     pub fn eval_spec(&mut self, e: &Expr, scope: &Scope) -> Result<Value, Diagnostic> {
         match &e.kind {
             ExprKind::Call { callee, args } if !builtins::is_builtin(&callee.name) => {
-                let mut c = super::CallValue {
-                    name: callee.name.clone(),
-                    positional: vec![],
-                    keyword: vec![],
-                    span: e.span,
-                };
+                let mut c = super::CallValue { name: callee.name.clone(), positional: vec![], keyword: vec![], span: e.span };
                 for a in args {
                     let v = self.eval_spec(&a.value, scope)?;
                     match &a.name {
@@ -628,12 +437,7 @@ impl Elaborator<'_> {
                 }
                 Ok(Value::Call(c))
             }
-            ExprKind::Tuple(items) => Ok(Value::Tuple(
-                items
-                    .iter()
-                    .map(|i| self.eval_spec(i, scope))
-                    .collect::<Result<_, _>>()?,
-            )),
+            ExprKind::Tuple(items) => Ok(Value::Tuple(items.iter().map(|i| self.eval_spec(i, scope)).collect::<Result<_, _>>()?)),
             _ => self.eval_const(e, scope),
         }
     }

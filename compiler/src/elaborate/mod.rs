@@ -94,24 +94,10 @@ pub fn is_symbolic_name(name: &str) -> bool {
 impl<'a> Elaborator<'a> {
     pub fn new(input: &'a ElabInput<'a>) -> Self {
         let config = input.config.iter().cloned().collect();
-        Elaborator {
-            g: Graph::new(),
-            input,
-            config,
-            instances: vec![],
-            instantiating: vec![],
-            call_depth: 0,
-            noise_counter: 0,
-        }
+        Elaborator { g: Graph::new(), input, config, instances: vec![], instantiating: vec![], call_depth: 0, noise_counter: 0 }
     }
 
-    pub fn err(
-        &self,
-        file: &Arc<SourceFile>,
-        span: Span,
-        message: impl Into<String>,
-        label: impl Into<String>,
-    ) -> Diagnostic {
+    pub fn err(&self, file: &Arc<SourceFile>, span: Span, message: impl Into<String>, label: impl Into<String>) -> Diagnostic {
         Diagnostic::at(file, span, message, label)
     }
 
@@ -129,37 +115,21 @@ impl<'a> Elaborator<'a> {
 
     /// Builds the whole model graph: parameters, inputs, forward, outputs and loss.
     pub fn elaborate_model(mut self) -> Result<Graph, Diagnostic> {
-        let model = self
-            .input
-            .model
-            .ok_or_else(|| Diagnostic::new("no model to elaborate"))?;
+        let model = self.input.model.ok_or_else(|| Diagnostic::new("no model to elaborate"))?;
         let file = model.file.clone();
         let root = self.instantiate(model, "", HashMap::new(), model.def.span)?;
         // Inputs, in declaration order, with symbolic dims bound from batch and data.
         let mut symbols: HashMap<String, i64> = HashMap::new();
         symbols.insert("B".into(), self.input.batch as i64);
-        let mut scope = Scope {
-            file: file.clone(),
-            locals: vec![HashMap::new()],
-            inst: Some(root),
-        };
+        let mut scope = Scope { file: file.clone(), locals: vec![HashMap::new()], inst: Some(root) };
         for m in flatten_inputs(&model.def.members) {
             if let Member::Input { name, ty, span } = m {
                 let dtype = self.dtype_of(&file, ty)?;
                 let shape = self.input_shape(&file, &name.name, ty, &mut symbols)?;
                 if self.g.inputs.iter().any(|(n, _)| *n == name.name) {
-                    return Err(self.err(
-                        &file,
-                        name.span,
-                        format!("input `{}` is declared twice", name.name),
-                        "declared again here",
-                    ));
+                    return Err(self.err(&file, name.span, format!("input `{}` is declared twice", name.name), "declared again here"));
                 }
-                self.g.current_origin = Some(Origin {
-                    what: "input".into(),
-                    file: file.clone(),
-                    span: *span,
-                });
+                self.g.current_origin = Some(Origin { what: "input".into(), file: file.clone(), span: *span });
                 let id = self.g.add(Op::Input(name.name.clone()), &[], shape, dtype);
                 self.g.inputs.push((name.name.clone(), id));
                 scope.bind(&name.name, Value::Tensor(id));
@@ -170,25 +140,13 @@ impl<'a> Elaborator<'a> {
         }
         let Some(fwd) = self.instances[root].forward.clone() else {
             return Err(self
-                .err(
-                    &file,
-                    model.def.name.span,
-                    format!("model `{}` has no `forward`", model.def.name.name),
-                    "this model",
-                )
+                .err(&file, model.def.name.span, format!("model `{}` has no `forward`", model.def.name.name), "this model")
                 .with_help("add `forward { ... loss <expr> }` to the model"));
         };
         if fwd.params.is_some() {
             return Err(self
-                .err(
-                    &file,
-                    fwd.span,
-                    "a model's forward takes no arguments",
-                    "here",
-                )
-                .with_help(
-                    "write `forward { ... }`: inputs are declared with `input name: dtype[shape]`",
-                ));
+                .err(&file, fwd.span, "a model's forward takes no arguments", "here")
+                .with_help("write `forward { ... }`: inputs are declared with `input name: dtype[shape]`"));
         }
         let mut loss: Option<(NodeId, Span)> = None;
         for stmt in &fwd.body.stmts {
@@ -196,30 +154,18 @@ impl<'a> Elaborator<'a> {
                 ast::Stmt::Output { name, value, span } => {
                     let v = match value {
                         Some(e) => self.eval(e, &mut scope)?,
-                        None => scope
-                            .lookup_local(&name.name)
-                            .cloned()
-                            .ok_or_else(|| self.unknown_name(&scope, &name.name, name.span))?,
+                        None => scope.lookup_local(&name.name).cloned().ok_or_else(|| self.unknown_name(&scope, &name.name, name.span))?,
                     };
                     let Value::Tensor(id) = v else {
                         return Err(self.err(
                             &file,
                             *span,
-                            format!(
-                                "`output {}` must be a tensor, found {}",
-                                name.name,
-                                v.kind()
-                            ),
+                            format!("`output {}` must be a tensor, found {}", name.name, v.kind()),
                             "not a tensor",
                         ));
                     };
                     if self.g.output(&name.name).is_some() || name.name == "loss" {
-                        return Err(self.err(
-                            &file,
-                            name.span,
-                            format!("output `{}` is defined twice", name.name),
-                            "duplicate output",
-                        ));
+                        return Err(self.err(&file, name.span, format!("output `{}` is defined twice", name.name), "duplicate output"));
                     }
                     self.g.set_output(&name.name, id);
                     scope.bind(&name.name, Value::Tensor(id));
@@ -227,12 +173,7 @@ impl<'a> Elaborator<'a> {
                 ast::Stmt::Loss { value, span } => {
                     if let Some((_, first)) = loss {
                         return Err(self
-                            .err(
-                                &file,
-                                *span,
-                                "a model has exactly one `loss`",
-                                "second loss here",
-                            )
+                            .err(&file, *span, "a model has exactly one `loss`", "second loss here")
                             .with_secondary(&file, first, "first loss here")
                             .with_help("add the terms into one expression: `loss a + b`"));
                     }
@@ -257,12 +198,7 @@ impl<'a> Elaborator<'a> {
                             .with_help("reduce it, e.g. `loss mean(...)`"));
                     }
                     if self.g.dtype(id) != DType::F32 {
-                        return Err(self.err(
-                            &file,
-                            value.span,
-                            "the loss must be a floating-point scalar",
-                            "not f32",
-                        ));
+                        return Err(self.err(&file, value.span, "the loss must be a floating-point scalar", "not f32"));
                     }
                     loss = Some((id, *span));
                 }
@@ -322,12 +258,7 @@ impl<'a> Elaborator<'a> {
         for (i, d) in dims.iter().enumerate() {
             match d {
                 Dim::Ellipsis(s) => {
-                    return Err(self.err(
-                        file,
-                        *s,
-                        "`...` is not allowed in an input's shape",
-                        "inputs need concrete shapes",
-                    ));
+                    return Err(self.err(file, *s, "`...` is not allowed in an input's shape", "inputs need concrete shapes"));
                 }
                 Dim::Expr(e) => {
                     if let ExprKind::Name(n) = &e.kind
@@ -339,8 +270,7 @@ impl<'a> Elaborator<'a> {
                             continue;
                         }
                         // Bind from the data's per-example shape (axis i - 1 after the batch axis).
-                        let from_data = data
-                            .and_then(|(_, s)| if i >= 1 { s.get(i - 1).copied() } else { None });
+                        let from_data = data.and_then(|(_, s)| if i >= 1 { s.get(i - 1).copied() } else { None });
                         match from_data {
                             Some(v) => {
                                 symbols.insert(n.clone(), v as i64);
@@ -356,12 +286,7 @@ impl<'a> Elaborator<'a> {
                     }
                     let scope = Scope {
                         file: file.clone(),
-                        locals: vec![
-                            symbols
-                                .iter()
-                                .map(|(k, v)| (k.clone(), Value::Int(*v)))
-                                .collect(),
-                        ],
+                        locals: vec![symbols.iter().map(|(k, v)| (k.clone(), Value::Int(*v))).collect()],
                         inst: None,
                     };
                     let v = self.eval_const(e, &scope)?;
@@ -372,38 +297,17 @@ impl<'a> Elaborator<'a> {
         Ok(out)
     }
 
-    pub fn dim_value(
-        &self,
-        file: &Arc<SourceFile>,
-        span: Span,
-        v: &Value,
-    ) -> Result<usize, Diagnostic> {
+    pub fn dim_value(&self, file: &Arc<SourceFile>, span: Span, v: &Value) -> Result<usize, Diagnostic> {
         match v.as_i64() {
             Some(i) if i >= 0 => Ok(i as usize),
-            Some(i) => Err(self.err(
-                file,
-                span,
-                format!("a dim must not be negative, got {i}"),
-                "negative dim",
-            )),
-            None => Err(self.err(
-                file,
-                span,
-                format!("a dim must be an integer, found {}", v.text()),
-                "not an integer",
-            )),
+            Some(i) => Err(self.err(file, span, format!("a dim must not be negative, got {i}"), "negative dim")),
+            None => Err(self.err(file, span, format!("a dim must be an integer, found {}", v.text()), "not an integer")),
         }
     }
 
     /// Creates an instance of `block` at `path` with its arguments bound, visiting its
     /// members (children, params, forward) in order.
-    fn instantiate(
-        &mut self,
-        block: &BlockSource,
-        path: &str,
-        env: HashMap<String, Value>,
-        span: Span,
-    ) -> Result<usize, Diagnostic> {
+    fn instantiate(&mut self, block: &BlockSource, path: &str, env: HashMap<String, Value>, span: Span) -> Result<usize, Diagnostic> {
         let name = block.def.name.name.clone();
         if self.instantiating.contains(&name) {
             let chain = format!("{} -> {name}", self.instantiating.join(" -> "));
@@ -431,31 +335,18 @@ impl<'a> Elaborator<'a> {
     }
 
     fn member_scope(&self, idx: usize) -> Scope {
-        Scope {
-            file: self.instances[idx].file.clone(),
-            locals: vec![HashMap::new()],
-            inst: Some(idx),
-        }
+        Scope { file: self.instances[idx].file.clone(), locals: vec![HashMap::new()], inst: Some(idx) }
     }
 
     fn prefixed(&self, idx: usize, name: &str) -> String {
         let p = &self.instances[idx].path;
-        if p.is_empty() {
-            name.to_string()
-        } else {
-            format!("{p}.{name}")
-        }
+        if p.is_empty() { name.to_string() } else { format!("{p}.{name}") }
     }
 
     fn check_new_member(&self, idx: usize, name: &ast::Ident) -> Result<(), Diagnostic> {
         let inst = &self.instances[idx];
         if inst.children.contains_key(&name.name) || inst.params.contains_key(&name.name) {
-            return Err(self.err(
-                &inst.file,
-                name.span,
-                format!("`{}` is defined twice in `{}`", name.name, inst.block),
-                "duplicate name",
-            ));
+            return Err(self.err(&inst.file, name.span, format!("`{}` is defined twice in `{}`", name.name, inst.block), "duplicate name"));
         }
         Ok(())
     }
@@ -471,22 +362,12 @@ impl<'a> Elaborator<'a> {
                     inst.children.insert(name.name.clone(), child);
                     inst.child_order.push(name.name.clone());
                 }
-                Member::Param {
-                    name,
-                    ty,
-                    init,
-                    span,
-                } => {
+                Member::Param { name, ty, init, span } => {
                     self.check_new_member(idx, name)?;
                     let scope = self.member_scope(idx);
                     let dtype = self.dtype_of(&file, ty)?;
                     if dtype != DType::F32 {
-                        return Err(self.err(
-                            &file,
-                            ty.span,
-                            "parameters must be f32",
-                            "not trainable",
-                        ));
+                        return Err(self.err(&file, ty.span, "parameters must be f32", "not trainable"));
                     }
                     let mut shape = vec![];
                     for d in ty.dims.clone().unwrap_or_default() {
@@ -518,63 +399,33 @@ impl<'a> Elaborator<'a> {
                         Some(e) => self.eval_init(e, &scope, &shape)?,
                     };
                     let full = self.prefixed(idx, &name.name);
-                    self.g.current_origin = Some(Origin {
-                        what: "param".into(),
-                        file: file.clone(),
-                        span: *span,
-                    });
+                    self.g.current_origin = Some(Origin { what: "param".into(), file: file.clone(), span: *span });
                     let id = self.g.add(Op::Param(full.clone()), &[], shape, DType::F32);
-                    self.g.params.push(crate::graph::ParamInfo {
-                        name: full,
-                        node: id,
-                        init,
-                    });
+                    self.g.params.push(crate::graph::ParamInfo { name: full, node: id, init });
                     self.instances[idx].params.insert(name.name.clone(), id);
                 }
                 Member::Input { span, .. } => {
-                    if !self.instances[idx].path.is_empty()
-                        || self
-                            .input
-                            .model
-                            .is_none_or(|m| self.instances[idx].block != m.def.name.name)
+                    if !self.instances[idx].path.is_empty() || self.input.model.is_none_or(|m| self.instances[idx].block != m.def.name.name)
                     {
                         return Err(self
-                            .err(
-                                &file,
-                                *span,
-                                "`input` is only allowed in the model",
-                                "inside a block",
-                            )
+                            .err(&file, *span, "`input` is only allowed in the model", "inside a block")
                             .with_help("pass tensors to a block's forward as arguments"));
                     }
                 }
                 Member::Forward(f) => {
                     if self.instances[idx].forward.is_some() {
-                        return Err(self.err(
-                            &file,
-                            f.span,
-                            format!("`{}` has two forwards", self.instances[idx].block),
-                            "second forward",
-                        ));
+                        return Err(self.err(&file, f.span, format!("`{}` has two forwards", self.instances[idx].block), "second forward"));
                     }
                     self.instances[idx].forward = Some(f.clone());
                 }
-                Member::If {
-                    cond,
-                    then,
-                    otherwise,
-                    ..
-                } => {
+                Member::If { cond, then, otherwise, .. } => {
                     let scope = self.member_scope(idx);
                     let c = self.eval_const(cond, &scope)?;
                     let Value::Bool(b) = c else {
                         return Err(self.err(
                             &file,
                             cond.span,
-                            format!(
-                                "an `if` condition must be a compile-time bool, found {}",
-                                c.kind()
-                            ),
+                            format!("an `if` condition must be a compile-time bool, found {}", c.kind()),
                             "not a bool",
                         ));
                     };
@@ -586,32 +437,16 @@ impl<'a> Elaborator<'a> {
     }
 
     /// `Block(args)` or `repeat(n, Block(args))` as a member value.
-    fn instantiate_child(
-        &mut self,
-        parent: usize,
-        name: &str,
-        value: &ast::Expr,
-        span: Span,
-    ) -> Result<Value, Diagnostic> {
+    fn instantiate_child(&mut self, parent: usize, name: &str, value: &ast::Expr, span: Span) -> Result<Value, Diagnostic> {
         let file = self.instances[parent].file.clone();
         let ExprKind::Call { callee, args } = &value.kind else {
             return Err(self
-                .err(
-                    &file,
-                    value.span,
-                    "a member must be a block instance: `name = Block(args)`",
-                    "not a block call",
-                )
+                .err(&file, value.span, "a member must be a block instance: `name = Block(args)`", "not a block call")
                 .with_help("compute values inside `forward`; use `param` for tensors"));
         };
         if callee.name == "repeat" {
             if args.len() != 2 || args.iter().any(|a| a.name.is_some()) {
-                return Err(self.err(
-                    &file,
-                    value.span,
-                    "`repeat` takes two arguments: `repeat(n, Block(args))`",
-                    "bad repeat",
-                ));
+                return Err(self.err(&file, value.span, "`repeat` takes two arguments: `repeat(n, Block(args))`", "bad repeat"));
             }
             let scope = self.member_scope(parent);
             let n = self.eval_const(&args[0].value, &scope)?;
@@ -625,12 +460,7 @@ impl<'a> Elaborator<'a> {
             };
             if !(1..=MAX_REPEAT).contains(&n) {
                 return Err(self
-                    .err(
-                        &file,
-                        args[0].value.span,
-                        format!("repeat count {n} is out of range 1..={MAX_REPEAT}"),
-                        "too many or too few",
-                    )
+                    .err(&file, args[0].value.span, format!("repeat count {n} is out of range 1..={MAX_REPEAT}"), "too many or too few")
                     .with_help("use a count between 1 and 4096"));
             }
             let mut items = vec![];
@@ -641,41 +471,20 @@ impl<'a> Elaborator<'a> {
             return Ok(Value::Repeat(items));
         }
         let path = self.prefixed(parent, name);
-        Ok(Value::Instance(
-            self.instantiate_call(parent, &path, value, span)?,
-        ))
+        Ok(Value::Instance(self.instantiate_call(parent, &path, value, span)?))
     }
 
-    fn instantiate_call(
-        &mut self,
-        parent: usize,
-        path: &str,
-        call: &ast::Expr,
-        span: Span,
-    ) -> Result<usize, Diagnostic> {
+    fn instantiate_call(&mut self, parent: usize, path: &str, call: &ast::Expr, span: Span) -> Result<usize, Diagnostic> {
         let file = self.instances[parent].file.clone();
         let ExprKind::Call { callee, args } = &call.kind else {
-            return Err(self.err(
-                &file,
-                call.span,
-                "expected a block instance `Block(args)`",
-                "not a block call",
-            ));
+            return Err(self.err(&file, call.span, "expected a block instance `Block(args)`", "not a block call"));
         };
         let Some(block) = self.input.blocks.get(&callee.name) else {
-            let mut e = self.err(
-                &file,
-                callee.span,
-                format!("unknown block `{}`", callee.name),
-                "no block by this name",
-            );
+            let mut e = self.err(&file, callee.span, format!("unknown block `{}`", callee.name), "no block by this name");
             if let Some(s) = suggest(&callee.name, self.input.blocks.keys().map(String::as_str)) {
                 e = e.with_help(format!("did you mean `{s}`?"));
             } else if builtins::is_builtin(&callee.name) {
-                e = e.with_help(format!(
-                    "`{}` is an operation: call it inside `forward`",
-                    callee.name
-                ));
+                e = e.with_help(format!("`{}` is an operation: call it inside `forward`", callee.name));
             }
             return Err(e);
         };
@@ -691,12 +500,7 @@ impl<'a> Elaborator<'a> {
                         return Err(self.err(
                             &file,
                             a.value.span,
-                            format!(
-                                "`{}` takes {} arguments, this is argument {}",
-                                callee.name,
-                                params.len(),
-                                positional + 1
-                            ),
+                            format!("`{}` takes {} arguments, this is argument {}", callee.name, params.len(), positional + 1),
                             "too many arguments",
                         ));
                     };
@@ -705,26 +509,14 @@ impl<'a> Elaborator<'a> {
                 }
                 Some(k) => {
                     if !params.iter().any(|p| p.name.name == k.name) {
-                        let mut e = self.err(
-                            &file,
-                            k.span,
-                            format!("`{}` has no parameter `{}`", callee.name, k.name),
-                            "unknown argument",
-                        );
-                        if let Some(s) =
-                            suggest(&k.name, params.iter().map(|p| p.name.name.as_str()))
-                        {
+                        let mut e = self.err(&file, k.span, format!("`{}` has no parameter `{}`", callee.name, k.name), "unknown argument");
+                        if let Some(s) = suggest(&k.name, params.iter().map(|p| p.name.name.as_str())) {
                             e = e.with_help(format!("did you mean `{s}`?"));
                         }
                         return Err(e);
                     }
                     if env.insert(k.name.clone(), v).is_some() {
-                        return Err(self.err(
-                            &file,
-                            k.span,
-                            format!("argument `{}` is given twice", k.name),
-                            "duplicate argument",
-                        ));
+                        return Err(self.err(&file, k.span, format!("argument `{}` is given twice", k.name), "duplicate argument"));
                     }
                 }
             }
@@ -733,22 +525,13 @@ impl<'a> Elaborator<'a> {
             if !env.contains_key(&p.name.name) {
                 match &p.default {
                     Some(d) => {
-                        let dscope = Scope {
-                            file: block.file.clone(),
-                            locals: vec![env.clone()],
-                            inst: None,
-                        };
+                        let dscope = Scope { file: block.file.clone(), locals: vec![env.clone()], inst: None };
                         let v = self.eval_const(d, &dscope)?;
                         env.insert(p.name.name.clone(), v);
                     }
                     None => {
                         return Err(self
-                            .err(
-                                &file,
-                                call.span,
-                                format!("`{}` needs an argument `{}`", callee.name, p.name.name),
-                                "missing argument",
-                            )
+                            .err(&file, call.span, format!("`{}` needs an argument `{}`", callee.name, p.name.name), "missing argument")
                             .with_secondary(&block.file, p.name.span, "declared here"));
                     }
                 }
@@ -772,12 +555,7 @@ impl<'a> Elaborator<'a> {
         let inst_file = self.instances[idx].file.clone();
         let block = self.instances[idx].block.clone();
         let Some(fwd) = self.instances[idx].forward.clone() else {
-            return Err(self.err(
-                call_file,
-                span,
-                format!("block `{block}` has no forward to call"),
-                "called here",
-            ));
+            return Err(self.err(call_file, span, format!("block `{block}` has no forward to call"), "called here"));
         };
         let params = fwd.params.clone().unwrap_or_default();
         if params.len() != args.len() {
@@ -785,33 +563,21 @@ impl<'a> Elaborator<'a> {
                 .err(
                     call_file,
                     span,
-                    format!(
-                        "`{block}`'s forward takes {} argument(s), {} given",
-                        params.len(),
-                        args.len()
-                    ),
+                    format!("`{block}`'s forward takes {} argument(s), {} given", params.len(), args.len()),
                     "wrong number of arguments",
                 )
                 .with_secondary(&inst_file, fwd.span, "forward declared here"));
         }
         let mut symbols: HashMap<String, i64> = HashMap::new();
         let mut ellipsis: Option<Vec<usize>> = None;
-        let mut scope = Scope {
-            file: inst_file.clone(),
-            locals: vec![HashMap::new()],
-            inst: Some(idx),
-        };
+        let mut scope = Scope { file: inst_file.clone(), locals: vec![HashMap::new()], inst: Some(idx) };
         for (p, (v, vspan)) in params.iter().zip(&args) {
             if let Some(ty) = &p.ty {
                 let Value::Tensor(id) = v else {
                     return Err(self.err(
                         call_file,
                         *vspan,
-                        format!(
-                            "argument `{}` of `{block}` must be a tensor, found {}",
-                            p.name.name,
-                            v.kind()
-                        ),
+                        format!("argument `{}` of `{block}` must be a tensor, found {}", p.name.name, v.kind()),
                         "not a tensor",
                     ));
                 };
@@ -842,29 +608,12 @@ impl<'a> Elaborator<'a> {
                 return Err(self.err(
                     &inst_file,
                     fwd.body.span,
-                    format!(
-                        "`{block}`'s forward must return a tensor, it returns {}",
-                        v.kind()
-                    ),
+                    format!("`{block}`'s forward must return a tensor, it returns {}", v.kind()),
                     "returns this",
                 ));
             };
-            let ret_span = fwd
-                .body
-                .tail
-                .as_ref()
-                .map(|t| t.span)
-                .unwrap_or(fwd.body.span);
-            self.check_shape(
-                id,
-                ret,
-                &mut symbols,
-                &mut ellipsis,
-                &scope,
-                &inst_file,
-                ret_span,
-                &format!("the result of `{block}`"),
-            )?;
+            let ret_span = fwd.body.tail.as_ref().map(|t| t.span).unwrap_or(fwd.body.span);
+            self.check_shape(id, ret, &mut symbols, &mut ellipsis, &scope, &inst_file, ret_span, &format!("the result of `{block}`"))?;
         }
         Ok(v)
     }
@@ -891,34 +640,20 @@ impl<'a> Elaborator<'a> {
                 .err(
                     file,
                     span,
-                    format!(
-                        "shape mismatch: {what} is {actual_text}, declared {}",
-                        type_text(&decl_file, ty)
-                    ),
+                    format!("shape mismatch: {what} is {actual_text}, declared {}", type_text(&decl_file, ty)),
                     format!("this is {actual_text}"),
                 )
                 .with_secondary(&decl_file, ty.span, "declared here")
                 .with_note(detail);
             if let Some(o) = origin {
-                d = d.with_note(format!(
-                    "the {actual_text} tensor comes from `{}` at {}",
-                    o.what,
-                    o.location()
-                ));
+                d = d.with_note(format!("the {actual_text} tensor comes from `{}` at {}", o.what, o.location()));
             }
             d
         };
         if let Some(dname) = &ty.dtype {
             let want = self.dtype_of(&decl_file, ty)?;
             if want != self.g.dtype(id) {
-                return Err(mismatch(
-                    self,
-                    format!(
-                        "expected dtype {}, found {}",
-                        dname.name,
-                        self.g.dtype(id).name()
-                    ),
-                ));
+                return Err(mismatch(self, format!("expected dtype {}, found {}", dname.name, self.g.dtype(id).name())));
             }
         }
         let Some(dims) = &ty.dims else { return Ok(()) };
@@ -927,22 +662,12 @@ impl<'a> Elaborator<'a> {
             _ => (false, &dims[..]),
         };
         if rest.iter().any(|d| matches!(d, Dim::Ellipsis(_))) {
-            return Err(self.err(
-                &decl_file,
-                ty.span,
-                "`...` may only come first in a shape",
-                "misplaced `...`",
-            ));
+            return Err(self.err(&decl_file, ty.span, "`...` may only come first in a shape", "misplaced `...`"));
         }
         if (!lead && actual.len() != rest.len()) || (lead && actual.len() < rest.len()) {
             return Err(mismatch(
                 self,
-                format!(
-                    "expected rank {}{}, found rank {}",
-                    if lead { "at least " } else { "" },
-                    rest.len(),
-                    actual.len()
-                ),
+                format!("expected rank {}{}, found rank {}", if lead { "at least " } else { "" }, rest.len(), actual.len()),
             ));
         }
         let offset = actual.len() - rest.len();
@@ -950,10 +675,7 @@ impl<'a> Elaborator<'a> {
             let leading = actual[..offset].to_vec();
             match ellipsis {
                 Some(prev) if *prev != leading => {
-                    return Err(mismatch(
-                        self,
-                        format!("`...` was bound to {prev:?} earlier, here it is {leading:?}"),
-                    ));
+                    return Err(mismatch(self, format!("`...` was bound to {prev:?} earlier, here it is {leading:?}")));
                 }
                 _ => *ellipsis = Some(leading),
             }
@@ -969,13 +691,7 @@ impl<'a> Elaborator<'a> {
             {
                 match symbols.get(n) {
                     Some(&v) if v != got => {
-                        return Err(mismatch(
-                            self,
-                            format!(
-                                "`{n}` was bound to {v} earlier, but dim {} here is {got}",
-                                offset + i
-                            ),
-                        ));
+                        return Err(mismatch(self, format!("`{n}` was bound to {v} earlier, but dim {} here is {got}", offset + i)));
                     }
                     Some(_) => {}
                     None => {
@@ -984,44 +700,22 @@ impl<'a> Elaborator<'a> {
                 }
                 continue;
             }
-            let mut s2 = Scope {
-                file: decl_file.clone(),
-                locals: scope.locals.clone(),
-                inst: scope.inst,
-            };
-            s2.locals.push(
-                symbols
-                    .iter()
-                    .map(|(k, v)| (k.clone(), Value::Int(*v)))
-                    .collect(),
-            );
+            let mut s2 = Scope { file: decl_file.clone(), locals: scope.locals.clone(), inst: scope.inst };
+            s2.locals.push(symbols.iter().map(|(k, v)| (k.clone(), Value::Int(*v))).collect());
             let want = self.eval_const(e, &s2)?;
             let want = self.dim_value(&decl_file, e.span, &want)?;
             if want as i64 != got {
                 let src = decl_file.text.get(e.span.start..e.span.end).unwrap_or("?");
-                return Err(mismatch(
-                    self,
-                    format!("dim {} is {got}, but `{src}` = {want}", offset + i),
-                ));
+                return Err(mismatch(self, format!("dim {} is {got}, but `{src}` = {want}", offset + i)));
             }
         }
         Ok(())
     }
 
-    fn eval_init(
-        &mut self,
-        e: &ast::Expr,
-        scope: &Scope,
-        shape: &[usize],
-    ) -> Result<Init, Diagnostic> {
+    fn eval_init(&mut self, e: &ast::Expr, scope: &Scope, shape: &[usize]) -> Result<Init, Diagnostic> {
         let file = scope.file.clone();
         let ExprKind::Call { callee, args } = &e.kind else {
-            return Err(self.err(
-                &file,
-                e.span,
-                "an initialiser must be a call such as `normal(0, 0.02)`",
-                "not an initialiser",
-            ));
+            return Err(self.err(&file, e.span, "an initialiser must be a call such as `normal(0, 0.02)`", "not an initialiser"));
         };
         let mut vals = vec![];
         for a in args {
@@ -1043,22 +737,12 @@ impl<'a> Elaborator<'a> {
             if let Some((_, v, _)) = vals.iter().filter(|(n, _, _)| n.is_none()).nth(i) {
                 return Ok(*v);
             }
-            default.ok_or_else(|| {
-                self.err(
-                    &file,
-                    e.span,
-                    format!("`{}` needs an argument `{}`", callee.name, names[i]),
-                    "missing argument",
-                )
-            })
+            default
+                .ok_or_else(|| self.err(&file, e.span, format!("`{}` needs an argument `{}`", callee.name, names[i]), "missing argument"))
         };
         let fans = || -> (f64, f64) {
             let receptive: usize = shape.iter().skip(2).product();
-            let fan_in = shape
-                .get(1)
-                .copied()
-                .unwrap_or(shape.first().copied().unwrap_or(1))
-                * receptive.max(1);
+            let fan_in = shape.get(1).copied().unwrap_or(shape.first().copied().unwrap_or(1)) * receptive.max(1);
             let fan_out = shape.first().copied().unwrap_or(1) * receptive.max(1);
             (fan_in as f64, fan_out as f64)
         };
@@ -1066,23 +750,12 @@ impl<'a> Elaborator<'a> {
             "zeros" => Init::Zeros,
             "ones" => Init::Ones,
             "constant" => Init::Constant(get(&["v"], 0, None)?),
-            "normal" => Init::Normal {
-                mean: get(&["mean", "std"], 0, Some(0.0))?,
-                std: get(&["mean", "std"], 1, Some(1.0))?,
-            },
-            "uniform" => Init::Uniform {
-                low: get(&["low", "high"], 0, Some(0.0))?,
-                high: get(&["low", "high"], 1, Some(1.0))?,
-            },
+            "normal" => Init::Normal { mean: get(&["mean", "std"], 0, Some(0.0))?, std: get(&["mean", "std"], 1, Some(1.0))? },
+            "uniform" => Init::Uniform { low: get(&["low", "high"], 0, Some(0.0))?, high: get(&["low", "high"], 1, Some(1.0))? },
             "kaiming_uniform" => {
                 let fan_in = get(&["fan_in"], 0, Some(fans().0))?;
                 if fan_in <= 0.0 {
-                    return Err(self.err(
-                        &file,
-                        e.span,
-                        "kaiming_uniform needs a positive fan_in",
-                        "bad fan_in",
-                    ));
+                    return Err(self.err(&file, e.span, "kaiming_uniform needs a positive fan_in", "bad fan_in"));
                 }
                 let b = 1.0 / fan_in.sqrt();
                 Init::Uniform { low: -b, high: b }
@@ -1094,21 +767,8 @@ impl<'a> Elaborator<'a> {
                 Init::Uniform { low: -b, high: b }
             }
             other => {
-                let names = [
-                    "zeros",
-                    "ones",
-                    "constant",
-                    "normal",
-                    "uniform",
-                    "kaiming_uniform",
-                    "xavier_uniform",
-                ];
-                let mut d = self.err(
-                    &file,
-                    callee.span,
-                    format!("unknown initialiser `{other}`"),
-                    "not an initialiser",
-                );
+                let names = ["zeros", "ones", "constant", "normal", "uniform", "kaiming_uniform", "xavier_uniform"];
+                let mut d = self.err(&file, callee.span, format!("unknown initialiser `{other}`"), "not an initialiser");
                 if let Some(s) = suggest(other, names) {
                     d = d.with_help(format!("did you mean `{s}`?"));
                 } else {
@@ -1130,15 +790,9 @@ impl<'a> Elaborator<'a> {
 }
 
 fn flatten_inputs(members: &[Member]) -> Vec<&Member> {
-    members
-        .iter()
-        .filter(|m| matches!(m, Member::Input { .. }))
-        .collect()
+    members.iter().filter(|m| matches!(m, Member::Input { .. })).collect()
 }
 
 fn type_text(file: &SourceFile, ty: &TensorType) -> String {
-    file.text
-        .get(ty.span.start..ty.span.end)
-        .unwrap_or("?")
-        .to_string()
+    file.text.get(ty.span.start..ty.span.end).unwrap_or("?").to_string()
 }

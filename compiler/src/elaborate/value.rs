@@ -80,21 +80,11 @@ impl Value {
             Value::Bool(b) => b.to_string(),
             Value::Str(s) => format!("{s:?}"),
             Value::None => "none".into(),
-            Value::Tuple(v) => format!(
-                "({})",
-                v.iter().map(Value::text).collect::<Vec<_>>().join(", ")
-            ),
-            Value::List(v) => format!(
-                "[{}]",
-                v.iter().map(Value::text).collect::<Vec<_>>().join(", ")
-            ),
+            Value::Tuple(v) => format!("({})", v.iter().map(Value::text).collect::<Vec<_>>().join(", ")),
+            Value::List(v) => format!("[{}]", v.iter().map(Value::text).collect::<Vec<_>>().join(", ")),
             Value::Call(c) => {
                 let mut parts: Vec<String> = c.positional.iter().map(|(v, _)| v.text()).collect();
-                parts.extend(
-                    c.keyword
-                        .iter()
-                        .map(|(k, v, _)| format!("{k} = {}", v.text())),
-                );
+                parts.extend(c.keyword.iter().map(|(k, v, _)| format!("{k} = {}", v.text())));
                 format!("{}({})", c.name, parts.join(", "))
             }
             other => other.kind().to_string(),

@@ -22,28 +22,16 @@ fn err(e: OpError) -> String {
 pub fn differentiate(g: &mut Graph, loss: NodeId, wrt: &[NodeId]) -> R<Vec<NodeId>> {
     let n = g.len();
     if loss.index() >= n {
-        return Err(format!(
-            "autodiff: loss %{} is not a node of the graph",
-            loss.index()
-        ));
+        return Err(format!("autodiff: loss %{} is not a node of the graph", loss.index()));
     }
     if let Some(w) = wrt.iter().find(|w| w.index() >= n) {
-        return Err(format!(
-            "autodiff: %{} is not a node of the graph",
-            w.index()
-        ));
+        return Err(format!("autodiff: %{} is not a node of the graph", w.index()));
     }
     if g.dtype(loss) != DType::F32 {
-        return Err(format!(
-            "autodiff: the loss must be f32, got {}",
-            ops::shape_text(g.dtype(loss), g.shape(loss))
-        ));
+        return Err(format!("autodiff: the loss must be f32, got {}", ops::shape_text(g.dtype(loss), g.shape(loss))));
     }
     if g.shape(loss).iter().product::<usize>() != 1 {
-        return Err(format!(
-            "autodiff: the loss must be a scalar, got {}",
-            ops::shape_text(g.dtype(loss), g.shape(loss))
-        ));
+        return Err(format!("autodiff: the loss must be a scalar, got {}", ops::shape_text(g.dtype(loss), g.shape(loss))));
     }
 
     // Nodes on a gradient-carrying path from `wrt` to `loss`.
@@ -57,11 +45,7 @@ pub fn differentiate(g: &mut Graph, loss: NodeId, wrt: &[NodeId]) -> R<Vec<NodeI
         if from_wrt[i] || !reaches_loss[i] {
             continue;
         }
-        from_wrt[i] = g
-            .operands(id)
-            .iter()
-            .enumerate()
-            .any(|(pos, &o)| carries_grad(g, id, pos, o) && from_wrt[o.index()]);
+        from_wrt[i] = g.operands(id).iter().enumerate().any(|(pos, &o)| carries_grad(g, id, pos, o) && from_wrt[o.index()]);
     }
     let relevant: Vec<bool> = (0..n).map(|i| from_wrt[i] && reaches_loss[i]).collect();
 
@@ -91,11 +75,8 @@ pub fn differentiate(g: &mut Graph, loss: NodeId, wrt: &[NodeId]) -> R<Vec<NodeI
             }
             grads.insert(id, gi);
             let operands = g.operands(id);
-            let needs: Vec<bool> = operands
-                .iter()
-                .enumerate()
-                .map(|(pos, &o)| carries_grad(g, id, pos, o) && relevant[o.index()])
-                .collect();
+            let needs: Vec<bool> =
+                operands.iter().enumerate().map(|(pos, &o)| carries_grad(g, id, pos, o) && relevant[o.index()]).collect();
             if !needs.iter().any(|&b| b) {
                 continue;
             }
@@ -143,19 +124,10 @@ fn carries_grad(g: &Graph, id: NodeId, pos: usize, o: NodeId) -> bool {
         return false;
     }
     match &g.node(id).op {
-        Op::Input(_)
-        | Op::Param(_)
-        | Op::State(_)
-        | Op::Hyper(_)
-        | Op::Const(_)
-        | Op::Iota(_)
-        | Op::Assign(_) => false,
+        Op::Input(_) | Op::Param(_) | Op::State(_) | Op::Hyper(_) | Op::Const(_) | Op::Iota(_) | Op::Assign(_) => false,
         // Piecewise constant: zero gradient almost everywhere (as in PyTorch).
         Op::Unary(UnaryOp::Step | UnaryOp::Floor) => false,
-        Op::Binary(b) => !matches!(
-            b,
-            BinaryOp::Lt | BinaryOp::Le | BinaryOp::Gt | BinaryOp::Ge | BinaryOp::Eq | BinaryOp::Ne
-        ),
+        Op::Binary(b) => !matches!(b, BinaryOp::Lt | BinaryOp::Le | BinaryOp::Gt | BinaryOp::Ge | BinaryOp::Eq | BinaryOp::Ne),
         Op::Select => pos != 0,
         Op::Gather | Op::ScatterAdd { .. } => pos == 0,
         Op::Cast(_) => true,
@@ -176,13 +148,7 @@ fn f32(g: &mut Graph, x: NodeId) -> NodeId {
 }
 
 /// The vector-Jacobian products of node `id` for the operands flagged in `needs`.
-fn vjp(
-    g: &mut Graph,
-    id: NodeId,
-    operands: &[NodeId],
-    needs: &[bool],
-    gy: NodeId,
-) -> R<Vec<Option<NodeId>>> {
+fn vjp(g: &mut Graph, id: NodeId, operands: &[NodeId], needs: &[bool], gy: NodeId) -> R<Vec<Option<NodeId>>> {
     let node = g.node(id).clone();
     let y = id;
     let a = operands.first().copied();
@@ -257,10 +223,7 @@ fn vjp(
             out[0] = Some(r);
         }
         Op::Binary(op) => {
-            let (a, b) = (
-                a.ok_or("autodiff: binary without operands")?,
-                b.ok_or("autodiff: binary without operands")?,
-            );
+            let (a, b) = (a.ok_or("autodiff: binary without operands")?, b.ok_or("autodiff: binary without operands")?);
             match op {
                 BinaryOp::Add => {
                     out[0] = Some(gy);
@@ -292,11 +255,7 @@ fn vjp(
                 }
                 BinaryOp::Max | BinaryOp::Min => {
                     // PyTorch splits the gradient evenly between tied operands.
-                    let wins = if *op == BinaryOp::Max {
-                        BinaryOp::Gt
-                    } else {
-                        BinaryOp::Lt
-                    };
+                    let wins = if *op == BinaryOp::Max { BinaryOp::Gt } else { BinaryOp::Lt };
                     let tie = ops::binary(g, BinaryOp::Eq, a, b).map_err(err)?;
                     let tie = f32(g, tie);
                     let half_tie = ops::mul_scalar(g, tie, 0.5);
@@ -322,12 +281,7 @@ fn vjp(
                         out[1] = Some(ops::mul(g, gyy, la).map_err(err)?);
                     }
                 }
-                BinaryOp::Lt
-                | BinaryOp::Le
-                | BinaryOp::Gt
-                | BinaryOp::Ge
-                | BinaryOp::Eq
-                | BinaryOp::Ne => {}
+                BinaryOp::Lt | BinaryOp::Le | BinaryOp::Gt | BinaryOp::Ge | BinaryOp::Eq | BinaryOp::Ne => {}
             }
         }
         Op::Select => {
@@ -343,11 +297,7 @@ fn vjp(
         Op::Reduce(r, axes) => {
             let a = a.ok_or("autodiff: reduce without operand")?;
             let in_shape = g.shape(a).to_vec();
-            let keep: Vec<usize> = in_shape
-                .iter()
-                .enumerate()
-                .map(|(i, &d)| if axes.contains(&i) { 1 } else { d })
-                .collect();
+            let keep: Vec<usize> = in_shape.iter().enumerate().map(|(i, &d)| if axes.contains(&i) { 1 } else { d }).collect();
             let gk = ops::reshape(g, gy, &keep).map_err(err)?;
             let r = match r {
                 ReduceOp::Sum => ops::broadcast_to(g, gk, &in_shape).map_err(err)?,
@@ -357,11 +307,7 @@ fn vjp(
                     let hit = ops::binary(g, BinaryOp::Eq, a, yk).map_err(err)?;
                     let mask = f32(g, hit);
                     let ax: Vec<i64> = axes.iter().map(|&x| x as i64).collect();
-                    let cnt = if ax.is_empty() {
-                        mask
-                    } else {
-                        ops::reduce(g, ReduceOp::Sum, mask, &ax, true).map_err(err)?
-                    };
+                    let cnt = if ax.is_empty() { mask } else { ops::reduce(g, ReduceOp::Sum, mask, &ax, true).map_err(err)? };
                     let share = ops::div(g, gk, cnt).map_err(err)?;
                     ops::mul(g, share, mask).map_err(err)?
                 }
@@ -373,15 +319,9 @@ fn vjp(
             let in_shape = g.shape(a).to_vec();
             let out_shape = node.shape.clone();
             let lead = out_shape.len() - in_shape.len();
-            let axes: Vec<i64> = (0..out_shape.len())
-                .filter(|&i| i < lead || (in_shape[i - lead] == 1 && out_shape[i] != 1))
-                .map(|i| i as i64)
-                .collect();
-            let s = if axes.is_empty() {
-                gy
-            } else {
-                ops::sum(g, gy, &axes, false).map_err(err)?
-            };
+            let axes: Vec<i64> =
+                (0..out_shape.len()).filter(|&i| i < lead || (in_shape[i - lead] == 1 && out_shape[i] != 1)).map(|i| i as i64).collect();
+            let s = if axes.is_empty() { gy } else { ops::sum(g, gy, &axes, false).map_err(err)? };
             out[0] = Some(ops::reshape(g, s, &in_shape).map_err(err)?);
         }
         Op::Reshape => {
@@ -404,29 +344,20 @@ fn vjp(
         Op::Pad { axis, before, .. } => {
             let a = a.ok_or("autodiff: pad without operand")?;
             let n = g.shape(a)[*axis];
-            out[0] = Some(
-                ops::slice(g, gy, *axis as i64, *before as i64, (before + n) as i64)
-                    .map_err(err)?,
-            );
+            out[0] = Some(ops::slice(g, gy, *axis as i64, *before as i64, (before + n) as i64).map_err(err)?);
         }
         Op::Concat(axis) => {
             let mut off = 0;
             for (k, &o) in operands.iter().enumerate() {
                 let w = g.shape(o)[*axis];
                 if needs[k] {
-                    out[k] = Some(
-                        ops::slice(g, gy, *axis as i64, off as i64, (off + w) as i64)
-                            .map_err(err)?,
-                    );
+                    out[k] = Some(ops::slice(g, gy, *axis as i64, off as i64, (off + w) as i64).map_err(err)?);
                 }
                 off += w;
             }
         }
         Op::MatMul => {
-            let (a, b) = (
-                a.ok_or("autodiff: matmul without operands")?,
-                b.ok_or("autodiff: matmul without operands")?,
-            );
+            let (a, b) = (a.ok_or("autodiff: matmul without operands")?, b.ok_or("autodiff: matmul without operands")?);
             if needs[0] {
                 let bt = ops::transpose(g, b, -2, -1).map_err(err)?;
                 out[0] = Some(ops::matmul(g, gy, bt).map_err(err)?);
@@ -437,29 +368,17 @@ fn vjp(
             }
         }
         Op::Gather => {
-            let (table, ids) = (
-                a.ok_or("autodiff: gather without operands")?,
-                b.ok_or("autodiff: gather without operands")?,
-            );
+            let (table, ids) = (a.ok_or("autodiff: gather without operands")?, b.ok_or("autodiff: gather without operands")?);
             let ts = g.shape(table).to_vec();
             out[0] = Some(g.add(Op::ScatterAdd { rows: ts[0] }, &[gy, ids], ts, DType::F32));
         }
         Op::ScatterAdd { .. } => {
-            let (src, ids) = (
-                a.ok_or("autodiff: scatter_add without operands")?,
-                b.ok_or("autodiff: scatter_add without operands")?,
-            );
+            let (src, ids) = (a.ok_or("autodiff: scatter_add without operands")?, b.ok_or("autodiff: scatter_add without operands")?);
             let s = g.shape(src).to_vec();
             out[0] = Some(g.add(Op::Gather, &[gy, ids], s, DType::F32));
         }
         Op::Cast(_) => out[0] = Some(gy),
-        Op::Input(_)
-        | Op::Param(_)
-        | Op::State(_)
-        | Op::Hyper(_)
-        | Op::Const(_)
-        | Op::Iota(_)
-        | Op::Assign(_) => {}
+        Op::Input(_) | Op::Param(_) | Op::State(_) | Op::Hyper(_) | Op::Const(_) | Op::Iota(_) | Op::Assign(_) => {}
     }
     Ok(out)
 }
@@ -476,11 +395,7 @@ mod tests {
         let file = SourceFile::new("m.bm", "x = exp(p)\n");
         let p = g.add(Op::Param("p".into()), &[], vec![3], DType::F32);
         let q = g.add(Op::Param("q".into()), &[], vec![3], DType::F32);
-        g.current_origin = Some(Origin {
-            what: "exp".into(),
-            file: file.clone(),
-            span: bm_grammar::ast::Span { start: 4, end: 10 },
-        });
+        g.current_origin = Some(Origin { what: "exp".into(), file: file.clone(), span: bm_grammar::ast::Span { start: 4, end: 10 } });
         let e = ops::unary(&mut g, UnaryOp::Exp, p);
         let l = ops::sum(&mut g, e, &[], false).unwrap();
         g.current_origin = None;
@@ -488,11 +403,7 @@ mod tests {
         let gr = differentiate(&mut g, l, &[p]).unwrap();
         assert!(g.len() > n0);
         for i in n0..g.len() {
-            let o = g
-                .node(NodeId::new(i))
-                .origin
-                .as_ref()
-                .expect("backward nodes have origins");
+            let o = g.node(NodeId::new(i)).origin.as_ref().expect("backward nodes have origins");
             assert_eq!(o.what, "grad of exp");
             assert_eq!(o.location(), "m.bm:1:5");
         }
@@ -520,10 +431,7 @@ mod tests {
         // seed const, its reshape and broadcast (constants), and the mul by h.
         assert!(g.len() - n0 <= 4, "{}", g.to_text());
         for i in n0..g.len() {
-            assert!(!matches!(
-                g.node(NodeId::new(i)).op,
-                Op::Unary(UnaryOp::Square)
-            ));
+            assert!(!matches!(g.node(NodeId::new(i)).op, Op::Unary(UnaryOp::Square)));
         }
     }
 }

@@ -54,10 +54,7 @@ pub struct TrainSetup {
 }
 
 fn hyper(g: &mut Graph, name: &str) -> NodeId {
-    if let Some(id) = g
-        .node_ids()
-        .find(|&n| g.node(n).op == Op::Hyper(name.into()))
-    {
+    if let Some(id) = g.node_ids().find(|&n| g.node(n).op == Op::Hyper(name.into())) {
         return id;
     }
     g.add(Op::Hyper(name.into()), &[], vec![], DType::F32)
@@ -124,12 +121,7 @@ fn learning_rate(g: &mut Graph, base: f64, schedule: &Schedule) -> OpResult {
 }
 
 fn state(g: &mut Graph, kind: &str, param: &str, shape: &[usize]) -> NodeId {
-    g.add(
-        Op::State(format!("{kind}.{param}")),
-        &[],
-        shape.to_vec(),
-        DType::F32,
-    )
+    g.add(Op::State(format!("{kind}.{param}")), &[], shape.to_vec(), DType::F32)
 }
 
 fn assign(g: &mut Graph, name: String, value: NodeId) -> NodeId {
@@ -149,12 +141,7 @@ pub fn append_training(g: &mut Graph, setup: &TrainSetup) -> Result<(), String> 
     append_update(g, setup, &params, &grads).map_err(|e| e.message)
 }
 
-fn append_update(
-    g: &mut Graph,
-    setup: &TrainSetup,
-    params: &[(String, NodeId)],
-    grads: &[NodeId],
-) -> OpResult<()> {
+fn append_update(g: &mut Graph, setup: &TrainSetup, params: &[(String, NodeId)], grads: &[NodeId]) -> OpResult<()> {
     // Global L2 norm of all gradients (always reported; used by clipping).
     let mut total: Option<NodeId> = None;
     for &gr in grads {
@@ -189,11 +176,7 @@ fn append_update(
     let t = ops::add_scalar(g, step, 1.0);
     for ((name, p), &gr) in params.iter().zip(&grads) {
         let shape = g.shape(*p).to_vec();
-        let wd = if opt.decay_matrices_only && shape.len() < 2 {
-            0.0
-        } else {
-            opt.weight_decay
-        };
+        let wd = if opt.decay_matrices_only && shape.len() < 2 { 0.0 } else { opt.weight_decay };
         let new_p = match opt.kind {
             OptimizerKind::Sgd { momentum, nesterov } => {
                 let gr = l2(g, gr, *p, wd)?;
@@ -214,12 +197,7 @@ fn append_update(
                 let u = ops::mul(g, dir, lr)?;
                 ops::sub(g, *p, u)?
             }
-            OptimizerKind::Adam {
-                beta1,
-                beta2,
-                eps,
-                decoupled,
-            } => {
+            OptimizerKind::Adam { beta1, beta2, eps, decoupled } => {
                 let (p0, gr) = if decoupled {
                     // p = p * (1 - lr * wd)
                     let lw = ops::mul_scalar(g, lr, wd);
@@ -258,11 +236,7 @@ fn append_update(
                 let u = ops::mul(g, r, step_size)?;
                 ops::sub(g, p0, u)?
             }
-            OptimizerKind::RmsProp {
-                alpha,
-                eps,
-                momentum,
-            } => {
+            OptimizerKind::RmsProp { alpha, eps, momentum } => {
                 let gr = l2(g, gr, *p, wd)?;
                 let sa = state(g, "square_avg", name, &shape);
                 let a = ops::mul_scalar(g, sa, alpha);
