@@ -104,3 +104,202 @@ fn w1_losses_match_pytorch_for_five_steps() {
         assert!((ours - theirs).abs() < 1e-5, "step {i}: bmc {ours:.7} vs PyTorch {theirs:.7}\nall: {losses:?}");
     }
 }
+
+// ---------------------------------------------------------------------------------
+// Every op's forward and gradient against PyTorch (float64), through the f64
+// reference evaluator, and through lowering + the Cranelift JIT in f32.
+
+use bmc::eval::{self, Tensor};
+use bmc::graph::{BinaryOp, DType, Graph, NodeId, Op, ParamInfo, UnaryOp};
+use bmc::ops;
+use serde_json::Value as Json;
+use std::collections::HashMap;
+
+fn floats(v: &Json) -> Vec<f64> {
+    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
+}
+
+fn shape_of(v: &Json) -> Vec<usize> {
+    v["shape"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect()
+}
+
+/// Builds the case's operation on parameter nodes `xs`.
+fn build(name: &str, g: &mut Graph, xs: &[NodeId], targets: Option<NodeId>) -> NodeId {
+    let r = match name {
+        "softmax" => ops::softmax(g, xs[0], -1),
+        "log_softmax" => ops::log_softmax(g, xs[0], -1),
+        "softmax_axis0" => ops::softmax(g, xs[0], 0),
+        "gelu_tanh" => ops::gelu(g, xs[0], false),
+        "gelu_erf" => ops::gelu(g, xs[0], true),
+        "silu" => ops::silu(g, xs[0]),
+        "sigmoid" => Ok(ops::unary(g, UnaryOp::Sigmoid, xs[0])),
+        "tanh" => Ok(ops::unary(g, UnaryOp::Tanh, xs[0])),
+        "logsumexp" => ops::logsumexp(g, xs[0], &[-1], false),
+        "var" => ops::var(g, xs[0], &[-1], false),
+        "mean_keepdim" => ops::mean(g, xs[0], &[0], true),
+        // The prelude's LayerNorm and RMSNorm, op for op.
+        "layer_norm" => (|| {
+            let mu = ops::mean(g, xs[0], &[-1], true)?;
+            let v = ops::var(g, xs[0], &[-1], true)?;
+            let d = ops::sub(g, xs[0], mu)?;
+            let e = ops::add_scalar(g, v, 1e-5);
+            let r = ops::unary(g, UnaryOp::Rsqrt, e);
+            let n = ops::mul(g, d, r)?;
+            let n = ops::mul(g, n, xs[1])?;
+            ops::add(g, n, xs[2])
+        })(),
+        "rms_norm" => (|| {
+            let sq = ops::unary(g, UnaryOp::Square, xs[0]);
+            let m = ops::mean(g, sq, &[-1], true)?;
+            let e = ops::add_scalar(g, m, 1e-6);
+            let r = ops::unary(g, UnaryOp::Rsqrt, e);
+            let n = ops::mul(g, xs[0], r)?;
+            ops::mul(g, n, xs[1])
+        })(),
+        "matmul_batched" => ops::matmul(g, xs[0], xs[1]),
+        "mse" => ops::mse(g, xs[0], xs[1]),
+        "bce_with_logits" => {
+            let t = ops::unary(g, UnaryOp::Sigmoid, xs[1]);
+            ops::bce_with_logits(g, xs[0], t)
+        }
+        "attention_causal" => ops::attention(g, xs[0], xs[1], xs[2], true, Some(0.5)),
+        "maximum" => ops::binary(g, BinaryOp::Max, xs[0], xs[1]),
+        "pow" => (|| {
+            let a = ops::unary(g, UnaryOp::Abs, xs[0]);
+            let a = ops::add_scalar(g, a, 0.5);
+            let p = ops::scalar(g, 1.7);
+            ops::binary(g, BinaryOp::Pow, a, p)
+        })(),
+        "cross_entropy" => ops::cross_entropy(g, xs[0], targets.unwrap(), -100),
+        other => panic!("no builder for fixture case `{other}`"),
+    };
+    r.unwrap_or_else(|e| panic!("{name}: {e:?}"))
+}
+
+struct Case {
+    name: String,
+    g: Graph,
+    grads: Vec<NodeId>,
+    out: NodeId,
+    feeds: HashMap<String, Tensor>,
+}
+
+fn case_graph(c: &Json) -> Case {
+    let name = c["name"].as_str().unwrap().to_string();
+    let mut g = Graph::new();
+    let mut feeds = HashMap::new();
+    let mut xs = vec![];
+    for (i, inp) in c["inputs"].as_array().unwrap().iter().enumerate() {
+        let shape = shape_of(inp);
+        let id = g.add(Op::Param(format!("p{i}")), &[], shape.clone(), DType::F32);
+        g.params.push(ParamInfo { name: format!("p{i}"), node: id, init: Init::Zeros });
+        feeds.insert(format!("p{i}"), Tensor { shape, data: floats(&inp["data"]) });
+        xs.push(id);
+    }
+    let targets = c.get("targets").map(|t| {
+        let t: Vec<f64> = floats(t);
+        let id = g.add(Op::Input("t".into()), &[], vec![t.len()], DType::I32);
+        feeds.insert("t".into(), Tensor { shape: vec![t.len()], data: t });
+        id
+    });
+    let out = build(&name, &mut g, &xs, targets);
+    let oshape = g.shape(out).to_vec();
+    let w = g.add(Op::Input("w".into()), &[], oshape.clone(), DType::F32);
+    feeds.insert("w".into(), Tensor { shape: oshape, data: floats(&c["weight"]) });
+    let prod = ops::mul(&mut g, out, w).unwrap();
+    let loss = ops::sum(&mut g, prod, &[], false).unwrap();
+    g.loss = Some(loss);
+    g.set_output("loss", loss);
+    g.set_output("out", out);
+    let grads = bmc::passes::autodiff::differentiate(&mut g, loss, &xs).unwrap();
+    for (i, &gr) in grads.iter().enumerate() {
+        g.set_output(&format!("grad.p{i}"), gr);
+    }
+    Case { name, g, grads, out, feeds }
+}
+
+fn close(a: f64, b: f64, rel: f64, abs: f64) -> bool {
+    (a - b).abs() <= abs + rel * b.abs().max(a.abs())
+}
+
+fn ops_fixture() -> Json {
+    serde_json::from_str(&std::fs::read_to_string(repo().join("tests/fixtures/torch_ops.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn every_op_matches_pytorch_in_f64() {
+    let fx = ops_fixture();
+    for c in fx["cases"].as_array().unwrap() {
+        let case = case_graph(c);
+        let vals = eval::evaluate(&case.g, &case.feeds).unwrap_or_else(|e| panic!("{}: {e}", case.name));
+        let check = |what: &str, ours: &[f64], theirs: &[f64]| {
+            assert_eq!(ours.len(), theirs.len(), "{} {what}: length", case.name);
+            for (i, (a, b)) in ours.iter().zip(theirs).enumerate() {
+                assert!(close(*a, *b, 1e-10, 1e-12), "{} {what}[{i}]: bmc {a} vs PyTorch {b}", case.name);
+            }
+        };
+        check("forward", &vals[case.out.index()].data, &floats(&c["output"]["data"]));
+        for (i, gr) in case.grads.iter().enumerate() {
+            check(&format!("grad {i}"), &vals[gr.index()].data, &floats(&c["grads"][i]));
+        }
+    }
+}
+
+#[test]
+fn every_op_matches_pytorch_in_f32_through_the_jit() {
+    let fx = ops_fixture();
+    for c in fx["cases"].as_array().unwrap() {
+        let case = case_graph(c);
+        let program = bmc::lower::lower(&case.g).unwrap_or_else(|e| panic!("{}: {e}", case.name));
+        let mut ex = bm_runtime::exec::Executor::new(&program, 1).unwrap();
+        for (name, t) in &case.feeds {
+            let b = program.buffer_named(name).unwrap();
+            match program.buffers[b].dtype {
+                bm_runtime::kir::DType::F32 => ex.f32_mut(b).unwrap().iter_mut().zip(&t.data).for_each(|(d, s)| *d = *s as f32),
+                bm_runtime::kir::DType::I32 => ex.i32_mut(b).unwrap().iter_mut().zip(&t.data).for_each(|(d, s)| *d = *s as i32),
+            }
+        }
+        ex.run("grad").unwrap();
+        let entry = program.entry("grad").unwrap();
+        for (i, _) in case.grads.iter().enumerate() {
+            let (_, b) = entry.results.iter().find(|(n, _)| *n == format!("grad.p{i}")).unwrap();
+            let ours = ex.f32(*b).unwrap();
+            let theirs = floats(&c["grads"][i]);
+            let scale = theirs.iter().fold(0f64, |m, x| m.max(x.abs()));
+            for (j, (a, b)) in ours.iter().zip(&theirs).enumerate() {
+                assert!(close(*a as f64, *b, 1e-4, 1e-6 * scale.max(1.0)), "{} grad {i}[{j}]: bmc f32 {a} vs PyTorch {b}", case.name);
+            }
+        }
+    }
+}
+
+#[test]
+fn mlp_forward_and_gradients_match_pytorch() {
+    let fx: Json = serde_json::from_str(&std::fs::read_to_string(repo().join("tests/fixtures/torch_mlp.json")).unwrap()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = compile(&w1_source(), dir.path());
+    let mut s = bm_runtime::session::Session::new(bundle, 1).unwrap();
+    let params = w1_params();
+    let init = dir.path().join("init.safetensors");
+    checkpoint::save_atomic(&init, &params, &Default::default()).unwrap();
+    s.load_params(&checkpoint::load(&init).unwrap()).unwrap();
+    let spec = s.bundle.train.data.clone().unwrap();
+    let ds = bm_runtime::data::Dataset::load(&spec).unwrap();
+    let mut batcher = bm_runtime::data::Batcher::new(&ds, 128, 0).unwrap();
+    s.feed(&batcher.next_batch(), "digits").unwrap();
+    s.set_hypers(0, 1, false, &mut bm_runtime::rng::Rng::new(0)).unwrap();
+    s.run("grad").unwrap();
+    let loss = s.scalar("grad", "loss").unwrap();
+    assert!(close(loss, fx["loss"].as_f64().unwrap(), 1e-6, 0.0), "loss {loss} vs {}", fx["loss"]);
+    for (name, want) in fx["grads"].as_object().unwrap() {
+        let g: Vec<f64> = s.result("grad", &format!("grad.{name}")).unwrap().iter().map(|&x| x as f64).collect();
+        let norm = g.iter().map(|x| x * x).sum::<f64>().sqrt();
+        assert!(close(norm, want["norm"].as_f64().unwrap(), 1e-4, 0.0), "{name} grad norm {norm} vs {}", want["norm"]);
+        let scale = want["norm"].as_f64().unwrap() / (g.len() as f64).sqrt();
+        let head = floats(&want["head"]);
+        let strided: Vec<f64> = g.iter().step_by(97).copied().collect();
+        for (i, (a, b)) in g.iter().zip(&head).chain(strided.iter().zip(&floats(&want["every97"]))).enumerate() {
+            assert!(close(*a, *b, 1e-4, 1e-4 * scale), "{name} grad sample {i}: bmc {a} vs PyTorch {b}");
+        }
+    }
+}
