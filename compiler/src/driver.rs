@@ -260,6 +260,7 @@ pub fn compile(loaded: &Loaded, opts: &Options, stage: Stage) -> Result<Compiled
         check_inputs_against_data(loaded, &model, &graph, shapes, &train)?;
     }
     crate::passes::metrics::append_accuracy(&mut graph);
+    let mut graph = crate::passes::dce::eliminate_dead_code(&graph);
     let model_name = model.def.name.name.clone();
     let mut data_shapes: Vec<(String, (DType, Vec<usize>))> = data_shapes.unwrap_or_default().into_iter().collect();
     data_shapes.sort_by(|a, b| a.0.cmp(&b.0));
@@ -282,7 +283,7 @@ pub fn compile(loaded: &Loaded, opts: &Options, stage: Stage) -> Result<Compiled
     };
     optimizer::append_training(&mut graph, &setup)
         .map_err(|e| Diagnostic::new(format!("internal error while building the training step: {e}")))?;
-    compiled.train_graph = graph;
+    compiled.train_graph = crate::passes::dce::eliminate_dead_code(&graph);
     if stage == Stage::Train {
         return Ok(compiled);
     }

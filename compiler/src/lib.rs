@@ -7,6 +7,7 @@
 
 pub mod driver;
 pub mod elaborate;
+pub mod emit;
 pub mod eval;
 pub mod graph;
 pub mod info;

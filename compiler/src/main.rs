@@ -5,6 +5,7 @@
 use bm_runtime::bundle;
 use bm_runtime::cli::{TrainArgs, binary_main, parse_kv};
 use bmc::driver::{self, FileSource, Options, Stage};
+use bmc::emit::{EmitStage, Format, emit};
 use clap::{Parser, Subcommand, ValueEnum};
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -66,23 +67,7 @@ enum Target {
     Cuda,
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
-enum EmitStage {
-    Ast,
-    Graph,
-    Fused,
-    Train,
-    Kernels,
-    Clif,
-    Cuda,
-}
 
-#[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
-enum Format {
-    Text,
-    Dot,
-    Json,
-}
 
 /// A failure and its exit code (1: user error, 3: internal error).
 struct Failure {
@@ -166,7 +151,11 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Cmd::Emit { model, stage, format, set } => {
             let loaded = driver::load(&path_str(&model), &FileSource::Disk)?;
             let opts = Options { overrides: set, ..Default::default() };
-            print!("{}", emit(&loaded, &opts, stage, format)?);
+            print!("{}", emit(&loaded, &opts, stage, format).map_err(|e| match e {
+                bmc::emit::EmitError::Source(d) => Failure::from(*d),
+                bmc::emit::EmitError::Runtime(r) => Failure::from(r),
+                bmc::emit::EmitError::Usage(m) => Failure { message: format!("error: {m}\n"), code: 1 },
+            })?);
             Ok(())
         }
         Cmd::Compile { model, out, target, set } => {
@@ -207,39 +196,3 @@ fn display_cmd(out: &std::path::Path) -> String {
     if out.components().count() == 1 { format!("./{}", out.display()) } else { out.display().to_string() }
 }
 
-/// The text of one stage, as `bmc emit` prints it.
-fn emit(loaded: &driver::Loaded, opts: &Options, stage: EmitStage, format: Format) -> Result<String, Failure> {
-    let graph_out = |g: &bmc::graph::Graph| match format {
-        Format::Text => g.to_text(),
-        Format::Dot => g.to_dot(),
-        Format::Json => serde_json::to_string_pretty(&g.to_json()).unwrap_or_default() + "\n",
-    };
-    let no_dot = |what: &str| Failure { message: format!("error: --format dot is for graph stages; `{what}` is not a graph\n"), code: 1 };
-    Ok(match stage {
-        EmitStage::Ast => match format {
-            Format::Json => serde_json::to_string_pretty(&loaded.ast).unwrap_or_default() + "\n",
-            Format::Text => format!("{:#?}\n", loaded.ast),
-            Format::Dot => return Err(no_dot("ast")),
-        },
-        EmitStage::Graph | EmitStage::Fused => graph_out(&driver::compile(loaded, opts, Stage::Graph)?.graph),
-        EmitStage::Train => graph_out(&driver::compile(loaded, opts, Stage::Train)?.train_graph),
-        EmitStage::Kernels => {
-            let c = driver::compile(loaded, opts, Stage::Kernels)?;
-            match format {
-                Format::Text => c.program.to_text(),
-                Format::Json => serde_json::to_string_pretty(&c.program).unwrap_or_default() + "\n",
-                Format::Dot => return Err(no_dot("kernels")),
-            }
-        }
-        EmitStage::Clif => {
-            let c = driver::compile(loaded, opts, Stage::Kernels)?;
-            if format != Format::Text {
-                return Err(Failure { message: "error: the clif stage is text only\n".into(), code: 1 });
-            }
-            bm_runtime::jit::clif_text(&c.program)?
-        }
-        EmitStage::Cuda => {
-            return Err(Failure { message: "error: --stage cuda: this build of bmc has no CUDA backend yet\n".into(), code: 1 });
-        }
-    })
-}

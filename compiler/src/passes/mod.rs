@@ -1,5 +1,6 @@
 //! Graph-to-graph passes, one job per file.
 
 pub mod autodiff;
+pub mod dce;
 pub mod metrics;
 pub mod optimizer;
