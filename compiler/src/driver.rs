@@ -316,7 +316,8 @@ fn check_inputs_against_data(
                     "declared here",
                 )
                 .with_secondary(&loaded.main, train.data_span, "data declared here");
-                if let Some(s) = suggest(name, shapes.keys().map(String::as_str)) {
+                // Suggest among the data's tensors that no other input already takes.
+                if let Some(s) = suggest(name, shapes.keys().map(String::as_str).filter(|k| !g.inputs.iter().any(|(n, _)| n == k))) {
                     d = d.with_help(format!("did you mean `{s}`?"));
                 }
                 return Err(d);
@@ -383,10 +384,15 @@ pub fn bundle(loaded: &Loaded, opts: &Options, c: &Compiled) -> Bundle {
 
 /// Re-runs the pipeline from bundled sources (inside a training binary).
 pub fn respecialise(sources: &Sources, batch: usize, extra: &[(String, String)]) -> bm_runtime::Result<Bundle> {
-    let loaded = load(&sources.main, &FileSource::Memory(&sources.files)).map_err(|d| bm_runtime::Error::user(d.render(false)))?;
+    // `Error::user` adds its own `error: ` prefix when displayed.
+    let user = |d: Diagnostic| {
+        let text = d.render(false);
+        bm_runtime::Error::user(text.strip_prefix("error: ").unwrap_or(&text).trim_end().to_string())
+    };
+    let loaded = load(&sources.main, &FileSource::Memory(&sources.files)).map_err(user)?;
     let mut overrides = sources.overrides.clone();
     overrides.extend(extra.iter().cloned());
     let opts = Options { overrides, batch: Some(batch), data: None, data_shapes: Some(sources.data_shapes.clone()) };
-    let c = compile(&loaded, &opts, Stage::Kernels).map_err(|d| bm_runtime::Error::user(d.render(false)))?;
+    let c = compile(&loaded, &opts, Stage::Kernels).map_err(user)?;
     Ok(bundle(&loaded, &opts, &c))
 }

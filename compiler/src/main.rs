@@ -53,6 +53,25 @@ enum Cmd {
         #[command(flatten)]
         args: TrainArgs,
     },
+    /// Time training steps (median ms/step, throughput, GFLOP/s, peak memory)
+    Bench {
+        model: PathBuf,
+        #[arg(long, default_value_t = 20)]
+        warmup: usize,
+        #[arg(long, default_value_t = 200)]
+        steps: usize,
+        /// Worker threads (default: all cores)
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Batches prepared before timing and cycled through
+        #[arg(long, default_value_t = 8)]
+        batches: usize,
+        /// Print one JSON line instead of text
+        #[arg(long)]
+        json: bool,
+        #[arg(long = "set", value_name = "K=V", value_parser = parse_kv)]
+        set: Vec<(String, String)>,
+    },
     /// Parameter counts, FLOPs per step, memory and kernel count
     Info {
         model: PathBuf,
@@ -156,6 +175,23 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 bmc::emit::EmitError::Runtime(r) => Failure::from(r),
                 bmc::emit::EmitError::Usage(m) => Failure { message: format!("error: {m}\n"), code: 1 },
             })?);
+            Ok(())
+        }
+        Cmd::Bench { model, warmup, steps, threads, batches, json, set } => {
+            let loaded = driver::load(&path_str(&model), &FileSource::Disk)?;
+            let opts = Options { overrides: set, ..Default::default() };
+            let c = driver::compile(&loaded, &opts, Stage::Kernels)?;
+            let b = driver::bundle(&loaded, &opts, &c);
+            let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+            let r = bm_runtime::bench::run(b, &bm_runtime::bench::BenchOptions { warmup, steps: steps.max(1), threads, batches })?;
+            if json {
+                println!("{}", serde_json::to_string(&r).unwrap_or_default());
+            } else {
+                println!(
+                    "{}: {:.3} ms/step median (min {:.3}, p90 {:.3}) over {steps} steps after {warmup} warm-up; {:.0} items/s; {:.1} GFLOP/s matmul; batch {}; {} threads; JIT {:.0} ms; peak RSS {:.0} MiB",
+                    r.model, r.median_ms, r.min_ms, r.p90_ms, r.items_per_s, r.gflops, r.batch, r.threads, r.jit_ms, r.peak_rss_mib
+                );
+            }
             Ok(())
         }
         Cmd::Compile { model, out, target, set } => {

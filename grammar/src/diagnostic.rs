@@ -163,14 +163,19 @@ pub fn suggest<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) ->
 fn edit_distance(a: &str, b: &str) -> usize {
     let a: Vec<char> = a.chars().collect();
     let b: Vec<char> = b.chars().collect();
+    // Optimal string alignment distance: a swap of two neighbours (`stpes`) counts one edit.
+    let mut prev2: Vec<usize> = vec![0; b.len() + 1];
     let mut prev: Vec<usize> = (0..=b.len()).collect();
     for i in 1..=a.len() {
         let mut cur = vec![i; b.len() + 1];
         for j in 1..=b.len() {
             let cost = usize::from(a[i - 1] != b[j - 1]);
             cur[j] = (prev[j] + 1).min(cur[j - 1] + 1).min(prev[j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                cur[j] = cur[j].min(prev2[j - 2] + 1);
+            }
         }
-        prev = cur;
+        prev2 = std::mem::replace(&mut prev, cur);
     }
     prev[b.len()]
 }
@@ -190,6 +195,7 @@ mod tests {
     fn suggests_close_names() {
         assert_eq!(suggest("LayerNrom", ["Linear", "LayerNorm", "RMSNorm"]), Some("LayerNorm"));
         assert_eq!(suggest("zzz", ["Linear"]), None);
+        assert_eq!(suggest("stpes", ["steps", "seed"]), Some("steps"));
     }
 
     #[test]

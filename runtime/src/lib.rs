@@ -11,6 +11,7 @@
 //! - [`bundle`]: the payload a training binary carries; [`session`] runs it;
 //!   [`cli`] is the training binary's command line and training loop.
 
+pub mod bench;
 pub mod bundle;
 pub mod checkpoint;
 pub mod cli;

@@ -47,6 +47,17 @@ pub struct ElabInput<'a> {
     pub data_shapes: Option<&'a HashMap<String, (DType, Vec<usize>)>>,
 }
 
+/// An error located only in the standard blocks (`<prelude>`) gets a label at `span` of
+/// `file`, the user's code that led there, so that it names the user's file.
+fn in_user_code(d: Diagnostic, file: &Arc<SourceFile>, span: Span, label: String) -> Diagnostic {
+    let in_prelude = |l: &bm_grammar::diagnostic::Label| l.file.path == "<prelude>";
+    if file.path != "<prelude>" && d.primary.as_ref().is_some_and(in_prelude) && d.secondary.iter().all(in_prelude) {
+        d.with_secondary(file, span, label)
+    } else {
+        d
+    }
+}
+
 pub struct Instance {
     pub path: String,
     pub block: String,
@@ -117,7 +128,7 @@ impl<'a> Elaborator<'a> {
     pub fn elaborate_model(mut self) -> Result<Graph, Diagnostic> {
         let model = self.input.model.ok_or_else(|| Diagnostic::new("no model to elaborate"))?;
         let file = model.file.clone();
-        let root = self.instantiate(model, "", HashMap::new(), model.def.span)?;
+        let root = self.instantiate(model, "", HashMap::new(), &model.file, model.def.span)?;
         // Inputs, in declaration order, with symbolic dims bound from batch and data.
         let mut symbols: HashMap<String, i64> = HashMap::new();
         symbols.insert("B".into(), self.input.batch as i64);
@@ -307,15 +318,23 @@ impl<'a> Elaborator<'a> {
 
     /// Creates an instance of `block` at `path` with its arguments bound, visiting its
     /// members (children, params, forward) in order.
-    fn instantiate(&mut self, block: &BlockSource, path: &str, env: HashMap<String, Value>, span: Span) -> Result<usize, Diagnostic> {
+    /// `span` (in `site_file`, the parent's file) is where the instance is made.
+    fn instantiate(
+        &mut self,
+        block: &BlockSource,
+        path: &str,
+        env: HashMap<String, Value>,
+        site_file: &Arc<SourceFile>,
+        span: Span,
+    ) -> Result<usize, Diagnostic> {
         let name = block.def.name.name.clone();
         if self.instantiating.contains(&name) {
             let chain = format!("{} -> {name}", self.instantiating.join(" -> "));
             return Err(self
-                .err(&block.file, span, format!("block `{name}` contains itself: {chain}"), "recursive instance")
+                .err(site_file, span, format!("block `{name}` contains itself: {chain}"), "recursive instance")
                 .with_help("a block cannot contain an instance of itself, directly or indirectly; use `repeat(n, Block(..))` for depth"));
         }
-        self.check_budget(&block.file, span)?;
+        self.check_budget(site_file, span)?;
         self.instantiating.push(name.clone());
         let idx = self.instances.len();
         self.instances.push(Instance {
@@ -537,7 +556,7 @@ impl<'a> Elaborator<'a> {
                 }
             }
         }
-        self.instantiate(block, path, env, span)
+        self.instantiate(block, path, env, &file, span).map_err(|d| in_user_code(d, &file, span, format!("in `{path}`, made here")))
     }
 
     /// Calls an instance's forward on `args`, checking the signature.
@@ -590,7 +609,13 @@ impl<'a> Elaborator<'a> {
                     call_file,
                     *vspan,
                     &format!("argument `{}` of `{block}`", p.name.name),
-                )?;
+                )
+                .map_err(|d| {
+                    // The declared dims come from the instance's arguments: show where it was made.
+                    // (An instance is only called from its parent's forward, so its span is in `call_file`.)
+                    let inst = &self.instances[idx];
+                    if inst.path.is_empty() { d } else { d.with_secondary(call_file, inst.span, format!("`{}` is made here", inst.path)) }
+                })?;
             }
             scope.bind(&p.name.name, v.clone());
         }
@@ -602,7 +627,7 @@ impl<'a> Elaborator<'a> {
         let r = self.eval_body(&fwd.body, &mut scope);
         self.g.current_origin = saved_origin;
         self.call_depth -= 1;
-        let v = r?;
+        let v = r.map_err(|d| in_user_code(d, call_file, span, format!("in `{block}`'s forward, called here")))?;
         if let Some(ret) = &fwd.ret {
             let Value::Tensor(id) = v else {
                 return Err(self.err(
