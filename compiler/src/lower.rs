@@ -19,6 +19,10 @@ enum Src {
     Const(f64),
     /// Value = offset + Σ index_d * strides_d.
     Iota,
+    /// An elementwise value not stored anywhere: the expression over the node's own
+    /// iteration space, inlined into its single consumer (loop fusion at lowering).
+    /// The second field is the producer's shape, the space the expression is over.
+    Lazy(Box<ScalarExpr>, Vec<usize>),
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -48,6 +52,7 @@ impl View {
     }
     fn expr(&self) -> ScalarExpr {
         match &self.src {
+            Src::Lazy(..) => unreachable!("lazy values are read through Lowering::read"),
             Src::Const(v) => ScalarExpr::Const(*v as f32),
             Src::Buf(b) => ScalarExpr::Load(Access { buf: *b, offset: self.offset, strides: self.strides.clone() }),
             Src::Iota => {
@@ -150,7 +155,8 @@ impl Lowering<'_> {
     fn materialize(&mut self, node: NodeId, v: &View, dtype: kir::DType) -> View {
         let b = self.new_buffer(format!("t{}", node.index()), dtype, &v.shape, BufKind::Temp);
         let out = Access { buf: b, offset: 0, strides: row_major(&v.shape) };
-        self.loop_into(node, &v.shape.clone(), v.expr(), out);
+        let e = self.read(v);
+        self.loop_into(node, &v.shape.clone(), e, out);
         View::contiguous(Src::Buf(b), &v.shape)
     }
 
@@ -183,32 +189,24 @@ impl Lowering<'_> {
             }
             Op::Unary(op) => {
                 let a = self.view(ops[0])?;
-                let (b, out) = self.temp(id);
-                self.loop_into(id, &shape, ScalarExpr::Unary(*op, Box::new(a.expr())), access(b, &shape));
-                out
+                let e = ScalarExpr::Unary(*op, Box::new(self.read(&a)));
+                self.elementwise(id, &shape, e)
             }
             Op::Binary(op) => {
                 let (a, c) = (self.view(ops[0])?, self.view(ops[1])?);
-                let (b, out) = self.temp(id);
-                self.loop_into(id, &shape, ScalarExpr::Binary(*op, Box::new(a.expr()), Box::new(c.expr())), access(b, &shape));
-                out
+                let e = ScalarExpr::Binary(*op, Box::new(self.read(&a)), Box::new(self.read(&c)));
+                self.elementwise(id, &shape, e)
             }
             Op::Select => {
                 let (c, a, e) = (self.view(ops[0])?, self.view(ops[1])?, self.view(ops[2])?);
-                let (b, out) = self.temp(id);
-                self.loop_into(
-                    id,
-                    &shape,
-                    ScalarExpr::Select(Box::new(c.expr()), Box::new(a.expr()), Box::new(e.expr())),
-                    access(b, &shape),
-                );
-                out
+                let e = ScalarExpr::Select(Box::new(self.read(&c)), Box::new(self.read(&a)), Box::new(self.read(&e)));
+                self.elementwise(id, &shape, e)
             }
             Op::Cast(to) => {
                 let a = self.view(ops[0])?;
                 if *to == DType::Bool {
                     let (b, out) = self.temp(id);
-                    let e = ScalarExpr::Binary(kir::BinaryOp::Ne, Box::new(a.expr()), Box::new(ScalarExpr::Const(0.0)));
+                    let e = ScalarExpr::Binary(kir::BinaryOp::Ne, Box::new(self.read(&a)), Box::new(ScalarExpr::Const(0.0)));
                     self.loop_into(id, &shape, e, access(b, &shape));
                     out
                 } else {
@@ -238,7 +236,7 @@ impl Lowering<'_> {
                     in_view.strides.insert(0, 0);
                     out_strides.insert(0, 0);
                 }
-                let body = in_view.expr();
+                let body = self.read(&in_view);
                 self.emit(
                     id,
                     Kernel::Loop(LoopKernel {
@@ -285,7 +283,8 @@ impl Lowering<'_> {
                 let (b, out) = self.temp(id);
                 self.loop_into(id, &shape, ScalarExpr::Const(0.0), access(b, &shape));
                 let rm = row_major(&shape);
-                self.loop_into(id, &a.shape.clone(), a.expr(), Access { buf: b, offset: before * rm[*axis], strides: rm });
+                let e = self.read(&a);
+                self.loop_into(id, &a.shape.clone(), e, Access { buf: b, offset: before * rm[*axis], strides: rm });
                 out
             }
             Op::Concat(axis) => {
@@ -295,7 +294,8 @@ impl Lowering<'_> {
                 for &o in &ops {
                     let a = self.view(o)?;
                     let w = a.shape[*axis];
-                    self.loop_into(id, &a.shape.clone(), a.expr(), Access { buf: b, offset: at * rm[*axis], strides: rm.clone() });
+                    let e = self.read(&a);
+                    self.loop_into(id, &a.shape.clone(), e, Access { buf: b, offset: at * rm[*axis], strides: rm.clone() });
                     at += w;
                 }
                 out
@@ -361,13 +361,58 @@ impl Lowering<'_> {
                     .position(|b| b.name == *target && matches!(b.kind, BufKind::Param | BufKind::OptState))
                     .ok_or_else(|| format!("assign to unknown `{target}`"))?;
                 let before = self.kernels.len();
-                self.loop_into(id, &shape, a.expr(), access(buf, &shape));
+                let e = self.read(&a);
+                self.loop_into(id, &shape, e, access(buf, &shape));
                 self.assigns.push((id, before));
                 a
             }
         };
         self.views[id.index()] = Some(v);
         Ok(())
+    }
+
+    /// An elementwise node: inlined into its consumer when it has exactly one, which
+    /// reads it elementwise (loop fusion); otherwise computed into a new buffer.
+    fn elementwise(&mut self, id: NodeId, shape: &[usize], e: ScalarExpr) -> View {
+        if self.fusible(id) {
+            return View { src: Src::Lazy(Box::new(e), shape.to_vec()), offset: 0, shape: shape.to_vec(), strides: row_major(shape) };
+        }
+        let (b, out) = self.temp(id);
+        self.loop_into(id, shape, e, access(b, shape));
+        out
+    }
+
+    fn fusible(&self, id: NodeId) -> bool {
+        let is_root = self.g.outputs.iter().any(|o| o.1 == id) || self.g.loss == Some(id);
+        let mut users = self.g.g.edges_directed(id, petgraph::Direction::Outgoing);
+        let (Some(e), None) = (users.next(), users.next()) else { return false };
+        let user = petgraph::visit::EdgeRef::target(&e);
+        !is_root && matches!(self.g.node(user).op, Op::Unary(_) | Op::Binary(_) | Op::Select | Op::Reduce(..))
+    }
+
+    /// The scalar expression reading `v` at each point of an iteration space of
+    /// `v.shape`. A lazy value's expression is re-indexed into that space.
+    fn read(&mut self, v: &View) -> ScalarExpr {
+        let Src::Lazy(e, producer) = &v.src else { return v.expr() };
+        // The producer's dims (row-major strides over its own shape) must each appear as
+        // one dim of the view: then the view is a permutation (plus broadcast dims).
+        let rm = row_major(producer);
+        let mut map = vec![None; producer.len()];
+        let mut ok = v.offset == 0;
+        for (d, (&size, &stride)) in producer.iter().zip(&rm).enumerate() {
+            if size <= 1 {
+                continue;
+            }
+            let found: Vec<usize> = (0..v.shape.len()).filter(|&c| v.shape[c] == size && v.strides[c] == stride).collect();
+            match found.as_slice() {
+                [c] => map[d] = Some(*c),
+                _ => ok = false,
+            }
+        }
+        if ok {
+            return remap(e, &map, v.shape.len());
+        }
+        unreachable!("a lazy value is only read by its one elementwise or reduce consumer")
     }
 
     fn gemm_operand(&mut self, node: NodeId, o: NodeId) -> Result<View, String> {
@@ -441,6 +486,30 @@ impl Lowering<'_> {
             }
         }
         Ok(Entry { name: name.to_string(), kernels, results: named })
+    }
+}
+
+/// Re-indexes an expression over a producer's iteration space into a consumer's:
+/// producer dim `d` is consumer dim `map[d]` (`None`: a size-1 dim, index 0).
+fn remap(e: &ScalarExpr, map: &[Option<usize>], rank: usize) -> ScalarExpr {
+    match e {
+        ScalarExpr::Load(a) => {
+            let mut strides = vec![0; rank];
+            for (d, &s) in a.strides.iter().enumerate() {
+                if let Some(Some(c)) = map.get(d) {
+                    strides[*c] += s;
+                }
+            }
+            ScalarExpr::Load(Access { buf: a.buf, offset: a.offset, strides })
+        }
+        ScalarExpr::Index(d) => match map.get(*d) {
+            Some(Some(c)) => ScalarExpr::Index(*c),
+            _ => ScalarExpr::Const(0.0),
+        },
+        ScalarExpr::Const(c) => ScalarExpr::Const(*c),
+        ScalarExpr::Unary(op, a) => ScalarExpr::Unary(*op, Box::new(remap(a, map, rank))),
+        ScalarExpr::Binary(op, a, b) => ScalarExpr::Binary(*op, Box::new(remap(a, map, rank)), Box::new(remap(b, map, rank))),
+        ScalarExpr::Select(c, a, b) => ScalarExpr::Select(Box::new(remap(c, map, rank)), Box::new(remap(a, map, rank)), Box::new(remap(b, map, rank))),
     }
 }
 
