@@ -303,3 +303,63 @@ fn mlp_forward_and_gradients_match_pytorch() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------
+// Optimisers, schedules and gradient clipping against PyTorch: six full-batch steps of
+// a tiny regression per configuration (tests/fixtures/torch_optim.json).
+
+#[test]
+fn optimisers_schedules_and_clipping_match_pytorch() {
+    let fx: Json = serde_json::from_str(&std::fs::read_to_string(repo().join("tests/fixtures/torch_optim.json")).unwrap()).unwrap();
+    let steps = fx["steps"].as_u64().unwrap();
+    let data = repo().join("tests/fixtures/opt_data.safetensors");
+    let init = repo().join("tests/fixtures/opt_init.safetensors");
+    for case in fx["cases"].as_array().unwrap() {
+        let clip = match case["clip"].as_f64() {
+            Some(c) => format!("{c}"),
+            None => "none".into(),
+        };
+        let src = format!(
+            r#"
+model Reg {{
+  fc1 = Linear(3, 4)
+  fc2 = Linear(4, 2)
+  input x: f32[B, 3]
+  input y: f32[B, 2]
+  forward {{ loss mse(fc2(tanh(fc1(x))), y) }}
+}}
+train {{
+  data = safetensors("{}", split = 1.0, shuffle = false)
+  batch = 8
+  steps = {steps}
+  optimizer = {}
+  schedule = {}
+  clip_grad = {clip}
+  eval = every(1000)
+}}
+"#,
+            data.display(),
+            case["optimizer"].as_str().unwrap(),
+            case["schedule"].as_str().unwrap()
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let bundle = compile(&src, dir.path());
+        let out = dir.path().join("run");
+        let args = TrainArgs { threads: Some(1), out: Some(out.clone()), init_from: Some(init.clone()), ..Default::default() };
+        train(bundle, &args, &respec).unwrap();
+        let name = case["optimizer"].as_str().unwrap();
+        let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+        let losses: Vec<f64> = text.lines().map(|l| serde_json::from_str::<Json>(l).unwrap()["loss"].as_f64().unwrap()).collect();
+        assert_eq!(losses.len() as u64, steps, "{name}: one metrics line per step");
+        for (i, (a, b)) in losses.iter().zip(floats(&case["losses"])).enumerate() {
+            assert!(close(*a, b, 1e-5, 1e-7), "{name}: loss at step {i}: bmc {a} vs PyTorch {b}");
+        }
+        let ck = checkpoint::load(&out.join(format!("step-{steps}.safetensors"))).unwrap();
+        for (pname, want) in case["final"].as_object().unwrap() {
+            let TensorData::F32(got) = &ck.get(pname).unwrap().data else { panic!() };
+            for (j, (a, b)) in got.iter().zip(floats(want)).enumerate() {
+                assert!(close(*a as f64, b, 1e-4, 1e-6), "{name}: {pname}[{j}] after {steps} steps: bmc {a} vs PyTorch {b}");
+            }
+        }
+    }
+}

@@ -322,7 +322,11 @@ pub fn reshape_spec(g: &mut Graph, x: NodeId, spec: &[i64]) -> OpResult {
     if let Some(bad) = spec.iter().find(|&&d| d < -1) {
         return Err(OpError::new(format!("reshape(): dim {bad} is negative")));
     }
-    let known: usize = spec.iter().filter(|&&d| d != -1).map(|&d| d as usize).product();
+    // Saturating: an absurd spec must give an error below, not an overflow.
+    let known: usize = spec.iter().filter(|&&d| d != -1).fold(1usize, |a, &d| a.saturating_mul(d as usize));
+    if known == usize::MAX {
+        return Err(OpError::new(format!("reshape(): the shape {spec:?} has too many elements")));
+    }
     let mut shape: Vec<usize> = spec.iter().map(|&d| d.max(0) as usize).collect();
     if let Some(&u) = unknown.first() {
         if known == 0 || total % known != 0 {
@@ -339,7 +343,10 @@ pub fn reshape_spec(g: &mut Graph, x: NodeId, spec: &[i64]) -> OpResult {
 
 pub fn reshape(g: &mut Graph, x: NodeId, shape: &[usize]) -> OpResult {
     let total: usize = g.shape(x).iter().product();
-    let n: usize = shape.iter().product();
+    let n: usize = if shape.contains(&0) { 0 } else { shape.iter().fold(1usize, |a, &d| a.saturating_mul(d)) };
+    if n == usize::MAX {
+        return Err(OpError::new(format!("reshape(): the shape {shape:?} has too many elements")));
+    }
     if total != n {
         return Err(OpError::new(format!("reshape(): cannot reshape {} ({total} elements) into {shape:?} ({n} elements)", describe(g, x)))
             .about(&[0])

@@ -162,10 +162,25 @@ pub fn serialize(tensors: &[(String, Vec<usize>, TensorData)], metadata: &BTreeM
         };
         raws.push((name.clone(), Raw { dtype, shape, bytes }));
     }
-    let info: Option<HashMap<String, String>> =
-        if metadata.is_empty() { None } else { Some(metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect()) };
-    safetensors::serialize(raws.iter().map(|(n, r)| (n.as_str(), r)), info)
-        .map_err(|e| Error::internal(format!("serialising a checkpoint: {e}")))
+    let bytes = safetensors::serialize(raws.iter().map(|(n, r)| (n.as_str(), r)), None::<HashMap<String, String>>)
+        .map_err(|e| Error::internal(format!("serialising a checkpoint: {e}")))?;
+    if metadata.is_empty() {
+        return Ok(bytes);
+    }
+    // safetensors takes the metadata as a HashMap and writes it in that map's (random)
+    // order; add it here in sorted order so that equal checkpoints are equal bytes.
+    let bad = |e: serde_json::Error| Error::internal(format!("serialising a checkpoint header: {e}"));
+    let n = u64::from_le_bytes(bytes[..8].try_into().map_err(|_| Error::internal("short safetensors buffer"))?) as usize;
+    let mut header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&bytes[8..8 + n]).map_err(bad)?;
+    header.insert("__metadata__".into(), serde_json::to_value(metadata).map_err(bad)?);
+    let mut head = serde_json::to_vec(&header).map_err(bad)?;
+    // Keep the data 8-byte aligned, as safetensors does (padding with spaces).
+    head.resize(head.len().next_multiple_of(8), b' ');
+    let mut out = Vec::with_capacity(8 + head.len() + bytes.len() - 8 - n);
+    out.extend_from_slice(&(head.len() as u64).to_le_bytes());
+    out.extend_from_slice(&head);
+    out.extend_from_slice(&bytes[8 + n..]);
+    Ok(out)
 }
 
 /// Writes `bytes` to `path` atomically: temp file in the same directory, fsync, rename,

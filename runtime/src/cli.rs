@@ -357,7 +357,8 @@ pub fn train(mut bundle: Bundle, args: &TrainArgs, respec: Respecialise) -> Resu
         if !loss.is_finite() || !grad_norm.is_finite() {
             let what = session.first_non_finite_param().map(|p| format!("; parameter `{p}` is no longer finite")).unwrap_or_default();
             return Err(Error::user(format!(
-                "training stopped: the loss became {loss} (gradient norm {grad_norm}) at step {step}{what}; the last good checkpoint in `{}` is kept. Try a lower learning rate or clip_grad.",
+                "training stopped: the loss became {loss} (gradient norm {grad_norm}) at step {}{what}; the last good checkpoint in `{}` is kept. Try a lower learning rate or clip_grad.",
+                step + 1,
                 out.display()
             )));
         }

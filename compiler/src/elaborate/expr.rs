@@ -157,7 +157,22 @@ impl Elaborator<'_> {
         }
     }
 
+    /// Evaluates an expression; a tensor result must stay within `MAX_ELEMENTS`, so that
+    /// later stages (lowering, memory planning) never overflow or allocate absurdly.
     pub fn eval(&mut self, e: &Expr, scope: &mut Scope) -> Result<Value, Diagnostic> {
+        let v = self.eval_unchecked(e, scope)?;
+        let mut tensors = vec![&v];
+        while let Some(t) = tensors.pop() {
+            match t {
+                Value::Tensor(id) => self.check_size(&scope.file, e.span, *id)?,
+                Value::Tuple(items) | Value::List(items) => tensors.extend(items),
+                _ => {}
+            }
+        }
+        Ok(v)
+    }
+
+    fn eval_unchecked(&mut self, e: &Expr, scope: &mut Scope) -> Result<Value, Diagnostic> {
         match &e.kind {
             ExprKind::Int(i) => Ok(Value::Int(*i)),
             ExprKind::Float(f) => Ok(Value::Float(*f)),

@@ -25,6 +25,9 @@ use std::sync::Arc;
 pub const MAX_REPEAT: i64 = 4096;
 pub const MAX_CALL_DEPTH: usize = 128;
 pub const MAX_NODES: usize = 4_000_000;
+/// Block instances (nested `repeat`s multiply: `repeat(4096, A())` where `A` holds
+/// `repeat(4096, E())` would be 16M instances).
+pub const MAX_INSTANCES: usize = 1 << 18;
 pub const MAX_ELEMENTS: u128 = 1 << 34;
 
 /// A block definition and the file it was written in.
@@ -112,6 +115,19 @@ impl<'a> Elaborator<'a> {
         Diagnostic::at(file, span, message, label)
     }
 
+    /// A tensor may hold at most `MAX_ELEMENTS` elements.
+    pub fn check_size(&self, file: &Arc<SourceFile>, span: Span, id: NodeId) -> Result<(), Diagnostic> {
+        let shape = self.g.shape(id);
+        let n = shape.iter().try_fold(1u128, |acc, &d| acc.checked_mul(d as u128));
+        if n.is_none_or(|n| n > MAX_ELEMENTS) {
+            let text = shape_text(self.g.dtype(id), shape);
+            return Err(self
+                .err(file, span, format!("tensor {text} is too large"), format!("this is {text}"))
+                .with_note(format!("a tensor may have at most {MAX_ELEMENTS} elements")));
+        }
+        Ok(())
+    }
+
     fn check_budget(&self, file: &Arc<SourceFile>, span: Span) -> Result<(), Diagnostic> {
         if self.g.len() > MAX_NODES {
             return Err(self.err(
@@ -142,6 +158,7 @@ impl<'a> Elaborator<'a> {
                 }
                 self.g.current_origin = Some(Origin { what: "input".into(), file: file.clone(), span: *span });
                 let id = self.g.add(Op::Input(name.name.clone()), &[], shape, dtype);
+                self.check_size(&file, *span, id)?;
                 self.g.inputs.push((name.name.clone(), id));
                 scope.bind(&name.name, Value::Tensor(id));
             }
@@ -335,6 +352,11 @@ impl<'a> Elaborator<'a> {
                 .with_help("a block cannot contain an instance of itself, directly or indirectly; use `repeat(n, Block(..))` for depth"));
         }
         self.check_budget(site_file, span)?;
+        if self.instances.len() >= MAX_INSTANCES {
+            return Err(self
+                .err(site_file, span, format!("the model is too large: more than {MAX_INSTANCES} block instances"), "while making this")
+                .with_help("nested `repeat`s multiply their counts"));
+        }
         self.instantiating.push(name.clone());
         let idx = self.instances.len();
         self.instances.push(Instance {
