@@ -546,7 +546,11 @@ fn binary_commands() {
     assert!((loss0 - ref_loss).abs() <= 1e-4 * (1.0 + ref_loss.abs()), "loss {loss0}, reference {ref_loss}");
 
     // grad: the loss and a gradient for every parameter, with its shape.
-    let o = ok(exe(&bin, dir, &["grad", "--checkpoint", "p.safetensors", "--inputs", "in.safetensors", "--out", "g.safetensors", "--threads", "1"]));
+    let o = ok(exe(
+        &bin,
+        dir,
+        &["grad", "--checkpoint", "p.safetensors", "--inputs", "in.safetensors", "--out", "g.safetensors", "--threads", "1"],
+    ));
     let g = load(&dir.join("g.safetensors"));
     assert_eq!(g.shape("loss"), &[] as &[usize], "{}", show(&o));
     assert_eq!(g.scalar("loss").to_bits(), loss0.to_bits(), "grad's loss equals forward's");

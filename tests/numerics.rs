@@ -363,3 +363,74 @@ train {{
         }
     }
 }
+
+// ---------------------------------------------------------------------------------
+// W2 "gpt-tiny": from its bit-exact initial parameters and batches, five AdamW steps
+// reproduce PyTorch's losses (models.md "Cross-check values").
+
+/// W2's parameters (models.md's canonical order and streams) under bmc's names, in
+/// PyTorch's layout (Linear weights [out, in]).
+fn w2_params(v: usize, t: usize, d: usize, layers: usize) -> Vec<(String, Vec<usize>, TensorData)> {
+    let uni = |std: f64| {
+        let a = std * 3f64.sqrt();
+        Init::Uniform { low: -a, high: a }
+    };
+    let proj_std = 0.02 / ((2 * layers) as f64).sqrt();
+    let mut out = vec![];
+    let mut push = |name: String, shape: Vec<usize>, data: Vec<f32>| out.push((name, shape, TensorData::F32(data)));
+    let linear_t = |w: Vec<f32>, fan_in: usize, fan_out: usize| {
+        let mut t = vec![0f32; w.len()];
+        for i in 0..fan_in {
+            for o in 0..fan_out {
+                t[o * fan_in + i] = w[i * fan_out + o];
+            }
+        }
+        t
+    };
+    push("wte.weight".into(), vec![v, d], init_param_stream(&uni(0.02), &[v, d], 0));
+    push("wpe.weight".into(), vec![t, d], init_param_stream(&uni(0.02), &[t, d], 1));
+    for l in 0..layers {
+        let p = |k: usize| (2 + 12 * l + k) as u64;
+        let pre = format!("h.{l}");
+        push(format!("{pre}.ln1.weight"), vec![d], vec![1.0; d]);
+        push(format!("{pre}.ln1.bias"), vec![d], vec![0.0; d]);
+        push(format!("{pre}.attn.qkv.weight"), vec![3 * d, d], linear_t(init_param_stream(&uni(0.02), &[d, 3 * d], p(2)), d, 3 * d));
+        push(format!("{pre}.attn.qkv.bias"), vec![3 * d], vec![0.0; 3 * d]);
+        push(format!("{pre}.attn.proj.weight"), vec![d, d], linear_t(init_param_stream(&uni(proj_std), &[d, d], p(4)), d, d));
+        push(format!("{pre}.attn.proj.bias"), vec![d], vec![0.0; d]);
+        push(format!("{pre}.ln2.weight"), vec![d], vec![1.0; d]);
+        push(format!("{pre}.ln2.bias"), vec![d], vec![0.0; d]);
+        push(format!("{pre}.mlp.fc.weight"), vec![4 * d, d], linear_t(init_param_stream(&uni(0.02), &[d, 4 * d], p(8)), d, 4 * d));
+        push(format!("{pre}.mlp.fc.bias"), vec![4 * d], vec![0.0; 4 * d]);
+        push(format!("{pre}.mlp.proj.weight"), vec![d, 4 * d], linear_t(init_param_stream(&uni(proj_std), &[4 * d, d], p(10)), 4 * d, d));
+        push(format!("{pre}.mlp.proj.bias"), vec![d], vec![0.0; d]);
+    }
+    push("ln_f.weight".into(), vec![d], vec![1.0; d]);
+    push("ln_f.bias".into(), vec![d], vec![0.0; d]);
+    out
+}
+
+#[test]
+fn w2_losses_match_pytorch_for_five_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = repo().join("models/w2_gpt_tiny.bm");
+    let loaded = driver::load(path.to_str().unwrap(), &FileSource::Disk).unwrap_or_else(|d| panic!("{d}"));
+    let opts = Options::default();
+    let c = driver::compile(&loaded, &opts, Stage::Kernels).unwrap_or_else(|d| panic!("{d}"));
+    let bundle = driver::bundle(&loaded, &opts, &c);
+    let params = w2_params(65, 128, 128, 4);
+    let TensorData::F32(wte) = &params[0].2 else { panic!() };
+    assert_eq!(wte[..3].iter().map(|x| x.to_bits()).collect::<Vec<_>>(), vec![0x3cd98d20, 0xbb9b728c, 0xbd066364], "models.md test vector");
+    let init = dir.path().join("init.safetensors");
+    checkpoint::save_atomic(&init, &params, &Default::default()).unwrap();
+    let out = dir.path().join("run");
+    let args = TrainArgs { steps: Some(5), out: Some(out.clone()), init_from: Some(init), ..Default::default() };
+    train(bundle, &args, &respec).unwrap();
+    let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let losses: Vec<f64> = text.lines().map(|l| serde_json::from_str::<Json>(l).unwrap()["loss"].as_f64().unwrap()).collect();
+    let pytorch = [4.215544, 4.200321, 4.201981, 4.210183, 4.203623];
+    assert_eq!(losses.len(), 5);
+    for (i, (ours, theirs)) in losses.iter().zip(pytorch).enumerate() {
+        assert!((ours - theirs).abs() < 1e-5, "step {i}: bmc {ours:.7} vs PyTorch {theirs:.7}\nall: {losses:?}");
+    }
+}

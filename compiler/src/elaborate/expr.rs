@@ -368,7 +368,9 @@ impl Elaborator<'_> {
                     if y == 0 {
                         return Err(self.err(&scope.file, sb, "division by zero in a compile-time expression", "this is 0"));
                     }
-                    if x % y == 0 { Value::Int(x / y) } else { Value::Float(x as f64 / y as f64) }
+                    // `i64::MIN / -1` overflows.
+                    let q = x.checked_div(y).ok_or_else(overflow)?;
+                    if q * y == x { Value::Int(q) } else { Value::Float(x as f64 / y as f64) }
                 }
                 BinaryOp::MatMul => {
                     return Err(self.err(&scope.file, span, "`@` needs tensors, not numbers", "numbers here"));
