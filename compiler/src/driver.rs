@@ -260,7 +260,7 @@ pub fn compile(loaded: &Loaded, opts: &Options, stage: Stage) -> Result<Compiled
         check_inputs_against_data(loaded, &model, &graph, shapes, &train)?;
     }
     crate::passes::metrics::append_accuracy(&mut graph);
-    let mut graph = crate::passes::dce::eliminate_dead_code(&graph);
+    let mut graph = simplify(&graph);
     let model_name = model.def.name.name.clone();
     let mut data_shapes: Vec<(String, (DType, Vec<usize>))> = data_shapes.unwrap_or_default().into_iter().collect();
     data_shapes.sort_by(|a, b| a.0.cmp(&b.0));
@@ -283,13 +283,19 @@ pub fn compile(loaded: &Loaded, opts: &Options, stage: Stage) -> Result<Compiled
     };
     optimizer::append_training(&mut graph, &setup)
         .map_err(|e| Diagnostic::new(format!("internal error while building the training step: {e}")))?;
-    compiled.train_graph = crate::passes::dce::eliminate_dead_code(&graph);
+    compiled.train_graph = simplify(&graph);
     if stage == Stage::Train {
         return Ok(compiled);
     }
     compiled.program =
         crate::lower::lower(&compiled.train_graph).map_err(|e| Diagnostic::new(format!("internal error while lowering: {e}")))?;
     Ok(compiled)
+}
+
+/// The clean-up passes run after elaboration and after the training passes.
+fn simplify(g: &Graph) -> Graph {
+    let g = crate::passes::cse::eliminate_common_subexpressions(g);
+    crate::passes::dce::eliminate_dead_code(&g)
 }
 
 fn check_inputs_against_data(

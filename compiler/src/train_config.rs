@@ -168,7 +168,10 @@ pub fn evaluate(loaded: &Loaded, config: &[(String, Value)]) -> Result<TrainSect
     if vals.contains_key("steps") && vals.contains_key("epochs") {
         return Err(cx.err(vals["epochs"].1, "set either `steps` or `epochs`, not both", "second length"));
     }
+    // Data paths are made absolute at compile time, so a training binary finds its data
+    // from any working directory on this machine (`--data` overrides it elsewhere).
     let base = Path::new(&file.path).parent().unwrap_or(Path::new("")).to_path_buf();
+    let base = std::path::absolute(&base).unwrap_or(base);
     let resolve = |p: &str| -> String {
         let path = Path::new(p);
         if path.is_absolute() { p.to_string() } else { base.join(path).to_string_lossy().into_owned() }

@@ -77,6 +77,9 @@ impl Bundle {
         bytes.extend_from_slice(&payload);
         bytes.extend_from_slice(&(payload.len() as u64).to_le_bytes());
         bytes.extend_from_slice(MAGIC);
+        if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| Error::user(format!("cannot create `{}`: {e}", dir.display())))?;
+        }
         crate::checkpoint::write_atomic(out, &bytes)?;
         #[cfg(unix)]
         {

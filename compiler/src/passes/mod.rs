@@ -1,6 +1,7 @@
 //! Graph-to-graph passes, one job per file.
 
 pub mod autodiff;
+pub mod cse;
 pub mod dce;
 pub mod metrics;
 pub mod optimizer;
