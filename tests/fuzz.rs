@@ -336,6 +336,18 @@ proptest! {
         compile_text(&s);
     }
 
+    /// Small numbers in place of the transformer's: odd shapes that often still compile,
+    /// so the later stages (autodiff, fusion, lowering) see them.
+    #[test]
+    fn renumbered_transformer(picks in prop::collection::vec((any::<usize>(), 0usize..10), 1..4)) {
+        let mut t = tokens(&tiny_source());
+        let nums: Vec<usize> = (0..t.len()).filter(|&i| is_number(&t[i])).collect();
+        for (i, v) in picks {
+            t[nums[i % nums.len()]] = v.to_string();
+        }
+        compile_text(&t.concat());
+    }
+
     #[test]
     fn mutated_transformer(ms in mutations()) {
         let mut s = tiny_source();

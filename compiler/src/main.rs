@@ -119,8 +119,13 @@ fn install_panic_hook() {
 
 fn main() -> ExitCode {
     install_panic_hook();
-    if let Some((_, b)) = bundle::own_payload() {
-        return ExitCode::from(binary_main(b, &respecialise) as u8);
+    match bundle::own_payload() {
+        Some(Ok(b)) => return ExitCode::from(binary_main(b, &respecialise) as u8),
+        Some(Err(e)) => {
+            eprintln!("{e}");
+            return ExitCode::from(e.exit_code() as u8);
+        }
+        None => {}
     }
     let cli = match Cli::try_parse() {
         Ok(c) => c,

@@ -102,13 +102,13 @@ pub fn split_payload(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
     Some((&bytes[..start], &bytes[start..n - 16]))
 }
 
-/// The payload of the running executable, if it is a training binary.
-pub fn own_payload() -> Option<(Vec<u8>, Bundle)> {
+/// The payload of the running executable, if it is a training binary (`None`: it is
+/// plain `bmc`; `Some(Err)`: it carries a payload that cannot be read).
+pub fn own_payload() -> Option<Result<Bundle>> {
     let exe = std::env::current_exe().ok()?;
     let bytes = std::fs::read(exe).ok()?;
-    let (runtime, payload) = split_payload(&bytes)?;
-    let bundle = Bundle::from_bytes(payload).ok()?;
-    Some((runtime.to_vec(), bundle))
+    let (_, payload) = split_payload(&bytes)?;
+    Some(Bundle::from_bytes(payload))
 }
 
 /// The bytes of the running executable without any payload (the runtime that

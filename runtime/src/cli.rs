@@ -135,11 +135,11 @@ pub fn binary_main(bundle: Bundle, respec: Respecialise) -> i32 {
     let r = match cli.cmd {
         BinCmd::Train(a) => train(bundle, &a, respec),
         BinCmd::Eval { checkpoint, data, threads } => eval_cmd(bundle, &checkpoint, data.as_deref(), threads, respec),
-        BinCmd::Sample { .. } => Err(Error::user(format!(
-            "`sample` generates text from models trained on `text` or `tokens` data; `{}` is trained on {} data",
-            bundle.model,
-            bundle.train.data.as_ref().map(|d| d.kind()).unwrap_or("no")
-        ))),
+        BinCmd::Sample { checkpoint, prompt, tokens, temperature, top_k, seed } => crate::sample::sample(
+            bundle,
+            &crate::sample::SampleOptions { checkpoint: &checkpoint, prompt: prompt.as_deref(), tokens, temperature, top_k, seed },
+            respec,
+        ),
         BinCmd::Forward(a) => run_on_inputs(bundle, &a, "forward", respec),
         BinCmd::Grad(a) => run_on_inputs(bundle, &a, "grad", respec),
         BinCmd::Init { out, seed } => init_cmd(bundle, &out, seed),

@@ -132,7 +132,7 @@ pub enum ReduceOp {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum ScalarExpr {
     Load(Access),
-    Const(f32),
+    Const(#[serde(with = "nonfinite")] f32),
     /// The current loop index along iteration axis `n`, as f32.
     Index(usize),
     Unary(UnaryOp, Box<ScalarExpr>),
@@ -226,7 +226,7 @@ pub struct Entry {
 pub enum Init {
     Zeros,
     Ones,
-    Constant(f64),
+    Constant(#[serde(with = "nonfinite")] f64),
     Normal { mean: f64, std: f64 },
     Uniform { low: f64, high: f64 },
 }
@@ -326,5 +326,73 @@ pub fn expr_text(e: &ScalarExpr) -> String {
         }
         ScalarExpr::Binary(op, a, b) => format!("{}({}, {})", format!("{op:?}").to_lowercase(), expr_text(a), expr_text(b)),
         ScalarExpr::Select(c, a, b) => format!("select({}, {}, {})", expr_text(c), expr_text(a), expr_text(b)),
+    }
+}
+
+/// JSON has no infinities or NaN: such floats are written as the strings "inf",
+/// "-inf" and "nan" (causal masks hold -inf constants).
+mod nonfinite {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(untagged)]
+    enum Repr {
+        Num(f64),
+        Text(String),
+    }
+
+    pub fn serialize<S: Serializer, T: Into<f64> + Copy>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+        let x: f64 = (*v).into();
+        if x.is_finite() {
+            Repr::Num(x).serialize(s)
+        } else if x.is_nan() {
+            Repr::Text("nan".into()).serialize(s)
+        } else if x > 0.0 {
+            Repr::Text("inf".into()).serialize(s)
+        } else {
+            Repr::Text("-inf".into()).serialize(s)
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>, T: FromF64>(d: D) -> Result<T, D::Error> {
+        let x = match Repr::deserialize(d)? {
+            Repr::Num(x) => x,
+            Repr::Text(t) => match t.as_str() {
+                "inf" => f64::INFINITY,
+                "-inf" => f64::NEG_INFINITY,
+                "nan" => f64::NAN,
+                other => return Err(serde::de::Error::custom(format!("not a number: {other}"))),
+            },
+        };
+        Ok(T::from_f64(x))
+    }
+
+    pub trait FromF64 {
+        fn from_f64(x: f64) -> Self;
+    }
+    impl FromF64 for f32 {
+        fn from_f64(x: f64) -> Self {
+            x as f32
+        }
+    }
+    impl FromF64 for f64 {
+        fn from_f64(x: f64) -> Self {
+            x
+        }
+    }
+}
+
+#[cfg(test)]
+mod serde_tests {
+    use super::*;
+
+    #[test]
+    fn non_finite_constants_survive_json() {
+        let e = ScalarExpr::Binary(BinaryOp::Add, Box::new(ScalarExpr::Const(f32::NEG_INFINITY)), Box::new(ScalarExpr::Const(1.5)));
+        let j = serde_json::to_string(&e).unwrap();
+        let back: ScalarExpr = serde_json::from_str(&j).unwrap();
+        assert_eq!(back, e);
+        let n: ScalarExpr = serde_json::from_str(&serde_json::to_string(&ScalarExpr::Const(f32::NAN)).unwrap()).unwrap();
+        assert!(matches!(n, ScalarExpr::Const(x) if x.is_nan()));
     }
 }

@@ -25,6 +25,7 @@ pub mod jit;
 pub mod kir;
 pub mod metrics;
 pub mod rng;
+pub mod sample;
 pub mod session;
 
 pub use error::{Error, Result};
