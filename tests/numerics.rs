@@ -31,29 +31,8 @@ fn respec(s: &bm_runtime::bundle::Sources, b: usize, e: &[(String, String)]) -> 
 
 /// W1's model with W1's optimiser and data order (file order, no split, no shuffle).
 fn w1_source() -> String {
-    let csv = repo().join("models/data/digits.csv");
-    format!(
-        r#"
-model Mlp {{
-  fc1 = Linear(64, 256)
-  fc2 = Linear(256, 256)
-  fc3 = Linear(256, 10)
-  input x: f32[B, 64]
-  input y: i32[B]
-  forward {{
-    let logits = fc3(relu(fc2(relu(fc1(x)))))
-    loss cross_entropy(logits, y)
-  }}
-}}
-train {{
-  data = csv("{}", scale = 1.0 / 16, split = 1.0, shuffle = false)
-  batch = 128
-  optimizer = AdamW(lr = 3e-4, betas = (0.9, 0.95), eps = 1e-8, weight_decay = 0.1)
-  eval = every(1000)
-}}
-"#,
-        csv.display()
-    )
+    let src = std::fs::read_to_string(repo().join("models/w1_mlp_digits.bm")).unwrap();
+    src.replace("data/digits.csv", &repo().join("models/data/digits.csv").to_string_lossy())
 }
 
 /// W1's initial parameters (models.md: stream = canonical index, W stored [in, out]),

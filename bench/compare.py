@@ -1,0 +1,76 @@
+"""Side-by-side training-step benchmark: bmc against PyTorch on this machine, in one run.
+
+usage (from the repository root, with a Python that has the peers' packages, e.g. the
+venv made by ../shared/bench/peers/setup_venv.sh):
+    cargo build --release -p bmc
+    ~/peers-venv/bin/python bench/compare.py [--workloads w1 w2 w3] [--modes eager eager-fused compile] [--reps 1]
+
+Each configuration runs in a fresh process, alternating bmc and PyTorch, with the
+warm-up and timed step counts of ../shared/bench/peers/models.md. Prints one JSON line
+per run and a Markdown table of medians and ratios for docs/PERFORMANCE.md.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+PEERS = os.path.normpath(os.path.join(REPO, "..", "shared", "bench", "peers"))
+BMC = os.path.join(REPO, "target", "release", "bmc")
+
+WORKLOADS = {
+    # name: (bmc model, peer workload, warm-up, timed steps, batches cycled)
+    "w1": ("models/w1_mlp_digits.bm", "mlp-digits", 50, 500, 14),
+    "w2": ("models/w2_gpt_tiny.bm", "gpt-tiny", 5, 30, 8),
+    "w3": ("models/w3_gpt_small_cpu.bm", "gpt-small-cpu", 3, 20, 8),
+}
+
+
+def run_bmc(model, warmup, steps, batches, threads):
+    out = subprocess.run([BMC, "bench", model, "--warmup", str(warmup), "--steps", str(steps), "--batches", str(batches),
+                          "--threads", str(threads), "--json"], cwd=REPO, capture_output=True, text=True, check=True)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    return {"impl": "bmc", "median_ms": r["median_ms"], "items_per_s": r["items_per_s"], "gflops": r["gflops"],
+            "peak_rss_mib": r["peak_rss_mib"], "compile_s": r["jit_ms"] / 1e3}
+
+
+def run_torch(workload, mode, warmup, steps, threads):
+    out = subprocess.run([sys.executable, os.path.join(PEERS, "bench_torch.py"), workload, mode, "--warmup", str(warmup),
+                          "--steps", str(steps), "--threads", str(threads)], capture_output=True, text=True, check=True)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    return {"impl": f"torch {mode}", "median_ms": r.get("median_ms"), "items_per_s": r.get("throughput"),
+            "gflops": r.get("achieved_gflops"), "peak_rss_mib": r.get("peak_rss_mib"), "compile_s": r.get("compile_s"), "raw": r}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--workloads", nargs="+", default=["w1"], choices=list(WORKLOADS))
+    ap.add_argument("--modes", nargs="+", default=["eager", "eager-fused"])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=1)
+    a = ap.parse_args()
+    rows = []
+    for w in a.workloads:
+        model, peer, warmup, steps, batches = WORKLOADS[w]
+        for rep in range(a.reps):
+            rows.append((w, run_bmc(model, warmup, steps, batches, a.threads)))
+            print(json.dumps({"workload": w, "rep": rep, **rows[-1][1]}), flush=True)
+            for m in a.modes:
+                rows.append((w, run_torch(peer, m, warmup, steps, a.threads)))
+                print(json.dumps({"workload": w, "rep": rep, **{k: v for k, v in rows[-1][1].items() if k != "raw"}}), flush=True)
+    print("\n| workload | implementation | median ms/step | items/s | matmul GFLOP/s | peak RSS MiB | bmc / this |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for w in a.workloads:
+        mine = [r for ww, r in rows if ww == w and r["impl"] == "bmc"]
+        best_bmc = min(r["median_ms"] for r in mine)
+        for ww, r in rows:
+            if ww != w:
+                continue
+            ratio = best_bmc / r["median_ms"] if r["median_ms"] else float("nan")
+            print(f"| {w} | {r['impl']} | {r['median_ms']:.3f} | {r['items_per_s'] or 0:,.0f} | {r['gflops'] or 0:.1f} | {r['peak_rss_mib'] or 0:.0f} | {ratio:.2f}× |")
+
+
+if __name__ == "__main__":
+    main()
