@@ -4,32 +4,10 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::OnceLock;
 
 /// The `bmc` executable of this workspace (`<target>/<profile>/bmc`), built first.
 /// `cargo build` is a no-op when the binary is up to date, and rebuilds a stale one.
-fn bmc_exe() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        let target = match std::env::var_os("CARGO_TARGET_DIR") {
-            Some(t) if Path::new(&t).is_absolute() => PathBuf::from(t),
-            Some(t) => workspace.join(t),
-            None => workspace.join("target"),
-        };
-        let release = !cfg!(debug_assertions);
-        let bin = target.join(if release { "release" } else { "debug" }).join(format!("bmc{}", std::env::consts::EXE_SUFFIX));
-        let mut build = Command::new(env!("CARGO"));
-        build.args(["build", "-p", "bmc"]).current_dir(&workspace);
-        if release {
-            build.arg("--release");
-        }
-        let status = build.status().expect("running cargo build -p bmc");
-        assert!(status.success() || bin.exists(), "cargo build -p bmc failed");
-        assert!(bin.exists(), "no bmc executable at {}", bin.display());
-        bin
-    })
-}
+use bm_tests::bmc_exe;
 
 fn digits_csv() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/data/digits.csv")

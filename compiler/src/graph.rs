@@ -211,6 +211,18 @@ impl Graph {
         }
     }
 
+    /// A new graph's bookkeeping (inputs, params, outputs, loss, classification) from
+    /// this one's, through `map` from old node ids to new ones. Passes that rebuild the
+    /// graph (CSE, DCE) add the nodes, then call this.
+    pub fn remapped_metadata(&self, out: &mut Graph, map: impl Fn(NodeId) -> NodeId) {
+        out.inputs = self.inputs.iter().map(|(n, id)| (n.clone(), map(*id))).collect();
+        out.params = self.params.iter().map(|p| ParamInfo { node: map(p.node), ..p.clone() }).collect();
+        out.outputs = self.outputs.iter().map(|(n, id)| (n.clone(), map(*id))).collect();
+        out.loss = self.loss.map(&map);
+        out.classification = self.classification.map(|(l, t, i)| (map(l), map(t), i));
+        out.current_origin = None;
+    }
+
     /// Nodes reachable backwards from `roots` (their transitive operands and themselves).
     pub fn ancestors(&self, roots: &[NodeId]) -> Vec<bool> {
         let mut seen = vec![false; self.len()];

@@ -25,13 +25,7 @@ pub fn eliminate_common_subexpressions(g: &Graph) -> Graph {
         }
         map.push(new);
     }
-    let m = |id: NodeId| map[id.index()];
-    out.inputs = g.inputs.iter().map(|(n, id)| (n.clone(), m(*id))).collect();
-    out.params = g.params.iter().map(|p| crate::graph::ParamInfo { node: m(p.node), ..p.clone() }).collect();
-    out.outputs = g.outputs.iter().map(|(n, id)| (n.clone(), m(*id))).collect();
-    out.loss = g.loss.map(m);
-    out.classification = g.classification.map(|(l, t, i)| (m(l), m(t), i));
-    out.current_origin = None;
+    g.remapped_metadata(&mut out, |id| map[id.index()]);
     out
 }
 

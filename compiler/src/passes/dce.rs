@@ -25,13 +25,7 @@ pub fn eliminate_dead_code(g: &Graph) -> Graph {
         out.current_origin = n.origin.clone();
         map[id.index()] = Some(out.add(n.op.clone(), &operands, n.shape.clone(), n.dtype));
     }
-    let m = |id: NodeId| map[id.index()].expect("roots are live");
-    out.inputs = g.inputs.iter().map(|(n, id)| (n.clone(), m(*id))).collect();
-    out.params = g.params.iter().map(|p| crate::graph::ParamInfo { node: m(p.node), ..p.clone() }).collect();
-    out.outputs = g.outputs.iter().map(|(n, id)| (n.clone(), m(*id))).collect();
-    out.loss = g.loss.map(m);
-    out.classification = g.classification.map(|(l, t, i)| (m(l), m(t), i));
-    out.current_origin = None;
+    g.remapped_metadata(&mut out, |id| map[id.index()].expect("roots are live"));
     out
 }
 
