@@ -26,7 +26,7 @@ pub fn report(c: &Compiled) -> String {
     let _ = writeln!(s, "batch: {}", c.train.batch);
     let _ = writeln!(s, "matmul FLOPs per training step: {} ({:.3} GFLOP)", st.matmul_flops, st.matmul_flops as f64 / 1e9);
     let _ = writeln!(s, "activation and temporary memory: {:.2} MiB", st.temp_bytes as f64 / (1 << 20) as f64);
-    let _ = writeln!(s, "parameter memory (with gradients' optimiser state): {:.2} MiB", (st.param_count * 4) as f64 / (1 << 20) as f64);
+    let _ = writeln!(s, "parameter memory: {:.2} MiB (f32)", (st.param_count * 4) as f64 / (1 << 20) as f64);
     let _ = writeln!(s, "kernels per training step: {}", st.kernels);
     s
 }
