@@ -145,10 +145,10 @@ fn shape_mismatch_shows_both_shapes_and_origins() {
         25,
         &[
             "shape mismatch",
-            "f32[8, 32]",                    // the actual shape (B = batch = 8)
-            "[..., in]",                     // the declared one
-            "`in` = 16",                     // and its value
-            "fc2 = Linear(16, 10)",          // where `in` came from
+            "f32[8, 32]",           // the actual shape (B = batch = 8)
+            "[..., in]",            // the declared one
+            "`in` = 16",            // and its value
+            "fc2 = Linear(16, 10)", // where `in` came from
             "`fc2` is made here",
             "this is f32[8, 32]",
         ],
@@ -158,7 +158,8 @@ fn shape_mismatch_shows_both_shapes_and_origins() {
 #[test]
 fn bad_reshape_counts_elements() {
     let d = Dir::new();
-    let src = model("  fc1 = Linear(64, 10)", "    let r = x.reshape([B, 7, 9])\n    output logits = fc1(x)\n    loss cross_entropy(logits, y)");
+    let src =
+        model("  fc1 = Linear(64, 10)", "    let r = x.reshape([B, 7, 9])\n    output logits = fc1(x)\n    loss cross_entropy(logits, y)");
     let o = d.check("reshape.bm", &src);
     assert_diag(&o, "reshape.bm", 6, 13, &["cannot reshape", "512 elements", "504 elements", "use -1"]);
 }
@@ -176,7 +177,13 @@ fn input_not_given_by_data() {
     let d = Dir::new();
     let src = GOOD.replace("input x:", "input z:").replace("fc1(x)", "fc1(z)");
     let o = d.check("inputz.bm", &src);
-    assert_diag(&o, "inputz.bm", 4, 3, &["input `z` is not given by the data", "`x`: f32[64]", "`y`: i32[]", "data declared here", "did you mean `x`?"]);
+    assert_diag(
+        &o,
+        "inputz.bm",
+        4,
+        3,
+        &["input `z` is not given by the data", "`x`: f32[64]", "`y`: i32[]", "data declared here", "did you mean `x`?"],
+    );
 }
 
 #[test]
@@ -206,7 +213,10 @@ fn duplicate_block() {
 #[test]
 fn recursive_block() {
     let d = Dir::new();
-    let src = format!("block A {{\n  a = A()\n  forward(x) {{ a(x) }}\n}}\n{}", model("  a = A()\n  fc = Linear(64, 10)", "    loss cross_entropy(fc(a(x)), y)"));
+    let src = format!(
+        "block A {{\n  a = A()\n  forward(x) {{ a(x) }}\n}}\n{}",
+        model("  a = A()\n  fc = Linear(64, 10)", "    loss cross_entropy(fc(a(x)), y)")
+    );
     let o = d.check("rec.bm", &src);
     assert_diag(&o, "rec.bm", 2, 3, &["block `A` contains itself: M -> A -> A", "repeat(n, Block(..))"]);
 }
@@ -231,7 +241,10 @@ fn oversized_parameter() {
 #[test]
 fn bad_set_value_names_the_users_line() {
     let d = Dir::new();
-    let src = format!("config {{\n  hidden = 16\n}}\n{}", GOOD.replace("Linear(64, 16)", "Linear(64, hidden)").replace("Linear(16, 10)", "Linear(hidden, 10)"));
+    let src = format!(
+        "config {{\n  hidden = 16\n}}\n{}",
+        GOOD.replace("Linear(64, 16)", "Linear(64, hidden)").replace("Linear(16, 10)", "Linear(hidden, 10)")
+    );
     d.write("setv.bm", &src);
     let o = d.bmc(&["check", "setv.bm", "--set", "hidden=abc"]);
     assert_user_error(&o, &["a dim must be an integer", "\"abc\"", "setv.bm", "fc1 = Linear(64, hidden)", "in `fc1`, made here"]);
@@ -271,7 +284,10 @@ fn unknown_train_field_suggests() {
 #[test]
 fn bad_set_name_suggests() {
     let d = Dir::new();
-    let src = format!("config {{\n  hidden = 16\n}}\n{}", GOOD.replace("Linear(64, 16)", "Linear(64, hidden)").replace("Linear(16, 10)", "Linear(hidden, 10)"));
+    let src = format!(
+        "config {{\n  hidden = 16\n}}\n{}",
+        GOOD.replace("Linear(64, 16)", "Linear(64, hidden)").replace("Linear(16, 10)", "Linear(hidden, 10)")
+    );
     d.write("set.bm", &src);
     let ok = d.bmc(&["check", "set.bm", "--set", "hidden=8"]);
     assert_eq!(ok.status.code(), Some(0), "{}", stderr(&ok));
@@ -344,7 +360,8 @@ fn bad_checkpoints_and_binary_usage() {
 
     // A tensor missing.
     let c = bm_runtime::checkpoint::load(&ckpt).unwrap();
-    let kept: Vec<_> = c.tensors.iter().filter(|(n, _)| *n != "fc1.bias").map(|(n, t)| (n.clone(), t.shape.clone(), t.data.clone())).collect();
+    let kept: Vec<_> =
+        c.tensors.iter().filter(|(n, _)| *n != "fc1.bias").map(|(n, t)| (n.clone(), t.shape.clone(), t.data.clone())).collect();
     assert_eq!(kept.len() + 1, c.tensors.len(), "expected a tensor fc1.bias in {:?}", c.tensors.keys());
     let bytes = bm_runtime::checkpoint::serialize(&kept, &c.metadata).unwrap();
     std::fs::write(d.path().join("partial.safetensors"), bytes).unwrap();

@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 
 fn models() -> Vec<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().join("models");
-    let mut v: Vec<PathBuf> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "bm")).collect();
+    let mut v: Vec<PathBuf> =
+        std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "bm")).collect();
     v.sort();
     assert!(!v.is_empty(), "no models in {}", dir.display());
     v

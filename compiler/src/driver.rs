@@ -144,8 +144,10 @@ pub struct Compiled {
     pub model_name: String,
     pub config: Vec<(String, Value)>,
     pub train: TrainSection,
-    /// The shaped op graph of the model (forward and loss).
+    /// The shaped op graph of the model (forward and loss), as elaborated and cleaned up.
     pub graph: Graph,
+    /// `graph` after the fusion passes (attention); what training is built from.
+    pub fused: Graph,
     /// The whole training step.
     pub train_graph: Graph,
     pub program: Program,
@@ -260,7 +262,8 @@ pub fn compile(loaded: &Loaded, opts: &Options, stage: Stage) -> Result<Compiled
         check_inputs_against_data(loaded, &model, &graph, shapes, &train)?;
     }
     crate::passes::metrics::append_accuracy(&mut graph);
-    let mut graph = simplify(&graph);
+    let graph = simplify(&graph);
+    let mut fused = crate::passes::attention::fuse_attention(&graph);
     let model_name = model.def.name.name.clone();
     let mut data_shapes: Vec<(String, (DType, Vec<usize>))> = data_shapes.unwrap_or_default().into_iter().collect();
     data_shapes.sort_by(|a, b| a.0.cmp(&b.0));
@@ -268,7 +271,8 @@ pub fn compile(loaded: &Loaded, opts: &Options, stage: Stage) -> Result<Compiled
         model_name,
         config,
         train,
-        graph: graph.clone(),
+        graph,
+        fused: fused.clone(),
         train_graph: Graph::new(),
         program: Program { buffers: vec![], kernels: vec![], entries: vec![], params: vec![] },
         data_shapes,
@@ -281,9 +285,9 @@ pub fn compile(loaded: &Loaded, opts: &Options, stage: Stage) -> Result<Compiled
         schedule: compiled.train.schedule.clone(),
         clip_grad: compiled.train.clip_grad,
     };
-    optimizer::append_training(&mut graph, &setup)
+    optimizer::append_training(&mut fused, &setup)
         .map_err(|e| Diagnostic::new(format!("internal error while building the training step: {e}")))?;
-    compiled.train_graph = simplify(&graph);
+    compiled.train_graph = simplify(&fused);
     if stage == Stage::Train {
         return Ok(compiled);
     }

@@ -15,7 +15,8 @@ pub enum EmitStage {
 }
 
 impl EmitStage {
-    pub const ALL: [EmitStage; 7] = [EmitStage::Ast, EmitStage::Graph, EmitStage::Fused, EmitStage::Train, EmitStage::Kernels, EmitStage::Clif, EmitStage::Cuda];
+    pub const ALL: [EmitStage; 7] =
+        [EmitStage::Ast, EmitStage::Graph, EmitStage::Fused, EmitStage::Train, EmitStage::Kernels, EmitStage::Clif, EmitStage::Cuda];
     pub fn name(self) -> &'static str {
         match self {
             EmitStage::Ast => "ast",
@@ -64,8 +65,9 @@ pub fn emit(loaded: &Loaded, opts: &Options, stage: EmitStage, format: Format) -
             Format::Text => format!("{:#?}\n", loaded.ast),
             Format::Dot => return Err(no_dot("ast")),
         },
-        // No fusion pass exists yet: the fused stage is the elaborated graph.
-        EmitStage::Graph | EmitStage::Fused => graph_out(&driver::compile(loaded, opts, Stage::Graph)?.graph),
+        EmitStage::Graph => graph_out(&driver::compile(loaded, opts, Stage::Graph)?.graph),
+        // After the fusion passes (attention).
+        EmitStage::Fused => graph_out(&driver::compile(loaded, opts, Stage::Graph)?.fused),
         EmitStage::Train => graph_out(&driver::compile(loaded, opts, Stage::Train)?.train_graph),
         EmitStage::Kernels => {
             let c = driver::compile(loaded, opts, Stage::Kernels)?;

@@ -434,6 +434,13 @@ fn eval_node(g: &Graph, id: NodeId, vals: &[Tensor], feeds: &HashMap<String, Ten
             let a = arg(0)?;
             Tensor { data: a.data.iter().map(|&x| convert(x, *dt)).collect(), shape }
         }
+        Op::Attention { causal, scale, masked } | Op::AttentionBackward { causal, scale, masked } => {
+            let backward = matches!(node.op, Op::AttentionBackward { .. });
+            let (q, k, v) = (arg(0)?, arg(1)?, arg(2)?);
+            let mask = if *masked { Some(arg(3)?) } else { None };
+            let dout = if backward { Some(arg(if *masked { 4 } else { 3 })?) } else { None };
+            attention(q, k, v, mask, dout, *causal, *scale, &shape)?
+        }
         Op::Assign(_) => {
             let a = arg(0)?;
             if a.data.len() != n {
@@ -442,6 +449,108 @@ fn eval_node(g: &Graph, id: NodeId, vals: &[Tensor], feeds: &HashMap<String, Ten
             Tensor { shape, data: a.data.clone() }
         }
     })
+}
+
+/// Fused attention (`Op::Attention`), or with `dout` its packed gradient
+/// (`Op::AttentionBackward`): the plain formula, softmax row by row.
+#[allow(clippy::too_many_arguments)]
+fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    dout: Option<&Tensor>,
+    causal: bool,
+    scale: f64,
+    shape: &[usize],
+) -> Result<Tensor, String> {
+    let r = q.shape.len();
+    if r < 2 || k.shape.len() != r || v.shape.len() != r || q.shape[..r - 2] != k.shape[..r - 2] || q.shape[..r - 2] != v.shape[..r - 2] {
+        return Err(format!("attention operands {:?}, {:?}, {:?} need rank ≥ 2 and equal batch dims", q.shape, k.shape, v.shape));
+    }
+    let batch = &q.shape[..r - 2];
+    let nb: usize = batch.iter().product();
+    let (tq, d) = (q.shape[r - 2], q.shape[r - 1]);
+    let (tk, dv) = (k.shape[r - 2], v.shape[r - 1]);
+    if k.shape[r - 1] != d || v.shape[r - 2] != tk || (causal && tq != tk) {
+        return Err(format!("attention operands {:?}, {:?}, {:?} do not fit together", q.shape, k.shape, v.shape));
+    }
+    let mut full = batch.to_vec();
+    full.extend([tq, tk]);
+    // Mask strides over [batch..., tq, tk] (0 where it broadcasts).
+    let mstrides: Vec<usize> = match mask {
+        None => vec![],
+        Some(m) => {
+            if m.shape.len() > r || crate::ops::broadcast_shapes(&m.shape, &full).as_deref() != Some(&full[..]) {
+                return Err(format!("attention mask {:?} does not broadcast to {full:?}", m.shape));
+            }
+            let ms = strides(&m.shape);
+            let lead = r - m.shape.len();
+            (0..r).map(|t| if t < lead || m.shape[t - lead] == 1 { 0 } else { ms[t - lead] }).collect()
+        }
+    };
+    let mut want = batch.to_vec();
+    want.push(tq);
+    want.push(dv);
+    if let Some(go) = dout {
+        if go.shape != want {
+            return Err(format!("attention gradient {:?} is not {want:?}", go.shape));
+        }
+        if shape != [nb * (tq * d + tk * d + tk * dv)] {
+            return Err(format!("attention_backward gives {shape:?}"));
+        }
+    } else if shape != want {
+        return Err(format!("attention gives {want:?}, the node is {shape:?}"));
+    }
+    let (nq, nk) = (nb * tq * d, nb * tk * d);
+    let mut data = vec![0.0; shape.iter().product()];
+    let mut bidx = vec![0; batch.len()];
+    for b in 0..nb {
+        unravel(b, batch, &mut bidx);
+        let mbase: usize = bidx.iter().zip(&mstrides).map(|(i, s)| i * s).sum();
+        let (qo, ko, vo, oo) = (b * tq * d, b * tk * d, b * tk * dv, b * tq * dv);
+        for i in 0..tq {
+            let n = if causal { i + 1 } else { tk };
+            let mut p: Vec<f64> = (0..n)
+                .map(|j| {
+                    let dotp: f64 = (0..d).map(|c| q.data[qo + i * d + c] * k.data[ko + j * d + c]).sum();
+                    let m = mask.map_or(0.0, |m| m.data[mbase + i * mstrides[r - 2] + j * mstrides[r - 1]]);
+                    dotp * scale + m
+                })
+                .collect();
+            let mx = p.iter().copied().fold(f64::NEG_INFINITY, fmax);
+            for x in &mut p {
+                *x = (*x - mx).exp();
+            }
+            let z: f64 = p.iter().sum();
+            for x in &mut p {
+                *x /= z;
+            }
+            match dout {
+                None => {
+                    for c in 0..dv {
+                        data[oo + i * dv + c] = (0..n).map(|j| p[j] * v.data[vo + j * dv + c]).sum();
+                    }
+                }
+                Some(go) => {
+                    let g = &go.data[oo + i * dv..oo + (i + 1) * dv];
+                    let dp: Vec<f64> = (0..n).map(|j| (0..dv).map(|c| g[c] * v.data[vo + j * dv + c]).sum()).collect();
+                    let dsum: f64 = (0..n).map(|j| p[j] * dp[j]).sum();
+                    for j in 0..n {
+                        let ds = p[j] * (dp[j] - dsum) * scale;
+                        for c in 0..d {
+                            data[qo + i * d + c] += ds * k.data[ko + j * d + c];
+                            data[nq + ko + j * d + c] += ds * q.data[qo + i * d + c];
+                        }
+                        for c in 0..dv {
+                            data[nq + nk + vo + j * dv + c] += p[j] * g[c];
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(Tensor { shape: shape.to_vec(), data })
 }
 
 fn row_index(id: f64, rows: usize) -> Result<usize, String> {

@@ -86,6 +86,25 @@ pub enum Op {
         rows: usize,
     },
     Cast(DType),
+    /// Fused `softmax(q @ kᵀ · scale + mask) @ v` over the last two axes. Operands
+    /// `q [..., Tq, D]`, `k [..., Tk, D]`, `v [..., Tk, Dv]` (equal batch dims) and, when
+    /// `masked`, an additive mask broadcastable to `[..., Tq, Tk]`; the node is
+    /// `[..., Tq, Dv]`. `causal` hides keys after each query (Tq = Tk). Built by
+    /// `ops::attention` and the attention fusion pass (`passes::attention`).
+    Attention {
+        causal: bool,
+        scale: f64,
+        masked: bool,
+    },
+    /// The gradient of an `Attention` with the same fields: operands are its operands
+    /// followed by the upstream gradient `[..., Tq, Dv]`; the node is one flat f32 vector
+    /// holding dq, dk and dv in that order (autodiff slices them apart). No gradient
+    /// flows into the mask.
+    AttentionBackward {
+        causal: bool,
+        scale: f64,
+        masked: bool,
+    },
     /// Writes the operand into the parameter or optimiser state of that name at the
     /// end of a training step.
     Assign(String),
@@ -321,6 +340,15 @@ pub fn init_text(init: &Init) -> String {
     }
 }
 
+fn attention_flags(causal: bool, masked: bool) -> &'static str {
+    match (causal, masked) {
+        (true, true) => "causal, masked, ",
+        (true, false) => "causal, ",
+        (false, true) => "masked, ",
+        (false, false) => "",
+    }
+}
+
 pub fn op_text(op: &Op) -> String {
     match op {
         Op::Input(n) => format!("input \"{n}\""),
@@ -343,6 +371,10 @@ pub fn op_text(op: &Op) -> String {
         Op::Gather => "gather".into(),
         Op::ScatterAdd { rows } => format!("scatter_add[rows {rows}]"),
         Op::Cast(d) => format!("cast[{}]", d.name()),
+        Op::Attention { causal, scale, masked } => format!("attention[{}scale {scale}]", attention_flags(*causal, *masked)),
+        Op::AttentionBackward { causal, scale, masked } => {
+            format!("attention_backward[{}scale {scale}]", attention_flags(*causal, *masked))
+        }
         Op::Assign(n) => format!("assign \"{n}\""),
     }
 }

@@ -8,8 +8,8 @@
 
 use crate::graph::{DType, Graph, NodeId, Op};
 use bm_runtime::kir::{
-    self, Access, BufId, BufKind, Buffer, Entry, GatherKernel, Kernel, LoopKernel, MatMulKernel, MatOperand, ParamSpec, Program,
-    ScalarExpr, ScatterAddKernel,
+    self, Access, AttentionBackwardKernel, AttentionKernel, BufId, BufKind, Buffer, Entry, GatherKernel, Kernel, LoopKernel, MatMulKernel,
+    MatOperand, ParamSpec, Program, ScalarExpr, ScatterAddKernel,
 };
 
 /// Where a node's value lives.
@@ -353,6 +353,33 @@ impl Lowering<'_> {
                 self.emit(id, Kernel::ScatterAdd(ScatterAddKernel { src, ids, out: b, n, rows: *rows, dim: shape[1] }));
                 out
             }
+            Op::Attention { causal, scale, masked } | Op::AttentionBackward { causal, scale, masked } => {
+                let qs = self.g.shape(ops[0]).to_vec();
+                let r = qs.len();
+                let (tq, d) = (qs[r - 2], qs[r - 1]);
+                let tk = self.g.shape(ops[1])[r - 2];
+                let dv = self.g.shape(ops[2])[r - 1];
+                let batch = qs[..r - 2].to_vec();
+                let q = self.mat_operand(id, ops[0])?;
+                let k = self.mat_operand(id, ops[1])?;
+                let v = self.mat_operand(id, ops[2])?;
+                let mask = if *masked {
+                    let mut scores = batch.clone();
+                    scores.extend([tq, tk]);
+                    Some(self.mask_operand(id, ops[3], &scores)?)
+                } else {
+                    None
+                };
+                let (b, out) = self.temp(id);
+                let fwd = AttentionKernel { batch, tq, tk, d, dv, q, k, v, mask, causal: *causal, scale: *scale, out: b };
+                if matches!(n.op, Op::AttentionBackward { .. }) {
+                    let dout = self.mat_operand(id, ops[if *masked { 4 } else { 3 }])?;
+                    self.emit(id, Kernel::AttentionBackward(AttentionBackwardKernel { fwd, dout }));
+                } else {
+                    self.emit(id, Kernel::Attention(fwd));
+                }
+                out
+            }
             Op::Assign(target) => {
                 let a = self.view(ops[0])?;
                 let buf = self
@@ -418,6 +445,33 @@ impl Lowering<'_> {
     fn gemm_operand(&mut self, node: NodeId, o: NodeId) -> Result<View, String> {
         let v = self.view(o)?;
         Ok(if matches!(v.src, Src::Buf(_)) { v } else { self.materialize(node, &v, kir::DType::F32) })
+    }
+
+    /// An f32 buffer view of operand `o` (materialised when it is not one).
+    fn f32_buffer_view(&mut self, node: NodeId, o: NodeId) -> Result<View, String> {
+        let v = self.view(o)?;
+        Ok(match v.src {
+            Src::Buf(b) if self.buffers[b].dtype == kir::DType::F32 => v,
+            _ => self.materialize(node, &v, kir::DType::F32),
+        })
+    }
+
+    /// Operand `o` (`[batch..., rows, cols]`) as a strided matrix operand.
+    fn mat_operand(&mut self, node: NodeId, o: NodeId) -> Result<MatOperand, String> {
+        let v = self.f32_buffer_view(node, o)?;
+        mat_operand_of(&v)
+    }
+
+    /// An attention mask `o`, broadcastable to `scores` (`[batch..., tq, tk]`), as a
+    /// strided operand over `scores` (0 strides where it broadcasts).
+    fn mask_operand(&mut self, node: NodeId, o: NodeId, scores: &[usize]) -> Result<MatOperand, String> {
+        let v = self.f32_buffer_view(node, o)?;
+        let lead = scores.len().checked_sub(v.shape.len()).ok_or("attention mask has a higher rank than the scores")?;
+        let mut strides = vec![0; lead];
+        for (t, (&dim, &st)) in v.shape.iter().zip(&v.strides).enumerate() {
+            strides.push(if dim == 1 && scores[lead + t] != 1 { 0 } else { st });
+        }
+        mat_operand_of(&View { shape: scores.to_vec(), strides, ..v })
     }
 
     /// The operand as a whole contiguous buffer of `dtype` starting at offset 0.
@@ -509,8 +563,26 @@ fn remap(e: &ScalarExpr, map: &[Option<usize>], rank: usize) -> ScalarExpr {
         ScalarExpr::Const(c) => ScalarExpr::Const(*c),
         ScalarExpr::Unary(op, a) => ScalarExpr::Unary(*op, Box::new(remap(a, map, rank))),
         ScalarExpr::Binary(op, a, b) => ScalarExpr::Binary(*op, Box::new(remap(a, map, rank)), Box::new(remap(b, map, rank))),
-        ScalarExpr::Select(c, a, b) => ScalarExpr::Select(Box::new(remap(c, map, rank)), Box::new(remap(a, map, rank)), Box::new(remap(b, map, rank))),
+        ScalarExpr::Select(c, a, b) => {
+            ScalarExpr::Select(Box::new(remap(c, map, rank)), Box::new(remap(a, map, rank)), Box::new(remap(b, map, rank)))
+        }
     }
+}
+
+/// A buffer view `[batch..., rows, cols]` as a matrix operand.
+fn mat_operand_of(v: &View) -> Result<MatOperand, String> {
+    let Src::Buf(buf) = v.src else { return Err("matrix operand is not a buffer".into()) };
+    let r = v.strides.len();
+    if r < 2 {
+        return Err("matrix operand has rank < 2".into());
+    }
+    Ok(MatOperand {
+        buf,
+        offset: v.offset,
+        batch_strides: v.strides[..r - 2].to_vec(),
+        row_stride: v.strides[r - 2],
+        col_stride: v.strides[r - 1],
+    })
 }
 
 fn access(buf: BufId, shape: &[usize]) -> Access {

@@ -86,8 +86,6 @@ enum Target {
     Cuda,
 }
 
-
-
 /// A failure and its exit code (1: user error, 3: internal error).
 struct Failure {
     message: String,
@@ -175,11 +173,14 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Cmd::Emit { model, stage, format, set } => {
             let loaded = driver::load(&path_str(&model), &FileSource::Disk)?;
             let opts = Options { overrides: set, ..Default::default() };
-            print!("{}", emit(&loaded, &opts, stage, format).map_err(|e| match e {
-                bmc::emit::EmitError::Source(d) => Failure::from(*d),
-                bmc::emit::EmitError::Runtime(r) => Failure::from(r),
-                bmc::emit::EmitError::Usage(m) => Failure { message: format!("error: {m}\n"), code: 1 },
-            })?);
+            print!(
+                "{}",
+                emit(&loaded, &opts, stage, format).map_err(|e| match e {
+                    bmc::emit::EmitError::Source(d) => Failure::from(*d),
+                    bmc::emit::EmitError::Runtime(r) => Failure::from(r),
+                    bmc::emit::EmitError::Usage(m) => Failure { message: format!("error: {m}\n"), code: 1 },
+                })?
+            );
             Ok(())
         }
         Cmd::Bench { model, warmup, steps, threads, batches, json, set } => {
@@ -236,4 +237,3 @@ fn run(cli: Cli) -> Result<(), Failure> {
 fn display_cmd(out: &std::path::Path) -> String {
     if out.components().count() == 1 { format!("./{}", out.display()) } else { out.display().to_string() }
 }
-

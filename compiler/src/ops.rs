@@ -652,8 +652,9 @@ pub fn bce_with_logits(g: &mut Graph, x: NodeId, y: NodeId) -> OpResult {
     mean(g, t, &[], false)
 }
 
-/// `softmax(q @ kᵀ * scale + mask) @ v`, unfused (the attention fusion pass of a later
-/// stage recognises this exact pattern).
+/// `attention(q, k, v, causal, scale)`: `softmax(q @ kᵀ * scale + mask) @ v` as one
+/// fused `Attention` node (batch dims broadcast like `@`). A 1-D `v` takes the unfused
+/// composition.
 pub fn attention(g: &mut Graph, q: NodeId, k: NodeId, v: NodeId, causal: bool, scale: Option<f64>) -> OpResult {
     let qs = g.shape(q).to_vec();
     if qs.len() < 2 {
@@ -661,6 +662,82 @@ pub fn attention(g: &mut Graph, q: NodeId, k: NodeId, v: NodeId, causal: bool, s
     }
     let hd = qs[qs.len() - 1];
     let scale = scale.unwrap_or(1.0 / (hd as f64).sqrt());
+    if g.shape(k).len() < 2 || g.shape(v).len() < 2 {
+        return attention_unfused(g, q, k, v, causal, scale);
+    }
+    fused_attention(g, q, k, v, None, causal, scale)
+}
+
+/// The `Attention` primitive: `softmax(q @ kᵀ * scale + mask) @ v` over the last two
+/// axes, with `q [..., Tq, D]`, `k [..., Tk, D]`, `v [..., Tk, Dv]` (batch dims broadcast
+/// together) and an optional additive `mask` broadcastable to `[..., Tq, Tk]`.
+pub fn fused_attention(g: &mut Graph, q: NodeId, k: NodeId, v: NodeId, mask: Option<NodeId>, causal: bool, scale: f64) -> OpResult {
+    let (qs, ks, vs) = (g.shape(q).to_vec(), g.shape(k).to_vec(), g.shape(v).to_vec());
+    for (i, (x, s)) in [(q, &qs), (k, &ks), (v, &vs)].into_iter().enumerate() {
+        if s.len() < 2 {
+            return Err(OpError::new(format!("attention(): {} must have rank ≥ 2, got {}", ["q", "k", "v"][i], describe(g, x))).about(&[i]));
+        }
+    }
+    let (tq, d) = (qs[qs.len() - 2], qs[qs.len() - 1]);
+    let (tk, dk) = (ks[ks.len() - 2], ks[ks.len() - 1]);
+    let (tv, dv) = (vs[vs.len() - 2], vs[vs.len() - 1]);
+    if d != dk {
+        return Err(OpError::new(format!(
+            "attention(): q {} and k {} have different head dims ({d} vs {dk})",
+            describe(g, q),
+            describe(g, k)
+        ))
+        .about(&[0, 1]));
+    }
+    if tk != tv {
+        return Err(OpError::new(format!(
+            "attention(): k {} and v {} have different numbers of keys ({tk} vs {tv})",
+            describe(g, k),
+            describe(g, v)
+        ))
+        .about(&[1, 2]));
+    }
+    if causal && tq != tk {
+        return Err(OpError::new(format!("attention(causal = true) needs as many queries as keys, got {tq} and {tk}")));
+    }
+    let batch = broadcast_shapes(&qs[..qs.len() - 2], &ks[..ks.len() - 2])
+        .and_then(|b| broadcast_shapes(&b, &vs[..vs.len() - 2]))
+        .ok_or_else(|| {
+            OpError::new(format!(
+                "attention(): batch dims of {}, {} and {} cannot be broadcast together",
+                describe(g, q),
+                describe(g, k),
+                describe(g, v)
+            ))
+            .about(&[0, 1, 2])
+        })?;
+    let with = |a: usize, b: usize| {
+        let mut s = batch.clone();
+        s.extend([a, b]);
+        s
+    };
+    let q = to_f32(g, q);
+    let k = to_f32(g, k);
+    let v = to_f32(g, v);
+    let q = broadcast_to(g, q, &with(tq, d))?;
+    let k = broadcast_to(g, k, &with(tk, d))?;
+    let v = broadcast_to(g, v, &with(tk, dv))?;
+    let mut operands = vec![q, k, v];
+    if let Some(m) = mask {
+        let scores = with(tq, tk);
+        if broadcast_shapes(g.shape(m), &scores).as_deref() != Some(&scores[..]) {
+            return Err(
+                OpError::new(format!("attention(): the mask {} does not broadcast to the scores {scores:?}", describe(g, m))).about(&[3])
+            );
+        }
+        operands.push(to_f32(g, m));
+    }
+    Ok(g.add(Op::Attention { causal, scale, masked: mask.is_some() }, &operands, with(tq, dv), DType::F32))
+}
+
+/// `softmax(q @ kᵀ * scale + mask) @ v` from primitives (what the fusion pass
+/// recognises; `attention` uses it only for a 1-D `v`).
+pub fn attention_unfused(g: &mut Graph, q: NodeId, k: NodeId, v: NodeId, causal: bool, scale: f64) -> OpResult {
     let kt = transpose(g, k, -2, -1)?;
     let s = matmul(g, q, kt)?;
     let s = mul_scalar(g, s, scale);

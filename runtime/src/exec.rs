@@ -4,7 +4,8 @@
 //! every kernel against the buffers (an access outside its buffer anywhere in the
 //! iteration space is an [`Error::Internal`], found before anything runs) and compiles
 //! every loop kernel with Cranelift ([`crate::jit`]). Matrix products go to the `gemm`
-//! crate ([`crate::gemm`]); gathers and scatter-adds are plain Rust.
+//! crate ([`crate::gemm`]); fused attention to [`crate::attention`]; gathers and
+//! scatter-adds are plain Rust.
 //! [`Executor::interpreted`] runs everything through the reference interpreter
 //! ([`crate::interp`]) instead.
 //!
@@ -213,6 +214,11 @@ fn check_access(program: &Program, a: &Access, shape: &[usize], what: &str) -> R
     Ok(())
 }
 
+/// The length of buffer `buf` when it exists and holds f32.
+fn f32_len(program: &Program, buf: BufId) -> Option<usize> {
+    program.buffers.get(buf).filter(|b| b.dtype == DType::F32).map(|b| b.len())
+}
+
 fn check_operand(program: &Program, o: &MatOperand, batch: &[usize], rows: usize, cols: usize, what: &str) -> Result<()> {
     let len = check_buf(program, o.buf, Some(DType::F32), what)?;
     if o.batch_strides.len() != batch.len() {
@@ -335,6 +341,14 @@ fn validate_kernel(program: &Program, i: usize, k: &Kernel) -> Result<()> {
             }
             Ok(())
         }
+        Kernel::Attention(a) => {
+            crate::attention::check(a, None, a.out_len(), |b| f32_len(program, b)).map_err(|e| Error::internal(format!("{what}: {e}")))
+        }
+        Kernel::AttentionBackward(a) => {
+            let (nq, nk, nv) = a.fwd.grad_lens();
+            crate::attention::check(&a.fwd, Some(&a.dout), nq + nk + nv, |b| f32_len(program, b))
+                .map_err(|e| Error::internal(format!("{what}: {e}")))
+        }
         Kernel::ScatterAdd(s) => {
             let sl = check_buf(program, s.src, Some(DType::F32), what)?;
             let il = check_buf(program, s.ids, None, what)?;
@@ -453,6 +467,8 @@ enum Plan {
     MatMul,
     Gather,
     ScatterAdd,
+    Attention,
+    AttentionBackward,
 }
 
 /// Whether the normalised loop kernel `k` can run with its outermost axis split across
@@ -517,6 +533,8 @@ impl Executor {
                 Kernel::MatMul(_) => Ok(Plan::MatMul),
                 Kernel::Gather(_) => Ok(Plan::Gather),
                 Kernel::ScatterAdd(_) => Ok(Plan::ScatterAdd),
+                Kernel::Attention(_) => Ok(Plan::Attention),
+                Kernel::AttentionBackward(_) => Ok(Plan::AttentionBackward),
             })
             .collect::<Result<Vec<_>>>()?;
         Self::build(program, plans, resolve_threads(threads), Some(jit))
@@ -618,6 +636,14 @@ impl Executor {
             }
             (Plan::Gather, Kernel::Gather(g)) => gather(g, &mut self.bufs),
             (Plan::ScatterAdd, Kernel::ScatterAdd(s)) => scatter_add(s, &mut self.bufs),
+            (Plan::Attention, Kernel::Attention(a)) => {
+                let (threads, bufs) = (self.threads, &mut self.bufs);
+                self.pool.install(|| crate::attention::forward(a, bufs, threads))
+            }
+            (Plan::AttentionBackward, Kernel::AttentionBackward(a)) => {
+                let (threads, bufs) = (self.threads, &mut self.bufs);
+                self.pool.install(|| crate::attention::backward(a, bufs, threads))
+            }
             _ => Err(Error::internal(format!("kernel k{k} does not match its plan"))),
         }
     }

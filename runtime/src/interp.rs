@@ -20,14 +20,55 @@ use crate::kir::{Access, BinaryOp, Kernel, LoopKernel, MatMulKernel, MatOperand,
 // Scalar functions (the JIT calls the `extern "C"` ones)
 // ---------------------------------------------------------------------------------------
 
+/// `exp` (Cephes `expf`: Cody-Waite reduction by `n = round(x log2 e)`, a degree-5
+/// polynomial, scaling by `2^n` in two exact steps; about 1 ulp from libm, subnormal
+/// results rounded once, 0 below -104, inf above 88.72, NaN stays NaN). The JIT emits
+/// exactly these f32 operations inline (`crate::jit`), so both agree bit for bit.
 pub extern "C" fn bm_exp(x: f32) -> f32 {
-    x.exp()
+    // clamp (NaN passes through: both comparisons are false)
+    let x = if x < EXP_LO { EXP_LO } else { x };
+    let x = if x > EXP_HI { EXP_HI } else { x };
+    let n = (x * EXP_LOG2E).round_ties_even();
+    let r = x - n * EXP_C1;
+    let r = r - n * EXP_C2;
+    let mut p = EXP_P[0];
+    for c in &EXP_P[1..] {
+        p = p * r + c;
+    }
+    let y = p * (r * r) + r + 1.0;
+    let ni = n as i32;
+    let n1 = ni >> 1;
+    let n2 = ni - n1;
+    let s1 = f32::from_bits(((n1 + 127) as u32) << 23);
+    let s2 = f32::from_bits(((n2 + 127) as u32) << 23);
+    y * s1 * s2
 }
+
+pub const EXP_LO: f32 = -104.0;
+pub const EXP_HI: f32 = 89.0;
+pub const EXP_LOG2E: f32 = std::f32::consts::LOG2_E;
+pub const EXP_C1: f32 = 0.693_359_4;
+pub const EXP_C2: f32 = -2.121_944_4e-4;
+pub const EXP_P: [f32; 6] = [1.987_569_1e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5];
+/// `tanh` below this magnitude is an odd polynomial, above it `1 - 2 / (exp(2|x|) + 1)`.
+pub const TANH_SMALL: f32 = 0.625;
+pub const TANH_P: [f32; 5] = [-5.704_988_7e-3, 2.063_908_8e-2, -5.373_971_6e-2, 1.333_144_2e-1, -3.333_328e-1];
 pub extern "C" fn bm_log(x: f32) -> f32 {
     x.ln()
 }
+/// `tanh` (Cephes `tanhf` on |x| with [`bm_exp`], then x's sign; about 2 ulp). The JIT
+/// emits exactly these f32 operations inline.
 pub extern "C" fn bm_tanh(x: f32) -> f32 {
-    x.tanh()
+    let a = x.abs();
+    let z = a * a;
+    let mut p = TANH_P[0];
+    for c in &TANH_P[1..] {
+        p = p * z + c;
+    }
+    let small = p * z * a + a;
+    let large = 1.0 - 2.0 / (bm_exp(a + a) + 1.0);
+    let t = if a < TANH_SMALL { small } else { large };
+    t.copysign(x)
 }
 pub extern "C" fn bm_sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
@@ -277,6 +318,8 @@ pub fn run_kernel(k: &Kernel, bufs: &mut Buffers) -> Result<()> {
         Kernel::MatMul(m) => run_matmul(m, bufs),
         Kernel::Gather(g) => exec::gather(g, bufs),
         Kernel::ScatterAdd(s) => exec::scatter_add(s, bufs),
+        Kernel::Attention(a) => crate::attention::forward(a, bufs, 1),
+        Kernel::AttentionBackward(a) => crate::attention::backward(a, bufs, 1),
     }
 }
 

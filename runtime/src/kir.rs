@@ -204,12 +204,61 @@ pub struct ScatterAddKernel {
     pub dim: usize,
 }
 
+/// Fused attention `out[b] = softmax(q[b] @ k[b]ᵀ · scale + mask[b]) @ v[b]` for every
+/// index `b` of `batch` (`q`: tq×d, `k`: tk×d, `v`: tk×dv, `mask`: tq×tk, any strides,
+/// 0 to broadcast). With `causal`, query row `i` sees keys `j <= i` only (tq = tk). The
+/// runtime never stores a tq×tk matrix: each query row runs an online softmax over tiles
+/// of keys. `out` is a whole contiguous buffer of `batch × tq × dv` elements.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AttentionKernel {
+    pub batch: Vec<usize>,
+    pub tq: usize,
+    pub tk: usize,
+    pub d: usize,
+    pub dv: usize,
+    pub q: MatOperand,
+    pub k: MatOperand,
+    pub v: MatOperand,
+    pub mask: Option<MatOperand>,
+    pub causal: bool,
+    pub scale: f64,
+    pub out: BufId,
+}
+
+/// The gradients of [`AttentionKernel`]'s output w.r.t. `q`, `k` and `v` for the
+/// upstream gradient `dout` (batch × tq × dv), written packed into the contiguous buffer
+/// `grads`: dq (batch × tq × d) at 0, dk (batch × tk × d) after it, dv (batch × tk × dv)
+/// last. Each query row's softmax is recomputed from `q` and `k`; no gradient flows
+/// into the mask.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AttentionBackwardKernel {
+    pub fwd: AttentionKernel,
+    pub dout: MatOperand,
+}
+
+impl AttentionKernel {
+    pub fn batch_count(&self) -> usize {
+        self.batch.iter().product()
+    }
+    /// Elements of `out` (and of dq, dk, dv in the backward's packed result).
+    pub fn out_len(&self) -> usize {
+        self.batch_count() * self.tq * self.dv
+    }
+    pub fn grad_lens(&self) -> (usize, usize, usize) {
+        let b = self.batch_count();
+        (b * self.tq * self.d, b * self.tk * self.d, b * self.tk * self.dv)
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Kernel {
     Loop(LoopKernel),
     MatMul(MatMulKernel),
     Gather(GatherKernel),
     ScatterAdd(ScatterAddKernel),
+    Attention(AttentionKernel),
+    /// `fwd.out` names the packed gradient buffer.
+    AttentionBackward(AttentionBackwardKernel),
 }
 
 /// A named sequence of kernels (indices into `Program::kernels`) the runtime can run.
@@ -313,7 +362,27 @@ pub fn kernel_text(k: &Kernel) -> String {
         Kernel::ScatterAdd(g) => {
             format!("scatter_add b{}[b{}] += b{} n {} rows {} dim {}", g.out, g.ids, g.src, g.n, g.rows, g.dim)
         }
+        Kernel::Attention(a) => format!("attention {}\n    b{} = attention({})", attention_head(a), a.out, attention_args(a)),
+        Kernel::AttentionBackward(a) => format!(
+            "attention_backward {}\n    b{} = d attention({}) · {}",
+            attention_head(&a.fwd),
+            a.fwd.out,
+            attention_args(&a.fwd),
+            operand_text(&a.dout)
+        ),
     }
+}
+
+fn attention_head(a: &AttentionKernel) -> String {
+    format!("batch {:?} tq {} tk {} d {} dv {} scale {}{}", a.batch, a.tq, a.tk, a.d, a.dv, a.scale, if a.causal { " causal" } else { "" })
+}
+
+fn attention_args(a: &AttentionKernel) -> String {
+    let mut s = format!("{}, {}, {}", operand_text(&a.q), operand_text(&a.k), operand_text(&a.v));
+    if let Some(m) = &a.mask {
+        let _ = write!(s, ", mask {}", operand_text(m));
+    }
+    s
 }
 
 pub fn expr_text(e: &ScalarExpr) -> String {

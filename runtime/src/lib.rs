@@ -3,7 +3,8 @@
 //! - [`kir`]: the kernel IR, the contract with the compiler.
 //! - [`exec`]: allocates a program's buffers and runs its entries, through
 //!   [`jit`] (Cranelift) for loop kernels and [`gemm`] for matrix products;
-//!   [`interp`] is the slow reference interpreter the JIT is tested against.
+//!   [`interp`] is the slow reference interpreter the JIT is tested against;
+//!   [`attention`] holds the fused attention kernels.
 //! - [`rng`] and [`init`]: deterministic random numbers and parameter initialisers.
 //! - [`data`]: data sources (csv, safetensors, text, tokens) and batching.
 //! - [`checkpoint`]: atomic safetensors checkpoints with PyTorch names.
@@ -11,6 +12,7 @@
 //! - [`bundle`]: the payload a training binary carries; [`session`] runs it;
 //!   [`cli`] is the training binary's command line and training loop.
 
+pub mod attention;
 pub mod bench;
 pub mod bundle;
 pub mod checkpoint;

@@ -48,11 +48,10 @@ pub fn sample(bundle: Bundle, o: &SampleOptions, respec: Respecialise) -> Result
         .or_else(|| inputs.first())
         .map(|(n, s)| (n.clone(), s.get(1).copied().unwrap_or(1)))
         .ok_or_else(|| Error::user("the model has no token input to sample with"))?;
-    let logits_buf = bundle
-        .program
-        .entry("forward")
-        .and_then(|e| e.results.iter().find(|(n, _)| n == "logits").map(|r| r.1))
-        .ok_or_else(|| Error::user(format!("`sample` needs the model to mark its logits with `output logits`; `{}` has no such output", bundle.model)))?;
+    let logits_buf =
+        bundle.program.entry("forward").and_then(|e| e.results.iter().find(|(n, _)| n == "logits").map(|r| r.1)).ok_or_else(|| {
+            Error::user(format!("`sample` needs the model to mark its logits with `output logits`; `{}` has no such output", bundle.model))
+        })?;
     let vocab = *bundle.program.buffers[logits_buf].shape.last().unwrap_or(&1);
     let mut session = Session::new(bundle, 1)?;
     session.load_params(&params)?;
@@ -72,8 +71,10 @@ pub fn sample(bundle: Bundle, o: &SampleOptions, respec: Respecialise) -> Result
         let n = window.len();
         let mut toks = vec![0i32; ctx];
         toks[..n].copy_from_slice(window);
-        let batch: Vec<(String, TensorData)> =
-            inputs.iter().map(|(name, s)| (name.clone(), TensorData::I32(if *name == tok_name { toks.clone() } else { vec![0; s.iter().product()] }))).collect();
+        let batch: Vec<(String, TensorData)> = inputs
+            .iter()
+            .map(|(name, s)| (name.clone(), TensorData::I32(if *name == tok_name { toks.clone() } else { vec![0; s.iter().product()] })))
+            .collect();
         session.feed(&batch, "the prompt")?;
         session.set_hypers(0, 1, false, &mut rng)?;
         session.run("forward")?;

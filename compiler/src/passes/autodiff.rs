@@ -131,6 +131,10 @@ fn carries_grad(g: &Graph, id: NodeId, pos: usize, o: NodeId) -> bool {
         Op::Select => pos != 0,
         Op::Gather | Op::ScatterAdd { .. } => pos == 0,
         Op::Cast(_) => true,
+        // q, k and v; never the mask.
+        Op::Attention { .. } => pos < 3,
+        // Not differentiated again (no second-order rule).
+        Op::AttentionBackward { .. } => false,
         Op::Unary(_)
         | Op::Reduce(..)
         | Op::Broadcast
@@ -378,6 +382,25 @@ fn vjp(g: &mut Graph, id: NodeId, operands: &[NodeId], needs: &[bool], gy: NodeI
             out[0] = Some(g.add(Op::Gather, &[gy, ids], s, DType::F32));
         }
         Op::Cast(_) => out[0] = Some(gy),
+        Op::Attention { causal, scale, masked } => {
+            // One fused kernel gives dq, dk and dv packed; slice them apart.
+            let mut args = operands.to_vec();
+            args.push(gy);
+            let sizes: Vec<usize> = operands[..3].iter().map(|&o| g.shape(o).iter().product()).collect();
+            let total: usize = sizes.iter().sum();
+            let op = Op::AttentionBackward { causal: *causal, scale: *scale, masked: *masked };
+            let packed = g.add(op, &args, vec![total], DType::F32);
+            let mut at = 0;
+            for (k, &o) in operands[..3].iter().enumerate() {
+                if needs[k] {
+                    let part = ops::slice(g, packed, 0, at as i64, (at + sizes[k]) as i64).map_err(err)?;
+                    let s = g.shape(o).to_vec();
+                    out[k] = Some(ops::reshape(g, part, &s).map_err(err)?);
+                }
+                at += sizes[k];
+            }
+        }
+        Op::AttentionBackward { .. } => {}
         Op::Input(_) | Op::Param(_) | Op::State(_) | Op::Hyper(_) | Op::Const(_) | Op::Iota(_) | Op::Assign(_) => {}
     }
     Ok(out)

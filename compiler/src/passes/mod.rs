@@ -1,5 +1,6 @@
 //! Graph-to-graph passes, one job per file.
 
+pub mod attention;
 pub mod autodiff;
 pub mod cse;
 pub mod dce;
