@@ -48,8 +48,11 @@ pub fn run(bundle: Bundle, opts: &BenchOptions) -> Result<BenchResult> {
     let ds = Dataset::load(&spec)?;
     let mut batcher = Batcher::new(&ds, bundle.train.batch, bundle.train.seed)?;
     let batches: Vec<Batch> = (0..opts.batches.max(1)).map(|_| batcher.next_batch()).collect();
-    let items =
-        bundle.train.batch * if ds.is_stream() { ds.names_and_shapes().first().and_then(|x| x.2.first().copied()).unwrap_or(1) } else { 1 };
+    // Language models count tokens (the per-example length of a `tokens` input or of a
+    // token stream); everything else counts examples.
+    let shapes = ds.names_and_shapes();
+    let tokens = shapes.iter().find(|x| x.0 == "tokens").or(if ds.is_stream() { shapes.first() } else { None });
+    let items = bundle.train.batch * tokens.and_then(|x| x.2.first().copied()).unwrap_or(1);
     let flop = matmul_flops(&bundle);
     let model = bundle.model.clone();
     let batch = bundle.train.batch;
