@@ -349,8 +349,9 @@ fn every_spelling_becomes_one_attention_per_layer() {
         ("let y = attention(q, k, v, causal = true)", Op::Attention { causal: true, scale: 0.5, masked: false }),
         ("let y = attention(q, k, v, scale = 0.3)", Op::Attention { causal: false, scale: 0.3, masked: false }),
     ];
-    for (att, want) in cases {
+    for (i, (att, want)) in cases.iter().enumerate() {
         let c = compile(&source(att)).c;
+        insta::assert_snapshot!(format!("fused_spelling_{i}"), format!("# {att}\n{}", c.fused.to_text()));
         let ops = attention_nodes(&c.fused);
         assert_eq!(ops.len(), 2, "{att}\n{}", c.fused.to_text());
         for o in &ops {
@@ -391,7 +392,7 @@ fn near_misses_are_left_alone() {
         // log_softmax, not softmax
         "let y = exp(log_softmax(q @ k.T, axis = -1)) @ v",
     ];
-    for att in cases {
+    for (i, att) in cases.iter().enumerate() {
         let src = source(att);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("model.bm");
@@ -403,6 +404,7 @@ fn near_misses_are_left_alone() {
             // A spelling this language does not accept is no test of the pass.
             Err(d) => panic!("{att}: {d}"),
         };
+        insta::assert_snapshot!(format!("near_miss_{i}"), format!("# {att}\n{}", c.fused.to_text()));
         assert!(attention_nodes(&c.fused).is_empty(), "{att}\n{}", c.fused.to_text());
         assert_eq!(c.graph.len(), c.fused.len(), "{att}: the graph changed");
     }
