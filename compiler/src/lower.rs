@@ -318,7 +318,7 @@ impl Lowering<'_> {
                     col_stride: v.strides[v.strides.len() - 1],
                 };
                 let rm = row_major(&shape);
-                let kern = MatMulKernel {
+                let mut kern = MatMulKernel {
                     batch: shape[..r - 2].to_vec(),
                     m,
                     n: nn,
@@ -328,6 +328,7 @@ impl Lowering<'_> {
                     c: MatOperand { buf: b, offset: 0, batch_strides: rm[..r - 2].to_vec(), row_stride: rm[r - 2], col_stride: rm[r - 1] },
                     accumulate: false,
                 };
+                fold_batch_into_rows(&mut kern);
                 self.emit(id, Kernel::MatMul(kern));
                 out
             }
@@ -583,6 +584,30 @@ fn mat_operand_of(v: &View) -> Result<MatOperand, String> {
         row_stride: v.strides[r - 2],
         col_stride: v.strides[r - 1],
     })
+}
+
+/// `x @ w` with `x: [..., m, k]` and a weight broadcast over the batch (`[k, n]`, batch
+/// strides 0) is one `[(...)·m, k] @ [k, n]` product when `x`'s batch dims are laid out
+/// like extra rows: fold them into `m` (one large GEMM instead of many small ones).
+fn fold_batch_into_rows(k: &mut MatMulKernel) {
+    if k.batch.is_empty() || k.b.batch_strides.iter().any(|&s| s != 0) {
+        return;
+    }
+    // Innermost batch dim first: each must step exactly over the rows inside it.
+    let mut span_a = k.a.row_stride * k.m;
+    let mut span_c = k.c.row_stride * k.m;
+    for (d, &size) in k.batch.iter().enumerate().rev() {
+        if size > 1 && (k.a.batch_strides[d] != span_a || k.c.batch_strides[d] != span_c) {
+            return;
+        }
+        span_a *= size;
+        span_c *= size;
+    }
+    k.m *= k.batch.iter().product::<usize>();
+    k.batch.clear();
+    k.a.batch_strides.clear();
+    k.b.batch_strides.clear();
+    k.c.batch_strides.clear();
 }
 
 fn access(buf: BufId, shape: &[usize]) -> Access {
