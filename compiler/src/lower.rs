@@ -88,6 +88,9 @@ struct Lowering<'g> {
     /// Kernels copying a result that is a view into a whole buffer, run only by the
     /// entries that return it.
     result_kernels: Vec<(NodeId, usize)>,
+    /// `sum over batch of a @ b` computed by one GEMM at the matmul: the reduce node's
+    /// value (see `MatMul` lowering).
+    folded_sums: Vec<(NodeId, View)>,
 }
 
 /// Lowers a training graph (or a forward-only graph) to a program.
@@ -100,6 +103,7 @@ pub fn lower(g: &Graph) -> Result<Program, String> {
         views: vec![None; g.len()],
         assigns: vec![],
         result_kernels: vec![],
+        folded_sums: vec![],
     };
     let mut params = vec![];
     for id in g.node_ids() {
@@ -214,6 +218,9 @@ impl Lowering<'_> {
                     a
                 }
             }
+            Op::Reduce(_, _) if self.folded_sums.iter().any(|(n, _)| *n == id) => {
+                self.folded_sums.iter().find(|(n, _)| *n == id).map(|(_, v)| v.clone()).expect("checked")
+            }
             Op::Reduce(op, axes) => {
                 let a = self.view(ops[0])?;
                 let kept: Vec<usize> = (0..a.shape.len()).filter(|d| !axes.contains(d)).collect();
@@ -303,7 +310,6 @@ impl Lowering<'_> {
             Op::MatMul => {
                 let a = self.gemm_operand(id, ops[0])?;
                 let c = self.gemm_operand(id, ops[1])?;
-                let (b, out) = self.temp(id);
                 let r = shape.len();
                 let (m, nn) = (shape[r - 2], shape[r - 1]);
                 let k = a.shape[a.shape.len() - 1];
@@ -325,10 +331,26 @@ impl Lowering<'_> {
                     k,
                     a: operand(&a),
                     b: operand(&c),
-                    c: MatOperand { buf: b, offset: 0, batch_strides: rm[..r - 2].to_vec(), row_stride: rm[r - 2], col_stride: rm[r - 1] },
+                    // The output buffer is chosen below.
+                    c: MatOperand { buf: usize::MAX, offset: 0, batch_strides: rm[..r - 2].to_vec(), row_stride: rm[r - 2], col_stride: rm[r - 1] },
                     accumulate: false,
                 };
                 fold_batch_into_rows(&mut kern);
+                // Σ_batch a_b @ b_b (a weight gradient: the VJP of a broadcast weight) is one
+                // product with the batch folded into k, when the only user is that sum.
+                if let Some(sum) = self.batch_sum_user(id, r) {
+                    let mut folded = kern.clone();
+                    if fold_batch_into_k(&mut folded) {
+                        let (sb, sum_view) = self.temp(sum);
+                        folded.c = MatOperand { buf: sb, offset: 0, batch_strides: vec![], row_stride: nn, col_stride: 1 };
+                        self.emit(id, Kernel::MatMul(folded));
+                        self.folded_sums.push((sum, sum_view.clone()));
+                        self.views[id.index()] = Some(sum_view);
+                        return Ok(());
+                    }
+                }
+                let (b, out) = self.temp(id);
+                kern.c.buf = b;
                 self.emit(id, Kernel::MatMul(kern));
                 out
             }
@@ -441,6 +463,20 @@ impl Lowering<'_> {
             return remap(e, &map, v.shape.len());
         }
         unreachable!("a lazy value is only read by its one elementwise or reduce consumer")
+    }
+
+    /// The node's single user if it is a sum over exactly the leading `rank - 2` axes.
+    fn batch_sum_user(&self, id: NodeId, rank: usize) -> Option<NodeId> {
+        if rank < 3 || self.g.outputs.iter().any(|o| o.1 == id) {
+            return None;
+        }
+        let mut users = self.g.g.edges_directed(id, petgraph::Direction::Outgoing);
+        let (Some(e), None) = (users.next(), users.next()) else { return None };
+        let user = petgraph::visit::EdgeRef::target(&e);
+        match &self.g.node(user).op {
+            Op::Reduce(crate::graph::ReduceOp::Sum, axes) if *axes == (0..rank - 2).collect::<Vec<_>>() => Some(user),
+            _ => None,
+        }
     }
 
     fn gemm_operand(&mut self, node: NodeId, o: NodeId) -> Result<View, String> {
@@ -608,6 +644,29 @@ fn fold_batch_into_rows(k: &mut MatMulKernel) {
     k.a.batch_strides.clear();
     k.b.batch_strides.clear();
     k.c.batch_strides.clear();
+}
+
+/// Σ_b a_b @ b_b as one product `[m, B·k] @ [B·k, n]` when every batch dim steps
+/// exactly over the k columns of `a` and the k rows of `b` inside it.
+fn fold_batch_into_k(k: &mut MatMulKernel) -> bool {
+    if k.batch.is_empty() {
+        return false;
+    }
+    let mut span_a = k.a.col_stride * k.k;
+    let mut span_b = k.b.row_stride * k.k;
+    for (d, &size) in k.batch.iter().enumerate().rev() {
+        if size > 1 && (k.a.batch_strides[d] != span_a || k.b.batch_strides[d] != span_b) {
+            return false;
+        }
+        span_a *= size;
+        span_b *= size;
+    }
+    k.k *= k.batch.iter().product::<usize>();
+    k.batch.clear();
+    k.a.batch_strides.clear();
+    k.b.batch_strides.clear();
+    k.c.batch_strides.clear();
+    true
 }
 
 fn access(buf: BufId, shape: &[usize]) -> Access {
