@@ -539,22 +539,7 @@ fn dispatch(el: &mut Elaborator, name: &str, b: &Bound, scope: &Scope, span: Spa
     })
 }
 
+/// Compile-time numbers fold with the f64 reference semantics of every unary op.
 fn fold_unary(op: UnaryOp, x: f64) -> f64 {
-    match op {
-        UnaryOp::Exp => x.exp(),
-        UnaryOp::Log => x.ln(),
-        UnaryOp::Sqrt => x.sqrt(),
-        UnaryOp::Rsqrt => 1.0 / x.sqrt(),
-        UnaryOp::Abs => x.abs(),
-        UnaryOp::Tanh => x.tanh(),
-        UnaryOp::Sigmoid => 1.0 / (1.0 + (-x).exp()),
-        UnaryOp::Relu => x.max(0.0),
-        UnaryOp::Sin => x.sin(),
-        UnaryOp::Cos => x.cos(),
-        UnaryOp::Square => x * x,
-        UnaryOp::Neg => -x,
-        UnaryOp::Recip => 1.0 / x,
-        UnaryOp::Floor => x.floor(),
-        UnaryOp::Erf | UnaryOp::Step => f64::NAN,
-    }
+    crate::eval::unary(op, x)
 }
