@@ -332,7 +332,13 @@ impl Lowering<'_> {
                     a: operand(&a),
                     b: operand(&c),
                     // The output buffer is chosen below.
-                    c: MatOperand { buf: usize::MAX, offset: 0, batch_strides: rm[..r - 2].to_vec(), row_stride: rm[r - 2], col_stride: rm[r - 1] },
+                    c: MatOperand {
+                        buf: usize::MAX,
+                        offset: 0,
+                        batch_strides: rm[..r - 2].to_vec(),
+                        row_stride: rm[r - 2],
+                        col_stride: rm[r - 1],
+                    },
                     accumulate: false,
                 };
                 fold_batch_into_rows(&mut kern);
