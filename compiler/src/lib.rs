@@ -18,4 +18,5 @@ pub mod info;
 pub mod lower;
 pub mod ops;
 pub mod passes;
+pub mod plan;
 pub mod train_config;

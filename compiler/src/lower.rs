@@ -129,7 +129,9 @@ pub fn lower(g: &Graph) -> Result<Program, String> {
     if !l.assigns.is_empty() {
         entries.push(l.entry("train_step", &train, true)?);
     }
-    Ok(Program { buffers: l.buffers, kernels: l.kernels, entries, params })
+    let mut program = Program { buffers: l.buffers, kernels: l.kernels, entries, params };
+    crate::plan::share_temporaries(&mut program);
+    Ok(program)
 }
 
 impl Lowering<'_> {
