@@ -94,7 +94,8 @@ pub fn share_temporaries(p: &mut Program) -> usize {
     let mut slots: Vec<(BufId, Vec<BufId>)> = vec![];
     let mut rep = (0..n).collect::<Vec<BufId>>();
     for t in temps {
-        let slot = slots.iter_mut().find(|(r, members)| p.buffers[*r].dtype == p.buffers[t].dtype && members.iter().all(|&m| !overlap(m, t)));
+        let slot =
+            slots.iter_mut().find(|(r, members)| p.buffers[*r].dtype == p.buffers[t].dtype && members.iter().all(|&m| !overlap(m, t)));
         match slot {
             Some((r, members)) => {
                 members.push(t);
