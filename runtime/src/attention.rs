@@ -22,36 +22,9 @@ use rayon::prelude::*;
 /// Keys per tile of the forward's online softmax.
 pub const TILE: usize = 64;
 
-fn batch_offsets(o: &MatOperand, batch: &[usize]) -> Vec<usize> {
-    let mut offs = vec![o.offset];
-    for (&n, &s) in batch.iter().zip(&o.batch_strides) {
-        offs = offs.iter().flat_map(|&b| (0..n).map(move |i| b + i * s)).collect();
-    }
-    offs
-}
-
 /// Whether operand `o` stays inside a buffer of `len` elements over `batch × rows × cols`.
 pub(crate) fn operand_in_bounds(o: &MatOperand, batch: &[usize], rows: usize, cols: usize, len: usize) -> Result<()> {
-    if o.batch_strides.len() != batch.len() {
-        return Err(Error::internal(format!(
-            "attention operand b{} has {} batch strides for {} batch axes",
-            o.buf,
-            o.batch_strides.len(),
-            batch.len()
-        )));
-    }
-    let mut m = o.offset;
-    let dims = batch.iter().zip(&o.batch_strides).map(|(&n, &s)| (n, s)).chain([(rows, o.row_stride), (cols, o.col_stride)]);
-    for (n, s) in dims {
-        if n == 0 {
-            return Ok(());
-        }
-        m = (n - 1).checked_mul(s).and_then(|x| x.checked_add(m)).ok_or_else(|| Error::internal("attention offset overflows"))?;
-    }
-    if m >= len {
-        return Err(Error::internal(format!("attention operand b{} reaches element {m} of {len}", o.buf)));
-    }
-    Ok(())
+    o.check_in(batch, rows, cols, len, "attention")
 }
 
 /// Checks every operand of `k` (and `dout`, and the output of `out_len` elements)
@@ -164,11 +137,11 @@ struct Offsets {
 impl Offsets {
     fn new(a: &AttentionKernel, dout: Option<&MatOperand>) -> Offsets {
         Offsets {
-            q: batch_offsets(&a.q, &a.batch),
-            k: batch_offsets(&a.k, &a.batch),
-            v: batch_offsets(&a.v, &a.batch),
-            mask: a.mask.as_ref().map(|m| batch_offsets(m, &a.batch)).unwrap_or_default(),
-            dout: dout.map(|o| batch_offsets(o, &a.batch)).unwrap_or_default(),
+            q: a.q.batch_offsets(&a.batch),
+            k: a.k.batch_offsets(&a.batch),
+            v: a.v.batch_offsets(&a.batch),
+            mask: a.mask.as_ref().map(|m| m.batch_offsets(&a.batch)).unwrap_or_default(),
+            dout: dout.map(|o| o.batch_offsets(&a.batch)).unwrap_or_default(),
         }
     }
 }
@@ -212,28 +185,14 @@ fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
 /// `n = round(x log2 e)`, a degree-5 polynomial, scaling by `2^n` in two steps; within
 /// about 1 ulp of libm; exactly 0 below -103, +inf above 88.8, NaN for NaN).
 #[inline(always)]
-#[allow(clippy::excessive_precision)]
 pub fn exp(x: f32) -> f32 {
-    const P: [f32; 6] = [1.987_569_1e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5.000_000_1e-1];
-    let xc = x.clamp(-104.0, 89.0);
-    let n = (xc * std::f32::consts::LOG2_E).round_ties_even();
-    let r = xc - n * 0.693_359_4;
-    let r = r - n * -2.121_944_4e-4;
-    let mut poly = P[0];
-    for c in &P[1..] {
-        poly = poly * r + c;
-    }
-    let y = poly * (r * r) + r + 1.0;
-    let ni = n as i32;
-    let n1 = ni >> 1;
-    let n2 = ni - n1;
-    let y = y * f32::from_bits(((n1 + 127) as u32) << 23) * f32::from_bits(((n2 + 127) as u32) << 23);
+    // The interpreter's exp (the same Cephes polynomial), with exact 0 and inf at the ends
+    // so fully masked keys weigh exactly nothing.
+    let y = crate::interp::exp_core(x);
     if x < -103.0 {
         0.0
     } else if x > 88.8 {
         f32::INFINITY
-    } else if x.is_nan() {
-        x
     } else {
         y
     }

@@ -221,21 +221,7 @@ fn f32_len(program: &Program, buf: BufId) -> Option<usize> {
 
 fn check_operand(program: &Program, o: &MatOperand, batch: &[usize], rows: usize, cols: usize, what: &str) -> Result<()> {
     let len = check_buf(program, o.buf, Some(DType::F32), what)?;
-    if o.batch_strides.len() != batch.len() {
-        return Err(Error::internal(format!(
-            "{what}: operand b{} has {} batch strides for {} batch axes",
-            o.buf,
-            o.batch_strides.len(),
-            batch.len()
-        )));
-    }
-    let dims = batch.iter().copied().zip(o.batch_strides.iter().copied()).chain([(rows, o.row_stride), (cols, o.col_stride)]);
-    if let Some(m) = max_offset(o.offset, dims)?
-        && m >= len
-    {
-        return Err(Error::internal(format!("{what}: operand b{} reaches element {m} of a buffer of {len}", o.buf)));
-    }
-    Ok(())
+    o.check_in(batch, rows, cols, len, what)
 }
 
 /// Whether the strided map `Σ i_d * stride_d` over `dims` (extent, stride) is injective,

@@ -13,30 +13,8 @@ use rayon::prelude::*;
 /// Products with at least this many multiply-adds use several threads.
 const PARALLEL_FLOPS: usize = 1 << 18;
 
-fn batch_offsets(o: &MatOperand, batch: &[usize]) -> Vec<usize> {
-    let mut offs = vec![o.offset];
-    for (&n, &s) in batch.iter().zip(&o.batch_strides) {
-        offs = offs.iter().flat_map(|&b| (0..n).map(move |i| b + i * s)).collect();
-    }
-    offs
-}
-
 fn check(o: &MatOperand, batch: &[usize], rows: usize, cols: usize, len: usize) -> Result<()> {
-    if o.batch_strides.len() != batch.len() {
-        return Err(Error::internal("matmul operand batch rank mismatch"));
-    }
-    let mut m = o.offset;
-    let dims = batch.iter().zip(&o.batch_strides).map(|(&n, &s)| (n, s)).chain([(rows, o.row_stride), (cols, o.col_stride)]);
-    for (n, s) in dims {
-        if n == 0 {
-            return Ok(());
-        }
-        m = (n - 1).checked_mul(s).and_then(|x| x.checked_add(m)).ok_or_else(|| Error::internal("matmul offset overflows"))?;
-    }
-    if m >= len {
-        return Err(Error::internal(format!("matmul operand b{} reaches element {m} of {len}", o.buf)));
-    }
-    Ok(())
+    o.check_in(batch, rows, cols, len, "matmul")
 }
 
 #[derive(Clone, Copy)]
@@ -110,12 +88,13 @@ pub fn matmul(k: &MatMulKernel, bufs: &mut Buffers, threads: usize) -> Result<()
     let c = c.as_mut_ptr() as usize;
     let p = Ptrs { a, b, c };
 
-    let offs: Vec<(usize, usize, usize)> = batch_offsets(&k.a, &k.batch)
-        .into_iter()
-        .zip(batch_offsets(&k.b, &k.batch))
-        .zip(batch_offsets(&k.c, &k.batch))
-        .map(|((a, b), c)| (a, b, c))
-        .collect();
+    let offs: Vec<(usize, usize, usize)> =
+        k.a.batch_offsets(&k.batch)
+            .into_iter()
+            .zip(k.b.batch_offsets(&k.batch))
+            .zip(k.c.batch_offsets(&k.batch))
+            .map(|((a, b), c)| (a, b, c))
+            .collect();
     let flops = k.m * k.n * k.k.max(1);
     let total = flops * offs.len();
     if threads <= 1 || total < PARALLEL_FLOPS {

@@ -25,6 +25,12 @@ use crate::kir::{Access, BinaryOp, Kernel, LoopKernel, MatMulKernel, MatOperand,
 /// results rounded once, 0 below -104, inf above 88.72, NaN stays NaN). The JIT emits
 /// exactly these f32 operations inline (`crate::jit`), so both agree bit for bit.
 pub extern "C" fn bm_exp(x: f32) -> f32 {
+    exp_core(x)
+}
+
+/// The body of [`bm_exp`], inlined where loops should vectorise (runtime/src/attention.rs).
+#[inline(always)]
+pub fn exp_core(x: f32) -> f32 {
     // clamp (NaN passes through: both comparisons are false)
     let x = if x < EXP_LO { EXP_LO } else { x };
     let x = if x > EXP_HI { EXP_HI } else { x };

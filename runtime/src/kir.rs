@@ -167,6 +167,45 @@ pub struct MatOperand {
     pub col_stride: usize,
 }
 
+impl MatOperand {
+    /// The offset of every batch matrix, batch indices in row-major order.
+    pub fn batch_offsets(&self, batch: &[usize]) -> Vec<usize> {
+        let mut offs = vec![self.offset];
+        for (&n, &s) in batch.iter().zip(&self.batch_strides) {
+            offs = offs.iter().flat_map(|&b| (0..n).map(move |i| b + i * s)).collect();
+        }
+        offs
+    }
+
+    /// The largest element the operand reaches over `batch × rows × cols` (`None` when
+    /// that is empty); an error when its batch rank differs or an offset overflows.
+    pub fn max_element(&self, batch: &[usize], rows: usize, cols: usize) -> std::result::Result<Option<usize>, String> {
+        if self.batch_strides.len() != batch.len() {
+            return Err(format!("operand b{} has {} batch strides for {} batch axes", self.buf, self.batch_strides.len(), batch.len()));
+        }
+        let mut m = self.offset;
+        let dims = batch.iter().zip(&self.batch_strides).map(|(&n, &s)| (n, s)).chain([(rows, self.row_stride), (cols, self.col_stride)]);
+        for (n, s) in dims {
+            if n == 0 {
+                return Ok(None);
+            }
+            m = (n - 1).checked_mul(s).and_then(|x| x.checked_add(m)).ok_or_else(|| format!("operand b{} offsets overflow", self.buf))?;
+        }
+        Ok(Some(m))
+    }
+
+    /// An internal error unless the operand stays inside a buffer of `len` elements.
+    pub fn check_in(&self, batch: &[usize], rows: usize, cols: usize, len: usize, what: &str) -> crate::error::Result<()> {
+        match self.max_element(batch, rows, cols) {
+            Err(e) => Err(crate::error::Error::internal(format!("{what}: {e}"))),
+            Ok(Some(m)) if m >= len => {
+                Err(crate::error::Error::internal(format!("{what}: operand b{} reaches element {m} of a buffer of {len}", self.buf)))
+            }
+            Ok(_) => Ok(()),
+        }
+    }
+}
+
 /// `c[b] (+)= a[b] @ b[b]` for every index of `batch` (`a`: m×k, `b`: k×n, `c`: m×n).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct MatMulKernel {
