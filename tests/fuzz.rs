@@ -1,7 +1,7 @@
 //! No input makes the compiler panic or hang: random token soups, random mutations of
-//! real models, and hand-picked nasty inputs go through `bmc::driver::load` and
-//! `compile(.., Stage::Kernels)`. Each may succeed or fail with a diagnostic; a panic or
-//! a run over the time limit fails the test and prints the input.
+//! real models, and hand-picked nasty inputs go through `bmc::driver::load`,
+//! `compile(.., Stage::Kernels)` and the decode pass. Each may succeed or fail with a
+//! diagnostic; a panic or a run over the time limit fails the test and prints the input.
 
 use bmc::driver::{self, FileSource, Options, Stage};
 use proptest::prelude::*;
@@ -48,7 +48,12 @@ fn compile_path(path: &Path, text: &[u8]) -> bool {
         .spawn(move || {
             let r = std::panic::catch_unwind(|| {
                 let loaded = driver::load(&p, &FileSource::Disk)?;
-                driver::compile(&loaded, &Options::default(), Stage::Kernels).map(|_| ())
+                driver::compile(&loaded, &Options::default(), Stage::Kernels)?;
+                // The decode pass (`sample`'s KV cache) runs on the batch-1 graph; it may
+                // refuse the model, but never panic.
+                let one = Options { batch: Some(1), ..Options::default() };
+                let _ = driver::decode_program(&driver::compile(&loaded, &one, Stage::Graph)?);
+                Ok::<(), bm_grammar::Diagnostic>(())
             });
             let _ = tx.send(r.map(|r| r.is_ok()));
         })

@@ -25,8 +25,8 @@ fn compile(src: &str, dir: &Path) -> Bundle {
     driver::bundle(&loaded, &opts, &c)
 }
 
-fn respec(s: &bm_runtime::bundle::Sources, b: usize, e: &[(String, String)]) -> bm_runtime::Result<Bundle> {
-    driver::respecialise(s, b, e)
+fn respec(s: &bm_runtime::bundle::Sources, spec: &bm_runtime::cli::Specialise) -> bm_runtime::Result<Bundle> {
+    driver::respecialise(s, spec)
 }
 
 /// W1's model with W1's optimiser and data order (file order, no split, no shuffle).
@@ -411,5 +411,47 @@ fn w2_losses_match_pytorch_for_five_steps() {
     assert_eq!(losses.len(), 5);
     for (i, (ours, theirs)) in losses.iter().zip(pytorch).enumerate() {
         assert!((ours - theirs).abs() < 1e-5, "step {i}: bmc {ours:.7} vs PyTorch {theirs:.7}\nall: {losses:?}");
+    }
+}
+
+/// `sample`'s KV-cache decoder (the decode program, one position per token) gives the
+/// logits of the window decoder (the batch-1 forward pass over the window) at every
+/// length up to the context, in f32 through lowering and the JIT; past the context it
+/// restarts from the last half window and still agrees with the window over those tokens.
+#[test]
+fn kv_cache_decoder_matches_the_window_forward() {
+    use bm_runtime::sample::{CachedDecoder, Decoder, WindowDecoder};
+    let dir = tempfile::tempdir().unwrap();
+    let src = std::fs::read_to_string(repo().join("models/gpt.bm")).unwrap();
+    let src = src.replace("data/shakespeare.txt", &repo().join("models/data/shakespeare.txt").to_string_lossy());
+    let src = src.replace("ctx    = 64", "ctx    = 12").replace("d      = 128", "d      = 32").replace("layers = 4", "layers = 2");
+    let bundle = compile(&src, dir.path());
+    let ckpt = dir.path().join("init.safetensors");
+    let mut session = bm_runtime::session::Session::new(bundle.clone(), 1).unwrap();
+    session.init_params(5).unwrap();
+    session.save_params(&ckpt, 0, &[]).unwrap();
+    let params = checkpoint::load(&ckpt).unwrap();
+    let decode = respec(&bundle.sources, &bm_runtime::cli::Specialise { batch: 1, overrides: vec![], decode: true }).unwrap();
+    let mut cached = CachedDecoder::new(decode, &params).unwrap();
+    let mut window = WindowDecoder::new(bundle, &params, &respec).unwrap();
+    let mut rng = bm_runtime::rng::Rng::new(3);
+    let seq: Vec<i32> = (0..30).map(|_| rng.below(73) as i32).collect();
+    let close = |a: &[f32], b: &[f32], what: &str| {
+        assert_eq!(a.len(), b.len());
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert!((x - y).abs() <= 1e-4 * (1.0 + y.abs()), "{what}: logit {i}: cached {x} vs window {y}");
+        }
+    };
+    // Prompt of 3 tokens, then one token at a time up to the context of 12.
+    close(&cached.next_logits(&seq[..3]).unwrap(), &window.next_logits(&seq[..3]).unwrap(), "prompt");
+    for n in 4..=12 {
+        close(&cached.next_logits(&seq[..n]).unwrap(), &window.next_logits(&seq[..n]).unwrap(), &format!("length {n}"));
+    }
+    // Past the context: the cache restarts from the last 6 tokens and fills up again
+    // (restarts at lengths 13, 20, 27).
+    for n in 13..=30 {
+        let restart = 13 + (n - 13) / 7 * 7;
+        let base = restart - 6;
+        close(&cached.next_logits(&seq[..n]).unwrap(), &window.next_logits(&seq[base..n]).unwrap(), &format!("length {n}"));
     }
 }

@@ -392,8 +392,9 @@ pub fn bundle(loaded: &Loaded, opts: &Options, c: &Compiled) -> Bundle {
     }
 }
 
-/// Re-runs the pipeline from bundled sources (inside a training binary).
-pub fn respecialise(sources: &Sources, batch: usize, extra: &[(String, String)]) -> bm_runtime::Result<Bundle> {
+/// Re-runs the pipeline from bundled sources (inside a training binary): for another
+/// batch size and overrides, or the one-token decode program of `passes::decode`.
+pub fn respecialise(sources: &Sources, spec: &bm_runtime::cli::Specialise) -> bm_runtime::Result<Bundle> {
     // `Error::user` adds its own `error: ` prefix when displayed.
     let user = |d: Diagnostic| {
         let text = d.render(false);
@@ -401,8 +402,20 @@ pub fn respecialise(sources: &Sources, batch: usize, extra: &[(String, String)])
     };
     let loaded = load(&sources.main, &FileSource::Memory(&sources.files)).map_err(user)?;
     let mut overrides = sources.overrides.clone();
-    overrides.extend(extra.iter().cloned());
-    let opts = Options { overrides, batch: Some(batch), data: None, data_shapes: Some(sources.data_shapes.clone()) };
+    overrides.extend(spec.overrides.iter().cloned());
+    let opts = Options { overrides, batch: Some(spec.batch), data: None, data_shapes: Some(sources.data_shapes.clone()) };
+    if spec.decode {
+        let c = compile(&loaded, &opts, Stage::Graph).map_err(user)?;
+        let program = decode_program(&c).map_err(bm_runtime::Error::user)?;
+        return Ok(Bundle { program, ..bundle(&loaded, &opts, &c) });
+    }
     let c = compile(&loaded, &opts, Stage::Kernels).map_err(user)?;
     Ok(bundle(&loaded, &opts, &c))
+}
+
+/// The one-token decode program of a compiled causal language model (its `logits`),
+/// or why there is none.
+pub fn decode_program(c: &Compiled) -> Result<Program, String> {
+    let g = crate::passes::decode::decode_graph(&c.fused, "logits")?;
+    crate::lower::lower(&g).map_err(|e| format!("internal error while lowering the decode graph: {e}"))
 }

@@ -9,20 +9,31 @@ pub enum EmitStage {
     Graph,
     Fused,
     Train,
+    /// The one-token decode graph `sample` runs with a KV cache (batch 1).
+    Decode,
     Kernels,
     Clif,
     Cuda,
 }
 
 impl EmitStage {
-    pub const ALL: [EmitStage; 7] =
-        [EmitStage::Ast, EmitStage::Graph, EmitStage::Fused, EmitStage::Train, EmitStage::Kernels, EmitStage::Clif, EmitStage::Cuda];
+    pub const ALL: [EmitStage; 8] = [
+        EmitStage::Ast,
+        EmitStage::Graph,
+        EmitStage::Fused,
+        EmitStage::Train,
+        EmitStage::Decode,
+        EmitStage::Kernels,
+        EmitStage::Clif,
+        EmitStage::Cuda,
+    ];
     pub fn name(self) -> &'static str {
         match self {
             EmitStage::Ast => "ast",
             EmitStage::Graph => "graph",
             EmitStage::Fused => "fused",
             EmitStage::Train => "train",
+            EmitStage::Decode => "decode",
             EmitStage::Kernels => "kernels",
             EmitStage::Clif => "clif",
             EmitStage::Cuda => "cuda",
@@ -69,6 +80,13 @@ pub fn emit(loaded: &Loaded, opts: &Options, stage: EmitStage, format: Format) -
         // After the fusion passes (attention).
         EmitStage::Fused => graph_out(&driver::compile(loaded, opts, Stage::Graph)?.fused),
         EmitStage::Train => graph_out(&driver::compile(loaded, opts, Stage::Train)?.train_graph),
+        EmitStage::Decode => {
+            let opts = Options { batch: Some(1), ..opts.clone() };
+            let c = driver::compile(loaded, &opts, Stage::Graph)?;
+            let g = crate::passes::decode::decode_graph(&c.fused, "logits")
+                .map_err(|why| EmitError::Usage(format!("--stage decode: `{}` has no one-token decode graph: {why}", c.model_name)))?;
+            graph_out(&g)
+        }
         EmitStage::Kernels => {
             let c = driver::compile(loaded, opts, Stage::Kernels)?;
             match format {

@@ -104,8 +104,8 @@ impl From<bm_runtime::Error> for Failure {
     }
 }
 
-fn respecialise(sources: &bundle::Sources, batch: usize, extra: &[(String, String)]) -> bm_runtime::Result<bundle::Bundle> {
-    driver::respecialise(sources, batch, extra)
+fn respecialise(sources: &bundle::Sources, spec: &bm_runtime::cli::Specialise) -> bm_runtime::Result<bundle::Bundle> {
+    driver::respecialise(sources, spec)
 }
 
 fn install_panic_hook() {

@@ -13,9 +13,26 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-/// Re-runs the compiler for another batch size or extra `--set` overrides (the
-/// compiler is linked into every training binary; see ARCHITECTURE.md).
-pub type Respecialise<'a> = &'a dyn Fn(&Sources, usize, &[(String, String)]) -> Result<Bundle>;
+/// Re-runs the compiler for another batch size, extra `--set` overrides or the one-token
+/// decode program (the compiler is linked into every training binary; see
+/// ARCHITECTURE.md).
+pub type Respecialise<'a> = &'a dyn Fn(&Sources, &Specialise) -> Result<Bundle>;
+
+/// What a re-specialised program is for.
+#[derive(Clone, Debug, Default)]
+pub struct Specialise {
+    pub batch: usize,
+    pub overrides: Vec<(String, String)>,
+    /// The decode program of a causal language model (`sample`'s KV cache) instead of
+    /// the training step; the compiler errs when the model cannot be decoded.
+    pub decode: bool,
+}
+
+impl Specialise {
+    pub fn batch(batch: usize) -> Specialise {
+        Specialise { batch, ..Specialise::default() }
+    }
+}
 
 #[derive(Args, Debug, Clone, Default)]
 pub struct TrainArgs {
@@ -90,6 +107,9 @@ enum BinCmd {
         top_k: Option<usize>,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Recompute the whole window for every token instead of using a KV cache
+        #[arg(long)]
+        no_kv_cache: bool,
     },
     /// Run the model on given inputs; write every output and the loss
     Forward(RunArgs),
@@ -135,9 +155,17 @@ pub fn binary_main(bundle: Bundle, respec: Respecialise) -> i32 {
     let r = match cli.cmd {
         BinCmd::Train(a) => train(bundle, &a, respec),
         BinCmd::Eval { checkpoint, data, threads } => eval_cmd(bundle, &checkpoint, data.as_deref(), threads, respec),
-        BinCmd::Sample { checkpoint, prompt, tokens, temperature, top_k, seed } => crate::sample::sample(
+        BinCmd::Sample { checkpoint, prompt, tokens, temperature, top_k, seed, no_kv_cache } => crate::sample::sample(
             bundle,
-            &crate::sample::SampleOptions { checkpoint: &checkpoint, prompt: prompt.as_deref(), tokens, temperature, top_k, seed },
+            &crate::sample::SampleOptions {
+                checkpoint: &checkpoint,
+                prompt: prompt.as_deref(),
+                tokens,
+                temperature,
+                top_k,
+                seed,
+                no_kv_cache,
+            },
             respec,
         ),
         BinCmd::Forward(a) => run_on_inputs(bundle, &a, "forward", respec),
@@ -249,7 +277,7 @@ impl Evaluator {
             return Ok(Some(Evaluator { session: None, batches: ds.eval_batches(batch, bundle.train.eval_batches.max(1))? }));
         }
         let n = ds.eval_len().min(batch * bundle.train.eval_batches.max(1)).min(MAX_EVAL_BATCH).max(1);
-        let session = if n == batch { None } else { Some(Session::new(respec(&bundle.sources, n, &[])?, threads)?) };
+        let session = if n == batch { None } else { Some(Session::new(respec(&bundle.sources, &Specialise::batch(n))?, threads)?) };
         Ok(Some(Evaluator { session, batches: vec![ds.eval_batch(n, 0)] }))
     }
 
@@ -284,7 +312,7 @@ pub fn train(mut bundle: Bundle, args: &TrainArgs, respec: Respecialise) -> Resu
         return Err(Error::user("--batch must be at least 1"));
     }
     if !args.set.is_empty() || batch != bundle.train.batch {
-        bundle = respec(&bundle.sources, batch, &args.set)?;
+        bundle = respec(&bundle.sources, &Specialise { batch, overrides: args.set.clone(), decode: false })?;
     }
     check_device(args.device.as_deref().unwrap_or(&bundle.train.device))?;
     let ds = load_dataset(&bundle, args.data.as_deref())?;
@@ -495,7 +523,7 @@ fn run_on_inputs(mut bundle: Bundle, a: &RunArgs, entry: &str, respec: Respecial
         return Err(Error::user(format!("inputs file `{}`: the batch axis is empty", a.inputs.display())));
     }
     if batch != bundle.train.batch {
-        bundle = respec(&bundle.sources, batch, &[])?;
+        bundle = respec(&bundle.sources, &Specialise::batch(batch))?;
     }
     let params = checkpoint::load(&a.checkpoint)?;
     let mut b: Batch = vec![];

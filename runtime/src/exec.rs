@@ -618,21 +618,28 @@ impl Executor {
             }
             (Plan::MatMul, Kernel::MatMul(m)) => {
                 let (threads, bufs) = (self.threads, &mut self.bufs);
-                self.pool.install(|| crate::gemm::matmul(m, bufs, threads))
+                in_pool(&self.pool, threads, || crate::gemm::matmul(m, bufs, threads))
             }
             (Plan::Gather, Kernel::Gather(g)) => gather(g, &mut self.bufs),
             (Plan::ScatterAdd, Kernel::ScatterAdd(s)) => scatter_add(s, &mut self.bufs),
             (Plan::Attention, Kernel::Attention(a)) => {
                 let (threads, bufs) = (self.threads, &mut self.bufs);
-                self.pool.install(|| crate::attention::forward(a, bufs, threads))
+                in_pool(&self.pool, threads, || crate::attention::forward(a, bufs, threads))
             }
             (Plan::AttentionBackward, Kernel::AttentionBackward(a)) => {
                 let (threads, bufs) = (self.threads, &mut self.bufs);
-                self.pool.install(|| crate::attention::backward(a, bufs, threads))
+                in_pool(&self.pool, threads, || crate::attention::backward(a, bufs, threads))
             }
             _ => Err(Error::internal(format!("kernel k{k} does not match its plan"))),
         }
     }
+}
+
+/// Runs `f` in the executor's pool. With one thread, `f` runs single-threaded anyway:
+/// run it here rather than hand it to the pool's thread and wait (futex round trips per
+/// kernel, which dominate one-token decode steps).
+fn in_pool<R: Send>(pool: &rayon::ThreadPool, threads: usize, f: impl FnOnce() -> R + Send) -> R {
+    if threads > 1 { pool.install(f) } else { f() }
 }
 
 /// Helpers shared by the runtime's unit tests.

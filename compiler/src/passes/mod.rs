@@ -4,5 +4,6 @@ pub mod attention;
 pub mod autodiff;
 pub mod cse;
 pub mod dce;
+pub mod decode;
 pub mod metrics;
 pub mod optimizer;
