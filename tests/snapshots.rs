@@ -21,9 +21,6 @@ fn every_stage_of_every_model() {
         // Relative to the repository, so snapshots do not depend on where it is checked out.
         let loaded = driver::load(path.to_str().unwrap(), &FileSource::Disk).unwrap_or_else(|d| panic!("{d}"));
         for stage in EmitStage::ALL {
-            if stage == EmitStage::Cuda {
-                continue; // no CUDA backend yet
-            }
             let text = match emit(&loaded, &Options::default(), stage, Format::Text) {
                 Ok(text) => text,
                 // Classifiers have no decode graph: the snapshot holds the reason.

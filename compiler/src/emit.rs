@@ -102,6 +102,12 @@ pub fn emit(loaded: &Loaded, opts: &Options, stage: EmitStage, format: Format) -
             }
             bm_runtime::jit::clif_text(&c.program).map_err(EmitError::Runtime)?
         }
-        EmitStage::Cuda => return Err(EmitError::Usage("--stage cuda: this build of bmc has no CUDA backend yet".into())),
+        EmitStage::Cuda => {
+            let c = driver::compile(loaded, opts, Stage::Kernels)?;
+            if format != Format::Text {
+                return Err(EmitError::Usage("the cuda stage is text only".into()));
+            }
+            bm_runtime::cuda::codegen::generate(&c.program).source
+        }
     })
 }

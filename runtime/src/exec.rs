@@ -246,7 +246,7 @@ pub(crate) fn injective(dims: impl Iterator<Item = (usize, usize)>) -> bool {
     true
 }
 
-fn walk_loads<'a>(e: &'a ScalarExpr, f: &mut impl FnMut(&'a Access)) {
+pub(crate) fn walk_loads<'a>(e: &'a ScalarExpr, f: &mut impl FnMut(&'a Access)) {
     match e {
         ScalarExpr::Load(a) => f(a),
         ScalarExpr::Const(_) | ScalarExpr::Index(_) => {}

@@ -17,6 +17,7 @@ pub mod bench;
 pub mod bundle;
 pub mod checkpoint;
 pub mod cli;
+pub mod cuda;
 pub mod data;
 pub mod error;
 pub mod exec;
