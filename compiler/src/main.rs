@@ -69,6 +69,9 @@ enum Cmd {
         /// Print one JSON line instead of text
         #[arg(long)]
         json: bool,
+        /// cpu or cuda
+        #[arg(long, default_value = "cpu")]
+        device: String,
         #[arg(long = "set", value_name = "K=V", value_parser = parse_kv)]
         set: Vec<(String, String)>,
     },
@@ -183,13 +186,14 @@ fn run(cli: Cli) -> Result<(), Failure> {
             );
             Ok(())
         }
-        Cmd::Bench { model, warmup, steps, threads, batches, json, set } => {
+        Cmd::Bench { model, warmup, steps, threads, batches, json, device, set } => {
             let loaded = driver::load(&path_str(&model), &FileSource::Disk)?;
             let opts = Options { overrides: set, ..Default::default() };
             let c = driver::compile(&loaded, &opts, Stage::Kernels)?;
             let b = driver::bundle(&loaded, &opts, &c);
             let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
-            let r = bm_runtime::bench::run(b, &bm_runtime::bench::BenchOptions { warmup, steps: steps.max(1), threads, batches })?;
+            let device = bm_runtime::engine::Device::parse(&device)?;
+            let r = bm_runtime::bench::run(b, &bm_runtime::bench::BenchOptions { warmup, steps: steps.max(1), threads, batches, device })?;
             if json {
                 println!("{}", serde_json::to_string(&r).unwrap_or_default());
             } else {
@@ -201,18 +205,22 @@ fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Cmd::Compile { model, out, target, set } => {
-            if target == Target::Cuda {
-                return Err(Failure {
-                    message: "error: --target cuda: this build of bmc has no CUDA backend yet; use --target cpu\n".into(),
-                    code: 1,
-                });
-            }
             let loaded = driver::load(&path_str(&model), &FileSource::Disk)?;
             let opts = Options { overrides: set, ..Default::default() };
             let c = driver::compile(&loaded, &opts, Stage::Kernels)?;
             // JIT once now, so a program the backend rejects fails here, not on the user's machine.
             bm_runtime::exec::Executor::new(&c.program, 1)?;
-            let b = driver::bundle(&loaded, &opts, &c);
+            let mut b = driver::bundle(&loaded, &opts, &c);
+            if target == Target::Cuda {
+                // The binary trains on the GPU by default. Where NVRTC is at hand, compile
+                // the generated CUDA C now: a kernel NVRTC rejects fails here, and the PTX
+                // cache is warm for the first run on this machine.
+                b.train.device = "cuda".into();
+                let module = bm_runtime::cuda::codegen::generate(&c.program);
+                if bm_runtime::cuda::nvrtc::available().is_ok() {
+                    bm_runtime::cuda::nvrtc::cached(&module.source, bm_runtime::cuda::nvrtc::DEFAULT_ARCH)?;
+                }
+            }
             let out = out.unwrap_or_else(|| {
                 PathBuf::from(model.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into()))
             });

@@ -16,6 +16,7 @@ pub struct BenchOptions {
     pub threads: usize,
     /// Batches cycled through (prepared before timing).
     pub batches: usize,
+    pub device: crate::engine::Device,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -58,7 +59,7 @@ pub fn run(bundle: Bundle, opts: &BenchOptions) -> Result<BenchResult> {
     let batch = bundle.train.batch;
     let seed = bundle.train.seed;
     let t = Instant::now();
-    let mut s = Session::new(bundle, opts.threads)?;
+    let mut s = Session::on(bundle, opts.device, opts.threads)?;
     let jit_ms = t.elapsed().as_secs_f64() * 1e3;
     s.init_params(seed)?;
     let mut rng = Rng::new(seed);

@@ -4,6 +4,7 @@
 use crate::bundle::{Bundle, Sources};
 use crate::checkpoint;
 use crate::data::{Batch, Batcher, BatcherState, Dataset, TensorData};
+use crate::engine::Device;
 use crate::error::{Error, Result};
 use crate::metrics::{MetricsWriter, StepMetrics};
 use crate::rng::Rng;
@@ -185,14 +186,6 @@ pub fn binary_main(bundle: Bundle, respec: Respecialise) -> i32 {
     }
 }
 
-fn check_device(device: &str) -> Result<()> {
-    match device {
-        "cpu" => Ok(()),
-        "cuda" => Err(Error::user("--device cuda: this build of bmc has no CUDA backend yet; train on the CPU with --device cpu")),
-        other => Err(Error::user(format!("unknown device `{other}`: use cpu or cuda"))),
-    }
-}
-
 fn load_dataset(bundle: &Bundle, data: Option<&Path>) -> Result<Dataset> {
     let mut spec = bundle.train.data.clone().ok_or_else(|| {
         Error::user(format!(
@@ -268,7 +261,7 @@ struct Evaluator {
 }
 
 impl Evaluator {
-    fn new(bundle: &Bundle, ds: &Dataset, threads: usize, respec: Respecialise) -> Result<Option<Evaluator>> {
+    fn new(bundle: &Bundle, ds: &Dataset, device: Device, threads: usize, respec: Respecialise) -> Result<Option<Evaluator>> {
         if !ds.has_eval() {
             return Ok(None);
         }
@@ -277,7 +270,7 @@ impl Evaluator {
             return Ok(Some(Evaluator { session: None, batches: ds.eval_batches(batch, bundle.train.eval_batches.max(1))? }));
         }
         let n = ds.eval_len().min(batch * bundle.train.eval_batches.max(1)).min(MAX_EVAL_BATCH).max(1);
-        let session = if n == batch { None } else { Some(Session::new(respec(&bundle.sources, &Specialise::batch(n))?, threads)?) };
+        let session = if n == batch { None } else { Some(Session::on(respec(&bundle.sources, &Specialise::batch(n))?, device, threads)?) };
         Ok(Some(Evaluator { session, batches: vec![ds.eval_batch(n, 0)] }))
     }
 
@@ -314,7 +307,10 @@ pub fn train(mut bundle: Bundle, args: &TrainArgs, respec: Respecialise) -> Resu
     if !args.set.is_empty() || batch != bundle.train.batch {
         bundle = respec(&bundle.sources, &Specialise { batch, overrides: args.set.clone(), decode: false })?;
     }
-    check_device(args.device.as_deref().unwrap_or(&bundle.train.device))?;
+    let device = Device::parse(args.device.as_deref().unwrap_or(&bundle.train.device))?;
+    if device == Device::Cuda {
+        crate::cuda::device::check_libraries()?;
+    }
     let ds = load_dataset(&bundle, args.data.as_deref())?;
     check_data_matches(&bundle, &ds)?;
     let cfg = bundle.train.clone();
@@ -326,8 +322,8 @@ pub fn train(mut bundle: Bundle, args: &TrainArgs, respec: Respecialise) -> Resu
     let threads = args.threads.unwrap_or_else(default_threads).max(1);
     let items = items_per_batch(&bundle, &ds);
     let model = bundle.model.clone();
-    let mut evaluator = Evaluator::new(&bundle, &ds, threads, respec)?;
-    let mut session = Session::new(bundle, threads)?;
+    let mut evaluator = Evaluator::new(&bundle, &ds, device, threads, respec)?;
+    let mut session = Session::on(bundle, device, threads)?;
     let out = args.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(format!("{}-{}", model.to_lowercase(), timestamp())));
     std::fs::create_dir_all(&out).map_err(|e| Error::user(format!("cannot create the output directory `{}`: {e}", out.display())))?;
     let mut batcher = Batcher::new(&ds, cfg.batch, cfg.seed)?;
@@ -487,8 +483,10 @@ fn eval_cmd(bundle: Bundle, ckpt: &Path, data: Option<&Path>, threads: Option<us
     let params = checkpoint::load(ckpt)?;
     let seed = bundle.train.seed;
     let threads = threads.unwrap_or_else(default_threads);
-    let mut evaluator = Evaluator::new(&bundle, &ds, threads, respec)?;
-    let mut session = Session::new(bundle, threads)?;
+    // On the device the train section names (`device = "cuda"`), like training.
+    let device = Device::parse(&bundle.train.device)?;
+    let mut evaluator = Evaluator::new(&bundle, &ds, device, threads, respec)?;
+    let mut session = Session::on(bundle, device, threads)?;
     session.load_params(&params)?;
     let mut rng = Rng::new(seed);
     if let Some(ev) = evaluator.as_mut().map(|e| e.run(&mut session, 0, 1, &mut rng)).transpose()? {

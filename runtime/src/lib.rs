@@ -19,6 +19,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod cuda;
 pub mod data;
+pub mod engine;
 pub mod error;
 pub mod exec;
 pub mod gemm;

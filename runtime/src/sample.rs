@@ -135,9 +135,9 @@ impl Decoder for WindowDecoder {
         let window = &seq[seq.len().saturating_sub(self.ctx)..];
         let n = window.len();
         // Other inputs (targets) and the padding stay zero.
-        let toks = self.session.exec.i32_mut(self.tokens)?;
-        toks.fill(0);
+        let mut toks = vec![0i32; self.ctx];
         toks[..n].copy_from_slice(window);
+        self.session.exec.write_i32(self.tokens, 0, &toks)?;
         self.session.set_hypers(0, 1, false, &mut self.noise)?;
         self.session.run("forward")?;
         Ok(self.session.exec.f32(self.logits)?[(n - 1) * self.vocab..n * self.vocab].to_vec())
@@ -192,10 +192,10 @@ impl CachedDecoder {
     fn reset(&mut self, base: usize) -> Result<()> {
         self.base = base;
         self.filled = 0;
-        for &(cache, ..) in &self.caches {
-            self.session.exec.f32_mut(cache)?.fill(0.0);
+        for &(cache, _, rows, row) in &self.caches {
+            self.session.exec.write_f32(cache, 0, &vec![0.0; rows * self.ctx * row])?;
         }
-        self.session.exec.f32_mut(self.keymask)?.fill(f32::NEG_INFINITY);
+        self.session.exec.write_f32(self.keymask, 0, &vec![f32::NEG_INFINITY; self.ctx])?;
         Ok(())
     }
 
@@ -203,21 +203,19 @@ impl CachedDecoder {
     fn step(&mut self, token: i32) -> Result<()> {
         let p = self.filled;
         let exec = &mut self.session.exec;
-        exec.i32_mut(self.tokens)?[0] = token;
-        exec.i32_mut(self.pos)?[0] = p as i32;
-        let slot = exec.f32_mut(self.slot)?;
-        slot.fill(0.0);
+        exec.write_i32(self.tokens, 0, &[token])?;
+        exec.write_i32(self.pos, 0, &[p as i32])?;
+        let mut slot = vec![0.0; self.ctx];
         slot[p] = 1.0;
-        exec.f32_mut(self.keymask)?[p] = 0.0;
+        exec.write_f32(self.slot, 0, &slot)?;
+        exec.write_f32(self.keymask, p, &[0.0])?;
         self.session.set_hypers(0, 1, false, &mut self.noise)?;
         self.session.run("forward")?;
         let exec = &mut self.session.exec;
         for &(cache, new, rows, row) in &self.caches {
-            let fresh = exec.f32(new)?.to_vec();
-            let cache = exec.f32_mut(cache)?;
+            let fresh = exec.f32(new)?.into_owned();
             for r in 0..rows {
-                let at = (r * self.ctx + p) * row;
-                cache[at..at + row].copy_from_slice(&fresh[r * row..(r + 1) * row]);
+                exec.write_f32(cache, (r * self.ctx + p) * row, &fresh[r * row..(r + 1) * row])?;
             }
         }
         self.filled += 1;

@@ -1,12 +1,12 @@
-//! A model loaded for running: the executor with its program, parameter and
+//! A model loaded for running: its program on an [`Engine`] (CPU or GPU), parameter and
 //! optimiser-state I/O, batch feeding and the runtime scalars. The training loop
 //! and the binary's other commands are built on it.
 
 use crate::bundle::Bundle;
 use crate::checkpoint::{self, Checkpoint};
 use crate::data::{Batch, TensorData};
+use crate::engine::{Device, Engine};
 use crate::error::{Error, Result};
-use crate::exec::Executor;
 use crate::kir::{BufKind, DType};
 use crate::rng::Rng;
 use std::collections::BTreeMap;
@@ -14,12 +14,17 @@ use std::path::Path;
 
 pub struct Session {
     pub bundle: Bundle,
-    pub exec: Executor,
+    pub exec: Engine,
 }
 
 impl Session {
+    /// The program on the CPU with `threads` threads.
     pub fn new(bundle: Bundle, threads: usize) -> Result<Session> {
-        let exec = Executor::new(&bundle.program, threads)?;
+        Session::on(bundle, Device::Cpu, threads)
+    }
+
+    pub fn on(bundle: Bundle, device: Device, threads: usize) -> Result<Session> {
+        let exec = Engine::new(&bundle.program, device, threads)?;
         Ok(Session { bundle, exec })
     }
 
@@ -40,7 +45,7 @@ impl Session {
         for p in specs {
             let shape = self.bundle.program.buffers[p.buf].shape.clone();
             let v = crate::init::init_param(&p.init, &shape, &p.name, seed);
-            self.exec.f32_mut(p.buf)?.copy_from_slice(&v);
+            self.exec.write_f32(p.buf, 0, &v)?;
         }
         Ok(())
     }
@@ -57,7 +62,7 @@ impl Session {
     fn tensors_of(&self, kind: BufKind) -> Result<Vec<(String, Vec<usize>, TensorData)>> {
         let mut out = vec![];
         for (i, name, shape, _) in self.buffers_of(kind) {
-            out.push((name, shape, TensorData::F32(self.exec.f32(i)?.to_vec())));
+            out.push((name, shape, TensorData::F32(self.exec.f32(i)?.into_owned())));
         }
         Ok(out)
     }
@@ -76,7 +81,7 @@ impl Session {
         for (i, name, shape, _) in self.buffers_of(kind) {
             let data = ck.expect_tensor(&name, &shape, DType::F32)?;
             match data {
-                TensorData::F32(v) => self.exec.f32_mut(i)?.copy_from_slice(v),
+                TensorData::F32(v) => self.exec.write_f32(i, 0, v)?,
                 TensorData::I32(_) => {
                     return Err(Error::user(format!("tensor `{name}` in `{}` must be floating point", ck.path.display())));
                 }
@@ -90,8 +95,8 @@ impl Session {
     pub fn copy_params_from(&mut self, other: &Session) -> Result<()> {
         for (i, name, _, _) in self.buffers_of(BufKind::Param) {
             let src = other.bundle.program.buffer_named(&name).ok_or_else(|| Error::internal(format!("parameter `{name}` missing")))?;
-            let data = other.exec.f32(src)?.to_vec();
-            self.exec.f32_mut(i)?.copy_from_slice(&data);
+            let data = other.exec.f32(src)?.into_owned();
+            self.exec.write_f32(i, 0, &data)?;
         }
         Ok(())
     }
@@ -114,12 +119,11 @@ impl Session {
                 )));
             }
             match (dtype, data) {
-                (DType::F32, TensorData::F32(v)) => self.exec.f32_mut(i)?.copy_from_slice(v),
-                (DType::I32, TensorData::I32(v)) => self.exec.i32_mut(i)?.copy_from_slice(v),
+                (DType::F32, TensorData::F32(v)) => self.exec.write_f32(i, 0, v)?,
+                (DType::I32, TensorData::I32(v)) => self.exec.write_i32(i, 0, v)?,
                 (DType::F32, TensorData::I32(v)) => {
-                    for (d, s) in self.exec.f32_mut(i)?.iter_mut().zip(v) {
-                        *d = *s as f32;
-                    }
+                    let v: Vec<f32> = v.iter().map(|&x| x as f32).collect();
+                    self.exec.write_f32(i, 0, &v)?;
                 }
                 (DType::I32, TensorData::F32(_)) => {
                     return Err(Error::user(format!("{source}: `{name}` is f32, the model's input is i32")));
@@ -132,19 +136,15 @@ impl Session {
     /// Sets the runtime scalars: `step`, `total_steps`, `training`, and fresh
     /// dropout noise (`rand.N`) drawn from `rng`.
     pub fn set_hypers(&mut self, step: u64, total: u64, training: bool, rng: &mut Rng) -> Result<()> {
-        for (i, name, _, _) in self.buffers_of(BufKind::Hyper) {
-            let buf = self.exec.f32_mut(i)?;
-            match name.as_str() {
-                "step" => buf[0] = step as f32,
-                "total_steps" => buf[0] = total as f32,
-                "training" => buf[0] = if training { 1.0 } else { 0.0 },
-                n if n.starts_with("rand.") => {
-                    for x in buf.iter_mut() {
-                        *x = rng.uniform() as f32;
-                    }
-                }
+        for (i, name, shape, _) in self.buffers_of(BufKind::Hyper) {
+            let value = match name.as_str() {
+                "step" => vec![step as f32],
+                "total_steps" => vec![total as f32],
+                "training" => vec![if training { 1.0 } else { 0.0 }],
+                n if n.starts_with("rand.") => (0..shape.iter().product::<usize>()).map(|_| rng.uniform() as f32).collect(),
                 other => return Err(Error::internal(format!("unknown runtime scalar `{other}`"))),
-            }
+            };
+            self.exec.write_f32(i, 0, &value)?;
         }
         Ok(())
     }
@@ -158,7 +158,7 @@ impl Session {
         let e = self.bundle.program.entry(entry).ok_or_else(|| Error::internal(format!("no entry `{entry}`")))?;
         let (_, b) =
             e.results.iter().find(|(n, _)| n == name).ok_or_else(|| Error::internal(format!("entry `{entry}` has no result `{name}`")))?;
-        Ok(self.exec.f32(*b)?.to_vec())
+        Ok(self.exec.f32(*b)?.into_owned())
     }
 
     pub fn scalar(&self, entry: &str, name: &str) -> Result<f64> {
@@ -170,7 +170,7 @@ impl Session {
         let mut out = vec![];
         for (name, b) in &e.results {
             let shape = self.bundle.program.buffers[*b].shape.clone();
-            out.push((name.clone(), shape, TensorData::F32(self.exec.f32(*b)?.to_vec())));
+            out.push((name.clone(), shape, TensorData::F32(self.exec.f32(*b)?.into_owned())));
         }
         Ok(out)
     }

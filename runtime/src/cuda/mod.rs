@@ -7,4 +7,5 @@
 //! point checks presence first.
 
 pub mod codegen;
+pub mod device;
 pub mod nvrtc;
