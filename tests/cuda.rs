@@ -113,3 +113,371 @@ fn every_model_on_the_gpu_matches_the_cpu() {
         println!("{name}: loss and every gradient of 3 steps on the GPU match the CPU");
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// The generated CUDA C, run by a CPU emulator of CUDA's execution model
+// (tests/cuda_emu/emu.h, compiled with the host C++ compiler), against the CPU backend.
+// This checks what NVRTC cannot: that the kernels compute the right values.
+// ---------------------------------------------------------------------------------------
+
+use bm_runtime::cuda::codegen::{CudaModule, GemmBatch};
+use bm_runtime::exec::Executor;
+use bm_runtime::kir::{BufKind, DType, Kernel, Program};
+use std::fmt::Write as _;
+use std::process::Command;
+
+/// The emulator program for `module`: its source, a dispatch table and a `main` that
+/// reads the arena and a launch plan, runs it and writes the arena back.
+fn emulator_source(module: &CudaModule) -> String {
+    let mut s = String::from("#include \"emu.h\"\n");
+    s.push_str(&module.source);
+    s.push_str("\nstatic const struct { const char* name; bm_kernel f; } bm_table[] = {\n");
+    for l in &module.launches {
+        if let Launch::Grid { name, .. } | Launch::ZeroThen { name, .. } = l {
+            let _ = writeln!(s, "  {{\"{name}\", {name}}},");
+        }
+    }
+    s.push_str(
+        r#"  {nullptr, nullptr}};
+int main(int argc, char** argv) {
+  if (argc != 4) return 2;
+  FILE* f = std::fopen(argv[1], "rb");
+  std::vector<float> A;
+  float x;
+  while (std::fread(&x, 4, 1, f) == 1) A.push_back(x);
+  std::fclose(f);
+  int E[4] = {0, 0, 0, 0};
+  FILE* p = std::fopen(argv[2], "r");
+  char op[16];
+  while (std::fscanf(p, "%15s", op) == 1) {
+    std::string o = op;
+    if (o == "grid" || o == "serial") {
+      char name[64];
+      unsigned g[3], b[3];
+      std::fscanf(p, "%63s %u %u %u %u %u %u", name, &g[0], &g[1], &g[2], &b[0], &b[1], &b[2]);
+      bm_kernel k = nullptr;
+      for (int i = 0; bm_table[i].name; i++)
+        if (std::string(bm_table[i].name) == name) k = bm_table[i].f;
+      if (!k) return 3;
+      (o == "grid" ? bm_launch : bm_launch_serial)(k, {g[0], g[1], g[2]}, {b[0], b[1], b[2]}, A.data(), E);
+    } else if (o == "zero") {
+      long off, n;
+      std::fscanf(p, "%ld %ld", &off, &n);
+      for (long i = 0; i < n; i++) A[off + i] = 0.0f;
+    } else if (o == "gemm") {
+      int ta, tb, acc;
+      long m, n, k, a, lda, b, ldb, c, ldc;
+      std::fscanf(p, "%d %d %ld %ld %ld %ld %ld %ld %ld %ld %ld %d", &ta, &tb, &m, &n, &k, &a, &lda, &b, &ldb, &c, &ldc, &acc);
+      bm_sgemm(ta, tb, m, n, k, A.data() + a, lda, A.data() + b, ldb, A.data() + c, ldc, acc);
+    } else {
+      return 4;
+    }
+  }
+  FILE* out = std::fopen(argv[3], "wb");
+  std::fwrite(A.data(), 4, A.size(), out);
+  std::fclose(out);
+  return E[0] == 0 ? 0 : 10;
+}
+"#,
+    );
+    s
+}
+
+/// The launch plan of `entry` in the emulator's text form (strided GEMM batches
+/// expanded into one call per matrix).
+fn emulator_plan(module: &CudaModule, program: &Program, entry: &str) -> String {
+    let mut s = String::new();
+    for &k in &program.entry(entry).unwrap().kernels {
+        // Kernels without any synchronisation can run their threads one by one.
+        let sync_free = match &program.kernels[k] {
+            Kernel::Loop(l) => l.reduce.is_none(),
+            Kernel::Gather(_) | Kernel::ScatterAdd(_) => true,
+            _ => false,
+        };
+        match &module.launches[k] {
+            Launch::Grid { name, grid: g, block: b } => {
+                let how = if sync_free { "serial" } else { "grid" };
+                let _ = writeln!(s, "{how} {name} {} {} {} {} {} {}", g.0, g.1, g.2, b.0, b.1, b.2);
+            }
+            Launch::ZeroThen { offset, words, name, grid: g, block: b } => {
+                let _ = writeln!(s, "zero {offset} {words}");
+                let _ = writeln!(s, "grid {name} {} {} {} {} {} {}", g.0, g.1, g.2, b.0, b.1, b.2);
+            }
+            Launch::Gemm(gm) => {
+                let calls: Vec<(usize, usize, usize)> = match &gm.batch {
+                    GemmBatch::Strided { count, stride_a, stride_b, stride_c } => {
+                        (0..*count).map(|i| (i * stride_a, i * stride_b, i * stride_c)).collect()
+                    }
+                    GemmBatch::Offsets(v) => v.clone(),
+                };
+                for (da, db, dc) in calls {
+                    let _ = writeln!(
+                        s,
+                        "gemm {} {} {} {} {} {} {} {} {} {} {} {}",
+                        gm.trans_a as u8,
+                        gm.trans_b as u8,
+                        gm.m,
+                        gm.n,
+                        gm.k,
+                        gm.a + da,
+                        gm.lda,
+                        gm.b + db,
+                        gm.ldb,
+                        gm.c + dc,
+                        gm.ldc,
+                        gm.accumulate as u8
+                    );
+                }
+            }
+        }
+    }
+    s
+}
+
+/// Compiles the emulator for `module` into `dir/emu`.
+fn build_emulator(module: &CudaModule, what: &str, dir: &Path) -> PathBuf {
+    let exe = dir.join("emu");
+    let src = dir.join("emu.cpp");
+    std::fs::write(&src, emulator_source(&module)).unwrap();
+    let include = Path::new(env!("CARGO_MANIFEST_DIR")).join("cuda_emu");
+    let o = Command::new("c++")
+        .args(["-std=c++20", "-O1", "-pthread", "-w", "-I"])
+        .arg(&include)
+        .arg(&src)
+        .arg("-o")
+        .arg(&exe)
+        .output()
+        .expect("running the C++ compiler");
+    assert!(o.status.success(), "{what}: the emulator does not compile:\n{}", String::from_utf8_lossy(&o.stderr));
+    exe
+}
+
+/// Runs `entry` of `program` through the emulator `exe` and through the CPU executor
+/// from the same buffers, and compares the parameters, optimiser state and the entry's
+/// results afterwards within `rel`.
+fn emulate_and_compare(
+    exe: &Path,
+    module: &CudaModule,
+    program: &Program,
+    entry: &str,
+    cpu: &mut Executor,
+    rel: f32,
+    what: &str,
+    dir: &Path,
+) {
+    let mut arena = vec![0f32; module.layout.words];
+    for (i, b) in program.buffers.iter().enumerate() {
+        let at = module.layout.offsets[i];
+        let words: Vec<f32> = match b.dtype {
+            DType::F32 => cpu.f32(i).unwrap().to_vec(),
+            DType::I32 => cpu.i32(i).unwrap().iter().map(|&x| f32::from_bits(x as u32)).collect(),
+        };
+        arena[at..at + words.len()].copy_from_slice(&words);
+    }
+    let bytes: Vec<u8> = arena.iter().flat_map(|x| x.to_le_bytes()).collect();
+    std::fs::write(dir.join("arena.bin"), bytes).unwrap();
+    std::fs::write(dir.join("plan.txt"), emulator_plan(&module, program, entry)).unwrap();
+    let o = Command::new(exe).arg(dir.join("arena.bin")).arg(dir.join("plan.txt")).arg(dir.join("out.bin")).output().unwrap();
+    assert!(o.status.success(), "{what}: the emulated run failed ({:?}):\n{}", o.status.code(), String::from_utf8_lossy(&o.stderr));
+    let out: Vec<f32> =
+        std::fs::read(dir.join("out.bin")).unwrap().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    cpu.run(entry).unwrap();
+    let mut compared = 0;
+    for (i, b) in program.buffers.iter().enumerate() {
+        if b.kind == BufKind::Temp && !program.entry(entry).unwrap().results.iter().any(|r| r.1 == i) {
+            continue;
+        }
+        let at = module.layout.offsets[i];
+        if b.dtype == DType::I32 {
+            let want = cpu.i32(i).unwrap();
+            let got: Vec<i32> = out[at..at + want.len()].iter().map(|x| x.to_bits() as i32).collect();
+            assert_eq!(got, want, "{what}: {entry} buffer b{i} `{}`", b.name);
+            compared += 1;
+            continue;
+        }
+        let want = cpu.f32(i).unwrap();
+        let got = &out[at..at + want.len()];
+        let scale = want.iter().filter(|x| x.is_finite()).map(|x| x.abs()).fold(0.0f32, f32::max).max(1e-6);
+        for (e, (g, w)) in got.iter().zip(want).enumerate() {
+            let ok = g == w || (g - w).abs() <= rel * w.abs().max(scale * 1e-2) || (g.is_nan() && w.is_nan());
+            assert!(ok, "{what}: {entry} buffer b{i} `{}`[{e}]: emulated CUDA {g} vs CPU {w}", b.name);
+        }
+        compared += 1;
+    }
+    assert!(compared > 0, "{what}: nothing compared");
+    println!("{what}: {entry} on the emulated GPU matches the CPU ({compared} buffers)");
+}
+
+fn have_cxx() -> bool {
+    match Command::new("c++").arg("--version").output() {
+        Ok(o) if o.status.success() => true,
+        _ => {
+            if std::env::var_os("BMC_REQUIRE_NVRTC").is_some_and(|v| v == "1") {
+                panic!("no C++ compiler (c++) for the CUDA emulator");
+            }
+            println!("skipped: no C++ compiler (c++) for the CUDA emulator");
+            false
+        }
+    }
+}
+
+/// Small versions of the models (every kernel kind: loops, reductions, GEMMs planned for
+/// cuBLAS, gather/scatter, attention forward and backward, the optimiser update).
+#[test]
+fn generated_cuda_computes_what_the_cpu_computes_in_an_emulator() {
+    if !have_cxx() {
+        return;
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let cases: &[(&str, &[(&str, &str)], usize)] =
+        &[("models/gpt.bm", &[("ctx", "8"), ("d", "32"), ("heads", "2"), ("layers", "1")], 3), ("models/mlp.bm", &[], 5)];
+    for (model, set, batch) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let loaded = driver::load(root.join(model).to_str().unwrap(), &FileSource::Disk).unwrap_or_else(|d| panic!("{d}"));
+        let opts = Options {
+            overrides: set.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            batch: Some(*batch),
+            ..Options::default()
+        };
+        let c = driver::compile(&loaded, &opts, Stage::Kernels).unwrap_or_else(|d| panic!("{d}"));
+        let bundle = driver::bundle(&loaded, &opts, &c);
+        let ds = Dataset::load(bundle.train.data.as_ref().unwrap()).unwrap();
+        let mut s = Session::new(bundle, 1).unwrap();
+        s.init_params(3).unwrap();
+        let batch = Batcher::new(&ds, *batch, 5).unwrap().next_batch();
+        s.feed(&batch, "test").unwrap();
+        s.set_hypers(0, 10, true, &mut Rng::new(1)).unwrap();
+        let program = s.bundle.program.clone();
+        let module = generate(&program);
+        let exe = build_emulator(&module, model, dir.path());
+        let cpu = s.exec.cpu().unwrap();
+        // Loss and gradients: 1e-4. Then a whole step: an optimiser update divides by
+        // sqrt(v) of tiny gradients, which magnifies rounding differences, hence 2e-3.
+        emulate_and_compare(&exe, &module, &program, "grad", cpu, 1e-4, model, dir.path());
+        emulate_and_compare(&exe, &module, &program, "train_step", cpu, 2e-3, model, dir.path());
+    }
+}
+
+/// Kernel shapes the models do not produce: a GEMM no cuBLAS call can express (the
+/// tiled fallback), a loop whose output is not injective (the one-thread path), a long
+/// reduction (a block per output), a min reduction stored into i32, and masked
+/// non-causal attention with Tq ≠ Tk and d > 32, forward and backward.
+#[test]
+fn generated_cuda_fallback_paths_compute_what_the_cpu_computes() {
+    use bm_runtime::kir::{
+        Access, AttentionBackwardKernel, AttentionKernel, Buffer, Entry, LoopKernel, MatMulKernel, MatOperand, ReduceOp, ScalarExpr,
+        UnaryOp,
+    };
+    if !have_cxx() {
+        return;
+    }
+    let buf = |name: &str, dtype: DType, len: usize| Buffer { name: name.into(), dtype, shape: vec![len], kind: BufKind::Param };
+    let op =
+        |buf, offset, batch_strides: Vec<usize>, row_stride, col_stride| MatOperand { buf, offset, batch_strides, row_stride, col_stride };
+    let (bq, tq, tk, d, dv) = (2, 5, 7, 40, 33);
+    let att = AttentionKernel {
+        batch: vec![bq],
+        tq,
+        tk,
+        d,
+        dv,
+        q: op(7, 0, vec![tq * d], d, 1),
+        k: op(8, 0, vec![tk * d], d, 1),
+        v: op(9, 0, vec![tk * dv], 1, tk),     // transposed in memory
+        mask: Some(op(10, 0, vec![0], tk, 1)), // broadcast over the batch
+        causal: false,
+        scale: 0.3,
+        out: 11,
+    };
+    let program = Program {
+        buffers: vec![
+            buf("a", DType::F32, 3 * 2 * 6 * 9),
+            buf("b", DType::F32, 3 * 9 * 4 * 2),
+            buf("c", DType::F32, 3 * 6 * 4),
+            buf("x", DType::F32, 3000 * 3),
+            buf("sum", DType::F32, 3),
+            buf("min_i32", DType::I32, 3),
+            buf("total", DType::F32, 1),
+            buf("q", DType::F32, bq * tq * d),
+            buf("k", DType::F32, bq * tk * d),
+            buf("v", DType::F32, bq * tk * dv),
+            buf("mask", DType::F32, tq * tk),
+            buf("att", DType::F32, bq * tq * dv),
+            buf("dout", DType::F32, bq * tq * dv),
+            buf("grads", DType::F32, bq * tq * d + bq * tk * d + bq * tk * dv),
+        ],
+        kernels: vec![
+            // c[b] = a[b] @ b[b] with every operand's columns 2 apart: no cuBLAS layout.
+            Kernel::MatMul(MatMulKernel {
+                batch: vec![3],
+                m: 6,
+                n: 4,
+                k: 9,
+                a: op(0, 1, vec![2 * 6 * 9], 2 * 9, 2),
+                b: op(1, 0, vec![9 * 4 * 2], 4 * 2, 2),
+                c: op(2, 0, vec![6 * 4], 4, 1),
+                accumulate: true,
+            }),
+            // sum[i] = Σ_j x[i, j] over 3000 (a block per output).
+            Kernel::Loop(LoopKernel {
+                shape: vec![3, 3000],
+                reduce: Some(ReduceOp::Sum),
+                reduced_dims: 1,
+                body: ScalarExpr::Unary(UnaryOp::Tanh, Box::new(ScalarExpr::Load(Access { buf: 3, offset: 0, strides: vec![3000, 1] }))),
+                out: Access { buf: 4, offset: 0, strides: vec![1, 0] },
+                accumulate: false,
+            }),
+            // min_i32[i] = round(min_j 10·x[i, j]).
+            Kernel::Loop(LoopKernel {
+                shape: vec![3, 50],
+                reduce: Some(ReduceOp::Min),
+                reduced_dims: 1,
+                body: ScalarExpr::Binary(
+                    bm_runtime::kir::BinaryOp::Mul,
+                    Box::new(ScalarExpr::Load(Access { buf: 3, offset: 7, strides: vec![50, 1] })),
+                    Box::new(ScalarExpr::Const(10.0)),
+                ),
+                out: Access { buf: 5, offset: 0, strides: vec![1, 0] },
+                accumulate: false,
+            }),
+            // total += c[i] for every i, in order (the output is not injective).
+            Kernel::Loop(LoopKernel {
+                shape: vec![72],
+                reduce: None,
+                reduced_dims: 0,
+                body: ScalarExpr::Load(Access { buf: 2, offset: 0, strides: vec![1] }),
+                out: Access { buf: 6, offset: 0, strides: vec![0] },
+                accumulate: true,
+            }),
+            Kernel::Attention(att.clone()),
+            Kernel::AttentionBackward(AttentionBackwardKernel {
+                fwd: AttentionKernel { out: 13, ..att },
+                dout: op(12, 0, vec![tq * dv], dv, 1),
+            }),
+        ],
+        entries: vec![Entry { name: "main".into(), kernels: vec![0, 1, 2, 3, 4, 5], results: vec![] }],
+        params: vec![],
+    };
+    let module = generate(&program);
+    assert!(matches!(module.launches[0], Launch::Grid { .. }), "the strided GEMM should use the tiled kernel");
+    assert!(matches!(module.launches[3], Launch::Grid { block: (1, 1, 1), .. }), "the non-injective loop should run on one thread");
+    let dir = tempfile::tempdir().unwrap();
+    let exe = build_emulator(&module, "synthetic", dir.path());
+    let mut cpu = Executor::new(&program, 1).unwrap();
+    let mut rng = Rng::new(9);
+    for (i, b) in program.buffers.iter().enumerate() {
+        if b.dtype == DType::F32 {
+            let v: Vec<f32> = (0..b.len()).map(|_| (rng.uniform() * 2.0 - 1.0) as f32).collect();
+            cpu.f32_mut(i).unwrap().copy_from_slice(&v);
+        }
+    }
+    // Some masked keys (never a whole row).
+    for (e, x) in cpu.f32_mut(10).unwrap().iter_mut().enumerate() {
+        if e % tk != 0 && e % 3 == 0 {
+            *x = f32::NEG_INFINITY;
+        }
+    }
+    emulate_and_compare(&exe, &module, &program, "main", &mut cpu, 1e-4, "synthetic", dir.path());
+    let mins = cpu.i32(5).unwrap().to_vec();
+    assert!(mins.iter().all(|&m| (-10..=10).contains(&m)), "{mins:?}");
+}
