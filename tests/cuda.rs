@@ -238,7 +238,7 @@ fn emulator_plan(module: &CudaModule, program: &Program, entry: &str) -> String 
 fn build_emulator(module: &CudaModule, what: &str, dir: &Path) -> PathBuf {
     let exe = dir.join("emu");
     let src = dir.join("emu.cpp");
-    std::fs::write(&src, emulator_source(&module)).unwrap();
+    std::fs::write(&src, emulator_source(module)).unwrap();
     let include = Path::new(env!("CARGO_MANIFEST_DIR")).join("cuda_emu");
     let o = Command::new("c++")
         .args(["-std=c++20", "-O1", "-pthread", "-w", "-I"])
@@ -255,6 +255,7 @@ fn build_emulator(module: &CudaModule, what: &str, dir: &Path) -> PathBuf {
 /// Runs `entry` of `program` through the emulator `exe` and through the CPU executor
 /// from the same buffers, and compares the parameters, optimiser state and the entry's
 /// results afterwards within `rel`.
+#[allow(clippy::too_many_arguments)]
 fn emulate_and_compare(
     exe: &Path,
     module: &CudaModule,
@@ -276,7 +277,7 @@ fn emulate_and_compare(
     }
     let bytes: Vec<u8> = arena.iter().flat_map(|x| x.to_le_bytes()).collect();
     std::fs::write(dir.join("arena.bin"), bytes).unwrap();
-    std::fs::write(dir.join("plan.txt"), emulator_plan(&module, program, entry)).unwrap();
+    std::fs::write(dir.join("plan.txt"), emulator_plan(module, program, entry)).unwrap();
     let o = Command::new(exe).arg(dir.join("arena.bin")).arg(dir.join("plan.txt")).arg(dir.join("out.bin")).output().unwrap();
     assert!(o.status.success(), "{what}: the emulated run failed ({:?}):\n{}", o.status.code(), String::from_utf8_lossy(&o.stderr));
     let out: Vec<f32> =
@@ -329,8 +330,8 @@ fn generated_cuda_computes_what_the_cpu_computes_in_an_emulator() {
         return;
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let cases: &[(&str, &[(&str, &str)], usize)] =
-        &[("models/gpt.bm", &[("ctx", "8"), ("d", "32"), ("heads", "2"), ("layers", "1")], 3), ("models/mlp.bm", &[], 5)];
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], usize);
+    let cases: &[Case] = &[("models/gpt.bm", &[("ctx", "8"), ("d", "32"), ("heads", "2"), ("layers", "1")], 3), ("models/mlp.bm", &[], 5)];
     for (model, set, batch) in cases {
         let dir = tempfile::tempdir().unwrap();
         let loaded = driver::load(root.join(model).to_str().unwrap(), &FileSource::Disk).unwrap_or_else(|d| panic!("{d}"));
