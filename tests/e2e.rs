@@ -738,3 +738,25 @@ fn parse_eval_reads_summary_lines() {
     assert_eq!(parse_eval("eval_loss 2.098113 eval_accuracy 0.6278\n"), Some((2.098113, 0.6278)));
     assert_eq!(parse_eval("done: 3 steps\n"), None);
 }
+
+/// Every model's training binary payload survives the round trip (deeply fused loop
+/// bodies once exceeded the JSON parser's nesting limit: W3's binary could not start).
+#[test]
+fn every_model_bundle_round_trips() {
+    use bmc::driver::{self, FileSource, Options, Stage};
+    for entry in std::fs::read_dir(workspace().join("models")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "bm") {
+            continue;
+        }
+        let loaded = driver::load(path.to_str().unwrap(), &FileSource::Disk).unwrap_or_else(|d| panic!("{d}"));
+        let c = driver::compile(&loaded, &Options::default(), Stage::Kernels).unwrap_or_else(|d| panic!("{d}"));
+        let b = driver::bundle(&loaded, &Options::default(), &c);
+        let back = bm_runtime::bundle::Bundle::from_bytes(&b.to_bytes().unwrap()).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        // Exactly: f32 constants and f64 scales must survive (serde_json's `float_roundtrip`).
+        for (i, (x, y)) in back.program.kernels.iter().zip(&b.program.kernels).enumerate() {
+            assert!(x == y, "{}: kernel k{i} changed in the round trip", path.display());
+        }
+        assert!(back.program == b.program, "{}: the program changed in the round trip", path.display());
+    }
+}

@@ -65,7 +65,14 @@ impl Bundle {
     }
 
     pub fn from_bytes(b: &[u8]) -> Result<Bundle> {
-        serde_json::from_slice(b).map_err(|e| Error::internal(format!("the embedded program is corrupt: {e}")))
+        // Fused loop bodies nest deeper than serde_json's default limit of 128 (W3's
+        // AdamW update does); the compiler built them, so their depth is bounded.
+        let corrupt = |e: serde_json::Error| Error::internal(format!("the embedded program is corrupt: {e}"));
+        let mut de = serde_json::Deserializer::from_slice(b);
+        de.disable_recursion_limit();
+        let bundle = <Bundle as serde::Deserialize>::deserialize(&mut de).map_err(corrupt)?;
+        de.end().map_err(corrupt)?;
+        Ok(bundle)
     }
 
     /// Writes `exe` (the runtime executable) with this bundle appended to `out`,
