@@ -15,6 +15,7 @@ pub mod emit;
 pub mod eval;
 pub mod graph;
 pub mod info;
+pub mod inplace;
 pub mod lower;
 pub mod ops;
 pub mod passes;

@@ -130,6 +130,7 @@ pub fn lower(g: &Graph) -> Result<Program, String> {
         entries.push(l.entry("train_step", &train, true)?);
     }
     let mut program = Program { buffers: l.buffers, kernels: l.kernels, entries, params };
+    crate::inplace::update_in_place(&mut program);
     crate::plan::share_temporaries(&mut program);
     Ok(program)
 }
@@ -170,6 +171,24 @@ impl Lowering<'_> {
         let shape = self.g.shape(node).to_vec();
         let b = self.new_buffer(format!("t{}", node.index()), kir::DType::F32, &shape, BufKind::Temp);
         (b, View::contiguous(Src::Buf(b), &shape))
+    }
+
+    /// A buffer for a rank-2 `node` whose every user transposes it (`permute[1, 0]`: a
+    /// weight gradient in PyTorch's [out, in] layout): the buffer holds the transpose,
+    /// `node`'s view reads it with swapped strides, and the users see it contiguous.
+    /// A GEMM writes either layout at the same cost.
+    fn transposed_temp(&mut self, node: NodeId) -> Option<(BufId, View)> {
+        let shape = self.g.shape(node).to_vec();
+        if shape.len() != 2 || self.g.outputs.iter().any(|o| o.1 == node) {
+            return None;
+        }
+        let users = self.g.users(node);
+        let all_transpose = !users.is_empty() && users.iter().all(|&u| matches!(&self.g.node(u).op, Op::Permute(p) if p[..] == [1, 0]));
+        if !all_transpose {
+            return None;
+        }
+        let b = self.new_buffer(format!("t{}", node.index()), kir::DType::F32, &[shape[1], shape[0]], BufKind::Temp);
+        Some((b, View { src: Src::Buf(b), offset: 0, shape: shape.clone(), strides: vec![1, shape[0]] }))
     }
 
     fn lower_node(&mut self, id: NodeId) -> Result<(), String> {
@@ -349,15 +368,24 @@ impl Lowering<'_> {
                 if let Some(sum) = self.batch_sum_user(id, r) {
                     let mut folded = kern.clone();
                     if fold_batch_into_k(&mut folded) {
-                        let (sb, sum_view) = self.temp(sum);
-                        folded.c = MatOperand { buf: sb, offset: 0, batch_strides: vec![], row_stride: nn, col_stride: 1 };
+                        let (sb, sum_view) = self.transposed_temp(sum).unwrap_or_else(|| self.temp(sum));
+                        let (row_stride, col_stride) = (sum_view.strides[0], sum_view.strides[1]);
+                        folded.c = MatOperand { buf: sb, offset: 0, batch_strides: vec![], row_stride, col_stride };
                         self.emit(id, Kernel::MatMul(folded));
                         self.folded_sums.push((sum, sum_view.clone()));
                         self.views[id.index()] = Some(sum_view);
                         return Ok(());
                     }
                 }
-                let (b, out) = self.temp(id);
+                let (b, out) = match self.transposed_temp(id) {
+                    // Rank 2: no batch axes, so C is exactly the view.
+                    Some((b, out)) => {
+                        kern.c.row_stride = out.strides[0];
+                        kern.c.col_stride = out.strides[1];
+                        (b, out)
+                    }
+                    None => self.temp(id),
+                };
                 kern.c.buf = b;
                 self.emit(id, Kernel::MatMul(kern));
                 out

@@ -10,7 +10,7 @@ use bm_runtime::kir::{BufId, BufKind, Kernel, Program, ScalarExpr};
 use std::collections::HashSet;
 
 /// Calls `f` on every buffer id a kernel names.
-fn for_each_buf(k: &mut Kernel, f: &mut impl FnMut(&mut BufId)) {
+pub(crate) fn for_each_buf(k: &mut Kernel, f: &mut impl FnMut(&mut BufId)) {
     fn expr(e: &mut ScalarExpr, f: &mut impl FnMut(&mut BufId)) {
         match e {
             ScalarExpr::Load(a) => f(&mut a.buf),

@@ -1,0 +1,208 @@
+//! In-place updates: an `Assign` lowers to a copy kernel `state = new` at the end of
+//! `train_step`. When one elementwise loop kernel computes `new` and nothing after it
+//! still needs the old `state`, that kernel writes into `state` directly and the copy
+//! disappears (AdamW: m, v and the parameter each lose a full pass over memory).
+//!
+//! Kernel-level pass over the lowered program, run before memory planning. For a copy
+//! `T = B` (whole contiguous buffers; `T` a parameter or optimiser state, `B` a
+//! temporary that is not an entry result) it requires, in every entry that runs the
+//! producer `K` of `B`:
+//! - `K` is the only kernel writing `B`, a loop without accumulation whose output is all
+//!   of `B` in the copy's layout, and the entry also runs the copy;
+//! - `K` reads `T` only at the element it writes (elementwise in place);
+//! - no kernel after `K`, except the copy, reads or writes `T`.
+//!
+//! Then `K` writes `T`, every read of `B` reads `T`, and the copy is removed.
+
+use crate::plan::for_each_buf;
+use bm_runtime::kir::{Access, BufId, BufKind, Kernel, LoopKernel, Program, ScalarExpr};
+
+/// A whole-buffer row-major access of `len` elements over a loop of `shape`.
+fn whole(a: &Access, shape: &[usize], len: usize) -> bool {
+    if a.offset != 0 || shape.iter().product::<usize>() != len {
+        return false;
+    }
+    let mut stride = 1;
+    for (d, &n) in shape.iter().enumerate().rev() {
+        if n > 1 && a.strides[d] != stride {
+            return false;
+        }
+        stride *= n;
+    }
+    true
+}
+
+/// `T = B` over whole buffers: `Some((T, B))`.
+fn copy_of(p: &Program, k: &Kernel) -> Option<(BufId, BufId)> {
+    let Kernel::Loop(l) = k else { return None };
+    let ScalarExpr::Load(src) = &l.body else { return None };
+    let (t, b) = (l.out.buf, src.buf);
+    let state = matches!(p.buffers[t].kind, BufKind::Param | BufKind::OptState);
+    let ok = state
+        && p.buffers[b].kind == BufKind::Temp
+        && l.reduce.is_none()
+        && !l.accumulate
+        && src.strides == l.out.strides
+        && src.offset == l.out.offset
+        && p.buffers[t].len() == p.buffers[b].len()
+        && p.buffers[t].dtype == p.buffers[b].dtype
+        && whole(&l.out, &l.shape, p.buffers[t].len());
+    ok.then_some((t, b))
+}
+
+fn writes(k: &Kernel) -> BufId {
+    match k {
+        Kernel::Loop(l) => l.out.buf,
+        Kernel::MatMul(m) => m.c.buf,
+        Kernel::Gather(g) => g.out,
+        Kernel::ScatterAdd(s) => s.out,
+        Kernel::Attention(a) => a.out,
+        Kernel::AttentionBackward(a) => a.fwd.out,
+    }
+}
+
+fn touches(k: &Kernel, buf: BufId) -> bool {
+    let mut k = k.clone();
+    let mut hit = false;
+    for_each_buf(&mut k, &mut |b| hit |= *b == buf);
+    hit
+}
+
+/// Every load of `buf` in `e` uses exactly `at`.
+fn loads_only_at(e: &ScalarExpr, buf: BufId, at: &Access) -> bool {
+    match e {
+        ScalarExpr::Load(a) => a.buf != buf || (a.offset == at.offset && a.strides == at.strides),
+        ScalarExpr::Const(_) | ScalarExpr::Index(_) => true,
+        ScalarExpr::Unary(_, a) => loads_only_at(a, buf, at),
+        ScalarExpr::Binary(_, a, b) => loads_only_at(a, buf, at) && loads_only_at(b, buf, at),
+        ScalarExpr::Select(c, a, b) => loads_only_at(c, buf, at) && loads_only_at(a, buf, at) && loads_only_at(b, buf, at),
+    }
+}
+
+/// Forwards every eligible copy into its producer; returns how many were removed.
+pub fn update_in_place(p: &mut Program) -> usize {
+    let results: Vec<BufId> = p.entries.iter().flat_map(|e| e.results.iter().map(|r| r.1)).collect();
+    let mut removed = vec![];
+    for c in 0..p.kernels.len() {
+        let Some((t, b)) = copy_of(p, &p.kernels[c]) else { continue };
+        if results.contains(&b) {
+            continue;
+        }
+        let writers: Vec<usize> = (0..p.kernels.len()).filter(|&k| k != c && writes(&p.kernels[k]) == b).collect();
+        let [k] = writers[..] else { continue };
+        let Kernel::Loop(LoopKernel { out, accumulate: false, reduce: None, body, shape, .. }) = &p.kernels[k] else { continue };
+        let Kernel::Loop(copy) = &p.kernels[c] else { continue };
+        if out.strides != copy.out.strides || out.offset != 0 || !whole(out, shape, p.buffers[b].len()) {
+            continue;
+        }
+        let in_place = Access { buf: t, ..out.clone() };
+        if !loads_only_at(body, t, &in_place) {
+            continue;
+        }
+        let safe = p.entries.iter().all(|e| {
+            let Some(pk) = e.kernels.iter().position(|&x| x == k) else {
+                return !e.kernels.contains(&c);
+            };
+            e.kernels.contains(&c) && e.kernels[pk + 1..].iter().all(|&x| x == c || !touches(&p.kernels[x], t))
+        });
+        if !safe {
+            continue;
+        }
+        if let Kernel::Loop(l) = &mut p.kernels[k] {
+            l.out.buf = t;
+        }
+        for (i, kernel) in p.kernels.iter_mut().enumerate() {
+            if i != c {
+                for_each_buf(kernel, &mut |x| {
+                    if *x == b {
+                        *x = t;
+                    }
+                });
+            }
+        }
+        removed.push(c);
+    }
+    if removed.is_empty() {
+        return 0;
+    }
+    // Drop the copies and renumber kernel indices in the entries.
+    let n = p.kernels.len();
+    let mut new_index = vec![usize::MAX; n];
+    let mut next = 0;
+    for (i, slot) in new_index.iter_mut().enumerate() {
+        if !removed.contains(&i) {
+            *slot = next;
+            next += 1;
+        }
+    }
+    let mut i = 0;
+    p.kernels.retain(|_| {
+        i += 1;
+        !removed.contains(&(i - 1))
+    });
+    for e in p.entries.iter_mut() {
+        e.kernels = e.kernels.iter().filter(|k| !removed.contains(k)).map(|&k| new_index[k]).collect();
+    }
+    removed.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bm_runtime::kir::{BinaryOp, Buffer, DType, Entry};
+
+    fn buf(name: &str, kind: BufKind) -> Buffer {
+        Buffer { name: name.into(), dtype: DType::F32, shape: vec![4, 3], kind }
+    }
+    fn at(buf: BufId) -> Access {
+        Access { buf, offset: 0, strides: vec![3, 1] }
+    }
+    fn lp(out: BufId, body: ScalarExpr) -> Kernel {
+        Kernel::Loop(LoopKernel { shape: vec![4, 3], reduce: None, reduced_dims: 0, body, out: at(out), accumulate: false })
+    }
+    fn load(b: BufId) -> ScalarExpr {
+        ScalarExpr::Load(at(b))
+    }
+
+    /// b0 = param, b1 = grad, b2 = new value, b3 = another temp.
+    fn program(after: Option<Kernel>) -> Program {
+        let update = lp(2, ScalarExpr::Binary(BinaryOp::Sub, Box::new(load(0)), Box::new(load(1))));
+        let mut kernels = vec![update];
+        kernels.extend(after);
+        kernels.push(lp(0, load(2)));
+        let n = kernels.len();
+        Program {
+            buffers: vec![buf("w", BufKind::Param), buf("g", BufKind::Temp), buf("w.new", BufKind::Temp), buf("t", BufKind::Temp)],
+            kernels,
+            entries: vec![Entry { name: "train_step".into(), kernels: (0..n).collect(), results: vec![] }],
+            params: vec![],
+        }
+    }
+
+    #[test]
+    fn the_update_writes_the_parameter_and_the_copy_goes() {
+        // A later reader of the new value reads the parameter instead.
+        let mut p = program(Some(lp(3, load(2))));
+        assert_eq!(update_in_place(&mut p), 1);
+        assert_eq!(p.kernels.len(), 2);
+        assert_eq!(p.entries[0].kernels, vec![0, 1]);
+        let Kernel::Loop(l) = &p.kernels[0] else { panic!() };
+        assert_eq!(l.out.buf, 0);
+        let Kernel::Loop(r) = &p.kernels[1] else { panic!() };
+        assert_eq!(r.body, load(0));
+    }
+
+    #[test]
+    fn a_later_reader_of_the_old_value_keeps_the_copy() {
+        let mut p = program(Some(lp(3, load(0))));
+        assert_eq!(update_in_place(&mut p), 0);
+        assert_eq!(p.kernels.len(), 3);
+    }
+
+    #[test]
+    fn a_transposed_read_of_the_parameter_keeps_the_copy() {
+        let mut p = program(None);
+        p.kernels[0] = lp(2, ScalarExpr::Load(Access { buf: 0, offset: 0, strides: vec![1, 4] }));
+        assert_eq!(update_in_place(&mut p), 0);
+    }
+}
