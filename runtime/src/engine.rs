@@ -63,15 +63,7 @@ impl Engine {
     /// Writes `data` into f32 buffer `buf` from element `offset`.
     pub fn write_f32(&mut self, buf: BufId, offset: usize, data: &[f32]) -> Result<()> {
         match self {
-            Engine::Cpu(e) => {
-                let dst = e.f32_mut(buf)?;
-                let end = offset + data.len();
-                if end > dst.len() {
-                    return Err(Error::internal(format!("a write of {} at {offset} overruns b{buf} ({})", data.len(), dst.len())));
-                }
-                dst[offset..end].copy_from_slice(data);
-                Ok(())
-            }
+            Engine::Cpu(e) => write_into(e.f32_mut(buf)?, buf, offset, data),
             Engine::Cuda(e) => e.write_words(buf, offset, data),
         }
     }
@@ -79,15 +71,7 @@ impl Engine {
     /// Writes `data` into i32 buffer `buf` from element `offset`.
     pub fn write_i32(&mut self, buf: BufId, offset: usize, data: &[i32]) -> Result<()> {
         match self {
-            Engine::Cpu(e) => {
-                let dst = e.i32_mut(buf)?;
-                let end = offset + data.len();
-                if end > dst.len() {
-                    return Err(Error::internal(format!("a write of {} at {offset} overruns b{buf} ({})", data.len(), dst.len())));
-                }
-                dst[offset..end].copy_from_slice(data);
-                Ok(())
-            }
+            Engine::Cpu(e) => write_into(e.i32_mut(buf)?, buf, offset, data),
             Engine::Cuda(e) => {
                 let bits: Vec<f32> = data.iter().map(|&x| f32::from_bits(x as u32)).collect();
                 e.write_words(buf, offset, &bits)
@@ -102,4 +86,13 @@ impl Engine {
             Engine::Cuda(_) => None,
         }
     }
+}
+
+fn write_into<T: Copy>(dst: &mut [T], buf: BufId, offset: usize, data: &[T]) -> Result<()> {
+    let end = offset + data.len();
+    if end > dst.len() {
+        return Err(Error::internal(format!("a write of {} at {offset} overruns b{buf} ({})", data.len(), dst.len())));
+    }
+    dst[offset..end].copy_from_slice(data);
+    Ok(())
 }

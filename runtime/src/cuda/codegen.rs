@@ -468,29 +468,30 @@ impl Gen<'_> {
         format!("if (atomicCAS(&E[0], 0, {}) == 0) {{ E[1] = (int)i; E[2] = id; }} return;", kernel + 1)
     }
 
-    fn gather(&self, g: &GatherKernel, kernel: usize, src: &mut String) -> Launch {
-        let (t, ids, out) = (self.layout.offsets[g.table], self.layout.offsets[g.ids], self.layout.offsets[g.out]);
-        let n = g.n * g.dim;
+    /// The shared start of gather and scatter-add: thread `e` handles element `c` of row
+    /// `i`, whose id `id` is checked against `rows`.
+    fn id_rows(&self, n: usize, dim: usize, ids: BufId, rows: usize, kernel: usize, src: &mut String) {
         self.head(src);
         let _ = writeln!(src, "  long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x;");
         let _ = writeln!(src, "  if (e >= {n}LL) return;");
-        let _ = writeln!(src, "  long long i = e / {0}LL, c = e % {0}LL;", g.dim);
-        let _ = writeln!(src, "  int id = ((const int*)A)[{ids}LL + i];");
-        let _ = writeln!(src, "  if (id < 0 || id >= {}) {{ {} }}", g.rows, Self::report(kernel));
+        let _ = writeln!(src, "  long long i = e / {dim}LL, c = e % {dim}LL;");
+        let _ = writeln!(src, "  int id = ((const int*)A)[{}LL + i];", self.layout.offsets[ids]);
+        let _ = writeln!(src, "  if (id < 0 || id >= {rows}) {{ {} }}", Self::report(kernel));
+    }
+
+    fn gather(&self, g: &GatherKernel, kernel: usize, src: &mut String) -> Launch {
+        let (t, out) = (self.layout.offsets[g.table], self.layout.offsets[g.out]);
+        let n = g.n * g.dim;
+        self.id_rows(n, g.dim, g.ids, g.rows, kernel, src);
         let _ = writeln!(src, "  ((unsigned*)A)[{out}LL + e] = ((const unsigned*)A)[{t}LL + id * {}LL + c];", g.dim);
         let _ = writeln!(src, "}}");
         Launch::Grid { name: self.name.clone(), grid: grid1(n, BLOCK), block: (BLOCK as u32, 1, 1) }
     }
 
     fn scatter_add(&self, s: &ScatterAddKernel, kernel: usize, src: &mut String) -> Launch {
-        let (from, ids, out) = (self.layout.offsets[s.src], self.layout.offsets[s.ids], self.layout.offsets[s.out]);
+        let (from, out) = (self.layout.offsets[s.src], self.layout.offsets[s.out]);
         let n = s.n * s.dim;
-        self.head(src);
-        let _ = writeln!(src, "  long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x;");
-        let _ = writeln!(src, "  if (e >= {n}LL) return;");
-        let _ = writeln!(src, "  long long i = e / {0}LL, c = e % {0}LL;", s.dim);
-        let _ = writeln!(src, "  int id = ((const int*)A)[{ids}LL + i];");
-        let _ = writeln!(src, "  if (id < 0 || id >= {}) {{ {} }}", s.rows, Self::report(kernel));
+        self.id_rows(n, s.dim, s.ids, s.rows, kernel, src);
         let _ = writeln!(src, "  atomicAdd(&A[{out}LL + id * {}LL + c], A[{from}LL + e]);", s.dim);
         let _ = writeln!(src, "}}");
         Launch::Grid { name: self.name.clone(), grid: grid1(n, BLOCK), block: (BLOCK as u32, 1, 1) }

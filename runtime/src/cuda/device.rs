@@ -160,53 +160,20 @@ impl CudaExecutor {
         let handle = *self.blas.handle();
         let int = |x: usize| i32::try_from(x).map_err(|_| Error::internal(format!("GEMM size {x} exceeds cuBLAS's int")));
         let (m, n, k, lda, ldb, ldc) = (int(g.m)?, int(g.n)?, int(g.k)?, int(g.lda)?, int(g.ldb)?, int(g.ldc)?);
-        let calls: Vec<(usize, usize, usize, Option<(usize, usize, usize, usize)>)> = match &g.batch {
-            GemmBatch::Strided { count, stride_a, stride_b, stride_c } => vec![(0, 0, 0, Some((*count, *stride_a, *stride_b, *stride_c)))],
-            GemmBatch::Offsets(v) => v.iter().map(|&(a, b, c)| (a, b, c, None)).collect(),
+        // One strided-batched call covers a single product too (count 1).
+        let calls: Vec<(usize, usize, usize, usize, (usize, usize, usize))> = match &g.batch {
+            GemmBatch::Strided { count, stride_a, stride_b, stride_c } => vec![(0, 0, 0, *count, (*stride_a, *stride_b, *stride_c))],
+            GemmBatch::Offsets(v) => v.iter().map(|&(a, b, c)| (a, b, c, 1, (0, 0, 0))).collect(),
         };
-        for (da, db, dc, strided) in calls {
+        for (da, db, dc, count, (sa, sb, sc)) in calls {
             let (pa, pb, pc) = (at(g.a + da) as *const f32, at(g.b + db) as *const f32, at(g.c + dc) as *mut f32);
+            let (ta, tb, count) = (op(g.trans_a), op(g.trans_b), int(count)?);
             // SAFETY: the pointers address the arena at offsets the code generator
             // computed from the validated operands.
             unsafe {
-                match strided {
-                    Some((count, sa, sb, sc)) if count > 1 => cudarc::cublas::result::sgemm_strided_batched(
-                        handle,
-                        op(g.trans_a),
-                        op(g.trans_b),
-                        m,
-                        n,
-                        k,
-                        &alpha,
-                        pa,
-                        lda,
-                        sa as i64,
-                        pb,
-                        ldb,
-                        sb as i64,
-                        &beta,
-                        pc,
-                        ldc,
-                        sc as i64,
-                        int(count)?,
-                    ),
-                    _ => cudarc::cublas::result::sgemm(
-                        handle,
-                        op(g.trans_a),
-                        op(g.trans_b),
-                        m,
-                        n,
-                        k,
-                        &alpha,
-                        pa,
-                        lda,
-                        pb,
-                        ldb,
-                        &beta,
-                        pc,
-                        ldc,
-                    ),
-                }
+                cudarc::cublas::result::sgemm_strided_batched(
+                    handle, ta, tb, m, n, k, &alpha, pa, lda, sa as i64, pb, ldb, sb as i64, &beta, pc, ldc, sc as i64, count,
+                )
             }
             .map_err(driver)?;
         }
