@@ -33,16 +33,19 @@ pub fn bmc_exe() -> &'static Path {
         };
         let profile = profile();
         let bin = target.join(&profile).join(format!("bmc{}", std::env::consts::EXE_SUFFIX));
-        // `cargo test` does not build another package's executables: build it (a no-op
-        // when it is up to date, and it rebuilds a stale one). If that fails (say, the
-        // tree is mid-edit) but an executable exists, test that one.
+        // Make sure the executable is current (a no-op after `cargo test --workspace`
+        // built everything; it rebuilds a stale one). If that fails (say, the tree is
+        // mid-edit) but an executable exists, test that one.
         let mut build = Command::new(env!("CARGO"));
-        build.args(["build", "-p", "bmc"]).current_dir(&ws);
+        // The same targets (and so the same feature set) as `cargo test --workspace`, which
+        // has built them already: `-p bmc` alone would resolve features differently and
+        // rebuild half the dependencies on a cold cache (minutes in CI).
+        build.args(["build", "--workspace", "--all-targets"]).current_dir(&ws);
         if profile == "release" {
             build.arg("--release");
         }
-        let status = build.status().expect("running cargo build -p bmc");
-        assert!(status.success() || bin.exists(), "cargo build -p bmc failed");
+        let status = build.status().expect("running cargo build");
+        assert!(status.success() || bin.exists(), "cargo build --workspace --all-targets failed");
         assert!(bin.exists(), "no bmc executable at {}", bin.display());
         bin
     })
