@@ -22,10 +22,6 @@ use rayon::prelude::*;
 /// Keys per tile of the forward's online softmax.
 pub const TILE: usize = 64;
 
-/// Query rows processed together: each row of K (transposed) or V loaded serves all of
-/// them. Every row's arithmetic is the same, in the same order, as one row at a time.
-const ROWS: usize = 4;
-
 /// Whether operand `o` stays inside a buffer of `len` elements over `batch × rows × cols`.
 pub(crate) fn operand_in_bounds(o: &MatOperand, batch: &[usize], rows: usize, cols: usize, len: usize) -> Result<()> {
     o.check_in(batch, rows, cols, len, "attention")
@@ -121,11 +117,11 @@ impl Scratch {
             kt: vec![0.0; a.tk * a.d],
             v: vec![0.0; a.tk * a.dv],
             vt: vec![0.0; if backward { a.tk * a.dv } else { 0 }],
-            q: vec![0.0; ROWS * a.d],
-            dout: vec![0.0; if backward { ROWS * a.dv } else { 0 }],
-            s: vec![0.0; ROWS * row],
-            dp: vec![0.0; if backward { ROWS * a.tk } else { 0 }],
-            acc: vec![0.0; ROWS * a.dv],
+            q: vec![0.0; a.d],
+            dout: vec![0.0; if backward { a.dv } else { 0 }],
+            s: vec![0.0; row],
+            dp: vec![0.0; if backward { a.tk } else { 0 }],
+            acc: vec![0.0; a.dv],
         }
     }
 }
@@ -150,48 +146,29 @@ impl Offsets {
     }
 }
 
-/// The scores `scale · q_r·k_j + mask[i0 + r, j]` for keys `j0..j1` of the `rows` query
-/// rows `i0..` (packed in `q`, `d` apart) into `s` (rows `stride` apart), from K
-/// transposed: a sum of `d` scaled rows of K, each loaded once for all the rows.
+/// The scores `scale · q·k_j + mask[i, j]` for keys `j0..j1` of query row `i` into `s`
+/// (from K transposed: a sum of `d` scaled rows, which vectorises).
 ///
 /// # Safety
 /// The mask pointer must cover the mask operand at `moff`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn scores(
-    a: &AttentionKernel,
-    p: Ptrs,
-    q: &[f32],
-    kt: &[f32],
-    moff: usize,
-    i0: usize,
-    rows: usize,
-    j0: usize,
-    j1: usize,
-    s: &mut [f32],
-    stride: usize,
-) {
-    let (scale, tk, d, w) = (a.scale as f32, a.tk, a.d, j1 - j0);
-    for r in 0..rows {
-        s[r * stride..r * stride + w].fill(0.0);
+unsafe fn scores(a: &AttentionKernel, p: Ptrs, q: &[f32], kt: &[f32], moff: usize, i: usize, j0: usize, j1: usize, s: &mut [f32]) {
+    let scale = a.scale as f32;
+    let tk = a.tk;
+    let s = &mut s[..j1 - j0];
+    s.fill(0.0);
+    for (c, &qc) in q.iter().enumerate() {
+        axpy(s, qc, &kt[c * tk + j0..c * tk + j1]);
     }
-    for c in 0..d {
-        let kv = &kt[c * tk + j0..c * tk + j1];
-        for r in 0..rows {
-            axpy(&mut s[r * stride..r * stride + w], q[r * d + c], kv);
-        }
+    for x in s.iter_mut() {
+        *x *= scale;
     }
-    for r in 0..rows {
-        let sr = &mut s[r * stride..r * stride + w];
-        for x in sr.iter_mut() {
-            *x *= scale;
-        }
-        if let Some(m) = &a.mask {
-            let mp = p.mask as *const f32;
-            for (jj, x) in sr.iter_mut().enumerate() {
-                // SAFETY: validated in bounds.
-                *x += unsafe { *mp.add(moff + (i0 + r) * m.row_stride + (j0 + jj) * m.col_stride) };
-            }
+    if let Some(m) = &a.mask {
+        let mp = p.mask as *const f32;
+        for (jj, x) in s.iter_mut().enumerate() {
+            // SAFETY: validated in bounds.
+            *x += unsafe { *mp.add(moff + i * m.row_stride + (j0 + jj) * m.col_stride) };
         }
     }
 }
@@ -256,7 +233,7 @@ struct Run<'a> {
     offs: Offsets,
 }
 
-/// The forward of batch `b`, [`ROWS`] query rows at a time.
+/// The forward of batch `b`.
 ///
 /// # Safety
 /// Every operand must have been checked in bounds; the output must be a distinct buffer.
@@ -264,7 +241,6 @@ struct Run<'a> {
 unsafe fn forward_batch(r: &Run, sc: &mut Scratch, b: usize) {
     let (a, p, offs) = (r.a, r.p, &r.offs);
     let (tq, tk, d, dv) = (a.tq, a.tk, a.d, a.dv);
-    let stride = tk.min(TILE);
     unsafe {
         load(p.k, offs.k[b], &a.k, tk, d, &mut sc.k);
         transpose(&sc.k, tk, d, &mut sc.kt);
@@ -272,81 +248,57 @@ unsafe fn forward_batch(r: &Run, sc: &mut Scratch, b: usize) {
         // Batch `b` writes only its own `tq × dv` block.
         let out = std::slice::from_raw_parts_mut((p.out as *mut f32).add(b * tq * dv), tq * dv);
         let moff = offs.mask.get(b).copied().unwrap_or(0);
-        let mut i0 = 0;
-        while i0 < tq {
-            let rows = ROWS.min(tq - i0);
-            for rr in 0..rows {
-                load(p.q, offs.q[b] + (i0 + rr) * a.q.row_stride, &a.q, 1, d, &mut sc.q[rr * d..(rr + 1) * d]);
-            }
-            // Keys row `i0 + rr` sees, and the most any row of the block sees.
-            let n = |rr: usize| if a.causal { (i0 + rr + 1).min(tk) } else { tk };
-            let n_max = n(rows - 1);
-            let mut m = [f32::NEG_INFINITY; ROWS];
-            let mut l = [0.0f32; ROWS];
-            sc.acc[..rows * dv].fill(0.0);
+        for i in 0..tq {
+            load(p.q, offs.q[b] + i * a.q.row_stride, &a.q, 1, d, &mut sc.q);
+            let n = if a.causal { (i + 1).min(tk) } else { tk };
+            let mut m = f32::NEG_INFINITY;
+            let mut l = 0.0f32;
+            sc.acc.fill(0.0);
             let mut j0 = 0;
-            while j0 < n_max {
-                let j1 = (j0 + TILE).min(n_max);
-                scores(a, p, &sc.q, &sc.kt, moff, i0, rows, j0, j1, &mut sc.s, stride);
-                // Rows with a key in this tile that is not -inf.
-                let mut live = [false; ROWS];
-                for rr in 0..rows {
-                    // Keys past this row's end weigh nothing (as if the tile ended there).
-                    let end = n(rr).clamp(j0, j1) - j0;
-                    let s = &mut sc.s[rr * stride..rr * stride + (j1 - j0)];
-                    let mut mt = f32::NEG_INFINITY;
-                    for &x in s[..end].iter() {
-                        if x > mt || x.is_nan() {
-                            mt = x;
-                        }
-                    }
-                    let mn = if mt > m[rr] || mt.is_nan() { mt } else { m[rr] };
-                    if end == 0 || mn == f32::NEG_INFINITY {
-                        continue;
-                    }
-                    live[rr] = true;
-                    if mn != m[rr] {
-                        let alpha = exp(m[rr] - mn);
-                        l[rr] *= alpha;
-                        for x in sc.acc[rr * dv..(rr + 1) * dv].iter_mut() {
-                            *x *= alpha;
-                        }
-                    }
-                    for x in s[..end].iter_mut() {
-                        *x = exp(*x - mn);
-                    }
-                    for &e in s[..end].iter() {
-                        l[rr] += e;
-                    }
-                    m[rr] = mn;
-                }
-                // acc_r += e_rj · v_j: each row of V loaded once for the block.
-                for j in j0..j1 {
-                    let vj = &sc.v[j * dv..(j + 1) * dv];
-                    for rr in 0..rows {
-                        if live[rr] && j < n(rr) {
-                            let e = sc.s[rr * stride + j - j0];
-                            axpy(&mut sc.acc[rr * dv..(rr + 1) * dv], e, vj);
-                        }
+            while j0 < n {
+                let j1 = (j0 + TILE).min(n);
+                scores(a, p, &sc.q, &sc.kt, moff, i, j0, j1, &mut sc.s);
+                let s = &mut sc.s[..j1 - j0];
+                let mut mt = f32::NEG_INFINITY;
+                for &x in s.iter() {
+                    if x > mt || x.is_nan() {
+                        mt = x;
                     }
                 }
+                let mn = if mt > m || mt.is_nan() { mt } else { m };
+                if mn == f32::NEG_INFINITY {
+                    j0 = j1;
+                    continue;
+                }
+                if mn != m {
+                    let alpha = exp(m - mn);
+                    l *= alpha;
+                    for x in sc.acc.iter_mut() {
+                        *x *= alpha;
+                    }
+                }
+                for x in s.iter_mut() {
+                    *x = exp(*x - mn);
+                }
+                for (jj, &e) in s.iter().enumerate() {
+                    l += e;
+                    let j = j0 + jj;
+                    axpy(&mut sc.acc, e, &sc.v[j * dv..(j + 1) * dv]);
+                }
+                m = mn;
                 j0 = j1;
             }
-            for rr in 0..rows {
-                let i = i0 + rr;
-                let row = &mut out[i * dv..(i + 1) * dv];
-                if n(rr) == 0 {
-                    row.fill(0.0);
-                } else if l[rr] == 0.0 || m[rr].is_nan() {
-                    // Every score was -inf (or NaN): the unfused softmax gives NaN.
-                    row.fill(f32::NAN);
-                } else {
-                    for (o, &x) in row.iter_mut().zip(&sc.acc[rr * dv..(rr + 1) * dv]) {
-                        *o = x / l[rr];
-                    }
+            let row = &mut out[i * dv..(i + 1) * dv];
+            if n == 0 {
+                row.fill(0.0);
+            } else if l == 0.0 || m.is_nan() {
+                // Every score was -inf (or NaN): the unfused softmax gives NaN.
+                row.fill(f32::NAN);
+            } else {
+                for (o, &x) in row.iter_mut().zip(&sc.acc) {
+                    *o = x / l;
                 }
             }
-            i0 += rows;
         }
     }
 }
@@ -357,9 +309,7 @@ unsafe fn forward_batch_avx2(r: &Run, sc: &mut Scratch, b: usize) {
     unsafe { forward_batch(r, sc, b) }
 }
 
-/// The backward of batch `b` (its blocks of dq, dk and dv), [`ROWS`] query rows at a
-/// time. Every sum runs in the same order as one row at a time: dk_j and dv_j gather
-/// the rows' contributions in row order.
+/// The backward of batch `b` (its blocks of dq, dk and dv).
 ///
 /// # Safety
 /// As for [`forward_batch`].
@@ -382,86 +332,58 @@ unsafe fn backward_batch(r: &Run, sc: &mut Scratch, b: usize) {
         dk.fill(0.0);
         dvv.fill(0.0);
         let moff = offs.mask.get(b).copied().unwrap_or(0);
-        let mut i0 = 0;
-        while i0 < tq {
-            let rows = ROWS.min(tq - i0);
-            for rr in 0..rows {
-                let i = i0 + rr;
-                load(p.q, offs.q[b] + i * a.q.row_stride, &a.q, 1, d, &mut sc.q[rr * d..(rr + 1) * d]);
-                load(p.dout, offs.dout[b] + i * dout.row_stride, dout, 1, dv, &mut sc.dout[rr * dv..(rr + 1) * dv]);
-                dq[i * d..(i + 1) * d].fill(0.0);
-            }
-            let n = |rr: usize| if a.causal { (i0 + rr + 1).min(tk) } else { tk };
-            let n_max = n(rows - 1);
-            if n_max == 0 {
-                i0 += rows;
+        for i in 0..tq {
+            load(p.q, offs.q[b] + i * a.q.row_stride, &a.q, 1, d, &mut sc.q);
+            load(p.dout, offs.dout[b] + i * dout.row_stride, dout, 1, dv, &mut sc.dout);
+            let n = if a.causal { (i + 1).min(tk) } else { tk };
+            let dq_row = &mut dq[i * d..(i + 1) * d];
+            dq_row.fill(0.0);
+            if n == 0 {
                 continue;
             }
-            // Pass 1: each row's softmax over its keys (zero past them).
-            scores(a, p, &sc.q, &sc.kt, moff, i0, rows, 0, n_max, &mut sc.s, tk);
-            for rr in 0..rows {
-                let nr = n(rr);
-                let s = &mut sc.s[rr * tk..rr * tk + n_max];
-                s[nr..].fill(0.0);
-                let s = &mut s[..nr];
-                let mut m = f32::NEG_INFINITY;
-                for &x in s.iter() {
-                    if x > m || x.is_nan() {
-                        m = x;
-                    }
+            // Pass 1: the row's softmax.
+            scores(a, p, &sc.q, &sc.kt, moff, i, 0, n, &mut sc.s);
+            let s = &mut sc.s[..n];
+            let mut m = f32::NEG_INFINITY;
+            for &x in s.iter() {
+                if x > m || x.is_nan() {
+                    m = x;
                 }
-                if m == f32::NEG_INFINITY {
-                    // Every key is masked: the unfused softmax gives NaN.
-                    s.fill(f32::NAN);
-                } else {
-                    for x in s.iter_mut() {
-                        *x = exp(*x - m);
-                    }
-                }
-                let mut l = 0.0f32;
-                for &x in s.iter() {
-                    l += x;
-                }
+            }
+            if m == f32::NEG_INFINITY {
+                // Every key is masked: the unfused softmax gives NaN.
+                s.fill(f32::NAN);
+            } else {
                 for x in s.iter_mut() {
-                    *x /= l;
+                    *x = exp(*x - m);
                 }
             }
-            // Pass 2: dp_rj = dO_r·v_j (from V transposed, each row of it loaded once).
-            for rr in 0..rows {
-                sc.dp[rr * tk..rr * tk + n_max].fill(0.0);
+            let mut l = 0.0f32;
+            for &x in s.iter() {
+                l += x;
             }
-            for c in 0..dv {
-                let vrow = &sc.vt[c * tk..c * tk + n_max];
-                for rr in 0..rows {
-                    axpy(&mut sc.dp[rr * tk..rr * tk + n_max], sc.dout[rr * dv + c], vrow);
-                }
+            for x in s.iter_mut() {
+                *x /= l;
             }
-            for rr in 0..rows {
-                let nr = n(rr);
-                let (s, dp) = (&sc.s[rr * tk..rr * tk + nr], &mut sc.dp[rr * tk..rr * tk + nr]);
-                let mut dsum = 0.0f32;
-                for j in 0..nr {
-                    dsum += s[j] * dp[j];
-                }
-                for j in 0..nr {
-                    // dp becomes scale · ds
-                    dp[j] = scale * (s[j] * (dp[j] - dsum));
-                }
+            // Pass 2: gradients. dp_j = dO·v_j (from V transposed).
+            let dp = &mut sc.dp[..n];
+            dp.fill(0.0);
+            for (c, &g) in sc.dout.iter().enumerate() {
+                axpy(dp, g, &sc.vt[c * tk..c * tk + n]);
             }
-            for j in 0..n_max {
-                let kj = &sc.k[j * d..(j + 1) * d];
-                for rr in 0..rows {
-                    if j >= n(rr) {
-                        continue;
-                    }
-                    let i = i0 + rr;
-                    let (sj, dpj) = (sc.s[rr * tk + j], sc.dp[rr * tk + j]);
-                    axpy(&mut dvv[j * dv..(j + 1) * dv], sj, &sc.dout[rr * dv..(rr + 1) * dv]);
-                    axpy(&mut dq[i * d..(i + 1) * d], dpj, kj);
-                    axpy(&mut dk[j * d..(j + 1) * d], dpj, &sc.q[rr * d..(rr + 1) * d]);
-                }
+            let mut dsum = 0.0f32;
+            for j in 0..n {
+                dsum += s[j] * dp[j];
             }
-            i0 += rows;
+            for j in 0..n {
+                // dp becomes scale · ds
+                dp[j] = scale * (s[j] * (dp[j] - dsum));
+            }
+            for j in 0..n {
+                axpy(&mut dvv[j * dv..(j + 1) * dv], s[j], &sc.dout);
+                axpy(dq_row, dp[j], &sc.k[j * d..(j + 1) * d]);
+                axpy(&mut dk[j * d..(j + 1) * d], dp[j], &sc.q);
+            }
         }
     }
 }
