@@ -109,6 +109,10 @@ pub fn unary(op: UnaryOp, x: f64) -> f64 {
         UnaryOp::Square => x * x,
         UnaryOp::Step => bool_f(x > 0.0),
         UnaryOp::Floor => x.floor(),
+        UnaryOp::GeluTanh => {
+            let k = (2.0 / std::f64::consts::PI).sqrt();
+            0.5 * x * (1.0 + (k * (x + 0.044715 * x * x * x)).tanh())
+        }
     }
 }
 

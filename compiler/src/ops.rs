@@ -578,17 +578,12 @@ pub fn causal_mask(g: &mut Graph, t: usize) -> OpResult {
 /// `gelu` with the tanh approximation (LANGUAGE.md's default) or the exact erf form.
 pub fn gelu(g: &mut Graph, x: NodeId, exact: bool) -> OpResult {
     let x = to_f32(g, x);
-    let inner = if exact {
-        let s = mul_scalar(g, x, std::f64::consts::FRAC_1_SQRT_2);
-        unary(g, UnaryOp::Erf, s)
-    } else {
-        let x2 = unary(g, UnaryOp::Square, x);
-        let x3 = mul(g, x2, x)?;
-        let c = mul_scalar(g, x3, 0.044715);
-        let s = add(g, x, c)?;
-        let s = mul_scalar(g, s, (2.0 / std::f64::consts::PI).sqrt());
-        unary(g, UnaryOp::Tanh, s)
-    };
+    if !exact {
+        // One primitive: its gradient recomputes tanh from x, so training keeps only x.
+        return Ok(unary(g, UnaryOp::GeluTanh, x));
+    }
+    let s = mul_scalar(g, x, std::f64::consts::FRAC_1_SQRT_2);
+    let inner = unary(g, UnaryOp::Erf, s);
     let one = add_scalar(g, inner, 1.0);
     let h = mul(g, x, one)?;
     Ok(mul_scalar(g, h, 0.5))

@@ -147,7 +147,21 @@ pub fn unary(op: UnaryOp, x: f32) -> f32 {
         UnaryOp::Square => x * x,
         UnaryOp::Step => bool_f(x > 0.0),
         UnaryOp::Floor => x.floor(),
+        UnaryOp::GeluTanh => gelu_tanh(x),
     }
+}
+
+/// √(2/π) in f32, GELU's tanh-form constant.
+pub const GELU_K: f32 = 0.797_884_6;
+/// GELU's cubic coefficient.
+pub const GELU_C: f32 = 0.044715;
+
+/// GELU (tanh form), in exactly this order of f32 operations (the JIT and the CUDA
+/// prelude repeat it): `x3 = x·x·x; s = (x + x3·C)·K; 0.5·(x·(tanh(s) + 1))`.
+pub fn gelu_tanh(x: f32) -> f32 {
+    let x3 = x * x * x;
+    let s = (x + x3 * GELU_C) * GELU_K;
+    x * (bm_tanh(s) + 1.0) * 0.5
 }
 
 pub fn binary(op: BinaryOp, a: f32, b: f32) -> f32 {
@@ -360,6 +374,10 @@ mod tests {
         assert_eq!(unary(UnaryOp::Step, f32::NAN), 0.0);
         assert_eq!(unary(UnaryOp::Rsqrt, 4.0), 0.5);
         assert_eq!(unary(UnaryOp::Floor, -1.5), -2.0);
+        assert_eq!(GELU_K, (2.0f64 / std::f64::consts::PI).sqrt() as f32);
+        assert_eq!(GELU_C, 0.044715f64 as f32);
+        // GELU(1) = 0.8411920 (PyTorch, approximate="tanh").
+        assert!((unary(UnaryOp::GeluTanh, 1.0) - 0.841192).abs() < 1e-6);
         assert_eq!(binary(BinaryOp::Ne, f32::NAN, f32::NAN), 1.0);
         assert_eq!(binary(BinaryOp::Eq, f32::NAN, f32::NAN), 0.0);
         assert_eq!(binary(BinaryOp::Pow, 2.0, 10.0), 1024.0);

@@ -889,6 +889,22 @@ impl<'k> Gen<'_, 'k> {
                     }
                     UnaryOp::Square => self.b.ins().fmul(x, x),
                     UnaryOp::Floor => self.b.ins().floor(x),
+                    UnaryOp::GeluTanh => {
+                        // interp::gelu_tanh's operations, in its order.
+                        let x2 = self.b.ins().fmul(x, x);
+                        let x3 = self.b.ins().fmul(x2, x);
+                        let c = self.f32c(crate::interp::GELU_C);
+                        let x3c = self.b.ins().fmul(x3, c);
+                        let s = self.b.ins().fadd(x, x3c);
+                        let k = self.f32c(crate::interp::GELU_K);
+                        let s = self.b.ins().fmul(s, k);
+                        let t = self.tanh(s);
+                        let one = self.f32c(1.0);
+                        let t1 = self.b.ins().fadd(t, one);
+                        let h = self.b.ins().fmul(x, t1);
+                        let half = self.f32c(0.5);
+                        self.b.ins().fmul(h, half)
+                    }
                     UnaryOp::Step => {
                         let zero = self.f32c(0.0);
                         let c = self.b.ins().fcmp(FloatCC::GreaterThan, x, zero);
@@ -944,7 +960,7 @@ mod tests {
     use crate::kir::Buffer;
     use proptest::prelude::{ProptestConfig, any, proptest};
 
-    const UNARY: [UnaryOp; 16] = [
+    const UNARY: [UnaryOp; 17] = [
         UnaryOp::Neg,
         UnaryOp::Exp,
         UnaryOp::Log,
@@ -961,6 +977,7 @@ mod tests {
         UnaryOp::Square,
         UnaryOp::Step,
         UnaryOp::Floor,
+        UnaryOp::GeluTanh,
     ];
     const BINARY: [BinaryOp; 13] = [
         BinaryOp::Add,

@@ -97,6 +97,10 @@ pub enum UnaryOp {
     Step,
     /// Rounds toward -inf (the `step` learning-rate schedule uses it). Added by the lead.
     Floor,
+    /// GELU, tanh form: `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`, evaluated as
+    /// [`crate::interp::gelu_tanh`] does. One primitive so that training saves only its
+    /// input for the backward (which recomputes the rest), not four intermediates.
+    GeluTanh,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -181,6 +181,29 @@ fn vjp(g: &mut Graph, id: NodeId, operands: &[NodeId], needs: &[bool], gy: NodeI
                     let sign = ops::sub(g, pos, negs).map_err(err)?;
                     ops::mul(g, gy, sign).map_err(err)?
                 }
+                UnaryOp::GeluTanh => {
+                    // d/dx = ½(1 + t) + ½·x·(1 − t²)·K·(1 + 3C·x²), t = tanh(K(x + C·x³)),
+                    // recomputed from x alone (the forward keeps nothing else).
+                    let (k, c) = ((2.0 / std::f64::consts::PI).sqrt(), 0.044715);
+                    let a2 = ops::unary(g, UnaryOp::Square, a);
+                    let a3 = ops::mul(g, a2, a).map_err(err)?;
+                    let ca3 = ops::mul_scalar(g, a3, c);
+                    let inner = ops::add(g, a, ca3).map_err(err)?;
+                    let inner = ops::mul_scalar(g, inner, k);
+                    let t = ops::unary(g, UnaryOp::Tanh, inner);
+                    let t1 = ops::add_scalar(g, t, 1.0);
+                    let left = ops::mul_scalar(g, t1, 0.5);
+                    let t2 = ops::unary(g, UnaryOp::Square, t);
+                    let one = ops::scalar(g, 1.0);
+                    let sech2 = ops::sub(g, one, t2).map_err(err)?;
+                    let poly = ops::mul_scalar(g, a2, 3.0 * c);
+                    let poly = ops::add_scalar(g, poly, 1.0);
+                    let r = ops::mul(g, a, sech2).map_err(err)?;
+                    let r = ops::mul(g, r, poly).map_err(err)?;
+                    let right = ops::mul_scalar(g, r, 0.5 * k);
+                    let d = ops::add(g, left, right).map_err(err)?;
+                    ops::mul(g, gy, d).map_err(err)?
+                }
                 UnaryOp::Tanh => {
                     let y2 = ops::unary(g, UnaryOp::Square, y);
                     let one = ops::scalar(g, 1.0);

@@ -201,6 +201,7 @@ impl Gen<'_> {
                     UnaryOp::Square => "bm_square",
                     UnaryOp::Step => "bm_step",
                     UnaryOp::Floor => "floorf",
+                    UnaryOp::GeluTanh => "bm_gelu_tanh",
                 };
                 format!("{f}({})", self.expr(a))
             }

@@ -23,6 +23,12 @@ __device__ __forceinline__ float bm_square(float x) { return x * x; }
 __device__ __forceinline__ float bm_rsqrt(float x) { return 1.0f / sqrtf(x); }
 __device__ __forceinline__ float bm_recip(float x) { return 1.0f / x; }
 __device__ __forceinline__ float bm_step(float x) { return x > 0.0f ? 1.0f : 0.0f; }
+// interp::gelu_tanh's operations, in its order.
+__device__ __forceinline__ float bm_gelu_tanh(float x) {
+  float x3 = x * x * x;
+  float s = (x + x3 * 0.044715f) * 0.797884583f;
+  return x * (tanhf(s) + 1.0f) * 0.5f;
+}
 __device__ __forceinline__ float bm_lt(float a, float b) { return a < b ? 1.0f : 0.0f; }
 __device__ __forceinline__ float bm_le(float a, float b) { return a <= b ? 1.0f : 0.0f; }
 __device__ __forceinline__ float bm_gt(float a, float b) { return a > b ? 1.0f : 0.0f; }
