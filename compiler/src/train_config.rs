@@ -329,11 +329,11 @@ pub fn evaluate(loaded: &Loaded, config: &[(String, Value)]) -> Result<TrainSect
             "f32" => "f32".to_string(),
             "bf16" => {
                 return Err(cx
-                    .err(v.1, "precision \"bf16\" needs the CUDA backend, which this build does not have yet", "not available")
+                    .err(v.1, "precision \"bf16\" (mixed precision on the GPU) is not implemented yet", "not available")
                     .with_help("use precision = \"f32\""));
             }
             other => {
-                return Err(cx.err(v.1, format!("unknown precision \"{other}\""), "not a precision").with_help("use \"f32\" or \"bf16\""));
+                return Err(cx.err(v.1, format!("unknown precision \"{other}\""), "not a precision").with_help("use \"f32\""));
             }
         },
     };
