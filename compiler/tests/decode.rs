@@ -56,7 +56,7 @@ fn assert_decode_matches_forward(g: &Graph, vocab: usize, what: &str) {
     assert_eq!(logits.len(), t * vocab);
 
     for (name, id) in &d.inputs {
-        if name.starts_with("cache.") {
+        if name.starts_with("@cache.") {
             feeds.insert(name.clone(), Tensor::full(d.shape(*id), 0.0));
         }
     }
@@ -65,10 +65,10 @@ fn assert_decode_matches_forward(g: &Graph, vocab: usize, what: &str) {
         keymask[p] = 0.0;
         let mut slot = vec![0.0; t];
         slot[p] = 1.0;
-        feeds.insert("tokens".into(), Tensor::new(vec![1, 1], vec![toks[p]]));
-        feeds.insert("pos".into(), Tensor::new(vec![1], vec![p as f64]));
-        feeds.insert("slot".into(), Tensor::new(vec![t], slot));
-        feeds.insert("keymask".into(), Tensor::new(vec![t], keymask.clone()));
+        feeds.insert("@tokens".into(), Tensor::new(vec![1, 1], vec![toks[p]]));
+        feeds.insert("@pos".into(), Tensor::new(vec![1], vec![p as f64]));
+        feeds.insert("@slot".into(), Tensor::new(vec![t], slot));
+        feeds.insert("@keymask".into(), Tensor::new(vec![t], keymask.clone()));
         let vals = evaluate(&d, &feeds).unwrap_or_else(|e| panic!("{what}: {e}\n{}", d.to_text()));
         let got = &vals[d.output("logits").unwrap().index()].data;
         let want = &logits[p * vocab..(p + 1) * vocab];
@@ -79,7 +79,7 @@ fn assert_decode_matches_forward(g: &Graph, vocab: usize, what: &str) {
         for (name, id) in &d.outputs {
             let Some(which) = name.strip_prefix("new.") else { continue };
             let row = &vals[id.index()];
-            let cache = feeds.get_mut(&format!("cache.{which}")).unwrap();
+            let cache = feeds.get_mut(&format!("@cache.{which}")).unwrap();
             let width = *row.shape.last().unwrap();
             let rows = row.data.len() / width;
             for r in 0..rows {
@@ -132,6 +132,30 @@ model M {
 ";
     let (_dir, g) = with_source(src, 7);
     assert_decode_matches_forward(&g, 13, "other spellings");
+}
+
+/// A learned position table added directly (`x + pos`), as `nn.Parameter(torch.zeros(T, d))`
+/// models often do, instead of an embedding of `arange(T)`.
+#[test]
+fn a_position_parameter_added_directly_decodes() {
+    let src = "config { V = 11\n T = 6\n d = 8 }
+model M {
+  emb = Embedding(V, d)
+  param pos: [T, d] = normal(0, 0.5)
+  fc = Linear(d, V)
+  input tokens: i32[B, T]
+  input targets: i32[B, T]
+  forward {
+    let x = emb(tokens) + pos
+    let h = x.reshape([B, T, 2, 4]).transpose(1, 2)
+    let logits = fc(attention(h, h, h, causal = true).transpose(1, 2).reshape([B, T, d]) + x)
+    output logits
+    loss cross_entropy(logits, targets)
+  }
+}
+";
+    let (_dir, g) = with_source(src, 6);
+    assert_decode_matches_forward(&g, 11, "position parameter");
 }
 
 #[test]

@@ -152,7 +152,7 @@ pub struct CachedDecoder {
     slot: BufId,
     keymask: BufId,
     logits: BufId,
-    /// `(cache.X.i, new.X.i, rows before the position axis, row length)` per cache.
+    /// `(@cache.X.i, new.X.i, rows before the position axis, row length)` per cache.
     caches: Vec<(BufId, BufId, usize, usize)>,
     ctx: usize,
     vocab: usize,
@@ -167,12 +167,12 @@ impl CachedDecoder {
         let logits = result_buf(&bundle, "logits").ok_or_else(|| no_logits(&bundle))?;
         let need =
             |name: &str| input_buf(&bundle, name).ok_or_else(|| Error::internal(format!("the decode program has no input `{name}`")));
-        let (tokens, pos, slot, keymask) = (need("tokens")?, need("pos")?, need("slot")?, need("keymask")?);
+        let (tokens, pos, slot, keymask) = (need("@tokens")?, need("@pos")?, need("@slot")?, need("@keymask")?);
         let ctx = bundle.program.buffers[slot].shape[0];
         let mut caches = vec![];
         for (name, new) in &bundle.program.entry("forward").map(|e| e.results.clone()).unwrap_or_default() {
             let Some(which) = name.strip_prefix("new.") else { continue };
-            let cache = need(&format!("cache.{which}"))?;
+            let cache = need(&format!("@cache.{which}"))?;
             let shape = &bundle.program.buffers[cache].shape;
             let (rows, row) = match shape.len() {
                 r if r >= 2 && shape[r - 2] == ctx => (shape[..r - 2].iter().product(), shape[r - 1]),

@@ -12,13 +12,15 @@
 //! reduction or slice over time, a matmul contracting time, a non-causal or masked
 //! attention, a second data input) makes the model not decodable, and `sample` falls
 //! back to recomputing the window. Position-independent values that broadcast against
-//! the time axis (constants, broadcasts) shrink along it.
+//! the time axis (constants, broadcasts) shrink along it; a parameter indexed by position
+//! along its first axis (a learned position table added directly) becomes its row `pos`.
 //!
-//! The decode graph is the same computation with that axis of length 1, plus:
-//! - inputs `tokens [1, 1]` (the new token), `pos [1]` (its position, what `arange`
-//!   gave), `slot [T]` (one-hot at `pos`) and `keymask [T]` (0 for filled positions,
+//! The decode graph is the same computation with that axis of length 1, plus (named with
+//! `@`, which no parameter name can contain):
+//! - inputs `@tokens [1, 1]` (the new token), `@pos [1]` (its position, what `arange`
+//!   gave), `@slot [T]` (one-hot at `@pos`) and `@keymask [T]` (0 for filled positions,
 //!   −∞ after),
-//! - for the `i`-th attention, inputs `cache.k.i` / `cache.v.i` (the operands' full
+//! - for the `i`-th attention, inputs `@cache.k.i` / `@cache.v.i` (the operands' full
 //!   `[..., T, D]` shapes, zero where not filled) and outputs `new.k.i` / `new.v.i`
 //!   (this position's rows). The attention reads `cache + slot ⊗ new`, so the new
 //!   position sees itself; the runtime then writes `new` into slot `pos` of the cache.
@@ -191,6 +193,9 @@ fn analyse(g: &Graph, live: &[bool], tokens: NodeId, t: usize) -> Result<Vec<Axi
         let ops = g.operands(id);
         match &g.node(id).op {
             Op::Const(_) | Op::Hyper(_) => {}
+            // A learned position table added directly (`x + pos`, `pos: [T, d]`): the
+            // decode graph picks its row `pos`.
+            Op::Param(_) if a == 0 && g.shape(id)[0] == t => {}
             Op::Iota(ax) if *ax != a => {}
             Op::Broadcast => {
                 let src = g.shape(ops[0]);
@@ -218,10 +223,10 @@ fn build(g: &Graph, live: &[bool], axes: &[Axis], tokens: NodeId, t: usize, out:
         d.inputs.push((name.into(), id));
         id
     };
-    let new_tokens = input(&mut d, "tokens", vec![1, 1], DType::I32);
-    let pos = input(&mut d, "pos", vec![1], DType::I32);
-    let slot = input(&mut d, "slot", vec![t], DType::F32);
-    let keymask = input(&mut d, "keymask", vec![t], DType::F32);
+    let new_tokens = input(&mut d, "@tokens", vec![1, 1], DType::I32);
+    let pos = input(&mut d, "@pos", vec![1], DType::I32);
+    let slot = input(&mut d, "@slot", vec![t], DType::F32);
+    let keymask = input(&mut d, "@keymask", vec![t], DType::F32);
     let slot_col = d.add(Op::Reshape, &[slot], vec![t, 1], DType::F32);
     let mut new_rows = vec![];
     for id in g.node_ids().filter(|id| live[id.index()]) {
@@ -243,7 +248,7 @@ fn build(g: &Graph, live: &[bool], axes: &[Axis], tokens: NodeId, t: usize, out:
                 let mut full = vec![];
                 for (which, k) in [("k", 1), ("v", 2)] {
                     let cache_shape = g.shape(g.operands(id)[k]).to_vec();
-                    let cache = input(&mut d, &format!("cache.{which}.{i}"), cache_shape.clone(), DType::F32);
+                    let cache = input(&mut d, &format!("@cache.{which}.{i}"), cache_shape.clone(), DType::F32);
                     let row = d.add(Op::Broadcast, &[ops[k]], cache_shape.clone(), DType::F32);
                     let at = d.add(Op::Broadcast, &[slot_col], cache_shape.clone(), DType::F32);
                     let placed = d.add(Op::Binary(crate::graph::BinaryOp::Mul), &[at, row], cache_shape.clone(), DType::F32);
@@ -254,13 +259,22 @@ fn build(g: &Graph, live: &[bool], axes: &[Axis], tokens: NodeId, t: usize, out:
                 d.add(op, &[ops[0], full[0], full[1], keymask], shape, DType::F32)
             }
             op => {
-                let new = d.add(op.clone(), &ops, shape, n.dtype);
+                let full = if matches!(op, Op::Param(_)) { n.shape.clone() } else { shape.clone() };
+                let new = d.add(op.clone(), &ops, full.clone(), n.dtype);
                 if let Op::Param(name) = op {
                     let init =
                         g.params.iter().find(|p| p.node == id).map(|p| p.init.clone()).ok_or("a parameter without an initialiser")?;
                     d.params.push(ParamInfo { name: name.clone(), node: new, init });
                 }
-                new
+                if full == shape {
+                    new
+                } else {
+                    // A position table (`Shrink(0)`): row `pos` of it.
+                    let rest: usize = full[1..].iter().product();
+                    let table = d.add(Op::Reshape, &[new], vec![t, rest], n.dtype);
+                    let row = d.add(Op::Gather, &[table, pos], vec![1, rest], n.dtype);
+                    d.add(Op::Reshape, &[row], shape, n.dtype)
+                }
             }
         };
         map[id.index()] = Some(new);
