@@ -501,13 +501,6 @@ fn resolve_threads(threads: usize) -> usize {
 }
 
 impl Executor {
-    /// Validates and JIT-compiles `program` without allocating its buffers: what
-    /// `bmc compile` checks so that a program the backend rejects fails there.
-    pub fn check(program: &Program) -> Result<()> {
-        validate(program)?;
-        jit::compile(program).map(|_| ())
-    }
-
     /// Allocates every buffer (zero-filled), validates every kernel and JIT-compiles every
     /// loop kernel. `threads` is the size of the thread pool (0: one per CPU).
     pub fn new(program: &Program, threads: usize) -> Result<Executor> {
