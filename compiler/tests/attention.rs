@@ -14,19 +14,18 @@ use bmc::ops;
 use bmc::passes::autodiff::differentiate;
 use std::collections::HashMap;
 
-/// SplitMix64.
-struct Rng(u64);
+/// Test inputs from the runtime's SplitMix64 generator.
+struct Rng(bm_runtime::rng::Rng);
 
 impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(bm_runtime::rng::Rng::new(seed))
+    }
     fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
     fn uniform(&mut self, lo: f64, hi: f64) -> f64 {
-        lo + (hi - lo) * ((self.next_u64() >> 11) as f64 / (1u64 << 53) as f64)
+        lo + (hi - lo) * self.0.uniform()
     }
     fn tensor(&mut self, shape: &[usize], lo: f64, hi: f64) -> Tensor {
         Tensor::new(shape.to_vec(), (0..shape.iter().product()).map(|_| self.uniform(lo, hi)).collect())
@@ -105,7 +104,7 @@ struct Built {
 }
 
 fn build(s: &Shape, fused: bool, seed: u64) -> Built {
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let mut g = Graph::new();
     let mut feeds = HashMap::new();
     let mut params = vec![];
@@ -307,7 +306,7 @@ fn attention_nodes(g: &Graph) -> Vec<Op> {
 /// The graph before and after fusion compute the same loss and output (f64, random
 /// parameters and inputs; the mask input gets -inf entries).
 fn assert_fusion_preserves_values(c: &driver::Compiled, what: &str) {
-    let mut rng = Rng(7);
+    let mut rng = Rng::new(7);
     let mut feeds = HashMap::new();
     for (name, id) in &c.graph.inputs {
         let s = c.graph.shape(*id).to_vec();

@@ -8,20 +8,19 @@ use bmc::ops;
 use bmc::passes::autodiff::differentiate;
 use std::collections::HashMap;
 
-/// SplitMix64: a tiny deterministic generator for test inputs.
-struct Rng(u64);
+/// Test inputs from the runtime's SplitMix64 generator.
+struct Rng(bm_runtime::rng::Rng);
 
 impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(bm_runtime::rng::Rng::new(seed))
+    }
     fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
     /// Uniform in [0, 1).
     fn unit(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+        self.0.uniform()
     }
     fn uniform(&mut self, lo: f64, hi: f64) -> f64 {
         lo + (hi - lo) * self.unit()
@@ -46,7 +45,7 @@ struct Check {
 
 impl Check {
     fn new(seed: u64) -> Self {
-        Check { g: Graph::new(), rng: Rng(seed), feeds: HashMap::new(), params: vec![] }
+        Check { g: Graph::new(), rng: Rng::new(seed), feeds: HashMap::new(), params: vec![] }
     }
 
     fn param_data(&mut self, shape: &[usize], data: Vec<f64>) -> NodeId {
@@ -752,7 +751,7 @@ fn high_level_forward_values() {
 #[test]
 fn attention_forward_matches_a_direct_computation() {
     let mut g = Graph::new();
-    let mut rng = Rng(77);
+    let mut rng = Rng::new(77);
     let (t, d) = (3, 2);
     let mk = |g: &mut Graph, n: &str| g.add(Op::Input(n.into()), &[], vec![t, d], DType::F32);
     let (q, k, v) = (mk(&mut g, "q"), mk(&mut g, "k"), mk(&mut g, "v"));
