@@ -1,16 +1,17 @@
 //! Fused attention kernels (forward and backward), written by hand.
 //!
 //! `out[b] = softmax(q[b] @ k[b]ᵀ · scale + mask[b]) @ v[b]` for every batch index `b`
-//! (batch × heads). Neither direction stores the tq×tk score matrix:
-//! - forward: each query row runs an online softmax over tiles of [`TILE`] keys (a
-//!   running maximum and sum; the accumulator is rescaled when the maximum grows);
-//! - backward: each query row's softmax is recomputed from `q` and `k` (scores, then
-//!   max and sum), then `dv_j += p_j·dO`, `dp_j = dO·v_j`, `ds_j = p_j (dp_j − Σ p·dp)`,
-//!   `dq += scale·ds_j·k_j`, `dk_j += scale·ds_j·q`.
+//! (batch × heads), a block of [`QB`] query rows at a time, as matrix products (the
+//! `gemm` crate, on one thread each) around a row-wise softmax:
+//! - forward: `p = softmax(scale · q kᵀ + mask)` for the block (`QB × tk` scores, the
+//!   only scratch), then `out = p v`; causal blocks multiply only the keys their last
+//!   row sees;
+//! - backward: the block's `p` is recomputed, then `dp = dO vᵀ`,
+//!   `ds = scale · p (dp − Σ p·dp)`, `dq = ds k`, `dk += dsᵀ q`, `dv += pᵀ dO`.
 //!
-//! Scratch is one batch's K and V (packed contiguous) and a few rows, per task. Work is
-//! split over the batch (one task per batch index, each writing only its own part of the
-//! output) on the current rayon pool; each batch index is computed the same way whatever
+//! Work is split on the current rayon pool: forward tasks are (batch index, query
+//! block), backward tasks batch indices (their dk and dv sum over every query row);
+//! each writes only its own part of the output and is computed the same way whatever
 //! the thread count, so results are bit-identical across thread counts. All arithmetic
 //! is f32.
 
@@ -19,8 +20,10 @@ use crate::exec::Buffers;
 use crate::kir::{AttentionBackwardKernel, AttentionKernel, BufId, MatOperand};
 use rayon::prelude::*;
 
-/// Keys per tile of the forward's online softmax.
-pub const TILE: usize = 64;
+/// Query rows per block: the scratch is `QB × tk` scores (and as many score gradients).
+/// Smaller blocks skip more of the causal mask's zeros; larger ones make longer
+/// products.
+pub const QB: usize = 64;
 
 /// Whether operand `o` stays inside a buffer of `len` elements over `batch × rows × cols`.
 pub(crate) fn operand_in_bounds(o: &MatOperand, batch: &[usize], rows: usize, cols: usize, len: usize) -> Result<()> {
@@ -55,14 +58,6 @@ pub(crate) fn check(k: &AttentionKernel, dout: Option<&MatOperand>, out_len: usi
     Ok(())
 }
 
-/// `y += a · x`
-#[inline]
-fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
-    for (y, x) in y.iter_mut().zip(x) {
-        *y += a * *x;
-    }
-}
-
 /// Base addresses of the operands (raw, so tasks can share them).
 #[derive(Clone, Copy)]
 struct Ptrs {
@@ -74,55 +69,83 @@ struct Ptrs {
     out: usize,
 }
 
-/// Copies matrix `(rows, cols)` of operand `o` at element offset `off` into `dst`, row major.
-///
-/// # Safety
-/// `base` must cover the operand at this offset.
-unsafe fn load(base: usize, off: usize, o: &MatOperand, rows: usize, cols: usize, dst: &mut [f32]) {
-    let p = base as *const f32;
-    for r in 0..rows {
-        let row = &mut dst[r * cols..(r + 1) * cols];
-        unsafe {
-            let src = p.add(off + r * o.row_stride);
-            if o.col_stride == 1 {
-                row.copy_from_slice(std::slice::from_raw_parts(src, cols));
-            } else {
-                for (c, x) in row.iter_mut().enumerate() {
-                    *x = *src.add(c * o.col_stride);
-                }
-            }
-        }
+/// A strided matrix view: element `(r, c)` at `ptr + r·rs + c·cs` (elements).
+#[derive(Clone, Copy)]
+struct View {
+    ptr: *const f32,
+    rs: usize,
+    cs: usize,
+}
+
+impl View {
+    /// Operand `o` of batch offset `off`, starting at row `row`.
+    fn of(base: usize, off: usize, o: &MatOperand, row: usize) -> View {
+        // Only an address: dereferenced inside bounds the caller has checked.
+        View { ptr: (base as *const f32).wrapping_add(off + row * o.row_stride), rs: o.row_stride, cs: o.col_stride }
+    }
+    fn dense(ptr: *const f32, ld: usize) -> View {
+        View { ptr, rs: ld, cs: 1 }
+    }
+    fn t(self) -> View {
+        View { ptr: self.ptr, rs: self.cs, cs: self.rs }
     }
 }
 
+/// `c (+)= alpha · a @ b` (`m × k` by `k × n`) on this thread, through the `gemm` crate.
+///
+/// # Safety
+/// Every view must cover its matrix; `c` must not overlap `a` or `b`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn mm(m: usize, n: usize, k: usize, c: *mut f32, ldc: usize, accumulate: bool, a: View, b: View, alpha: f32) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            for r in 0..m {
+                // SAFETY: c covers m rows of n at stride ldc.
+                unsafe { std::slice::from_raw_parts_mut(c.add(r * ldc), n).fill(0.0) };
+            }
+        }
+        return;
+    }
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        ::gemm::gemm(
+            m,
+            n,
+            k,
+            c,
+            1,
+            ldc as isize,
+            accumulate,
+            a.ptr,
+            a.cs as isize,
+            a.rs as isize,
+            b.ptr,
+            b.cs as isize,
+            b.rs as isize,
+            1.0,
+            alpha,
+            false,
+            false,
+            false,
+            ::gemm::Parallelism::None,
+        )
+    }
+}
+
+/// Scores and probabilities of one block of query rows (`qb × n`, row stride `tk`), and
+/// for the backward the gradient of the probabilities.
 struct Scratch {
-    k: Vec<f32>,
-    /// K transposed (d × tk), for the scores as a sum of scaled rows.
-    kt: Vec<f32>,
-    v: Vec<f32>,
-    /// V transposed (dv × tk), for `dp` in the backward.
-    vt: Vec<f32>,
-    q: Vec<f32>,
-    dout: Vec<f32>,
-    s: Vec<f32>,
+    p: Vec<f32>,
     dp: Vec<f32>,
-    acc: Vec<f32>,
 }
 
 impl Scratch {
     fn new(a: &AttentionKernel, backward: bool) -> Scratch {
-        let row = if backward { a.tk } else { a.tk.min(TILE) };
-        Scratch {
-            k: vec![0.0; a.tk * a.d],
-            kt: vec![0.0; a.tk * a.d],
-            v: vec![0.0; a.tk * a.dv],
-            vt: vec![0.0; if backward { a.tk * a.dv } else { 0 }],
-            q: vec![0.0; a.d],
-            dout: vec![0.0; if backward { a.dv } else { 0 }],
-            s: vec![0.0; row],
-            dp: vec![0.0; if backward { a.tk } else { 0 }],
-            acc: vec![0.0; a.dv],
-        }
+        let len = a.tq.min(QB) * a.tk;
+        Scratch { p: vec![0.0; len], dp: vec![0.0; if backward { len } else { 0 }] }
     }
 }
 
@@ -146,41 +169,6 @@ impl Offsets {
     }
 }
 
-/// The scores `scale · q·k_j + mask[i, j]` for keys `j0..j1` of query row `i` into `s`
-/// (from K transposed: a sum of `d` scaled rows, which vectorises).
-///
-/// # Safety
-/// The mask pointer must cover the mask operand at `moff`.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn scores(a: &AttentionKernel, p: Ptrs, q: &[f32], kt: &[f32], moff: usize, i: usize, j0: usize, j1: usize, s: &mut [f32]) {
-    let scale = a.scale as f32;
-    let tk = a.tk;
-    let s = &mut s[..j1 - j0];
-    s.fill(0.0);
-    for (c, &qc) in q.iter().enumerate() {
-        axpy(s, qc, &kt[c * tk + j0..c * tk + j1]);
-    }
-    for x in s.iter_mut() {
-        *x *= scale;
-    }
-    if let Some(m) = &a.mask {
-        let mp = p.mask as *const f32;
-        for (jj, x) in s.iter_mut().enumerate() {
-            // SAFETY: validated in bounds.
-            *x += unsafe { *mp.add(moff + i * m.row_stride + (j0 + jj) * m.col_stride) };
-        }
-    }
-}
-
-fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
-    for r in 0..rows {
-        for c in 0..cols {
-            dst[c * rows + r] = src[r * cols + c];
-        }
-    }
-}
-
 /// `exp` in f32 without a library call, so loops over it vectorise (Cephes `expf`:
 /// `n = round(x log2 e)`, a degree-5 polynomial, scaling by `2^n` in two steps; within
 /// about 1 ulp of libm; exactly 0 below -103, +inf above 88.8, NaN for NaN).
@@ -198,21 +186,42 @@ pub fn exp(x: f32) -> f32 {
     }
 }
 
-/// Runs `f(scratch, b)` for every batch index, in parallel on the current pool when
-/// `threads > 1`.
-fn for_batches(a: &AttentionKernel, backward: bool, threads: usize, f: impl Fn(&mut Scratch, usize) + Sync) {
-    let nb = a.batch_count();
-    if threads > 1 && nb > 1 {
-        (0..nb).into_par_iter().for_each_init(|| Scratch::new(a, backward), |s, b| f(s, b));
-    } else {
-        let mut s = Scratch::new(a, backward);
-        for b in 0..nb {
-            f(&mut s, b);
+/// Folds `xs` with `f` in eight interleaved lanes (so the loop vectorises), then the
+/// lanes pairwise.
+#[inline(always)]
+fn lanes(xs: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut acc = [init; 8];
+    let chunks = xs.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for l in 0..8 {
+            acc[l] = f(acc[l], c[l]);
         }
     }
+    for (l, &x) in rest.iter().enumerate() {
+        acc[l] = f(acc[l], x);
+    }
+    let q = [f(acc[0], acc[4]), f(acc[1], acc[5]), f(acc[2], acc[6]), f(acc[3], acc[7])];
+    f(f(q[0], q[2]), f(q[1], q[3]))
 }
 
-/// Whether the AVX2 copies of the per-batch bodies can run. They compute exactly the
+/// `Σ a·b` in eight lanes, as [`lanes`].
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    for (l, (&x, &y)) in ca.remainder().iter().zip(cb.remainder()).enumerate() {
+        acc[l] = x * y;
+    }
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    lanes(&acc, 0.0, |s, x| s + x)
+}
+
+/// Whether the AVX2 copies of the per-block bodies can run. They compute exactly the
 /// same operations in the same order (no FMA contraction), only wider.
 fn has_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -233,156 +242,113 @@ struct Run<'a> {
     offs: Offsets,
 }
 
-/// The forward of batch `b`.
-///
-/// # Safety
-/// Every operand must have been checked in bounds; the output must be a distinct buffer.
-#[inline(always)]
-unsafe fn forward_batch(r: &Run, sc: &mut Scratch, b: usize) {
-    let (a, p, offs) = (r.a, r.p, &r.offs);
-    let (tq, tk, d, dv) = (a.tq, a.tk, a.d, a.dv);
-    unsafe {
-        load(p.k, offs.k[b], &a.k, tk, d, &mut sc.k);
-        transpose(&sc.k, tk, d, &mut sc.kt);
-        load(p.v, offs.v[b], &a.v, tk, dv, &mut sc.v);
-        // Batch `b` writes only its own `tq × dv` block.
-        let out = std::slice::from_raw_parts_mut((p.out as *mut f32).add(b * tq * dv), tq * dv);
-        let moff = offs.mask.get(b).copied().unwrap_or(0);
-        for i in 0..tq {
-            load(p.q, offs.q[b] + i * a.q.row_stride, &a.q, 1, d, &mut sc.q);
-            let n = if a.causal { (i + 1).min(tk) } else { tk };
-            let mut m = f32::NEG_INFINITY;
-            let mut l = 0.0f32;
-            sc.acc.fill(0.0);
-            let mut j0 = 0;
-            while j0 < n {
-                let j1 = (j0 + TILE).min(n);
-                scores(a, p, &sc.q, &sc.kt, moff, i, j0, j1, &mut sc.s);
-                let s = &mut sc.s[..j1 - j0];
-                let mut mt = f32::NEG_INFINITY;
-                for &x in s.iter() {
-                    if x > mt || x.is_nan() {
-                        mt = x;
-                    }
-                }
-                let mn = if mt > m || mt.is_nan() { mt } else { m };
-                if mn == f32::NEG_INFINITY {
-                    j0 = j1;
-                    continue;
-                }
-                if mn != m {
-                    let alpha = exp(m - mn);
-                    l *= alpha;
-                    for x in sc.acc.iter_mut() {
-                        *x *= alpha;
-                    }
-                }
-                for x in s.iter_mut() {
-                    *x = exp(*x - mn);
-                }
-                for (jj, &e) in s.iter().enumerate() {
-                    l += e;
-                    let j = j0 + jj;
-                    axpy(&mut sc.acc, e, &sc.v[j * dv..(j + 1) * dv]);
-                }
-                m = mn;
-                j0 = j1;
-            }
-            let row = &mut out[i * dv..(i + 1) * dv];
-            if n == 0 {
-                row.fill(0.0);
-            } else if l == 0.0 || m.is_nan() {
-                // Every score was -inf (or NaN): the unfused softmax gives NaN.
-                row.fill(f32::NAN);
-            } else {
-                for (o, &x) in row.iter_mut().zip(&sc.acc) {
-                    *o = x / l;
-                }
-            }
-        }
+impl Run<'_> {
+    /// Keys that query row `i` sees (a prefix: causal attention sees `0..=i`).
+    fn keys(&self, i: usize) -> usize {
+        if self.a.causal { (i + 1).min(self.a.tk) } else { self.a.tk }
     }
-}
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn forward_batch_avx2(r: &Run, sc: &mut Scratch, b: usize) {
-    unsafe { forward_batch(r, sc, b) }
-}
-
-/// The backward of batch `b` (its blocks of dq, dk and dv).
-///
-/// # Safety
-/// As for [`forward_batch`].
-#[inline(always)]
-unsafe fn backward_batch(r: &Run, sc: &mut Scratch, b: usize) {
-    let (a, p, offs) = (r.a, r.p, &r.offs);
-    let dout = r.dout.expect("backward has dout");
-    let (tq, tk, d, dv) = (a.tq, a.tk, a.d, a.dv);
-    let (nq, nk, _) = a.grad_lens();
-    let scale = a.scale as f32;
-    unsafe {
-        load(p.k, offs.k[b], &a.k, tk, d, &mut sc.k);
-        transpose(&sc.k, tk, d, &mut sc.kt);
-        load(p.v, offs.v[b], &a.v, tk, dv, &mut sc.v);
-        transpose(&sc.v, tk, dv, &mut sc.vt);
-        let base = p.out as *mut f32;
-        let dq = std::slice::from_raw_parts_mut(base.add(b * tq * d), tq * d);
-        let dk = std::slice::from_raw_parts_mut(base.add(nq + b * tk * d), tk * d);
-        let dvv = std::slice::from_raw_parts_mut(base.add(nq + nk + b * tk * dv), tk * dv);
-        dk.fill(0.0);
-        dvv.fill(0.0);
-        let moff = offs.mask.get(b).copied().unwrap_or(0);
-        for i in 0..tq {
-            load(p.q, offs.q[b] + i * a.q.row_stride, &a.q, 1, d, &mut sc.q);
-            load(p.dout, offs.dout[b] + i * dout.row_stride, dout, 1, dv, &mut sc.dout);
-            let n = if a.causal { (i + 1).min(tk) } else { tk };
-            let dq_row = &mut dq[i * d..(i + 1) * d];
-            dq_row.fill(0.0);
-            if n == 0 {
+    /// The softmax probabilities of query rows `i0..i1` of batch `b` into `sc.p`
+    /// (row `r` at `r·tk`, keys `0..keys(i1 - 1)`; keys a row does not see are 0). A row
+    /// whose every score is -inf (or any is NaN) is NaN, as the unfused softmax gives.
+    ///
+    /// # Safety
+    /// Every operand must have been checked in bounds.
+    #[inline(always)]
+    unsafe fn probabilities(&self, sc: &mut Scratch, b: usize, i0: usize, i1: usize) {
+        let (a, p, offs) = (self.a, self.p, &self.offs);
+        let (tk, n) = (a.tk, self.keys(i1 - 1));
+        let q = View::of(p.q, offs.q[b], &a.q, i0);
+        let kt = View::of(p.k, offs.k[b], &a.k, 0).t();
+        // SAFETY: q and k are in bounds; p holds (i1 - i0) rows of tk.
+        unsafe { mm(i1 - i0, n, a.d, sc.p.as_mut_ptr(), tk, false, q, kt, a.scale as f32) };
+        for i in i0..i1 {
+            let row = &mut sc.p[(i - i0) * tk..(i - i0) * tk + n];
+            let (seen, unseen) = row.split_at_mut(self.keys(i));
+            unseen.fill(0.0);
+            if let Some(m) = &a.mask {
+                let mp = View::of(p.mask, offs.mask[b], m, i);
+                for (j, x) in seen.iter_mut().enumerate() {
+                    // SAFETY: the mask was checked in bounds.
+                    *x += unsafe { *mp.ptr.add(j * mp.cs) };
+                }
+            }
+            // NaN scores need no test here: they make the sum, so the row, NaN.
+            let mx = lanes(seen, f32::NEG_INFINITY, |m, x| if x > m { x } else { m });
+            if mx == f32::NEG_INFINITY {
+                seen.fill(f32::NAN);
                 continue;
             }
-            // Pass 1: the row's softmax.
-            scores(a, p, &sc.q, &sc.kt, moff, i, 0, n, &mut sc.s);
-            let s = &mut sc.s[..n];
-            let mut m = f32::NEG_INFINITY;
-            for &x in s.iter() {
-                if x > m || x.is_nan() {
-                    m = x;
-                }
+            for x in seen.iter_mut() {
+                *x = exp(*x - mx);
             }
-            if m == f32::NEG_INFINITY {
-                // Every key is masked: the unfused softmax gives NaN.
-                s.fill(f32::NAN);
-            } else {
-                for x in s.iter_mut() {
-                    *x = exp(*x - m);
-                }
-            }
-            let mut l = 0.0f32;
-            for &x in s.iter() {
-                l += x;
-            }
-            for x in s.iter_mut() {
+            let l = lanes(seen, 0.0, |s, x| s + x);
+            for x in seen.iter_mut() {
                 *x /= l;
             }
-            // Pass 2: gradients. dp_j = dO·v_j (from V transposed).
-            let dp = &mut sc.dp[..n];
-            dp.fill(0.0);
-            for (c, &g) in sc.dout.iter().enumerate() {
-                axpy(dp, g, &sc.vt[c * tk..c * tk + n]);
-            }
-            let mut dsum = 0.0f32;
-            for j in 0..n {
-                dsum += s[j] * dp[j];
-            }
-            for j in 0..n {
-                // dp becomes scale · ds
-                dp[j] = scale * (s[j] * (dp[j] - dsum));
-            }
-            for j in 0..n {
-                axpy(&mut dvv[j * dv..(j + 1) * dv], s[j], &sc.dout);
-                axpy(dq_row, dp[j], &sc.k[j * d..(j + 1) * d]);
-                axpy(&mut dk[j * d..(j + 1) * d], dp[j], &sc.q);
+        }
+    }
+
+    /// The forward of query rows `i0..i1` of batch `b`.
+    ///
+    /// # Safety
+    /// Every operand must have been checked in bounds; the output must be a distinct
+    /// buffer (these rows of it are written by this call only).
+    #[inline(always)]
+    unsafe fn forward(&self, sc: &mut Scratch, b: usize, i0: usize, i1: usize) {
+        let (a, p) = (self.a, self.p);
+        let out = (p.out as *mut f32).wrapping_add((b * a.tq + i0) * a.dv);
+        let v = View::of(p.v, self.offs.v[b], &a.v, 0);
+        // SAFETY: as documented; the output block is (i1 - i0) × dv, dense.
+        unsafe {
+            self.probabilities(sc, b, i0, i1);
+            mm(i1 - i0, a.dv, self.keys(i1 - 1), out, a.dv, false, View::dense(sc.p.as_ptr(), a.tk), v, 1.0);
+        }
+    }
+
+    /// The backward of batch `b`: its blocks of dq, dk and dv, a block of query rows at
+    /// a time (`dp = dO vᵀ`, `ds = scale · p (dp − Σ p·dp)`, `dq = ds k`, `dk += dsᵀ q`,
+    /// `dv += pᵀ dO`).
+    ///
+    /// # Safety
+    /// As for [`Run::forward`] (batch `b`'s gradient blocks are written by this call only).
+    #[inline(always)]
+    unsafe fn backward(&self, sc: &mut Scratch, b: usize) {
+        let (a, p, offs) = (self.a, self.p, &self.offs);
+        let dout = self.dout.expect("backward has dout");
+        let (tq, tk, d, dv) = (a.tq, a.tk, a.d, a.dv);
+        let (nq, nk, _) = a.grad_lens();
+        let scale = a.scale as f32;
+        let base = p.out as *mut f32;
+        let (dq, dk, dvv) = (base.wrapping_add(b * tq * d), base.wrapping_add(nq + b * tk * d), base.wrapping_add(nq + nk + b * tk * dv));
+        let k = View::of(p.k, offs.k[b], &a.k, 0);
+        let v = View::of(p.v, offs.v[b], &a.v, 0);
+        // SAFETY: every view was checked in bounds; dq, dk, dv are this batch's dense
+        // blocks of the distinct output buffer.
+        unsafe {
+            std::slice::from_raw_parts_mut(dk, tk * d).fill(0.0);
+            std::slice::from_raw_parts_mut(dvv, tk * dv).fill(0.0);
+            for i0 in (0..tq).step_by(QB) {
+                let i1 = (i0 + QB).min(tq);
+                let (m, n) = (i1 - i0, self.keys(i1 - 1));
+                self.probabilities(sc, b, i0, i1);
+                let go = View::of(p.dout, offs.dout[b], dout, i0);
+                mm(m, n, dv, sc.dp.as_mut_ptr(), tk, false, go, v.t(), 1.0);
+                for r in 0..m {
+                    let pr = &sc.p[r * tk..r * tk + n];
+                    let dr = &mut sc.dp[r * tk..r * tk + n];
+                    let dsum = dot(pr, dr);
+                    // dp becomes scale · ds (0 where the row sees no key).
+                    for (y, &x) in dr.iter_mut().zip(pr) {
+                        *y = scale * (x * (*y - dsum));
+                    }
+                }
+                let ds = View::dense(sc.dp.as_ptr(), tk);
+                let pm = View::dense(sc.p.as_ptr(), tk);
+                let q = View::of(p.q, offs.q[b], &a.q, i0);
+                mm(m, d, n, dq.add(i0 * d), d, false, ds, k, 1.0);
+                mm(n, d, m, dk, d, true, ds.t(), q, 1.0);
+                mm(n, dv, m, dvv, dv, true, pm.t(), go, 1.0);
             }
         }
     }
@@ -390,8 +356,14 @@ unsafe fn backward_batch(r: &Run, sc: &mut Scratch, b: usize) {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn backward_batch_avx2(r: &Run, sc: &mut Scratch, b: usize) {
-    unsafe { backward_batch(r, sc, b) }
+unsafe fn forward_avx2(r: &Run, sc: &mut Scratch, b: usize, i0: usize, i1: usize) {
+    unsafe { r.forward(sc, b, i0, i1) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn backward_avx2(r: &Run, sc: &mut Scratch, b: usize) {
+    unsafe { r.backward(sc, b) }
 }
 
 fn ptrs(a: &AttentionKernel, dout: Option<&MatOperand>, bufs: &mut Buffers) -> Result<Ptrs> {
@@ -411,42 +383,59 @@ fn ptrs(a: &AttentionKernel, dout: Option<&MatOperand>, bufs: &mut Buffers) -> R
     })
 }
 
+/// Runs `f(scratch, task)` for tasks `0..n`, in parallel on the current pool when
+/// `threads > 1`.
+fn for_tasks(a: &AttentionKernel, n: usize, backward: bool, threads: usize, f: impl Fn(&mut Scratch, usize) + Sync) {
+    if threads > 1 && n > 1 {
+        (0..n).into_par_iter().for_each_init(|| Scratch::new(a, backward), |s, t| f(s, t));
+    } else {
+        let mut s = Scratch::new(a, backward);
+        for t in 0..n {
+            f(&mut s, t);
+        }
+    }
+}
+
 /// The forward kernel. Call inside the executor's pool (`pool.install`) so that its
-/// parallelism uses that pool.
+/// parallelism uses that pool. A task is one block of query rows of one batch index.
 pub fn forward(a: &AttentionKernel, bufs: &mut Buffers, threads: usize) -> Result<()> {
     check(a, None, a.out_len(), |b| bufs.f32(b).ok().map(|x| x.len()))?;
     let r = Run { a, dout: None, p: ptrs(a, None, bufs)?, offs: Offsets::new(a, None) };
     let avx2 = has_avx2();
-    for_batches(a, false, threads, |sc, b| {
+    let blocks = a.tq.div_ceil(QB);
+    for_tasks(a, a.batch_count() * blocks, false, threads, |sc, t| {
+        let (b, i0) = (t / blocks, t % blocks * QB);
+        let i1 = (i0 + QB).min(a.tq);
         // SAFETY: every operand was checked in bounds above; the output is a distinct
-        // buffer and batch `b` writes only its own block; AVX2 was detected.
+        // buffer and each task writes only its own rows; AVX2 was detected.
         #[cfg(target_arch = "x86_64")]
         if avx2 {
-            unsafe { forward_batch_avx2(&r, sc, b) };
+            unsafe { forward_avx2(&r, sc, b, i0, i1) };
             return;
         }
         let _ = avx2;
-        unsafe { forward_batch(&r, sc, b) }
+        unsafe { r.forward(sc, b, i0, i1) }
     });
     Ok(())
 }
 
-/// The backward kernel (packed dq, dk, dv). Call inside the executor's pool.
+/// The backward kernel (packed dq, dk, dv). Call inside the executor's pool. A task is
+/// one batch index (its dk and dv sum over every query row).
 pub fn backward(bk: &AttentionBackwardKernel, bufs: &mut Buffers, threads: usize) -> Result<()> {
     let a = &bk.fwd;
     let (nq, nk, nv) = a.grad_lens();
     check(a, Some(&bk.dout), nq + nk + nv, |b| bufs.f32(b).ok().map(|x| x.len()))?;
     let r = Run { a, dout: Some(&bk.dout), p: ptrs(a, Some(&bk.dout), bufs)?, offs: Offsets::new(a, Some(&bk.dout)) };
     let avx2 = has_avx2();
-    for_batches(a, true, threads, |sc, b| {
+    for_tasks(a, a.batch_count(), true, threads, |sc, b| {
         // SAFETY: as in `forward`.
         #[cfg(target_arch = "x86_64")]
         if avx2 {
-            unsafe { backward_batch_avx2(&r, sc, b) };
+            unsafe { backward_avx2(&r, sc, b) };
             return;
         }
         let _ = avx2;
-        unsafe { backward_batch(&r, sc, b) }
+        unsafe { r.backward(sc, b) }
     });
     Ok(())
 }

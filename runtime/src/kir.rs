@@ -250,8 +250,8 @@ pub struct ScatterAddKernel {
 /// Fused attention `out[b] = softmax(q[b] @ k[b]ᵀ · scale + mask[b]) @ v[b]` for every
 /// index `b` of `batch` (`q`: tq×d, `k`: tk×d, `v`: tk×dv, `mask`: tq×tk, any strides,
 /// 0 to broadcast). With `causal`, query row `i` sees keys `j <= i` only (tq = tk). The
-/// runtime never stores a tq×tk matrix: each query row runs an online softmax over tiles
-/// of keys. `out` is a whole contiguous buffer of `batch × tq × dv` elements.
+/// CPU runtime never stores a tq×tk matrix: it works a block of query rows at a time
+/// (see `attention.rs`). `out` is a whole contiguous buffer of `batch × tq × dv` elements.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AttentionKernel {
     pub batch: Vec<usize>,
