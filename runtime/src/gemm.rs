@@ -196,3 +196,79 @@ mod tests {
         }
     }
 }
+
+/// Times the `gemm` crate on W2/W3's shapes, one thread and two:
+/// `cargo test --release -p bm-runtime gemm::timing -- --ignored --nocapture`.
+#[cfg(test)]
+mod timing {
+    #[test]
+    #[ignore]
+    fn w2_w3_shapes() {
+        // (m, n, k, a transposed, b transposed): forward x @ Wᵀ, input grads, weight grads.
+        let shapes = [
+            (2048, 384, 128, false, true),
+            (2048, 512, 128, false, true),
+            (2048, 128, 512, false, true),
+            (2048, 128, 384, false, false),
+            (384, 128, 2048, true, false),
+            (2048, 1152, 384, false, true),
+            (2048, 1536, 384, false, true),
+            (2048, 384, 1536, false, true),
+            (1536, 384, 2048, true, false),
+        ];
+        for threads in [1, 2] {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            for &(m, n, k, ta, tb) in &shapes {
+                let a = vec![0.5f32; m * k];
+                let b = vec![0.25f32; k * n];
+                let mut c = vec![0.0f32; m * n];
+                let (ars, acs) = if ta { (1, m) } else { (k, 1) };
+                let (brs, bcs) = if tb { (1, k) } else { (n, 1) };
+                let par = if threads > 1 { ::gemm::Parallelism::Rayon(threads) } else { ::gemm::Parallelism::None };
+                let (mut best, mut mine) = (f64::MAX, f64::MAX);
+                for _ in 0..20 {
+                    let t0 = std::time::Instant::now();
+                    pool.install(|| unsafe {
+                        ::gemm::gemm(
+                            m,
+                            n,
+                            k,
+                            c.as_mut_ptr(),
+                            1,
+                            n as isize,
+                            false,
+                            a.as_ptr(),
+                            acs as isize,
+                            ars as isize,
+                            b.as_ptr(),
+                            bcs as isize,
+                            brs as isize,
+                            1.0,
+                            1.0,
+                            false,
+                            false,
+                            false,
+                            par,
+                        )
+                    });
+                    best = best.min(t0.elapsed().as_secs_f64());
+                    if crate::sgemm::available() {
+                        let t0 = std::time::Instant::now();
+                        let am = crate::sgemm::Mat { ptr: a.as_ptr(), rs: ars, cs: acs };
+                        let bm = crate::sgemm::Mat { ptr: b.as_ptr(), rs: brs, cs: bcs };
+                        pool.install(|| unsafe { crate::sgemm::sgemm(m, n, k, am, bm, c.as_mut_ptr(), n, 1, false, 1.0, threads) });
+                        mine = mine.min(t0.elapsed().as_secs_f64());
+                    }
+                }
+                let gf = |t: f64| 2.0 * (m * n * k) as f64 / t / 1e9;
+                println!(
+                    "{threads}t {m}x{n}x{k} ta={ta} tb={tb}: gemm crate {:.3} ms {:.1} GFLOP/s; sgemm {:.3} ms {:.1} GFLOP/s",
+                    best * 1e3,
+                    gf(best),
+                    mine * 1e3,
+                    gf(mine)
+                );
+            }
+        }
+    }
+}

@@ -31,5 +31,6 @@ pub mod metrics;
 pub mod rng;
 pub mod sample;
 pub mod session;
+pub mod sgemm;
 
 pub use error::{Error, Result};
