@@ -31,6 +31,5 @@ pub mod metrics;
 pub mod rng;
 pub mod sample;
 pub mod session;
-pub mod sgemm;
 
 pub use error::{Error, Result};
