@@ -113,6 +113,12 @@ pub fn unary(op: UnaryOp, x: f64) -> f64 {
             let k = (2.0 / std::f64::consts::PI).sqrt();
             0.5 * x * (1.0 + (k * (x + 0.044715 * x * x * x)).tanh())
         }
+        UnaryOp::GeluTanhGrad => {
+            // ½(1 + t) + ½·x·(1 − t²)·K·(1 + 3C·x²), t = tanh(K(x + C·x³))
+            let (k, c) = ((2.0 / std::f64::consts::PI).sqrt(), 0.044715);
+            let t = (k * (x + c * x * x * x)).tanh();
+            0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * k * (1.0 + 3.0 * c * x * x)
+        }
     }
 }
 

@@ -143,6 +143,8 @@ fn unary_ops() {
         UnaryOp::Erf,
         UnaryOp::Recip,
         UnaryOp::Square,
+        UnaryOp::GeluTanh,
+        UnaryOp::GeluTanhGrad,
     ];
     for (i, op) in all.into_iter().enumerate() {
         let mut c = Check::new(100 + i as u64);

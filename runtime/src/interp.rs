@@ -148,6 +148,7 @@ pub fn unary(op: UnaryOp, x: f32) -> f32 {
         UnaryOp::Step => bool_f(x > 0.0),
         UnaryOp::Floor => x.floor(),
         UnaryOp::GeluTanh => gelu_tanh(x),
+        UnaryOp::GeluTanhGrad => gelu_tanh_grad(x),
     }
 }
 
@@ -156,12 +157,35 @@ pub const GELU_K: f32 = 0.797_884_6;
 /// GELU's cubic coefficient.
 pub const GELU_C: f32 = 0.044715;
 
-/// GELU (tanh form), in exactly this order of f32 operations (the JIT and the CUDA
-/// prelude repeat it): `x3 = x·x·x; s = (x + x3·C)·K; 0.5·(x·(tanh(s) + 1))`.
+/// `2·√(2/π)`: `½(1 + tanh(s)) = σ(2s) = 1 / (1 + exp(-2s))`.
+pub const GELU_K2: f32 = 1.595_769_2;
+/// `3 × 0.044715`, the derivative's coefficient.
+pub const GELU_C3: f32 = 0.134_145;
+/// Beyond ±20, GELU's derivative is exactly 1 or 0 in f32; clamping there keeps `x²`
+/// finite (no `inf · 0`).
+pub const GELU_GRAD_LIMIT: f32 = 20.0;
+
+/// GELU (tanh form) in exactly this order of f32 operations (the JIT and the CUDA
+/// prelude repeat it), through the identity `½(1 + tanh(s)) = 1 / (1 + exp(-2s))`: one
+/// `exp` and a division, and no cancellation in `1 + tanh(s)` for negative `x`:
+/// `x3 = x·x·x; s = (x + x3·C)·K; x / (exp(-(s + s)) + 1)`.
 pub fn gelu_tanh(x: f32) -> f32 {
     let x3 = x * x * x;
     let s = (x + x3 * GELU_C) * GELU_K;
-    x * (bm_tanh(s) + 1.0) * 0.5
+    x / (bm_exp(-(s + s)) + 1.0)
+}
+
+/// GELU's derivative, in exactly this order of f32 operations (JIT, CUDA prelude):
+/// with `σ = 1 / (1 + exp(-2s))`, `d/dx x·σ = σ + x·σ(1 − σ)·2K(1 + 3C·x²)`, on `x`
+/// clamped to ±[`GELU_GRAD_LIMIT`] (NaN stays NaN).
+pub fn gelu_tanh_grad(x: f32) -> f32 {
+    let x = if x < -GELU_GRAD_LIMIT { -GELU_GRAD_LIMIT } else { x };
+    let x = if x > GELU_GRAD_LIMIT { GELU_GRAD_LIMIT } else { x };
+    let x2 = x * x;
+    let s = (x + x2 * x * GELU_C) * GELU_K;
+    let sig = 1.0 / (bm_exp(-(s + s)) + 1.0);
+    let ds = (x2 * GELU_C3 + 1.0) * GELU_K2;
+    sig + x * ds * (sig * (1.0 - sig))
 }
 
 pub fn binary(op: BinaryOp, a: f32, b: f32) -> f32 {
@@ -378,6 +402,22 @@ mod tests {
         assert_eq!(GELU_C, 0.044715f64 as f32);
         // GELU(1) = 0.8411920 (PyTorch, approximate="tanh").
         assert!((unary(UnaryOp::GeluTanh, 1.0) - 0.841192).abs() < 1e-6);
+        assert_eq!(GELU_K2, (8.0f64 / std::f64::consts::PI).sqrt() as f32);
+        assert_eq!(GELU_C3, (3.0 * 0.044715f64) as f32);
+        // The derivative against central differences of the f64 tanh form, and its ends.
+        let gelu = |x: f64| 0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).tanh());
+        for i in -80..=80 {
+            let x = i as f64 * 0.1;
+            let want = (gelu(x + 1e-6) - gelu(x - 1e-6)) / 2e-6;
+            let got = gelu_tanh_grad(x as f32) as f64;
+            assert!((got - want).abs() < 1e-6 * (1.0 + want.abs()), "gelu'({x}) = {got}, want {want}");
+            assert!((gelu_tanh(x as f32) as f64 - gelu(x)).abs() < 1e-6 * (1.0 + gelu(x).abs()), "gelu({x})");
+        }
+        assert_eq!(gelu_tanh_grad(1e30), 1.0);
+        assert_eq!(gelu_tanh_grad(-1e30), 0.0);
+        assert_eq!(gelu_tanh(-1e30), 0.0);
+        assert_eq!(gelu_tanh(1e30), 1e30);
+        assert!(gelu_tanh_grad(f32::NAN).is_nan() && gelu_tanh(f32::NAN).is_nan());
         assert_eq!(binary(BinaryOp::Ne, f32::NAN, f32::NAN), 1.0);
         assert_eq!(binary(BinaryOp::Eq, f32::NAN, f32::NAN), 0.0);
         assert_eq!(binary(BinaryOp::Pow, 2.0, 10.0), 1024.0);

@@ -784,6 +784,21 @@ impl<'k> Gen<'_, 'k> {
         self.b.ins().bitcast(ty, MemFlagsData::new(), r)
     }
 
+    /// `exp(-(s + s)) + 1` for GELU's `s = (x + x3·C)·K`: `1 / σ(2s)`, in
+    /// `interp::gelu_tanh`'s order.
+    fn gelu_denominator(&mut self, x: Value, x3: Value) -> Value {
+        let c = self.f32c(interp::GELU_C);
+        let x3c = self.b.ins().fmul(x3, c);
+        let s = self.b.ins().fadd(x, x3c);
+        let k = self.f32c(interp::GELU_K);
+        let s = self.b.ins().fmul(s, k);
+        let s2 = self.b.ins().fadd(s, s);
+        let ns2 = self.b.ins().fneg(s2);
+        let e = self.exp(ns2);
+        let one = self.f32c(1.0);
+        self.b.ins().fadd(e, one)
+    }
+
     /// 1.0 where the comparison `c` holds, else 0.0.
     fn bool_f(&mut self, c: Value) -> Value {
         let one = self.f32c(1.0);
@@ -893,17 +908,32 @@ impl<'k> Gen<'_, 'k> {
                         // interp::gelu_tanh's operations, in its order.
                         let x2 = self.b.ins().fmul(x, x);
                         let x3 = self.b.ins().fmul(x2, x);
-                        let c = self.f32c(crate::interp::GELU_C);
-                        let x3c = self.b.ins().fmul(x3, c);
-                        let s = self.b.ins().fadd(x, x3c);
-                        let k = self.f32c(crate::interp::GELU_K);
-                        let s = self.b.ins().fmul(s, k);
-                        let t = self.tanh(s);
+                        let sig_den = self.gelu_denominator(x, x3);
+                        self.b.ins().fdiv(x, sig_den)
+                    }
+                    UnaryOp::GeluTanhGrad => {
+                        // interp::gelu_tanh_grad's operations, in its order.
+                        let lim = self.f32c(interp::GELU_GRAD_LIMIT);
+                        let nlim = self.f32c(-interp::GELU_GRAD_LIMIT);
+                        let c = self.b.ins().fcmp(FloatCC::LessThan, x, nlim);
+                        let x = self.pick(c, nlim, x);
+                        let c = self.b.ins().fcmp(FloatCC::GreaterThan, x, lim);
+                        let x = self.pick(c, lim, x);
+                        let x2 = self.b.ins().fmul(x, x);
+                        let x3 = self.b.ins().fmul(x2, x);
+                        let den = self.gelu_denominator(x, x3);
                         let one = self.f32c(1.0);
-                        let t1 = self.b.ins().fadd(t, one);
-                        let h = self.b.ins().fmul(x, t1);
-                        let half = self.f32c(0.5);
-                        self.b.ins().fmul(h, half)
+                        let sig = self.b.ins().fdiv(one, den);
+                        let c3 = self.f32c(interp::GELU_C3);
+                        let ds = self.b.ins().fmul(x2, c3);
+                        let ds = self.b.ins().fadd(ds, one);
+                        let k2 = self.f32c(interp::GELU_K2);
+                        let ds = self.b.ins().fmul(ds, k2);
+                        let xds = self.b.ins().fmul(x, ds);
+                        let rest = self.b.ins().fsub(one, sig);
+                        let spread = self.b.ins().fmul(sig, rest);
+                        let r = self.b.ins().fmul(xds, spread);
+                        self.b.ins().fadd(sig, r)
                     }
                     UnaryOp::Step => {
                         let zero = self.f32c(0.0);
@@ -960,7 +990,7 @@ mod tests {
     use crate::kir::Buffer;
     use proptest::prelude::{ProptestConfig, any, proptest};
 
-    const UNARY: [UnaryOp; 17] = [
+    const UNARY: [UnaryOp; 18] = [
         UnaryOp::Neg,
         UnaryOp::Exp,
         UnaryOp::Log,
@@ -978,6 +1008,7 @@ mod tests {
         UnaryOp::Step,
         UnaryOp::Floor,
         UnaryOp::GeluTanh,
+        UnaryOp::GeluTanhGrad,
     ];
     const BINARY: [BinaryOp; 13] = [
         BinaryOp::Add,

@@ -101,6 +101,10 @@ pub enum UnaryOp {
     /// [`crate::interp::gelu_tanh`] does. One primitive so that training saves only its
     /// input for the backward (which recomputes the rest), not four intermediates.
     GeluTanh,
+    /// The derivative of [`UnaryOp::GeluTanh`], evaluated as
+    /// [`crate::interp::gelu_tanh_grad`] does: GELU's backward is one elementwise
+    /// kernel `dy · gelu'(x)`.
+    GeluTanhGrad,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

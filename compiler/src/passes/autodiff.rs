@@ -182,26 +182,37 @@ fn vjp(g: &mut Graph, id: NodeId, operands: &[NodeId], needs: &[bool], gy: NodeI
                     ops::mul(g, gy, sign).map_err(err)?
                 }
                 UnaryOp::GeluTanh => {
-                    // d/dx = ½(1 + t) + ½·x·(1 − t²)·K·(1 + 3C·x²), t = tanh(K(x + C·x³)),
-                    // recomputed from x alone (the forward keeps nothing else).
+                    // One elementwise kernel, recomputed from x alone (the forward keeps
+                    // nothing else).
+                    let d = ops::unary(g, UnaryOp::GeluTanhGrad, a);
+                    ops::mul(g, gy, d).map_err(err)?
+                }
+                UnaryOp::GeluTanhGrad => {
+                    // gelu = x·σ(u), u = 2K(x + C·x³): gelu'' = σ(1 − σ)·(2u' + x(1 − 2σ)u'² + x·u''),
+                    // u' = 2K(1 + 3C·x²), u'' = 12KC·x.
                     let (k, c) = ((2.0 / std::f64::consts::PI).sqrt(), 0.044715);
                     let a2 = ops::unary(g, UnaryOp::Square, a);
                     let a3 = ops::mul(g, a2, a).map_err(err)?;
                     let ca3 = ops::mul_scalar(g, a3, c);
-                    let inner = ops::add(g, a, ca3).map_err(err)?;
-                    let inner = ops::mul_scalar(g, inner, k);
-                    let t = ops::unary(g, UnaryOp::Tanh, inner);
-                    let t1 = ops::add_scalar(g, t, 1.0);
-                    let left = ops::mul_scalar(g, t1, 0.5);
-                    let t2 = ops::unary(g, UnaryOp::Square, t);
-                    let one = ops::scalar(g, 1.0);
-                    let sech2 = ops::sub(g, one, t2).map_err(err)?;
-                    let poly = ops::mul_scalar(g, a2, 3.0 * c);
-                    let poly = ops::add_scalar(g, poly, 1.0);
-                    let r = ops::mul(g, a, sech2).map_err(err)?;
-                    let r = ops::mul(g, r, poly).map_err(err)?;
-                    let right = ops::mul_scalar(g, r, 0.5 * k);
-                    let d = ops::add(g, left, right).map_err(err)?;
+                    let u = ops::add(g, a, ca3).map_err(err)?;
+                    let u = ops::mul_scalar(g, u, 2.0 * k);
+                    let sig = ops::unary(g, UnaryOp::Sigmoid, u);
+                    let du = ops::mul_scalar(g, a2, 3.0 * c);
+                    let du = ops::add_scalar(g, du, 1.0);
+                    let du = ops::mul_scalar(g, du, 2.0 * k);
+                    let one_minus = ops::neg(g, sig);
+                    let one_minus = ops::add_scalar(g, one_minus, 1.0);
+                    let spread = ops::mul(g, sig, one_minus).map_err(err)?;
+                    let two_sig = ops::mul_scalar(g, sig, -2.0);
+                    let one_minus_2sig = ops::add_scalar(g, two_sig, 1.0);
+                    let du2 = ops::unary(g, UnaryOp::Square, du);
+                    let mid = ops::mul(g, one_minus_2sig, du2).map_err(err)?;
+                    let ddu = ops::mul_scalar(g, a, 12.0 * k * c);
+                    let mid = ops::add(g, mid, ddu).map_err(err)?;
+                    let mid = ops::mul(g, a, mid).map_err(err)?;
+                    let two_du = ops::mul_scalar(g, du, 2.0);
+                    let sum = ops::add(g, two_du, mid).map_err(err)?;
+                    let d = ops::mul(g, spread, sum).map_err(err)?;
                     ops::mul(g, gy, d).map_err(err)?
                 }
                 UnaryOp::Tanh => {

@@ -202,6 +202,7 @@ impl Gen<'_> {
                     UnaryOp::Step => "bm_step",
                     UnaryOp::Floor => "floorf",
                     UnaryOp::GeluTanh => "bm_gelu_tanh",
+                    UnaryOp::GeluTanhGrad => "bm_gelu_tanh_grad",
                 };
                 format!("{f}({})", self.expr(a))
             }

@@ -23,11 +23,21 @@ __device__ __forceinline__ float bm_square(float x) { return x * x; }
 __device__ __forceinline__ float bm_rsqrt(float x) { return 1.0f / sqrtf(x); }
 __device__ __forceinline__ float bm_recip(float x) { return 1.0f / x; }
 __device__ __forceinline__ float bm_step(float x) { return x > 0.0f ? 1.0f : 0.0f; }
-// interp::gelu_tanh's operations, in its order.
+// interp::gelu_tanh's operations, in its order (1/2 (1 + tanh s) = 1 / (1 + exp(-2s))).
 __device__ __forceinline__ float bm_gelu_tanh(float x) {
   float x3 = x * x * x;
   float s = (x + x3 * 0.044715f) * 0.797884583f;
-  return x * (tanhf(s) + 1.0f) * 0.5f;
+  return x / (expf(-(s + s)) + 1.0f);
+}
+// interp::gelu_tanh_grad's operations, in its order.
+__device__ __forceinline__ float bm_gelu_tanh_grad(float x) {
+  x = x < -20.0f ? -20.0f : x;
+  x = x > 20.0f ? 20.0f : x;
+  float x2 = x * x;
+  float s = (x + x2 * x * 0.044715f) * 0.797884583f;
+  float sig = 1.0f / (expf(-(s + s)) + 1.0f);
+  float ds = (x2 * 0.134145007f + 1.0f) * 1.59576917f;
+  return sig + x * ds * (sig * (1.0f - sig));
 }
 __device__ __forceinline__ float bm_lt(float a, float b) { return a < b ? 1.0f : 0.0f; }
 __device__ __forceinline__ float bm_le(float a, float b) { return a <= b ? 1.0f : 0.0f; }
