@@ -582,27 +582,46 @@ impl Executor {
         self.bufs.i32_mut(buf)
     }
 
-    /// Runs the kernels of entry `entry` in order.
+    /// Runs the kernels of entry `entry` in order. With several threads the whole entry
+    /// runs on a worker of the pool, so a kernel split across threads is a fork-join
+    /// among workers that are already awake, not a hand-off from (and wake-up of) the
+    /// calling thread per kernel.
     pub fn run(&mut self, entry: &str) -> Result<()> {
         let e = *self.entries.get(entry).ok_or_else(|| Error::internal(format!("the program has no entry `{entry}`")))?;
-        let kernels = std::mem::take(&mut self.program.entries[e].kernels);
-        let res = kernels.iter().try_for_each(|&k| self.run_kernel(k));
-        self.program.entries[e].kernels = kernels;
-        res
+        let mut ctx = Ctx { plans: &self.plans, program: &self.program, bufs: &mut self.bufs, threads: self.threads, pool: &self.pool };
+        let kernels = &self.program.entries[e].kernels;
+        in_pool(&self.pool, self.threads, || kernels.iter().try_for_each(|&k| ctx.run_kernel(k)))
     }
 
     /// Runs kernel `k` of the program alone.
     pub fn run_kernel(&mut self, k: usize) -> Result<()> {
+        let mut ctx = Ctx { plans: &self.plans, program: &self.program, bufs: &mut self.bufs, threads: self.threads, pool: &self.pool };
+        ctx.run_kernel(k)
+    }
+}
+
+/// What running a kernel needs of the executor (the parts that may move to a worker).
+struct Ctx<'a> {
+    plans: &'a [Plan],
+    program: &'a Program,
+    bufs: &'a mut Buffers,
+    threads: usize,
+    pool: &'a rayon::ThreadPool,
+}
+
+impl Ctx<'_> {
+    fn run_kernel(&mut self, k: usize) -> Result<()> {
         let plan = self.plans.get(k).ok_or_else(|| Error::internal(format!("kernel k{k} does not exist")))?;
         let kernel = &self.program.kernels[k];
+        let (threads, pool) = (self.threads, self.pool);
         match (plan, kernel) {
-            (Plan::Interp, k) => interp::run_kernel(k, &mut self.bufs),
+            (Plan::Interp, k) => interp::run_kernel(k, self.bufs),
             (&Plan::Jit { f, outer, points, splittable }, _) => {
                 let ptrs = self.bufs.base_ptrs();
                 let p = ptrs.as_ptr() as usize;
-                if splittable && self.threads > 1 && points > PARALLEL_POINTS && outer > 1 {
-                    let chunks = outer.min(self.threads * 4);
-                    self.pool.install(|| {
+                if splittable && threads > 1 && points > PARALLEL_POINTS && outer > 1 {
+                    let chunks = outer.min(threads * 4);
+                    pool.install(|| {
                         (0..chunks).into_par_iter().for_each(|c| {
                             let lo = outer * c / chunks;
                             let hi = outer * (c + 1) / chunks;
@@ -616,19 +635,12 @@ impl Executor {
                 }
                 Ok(())
             }
-            (Plan::MatMul, Kernel::MatMul(m)) => {
-                let (threads, bufs) = (self.threads, &mut self.bufs);
-                in_pool(&self.pool, threads, || crate::gemm::matmul(m, bufs, threads))
-            }
-            (Plan::Gather, Kernel::Gather(g)) => gather(g, &mut self.bufs),
-            (Plan::ScatterAdd, Kernel::ScatterAdd(s)) => scatter_add(s, &mut self.bufs),
-            (Plan::Attention, Kernel::Attention(a)) => {
-                let (threads, bufs) = (self.threads, &mut self.bufs);
-                in_pool(&self.pool, threads, || crate::attention::forward(a, bufs, threads))
-            }
+            (Plan::MatMul, Kernel::MatMul(m)) => in_pool(pool, threads, || crate::gemm::matmul(m, self.bufs, threads)),
+            (Plan::Gather, Kernel::Gather(g)) => gather(g, self.bufs),
+            (Plan::ScatterAdd, Kernel::ScatterAdd(s)) => scatter_add(s, self.bufs),
+            (Plan::Attention, Kernel::Attention(a)) => in_pool(pool, threads, || crate::attention::forward(a, self.bufs, threads)),
             (Plan::AttentionBackward, Kernel::AttentionBackward(a)) => {
-                let (threads, bufs) = (self.threads, &mut self.bufs);
-                in_pool(&self.pool, threads, || crate::attention::backward(a, bufs, threads))
+                in_pool(pool, threads, || crate::attention::backward(a, self.bufs, threads))
             }
             _ => Err(Error::internal(format!("kernel k{k} does not match its plan"))),
         }
