@@ -299,6 +299,7 @@ pub fn compile(loaded: &Loaded, opts: &Options, stage: Stage) -> Result<Compiled
 /// The clean-up passes run after elaboration and after the training passes.
 fn simplify(g: &Graph) -> Graph {
     let g = crate::passes::cse::eliminate_common_subexpressions(g);
+    let g = crate::passes::pads::concat_disjoint_pads(&g);
     crate::passes::dce::eliminate_dead_code(&g)
 }
 

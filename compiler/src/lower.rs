@@ -33,6 +33,44 @@ struct View {
     strides: Vec<usize>,
 }
 
+/// The strides that read a view of `shape`/`strides` reshaped to `new` (same elements in
+/// row-major order) without a copy, if there are any: every group of old axes merged
+/// into (or split from) new axes must be contiguous among itself (NumPy's no-copy
+/// reshape). `None` when the reshape needs a copy.
+fn reshape_strides(shape: &[usize], strides: &[usize], new: &[usize]) -> Option<Vec<usize>> {
+    if shape.contains(&0) || new.contains(&0) {
+        return None;
+    }
+    let old: Vec<(usize, usize)> = shape.iter().copied().zip(strides.iter().copied()).filter(|&(d, _)| d != 1).collect();
+    let mut out = vec![0; new.len()];
+    let (mut oi, mut ni) = (0, 0);
+    while oi < old.len() && ni < new.len() {
+        let (mut oj, mut nj) = (oi + 1, ni + 1);
+        let (mut op, mut np) = (old[oi].0, new[ni]);
+        while op != np {
+            if np < op {
+                np *= *new.get(nj)?;
+                nj += 1;
+            } else {
+                op *= old.get(oj)?.0;
+                oj += 1;
+            }
+        }
+        for k in oi..oj - 1 {
+            if old[k].1 != old[k + 1].0 * old[k + 1].1 {
+                return None;
+            }
+        }
+        out[nj - 1] = old[oj - 1].1;
+        for k in (ni + 1..nj).rev() {
+            out[k - 1] = out[k] * new[k];
+        }
+        (oi, ni) = (oj, nj);
+    }
+    // Trailing size-1 axes of `new` keep stride 0; any other leftover is a mismatch.
+    (oi == old.len() && new[ni..].iter().all(|&d| d == 1)).then_some(out)
+}
+
 fn row_major(shape: &[usize]) -> Vec<usize> {
     let mut s = vec![0; shape.len()];
     let mut acc = 1;
@@ -291,6 +329,14 @@ impl Lowering<'_> {
                 let a = self.view(ops[0])?;
                 match a.src {
                     Src::Const(_) => View { shape: shape.clone(), strides: vec![0; shape.len()], ..a },
+                    Src::Buf(_)
+                        if !a.is_contiguous()
+                            && let Some(strides) = reshape_strides(&a.shape, &a.strides, &shape) =>
+                    {
+                        // A strided buffer view whose reshaped axes stay expressible (the
+                        // heads of a fused qkv projection): no copy.
+                        View { strides, shape: shape.clone(), ..a }
+                    }
                     _ => {
                         let a = if a.is_contiguous() && a.src != Src::Iota { a } else { self.materialize(id, &a, kir::DType::F32) };
                         View { src: a.src, offset: a.offset, shape: shape.clone(), strides: row_major(&shape) }
@@ -746,4 +792,27 @@ pub fn stats(p: &Program, entry: &str) -> ProgramStats {
         })
         .sum();
     ProgramStats { kernels: ks.len(), temp_bytes, param_count, matmul_flops }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::reshape_strides;
+
+    #[test]
+    fn no_copy_reshapes() {
+        // the heads of a q slice of a [B, T, 3·D] buffer: [2, 5, 8] (row stride 24) → [2, 5, 2, 4]
+        assert_eq!(reshape_strides(&[2, 5, 8], &[120, 24, 1], &[2, 5, 2, 4]), Some(vec![120, 24, 4, 1]));
+        // merging the batch axes of a strided view
+        assert_eq!(reshape_strides(&[2, 5, 8], &[120, 24, 1], &[10, 8]), Some(vec![24, 1]));
+        // size-1 axes anywhere (their strides are never used)
+        assert_eq!(reshape_strides(&[3, 1, 4], &[8, 99, 1], &[1, 3, 4, 1]), Some(vec![24, 8, 1, 0]));
+        // a permuted view split again
+        assert_eq!(reshape_strides(&[4, 6], &[1, 4], &[4, 2, 3]), Some(vec![1, 12, 4]));
+        // a transposed matrix cannot be flattened without a copy
+        assert_eq!(reshape_strides(&[3, 4], &[1, 3], &[12]), None);
+        // a sliced row (stride 24, 8 used) cannot merge with the next axis
+        assert_eq!(reshape_strides(&[5, 8], &[24, 1], &[40]), None);
+        // nor can axes be regrouped across a gap: [2, 3] → [3, 2] of a strided view
+        assert_eq!(reshape_strides(&[2, 3], &[10, 1], &[3, 2]), None);
+    }
 }

@@ -7,3 +7,4 @@ pub mod dce;
 pub mod decode;
 pub mod metrics;
 pub mod optimizer;
+pub mod pads;
