@@ -39,7 +39,10 @@ fn generated_cuda_compiles_to_ptx_for_every_model() {
     for path in models() {
         let loaded = driver::load(path.to_str().unwrap(), &FileSource::Disk).unwrap_or_else(|d| panic!("{d}"));
         let c = driver::compile(&loaded, &Options::default(), Stage::Kernels).unwrap_or_else(|d| panic!("{d}"));
-        let mut programs = vec![("train", c.program)];
+        // Every model also as `precision = "bf16"` (its products' cast kernels).
+        let mut bf16 = c.program.clone();
+        bmc::precision::apply(&mut bf16, "bf16");
+        let mut programs = vec![("train", c.program), ("train, bf16", bf16)];
         let one = Options { batch: Some(1), ..Options::default() };
         if let Ok(p) = driver::decode_program(&driver::compile(&loaded, &one, Stage::Graph).unwrap()) {
             programs.push(("decode", p));
@@ -48,9 +51,14 @@ fn generated_cuda_compiles_to_ptx_for_every_model() {
             let module = generate(&program);
             let ptx = nvrtc::compile(&module.source, nvrtc::DEFAULT_ARCH).unwrap_or_else(|e| panic!("{} ({what}): {e}", path.display()));
             for l in &module.launches {
-                if let Launch::Grid { name, .. } | Launch::ZeroThen { name, .. } = l {
-                    assert!(ptx.contains(&format!(".entry {name}(")), "{} ({what}): no kernel {name} in the PTX", path.display());
-                }
+                let name = match l {
+                    Launch::Grid { name, .. } | Launch::ZeroThen { name, .. } => name,
+                    Launch::Gemm(g) => match &g.bf16 {
+                        Some(c) => &c.name,
+                        None => continue,
+                    },
+                };
+                assert!(ptx.contains(&format!(".entry {name}(")), "{} ({what}): no kernel {name} in the PTX", path.display());
             }
             println!("{} ({what}): {} kernels, {} bytes of PTX", path.display(), module.launches.len(), ptx.len());
         }
@@ -82,17 +90,22 @@ fn every_model_on_the_gpu_matches_the_cpu() {
     if !gpu() {
         return;
     }
-    for path in models() {
+    // Every model in f32 (1e-4, then 1e-3 after optimiser steps), and the GPT in bf16
+    // (both sides round the same operands to bf16: 2e-2).
+    let gpt = models().into_iter().find(|p| p.ends_with("gpt.bm")).unwrap();
+    let cases = models().into_iter().map(|p| (p, "f32")).chain([(gpt, "bf16")]);
+    for (path, precision) in cases {
         let loaded = driver::load(path.to_str().unwrap(), &FileSource::Disk).unwrap_or_else(|d| panic!("{d}"));
         let c = driver::compile(&loaded, &Options::default(), Stage::Kernels).unwrap_or_else(|d| panic!("{d}"));
-        let bundle = driver::bundle(&loaded, &Options::default(), &c);
+        let mut bundle = driver::bundle(&loaded, &Options::default(), &c);
+        bmc::precision::apply(&mut bundle.program, precision);
         let ds = Dataset::load(bundle.train.data.as_ref().unwrap()).unwrap();
         let mut sessions: Vec<Session> =
             [Device::Cpu, Device::Cuda].into_iter().map(|d| Session::on(bundle.clone(), d, 2).unwrap()).collect();
         for s in &mut sessions {
             s.init_params(1).unwrap();
         }
-        let name = path.file_stem().unwrap().to_string_lossy().into_owned();
+        let name = format!("{} ({precision})", path.file_stem().unwrap().to_string_lossy());
         let mut batcher = Batcher::new(&ds, bundle.train.batch, 7).unwrap();
         for step in 0..3u64 {
             let batch = batcher.next_batch();
@@ -107,7 +120,14 @@ fn every_model_on_the_gpu_matches_the_cpu() {
             }
             for ((n, _, cpu), (_, _, gpu)) in results[0].iter().zip(&results[1]) {
                 let (bm_runtime::data::TensorData::F32(c), bm_runtime::data::TensorData::F32(g)) = (cpu, gpu) else { continue };
-                assert_close(g, c, if step == 0 { 1e-4 } else { 1e-3 }, &format!("{name} step {step} {n}"));
+                let rel = if precision == "bf16" {
+                    2e-2
+                } else if step == 0 {
+                    1e-4
+                } else {
+                    1e-3
+                };
+                assert_close(g, c, rel, &format!("{name} step {step} {n}"));
             }
         }
         println!("{name}: loss and every gradient of 3 steps on the GPU match the CPU");
@@ -133,8 +153,15 @@ fn emulator_source(module: &CudaModule) -> String {
     s.push_str(&module.source);
     s.push_str("\nstatic const struct { const char* name; bm_kernel f; } bm_table[] = {\n");
     for l in &module.launches {
-        if let Launch::Grid { name, .. } | Launch::ZeroThen { name, .. } = l {
-            let _ = writeln!(s, "  {{\"{name}\", {name}}},");
+        match l {
+            Launch::Grid { name, .. } | Launch::ZeroThen { name, .. } => {
+                let _ = writeln!(s, "  {{\"{name}\", {name}}},");
+            }
+            Launch::Gemm(g) => {
+                if let Some(c) = &g.bf16 {
+                    let _ = writeln!(s, "  {{\"{0}\", {0}}},", c.name);
+                }
+            }
         }
     }
     s.push_str(
@@ -169,6 +196,12 @@ int main(int argc, char** argv) {
       long m, n, k, a, lda, b, ldb, c, ldc;
       std::fscanf(p, "%d %d %ld %ld %ld %ld %ld %ld %ld %ld %ld %d", &ta, &tb, &m, &n, &k, &a, &lda, &b, &ldb, &c, &ldc, &acc);
       bm_sgemm(ta, tb, m, n, k, A.data() + a, lda, A.data() + b, ldb, A.data() + c, ldc, acc);
+    } else if (o == "gemm16") {
+      int ta, tb, acc;
+      long shadow, m, n, k, a, lda, b, ldb, c, ldc;
+      std::fscanf(p, "%ld %d %d %ld %ld %ld %ld %ld %ld %ld %ld %ld %d", &shadow, &ta, &tb, &m, &n, &k, &a, &lda, &b, &ldb, &c, &ldc, &acc);
+      const unsigned short* S = (const unsigned short*)(A.data() + shadow);
+      bm_gemm_bf16(ta, tb, m, n, k, S + a, lda, S + b, ldb, A.data() + c, ldc, acc);
     } else {
       return 4;
     }
@@ -210,10 +243,18 @@ fn emulator_plan(module: &CudaModule, program: &Program, entry: &str) -> String 
                     }
                     GemmBatch::Offsets(v) => v.clone(),
                 };
+                let op = match &gm.bf16 {
+                    Some(c) => {
+                        let (g, b) = (c.grid, c.block);
+                        let _ = writeln!(s, "serial {} {} {} {} {} {} {}", c.name, g.0, g.1, g.2, b.0, b.1, b.2);
+                        format!("gemm16 {}", c.shadow)
+                    }
+                    None => "gemm".to_string(),
+                };
                 for (da, db, dc) in calls {
                     let _ = writeln!(
                         s,
-                        "gemm {} {} {} {} {} {} {} {} {} {} {} {}",
+                        "{op} {} {} {} {} {} {} {} {} {} {} {} {}",
                         gm.trans_a as u8,
                         gm.trans_b as u8,
                         gm.m,
@@ -330,9 +371,12 @@ fn generated_cuda_computes_what_the_cpu_computes_in_an_emulator() {
         return;
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], usize);
-    let cases: &[Case] = &[("models/gpt.bm", &[("ctx", "8"), ("d", "32"), ("heads", "2"), ("layers", "1")], 3), ("models/mlp.bm", &[], 5)];
-    for (model, set, batch) in cases {
+    // (model, overrides, batch, precision)
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], usize, &'a str);
+    let small_gpt: &[(&str, &str)] = &[("ctx", "8"), ("d", "32"), ("heads", "2"), ("layers", "1")];
+    let cases: &[Case] =
+        &[("models/gpt.bm", small_gpt, 3, "f32"), ("models/mlp.bm", &[], 5, "f32"), ("models/gpt.bm", small_gpt, 3, "bf16")];
+    for (model, set, batch, precision) in cases {
         let dir = tempfile::tempdir().unwrap();
         let loaded = driver::load(root.join(model).to_str().unwrap(), &FileSource::Disk).unwrap_or_else(|d| panic!("{d}"));
         let opts = Options {
@@ -341,7 +385,8 @@ fn generated_cuda_computes_what_the_cpu_computes_in_an_emulator() {
             ..Options::default()
         };
         let c = driver::compile(&loaded, &opts, Stage::Kernels).unwrap_or_else(|d| panic!("{d}"));
-        let bundle = driver::bundle(&loaded, &opts, &c);
+        let mut bundle = driver::bundle(&loaded, &opts, &c);
+        bmc::precision::apply(&mut bundle.program, precision);
         let ds = Dataset::load(bundle.train.data.as_ref().unwrap()).unwrap();
         let mut s = Session::new(bundle, 1).unwrap();
         s.init_params(3).unwrap();
@@ -350,12 +395,18 @@ fn generated_cuda_computes_what_the_cpu_computes_in_an_emulator() {
         s.set_hypers(0, 10, true, &mut Rng::new(1)).unwrap();
         let program = s.bundle.program.clone();
         let module = generate(&program);
-        let exe = build_emulator(&module, model, dir.path());
+        assert_eq!(module.launches.iter().any(|l| matches!(l, Launch::Gemm(g) if g.bf16.is_some())), *precision == "bf16");
+        let what = format!("{model} ({precision})");
+        let exe = build_emulator(&module, &what, dir.path());
         let cpu = s.exec.cpu().unwrap();
         // Loss and gradients: 1e-4. Then a whole step: an optimiser update divides by
         // sqrt(v) of tiny gradients, which magnifies rounding differences, hence 2e-3.
-        emulate_and_compare(&exe, &module, &program, "grad", cpu, 1e-4, model, dir.path());
-        emulate_and_compare(&exe, &module, &program, "train_step", cpu, 2e-3, model, dir.path());
+        // bf16: both sides round the same operands, but a value that differs in its last
+        // f32 bit can round to another bf16 in the next product: 2e-2 (the bf16
+        // tolerance).
+        let (rel_grad, rel_step) = if *precision == "bf16" { (2e-2, 2e-2) } else { (1e-4, 2e-3) };
+        emulate_and_compare(&exe, &module, &program, "grad", cpu, rel_grad, &what, dir.path());
+        emulate_and_compare(&exe, &module, &program, "train_step", cpu, rel_step, &what, dir.path());
     }
 }
 
@@ -418,6 +469,7 @@ fn generated_cuda_fallback_paths_compute_what_the_cpu_computes() {
                 b: op(1, 0, vec![9 * 4 * 2], 4 * 2, 2),
                 c: op(2, 0, vec![6 * 4], 4, 1),
                 accumulate: true,
+                bf16: false,
             }),
             // sum[i] = Σ_j x[i, j] over 3000 (a block per output).
             Kernel::Loop(LoopKernel {

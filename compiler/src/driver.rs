@@ -293,6 +293,7 @@ pub fn compile(loaded: &Loaded, opts: &Options, stage: Stage) -> Result<Compiled
     }
     compiled.program =
         crate::lower::lower(&compiled.train_graph).map_err(|e| Diagnostic::new(format!("internal error while lowering: {e}")))?;
+    crate::precision::apply(&mut compiled.program, &compiled.train.precision);
     Ok(compiled)
 }
 
@@ -418,5 +419,7 @@ pub fn respecialise(sources: &Sources, spec: &bm_runtime::cli::Specialise) -> bm
 /// or why there is none.
 pub fn decode_program(c: &Compiled) -> Result<Program, String> {
     let g = crate::passes::decode::decode_graph(&c.fused, "logits")?;
-    crate::lower::lower(&g).map_err(|e| format!("internal error while lowering the decode graph: {e}"))
+    let mut p = crate::lower::lower(&g).map_err(|e| format!("internal error while lowering the decode graph: {e}"))?;
+    crate::precision::apply(&mut p, &c.train.precision);
+    Ok(p)
 }

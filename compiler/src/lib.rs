@@ -20,4 +20,5 @@ pub mod lower;
 pub mod ops;
 pub mod passes;
 pub mod plan;
+pub mod precision;
 pub mod train_config;

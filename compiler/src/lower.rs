@@ -392,6 +392,7 @@ impl Lowering<'_> {
                 };
                 let rm = row_major(&shape);
                 let mut kern = MatMulKernel {
+                    bf16: false,
                     batch: shape[..r - 2].to_vec(),
                     m,
                     n: nn,

@@ -326,14 +326,11 @@ pub fn evaluate(loaded: &Loaded, config: &[(String, Value)]) -> Result<TrainSect
     let precision = match vals.get("precision") {
         None => "f32".to_string(),
         Some(v) => match cx.string(v, "`precision`")?.as_str() {
-            "f32" => "f32".to_string(),
-            "bf16" => {
-                return Err(cx
-                    .err(v.1, "precision \"bf16\" (mixed precision on the GPU) is not implemented yet", "not available")
-                    .with_help("use precision = \"f32\""));
-            }
+            p @ ("f32" | "bf16") => p.to_string(),
             other => {
-                return Err(cx.err(v.1, format!("unknown precision \"{other}\""), "not a precision").with_help("use \"f32\""));
+                return Err(cx
+                    .err(v.1, format!("unknown precision \"{other}\""), "not a precision")
+                    .with_help("use \"f32\" or \"bf16\" (bf16 matrix products, f32 master weights)"));
             }
         },
     };

@@ -865,6 +865,7 @@ mod tests {
                 b: MatOperand { buf: 0, offset: 0, batch_strides: vec![], row_stride: 2, col_stride: 1 },
                 c,
                 accumulate: false,
+                bf16: false,
             })
         };
         let c = |buf, rs, cs| MatOperand { buf, offset: 0, batch_strides: vec![], row_stride: rs, col_stride: cs };

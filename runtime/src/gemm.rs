@@ -67,6 +67,18 @@ unsafe fn one(k: &MatMulKernel, p: Ptrs, (ao, bo, co): (usize, usize, usize), pa
     }
 }
 
+/// A copy of `buf` up to the last element operand `o` reads, that span rounded to
+/// bfloat16 (elements before it are left zero and never read).
+fn rounded_span(buf: &[f32], o: &MatOperand, batch: &[usize], rows: usize, cols: usize) -> Result<Vec<f32>> {
+    let mut v = vec![0.0f32; buf.len()];
+    if let Some(last) = o.max_element(batch, rows, cols).map_err(Error::internal)? {
+        for (d, s) in v[o.offset..=last].iter_mut().zip(&buf[o.offset..=last]) {
+            *d = crate::interp::round_bf16(*s);
+        }
+    }
+    Ok(v)
+}
+
 /// `c[b] (+)= a[b] @ b[b]` for every batch index. `threads` bounds the parallelism
 /// (rayon, in the current pool). The output must not alias the inputs and its view must
 /// not overlap itself (the executor validates both).
@@ -79,10 +91,18 @@ pub fn matmul(k: &MatMulKernel, bufs: &mut Buffers, threads: usize) -> Result<()
     }
     let a = bufs.f32(k.a.buf)?;
     check(&k.a, &k.batch, k.m, k.k, a.len())?;
-    let a = a.as_ptr() as usize;
     let b = bufs.f32(k.b.buf)?;
     check(&k.b, &k.batch, k.k, k.n, b.len())?;
-    let b = b.as_ptr() as usize;
+    // bf16: the operands' spans rounded into copies at the same offsets (the rest of
+    // each copy is never read), so strides and offsets stay as they are.
+    let (ra, rb);
+    let (a, b) = if k.bf16 {
+        ra = rounded_span(a, &k.a, &k.batch, k.m, k.k)?;
+        rb = rounded_span(b, &k.b, &k.batch, k.k, k.n)?;
+        (ra.as_ptr() as usize, rb.as_ptr() as usize)
+    } else {
+        (a.as_ptr() as usize, b.as_ptr() as usize)
+    };
     let c = bufs.f32_mut(k.c.buf)?;
     check(&k.c, &k.batch, k.m, k.n, c.len())?;
     let c = c.as_mut_ptr() as usize;
@@ -141,12 +161,29 @@ mod tests {
 
     #[allow(clippy::too_many_arguments)]
     fn case(batch: &[usize], m: usize, n: usize, k: usize, ta: bool, tb: bool, tc: bool, bcast: bool, acc: bool, threads: usize) {
+        case_bf16(batch, m, n, k, ta, tb, tc, bcast, acc, threads, false)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn case_bf16(
+        batch: &[usize],
+        m: usize,
+        n: usize,
+        k: usize,
+        ta: bool,
+        tb: bool,
+        tc: bool,
+        bcast: bool,
+        acc: bool,
+        threads: usize,
+        bf16: bool,
+    ) {
         let (a, la) = dense(0, batch, m, k, ta, false);
         let (b, lb) = dense(1, batch, k, n, tb, bcast);
         let (c, lc) = dense(2, batch, m, n, tc, false);
         let p = program(
             vec![buf("a", DType::F32, la), buf("b", DType::F32, lb), buf("c", DType::F32, lc)],
-            vec![Kernel::MatMul(MatMulKernel { batch: batch.to_vec(), m, n, k, a, b, c, accumulate: acc })],
+            vec![Kernel::MatMul(MatMulKernel { batch: batch.to_vec(), m, n, k, a, b, c, accumulate: acc, bf16 })],
         );
         check_jit(&p, (m * 31 + n * 7 + k) as u64, threads, false, 1e-5);
     }
@@ -159,6 +196,20 @@ mod tests {
                 case(&[], m, n, k, f(0), f(1), f(2), false, f(3), if f(4) { 2 } else { 1 });
             }
         }
+    }
+
+    /// bf16 products round their operands the same way in the interpreter and here.
+    #[test]
+    fn bf16_matmul_matches_the_interpreter() {
+        for bits in 0..16u32 {
+            let f = |i: u32| bits & (1u32 << i) != 0;
+            case_bf16(&[], 17, 9, 33, f(0), f(1), f(2), false, f(3), 2, true);
+        }
+        case_bf16(&[2, 3], 4, 5, 6, false, true, false, true, true, 2, true);
+        case_bf16(&[], 128, 96, 80, false, false, false, false, false, 4, true);
+        assert_eq!(crate::interp::round_bf16(1.0 + 1.0 / 256.0), 1.0); // a tie: to even
+        assert_eq!(crate::interp::round_bf16(1.0 + 3.0 / 256.0), 1.0 + 4.0 / 256.0);
+        assert!(crate::interp::round_bf16(f32::NAN).is_nan());
     }
 
     #[test]
@@ -177,6 +228,7 @@ mod tests {
         let p = program(
             vec![buf("a", DType::F32, 4), buf("b", DType::F32, 4), buf("c", DType::F32, 4)],
             vec![Kernel::MatMul(MatMulKernel {
+                bf16: false,
                 batch: vec![],
                 m: 2,
                 n: 2,

@@ -323,13 +323,21 @@ pub fn run_loop(k: &LoopKernel, bufs: &mut Buffers) -> Result<()> {
     Ok(())
 }
 
-/// The naive triple loop: `c[b][i][j] (+)= Σ_p a[b][i][p] * b[b][p][j]`, summing `p` in order.
+/// `x` rounded to the nearest bfloat16 (ties to even; NaN stays NaN, ±inf stay), as f32:
+/// the operands of a `bf16` matrix product.
+pub fn round_bf16(x: f32) -> f32 {
+    half::bf16::from_f32(x).to_f32()
+}
+
+/// The naive triple loop: `c[b][i][j] (+)= Σ_p a[b][i][p] * b[b][p][j]`, summing `p` in order
+/// (operands rounded to bfloat16 first for a `bf16` product).
 pub fn run_matmul(k: &MatMulKernel, bufs: &mut Buffers) -> Result<()> {
     if k.batch.contains(&0) || k.m == 0 || k.n == 0 {
         return Ok(());
     }
-    let a = bufs.f32(k.a.buf)?.to_vec();
-    let b = bufs.f32(k.b.buf)?.to_vec();
+    let round = |v: &[f32]| if k.bf16 { v.iter().map(|&x| round_bf16(x)).collect() } else { v.to_vec() };
+    let a: Vec<f32> = round(bufs.f32(k.a.buf)?);
+    let b: Vec<f32> = round(bufs.f32(k.b.buf)?);
     let c = bufs.f32_mut(k.c.buf)?;
     let oob = || Error::internal("matmul operand out of bounds");
     let mut bidx = vec![0usize; k.batch.len()];

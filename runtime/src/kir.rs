@@ -215,6 +215,9 @@ impl MatOperand {
 }
 
 /// `c[b] (+)= a[b] @ b[b]` for every index of `batch` (`a`: m×k, `b`: k×n, `c`: m×n).
+/// With `bf16`, every element of `a` and `b` is first rounded to bfloat16 (nearest
+/// even, [`crate::interp::round_bf16`]); products and sums stay f32 (`precision =
+/// "bf16"`: the GPU runs these on tensor cores).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct MatMulKernel {
     pub batch: Vec<usize>,
@@ -225,6 +228,8 @@ pub struct MatMulKernel {
     pub b: MatOperand,
     pub c: MatOperand,
     pub accumulate: bool,
+    #[serde(default)]
+    pub bf16: bool,
 }
 
 /// `out[i, :] = table[ids[i], :]` for `i < n` (rows of `dim` contiguous elements);
@@ -395,7 +400,8 @@ pub fn kernel_text(k: &Kernel) -> String {
             format!("{head}\n    {} {assign} {}", access_text(&l.out), expr_text(&l.body))
         }
         Kernel::MatMul(m) => format!(
-            "matmul batch {:?} m {} n {} k {}\n    {} {} {} @ {}",
+            "matmul{} batch {:?} m {} n {} k {}\n    {} {} {} @ {}",
+            if m.bf16 { " bf16" } else { "" },
             m.batch,
             m.m,
             m.n,

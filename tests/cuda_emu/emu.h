@@ -34,6 +34,12 @@ inline float __int_as_float(unsigned x) {
   std::memcpy(&f, &x, 4);
   return f;
 }
+inline float __uint_as_float(unsigned x) { return __int_as_float(x); }
+inline unsigned __float_as_uint(float f) {
+  unsigned x;
+  std::memcpy(&x, &f, 4);
+  return x;
+}
 // cvt.rni.s32.f32: round to nearest even, saturate, NaN to 0.
 inline int __float2int_rn(float x) {
   if (x != x) return 0;
@@ -119,6 +125,21 @@ inline void bm_launch_serial(bm_kernel f, bm_dim3 grid, bm_dim3 block, float* A,
         }
 }
 
+// cublasGemmEx with bf16 A and B (2-byte elements), f32 C and f32 accumulation.
+inline void bm_gemm_bf16(bool ta, bool tb, long m, long n, long k, const unsigned short* a, long lda, const unsigned short* b, long ldb,
+                         float* c, long ldc, bool acc) {
+  auto f = [](unsigned short h) { return __uint_as_float((unsigned)h << 16); };
+  for (long i = 0; i < m; i++)
+    for (long j = 0; j < n; j++) {
+      double s = 0;
+      for (long l = 0; l < k; l++) {
+        float x = f(ta ? a[l + i * lda] : a[i + l * lda]);
+        float y = f(tb ? b[j + l * ldb] : b[l + j * ldb]);
+        s += (double)x * (double)y;
+      }
+      c[i + j * ldc] = acc ? c[i + j * ldc] + (float)s : (float)s;
+    }
+}
 // cuBLAS's column-major sgemm, by its specification.
 inline void bm_sgemm(bool ta, bool tb, long m, long n, long k, const float* a, long lda, const float* b, long ldb, float* c, long ldc,
                      bool acc) {

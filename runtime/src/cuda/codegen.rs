@@ -38,6 +38,10 @@ const ALIGN_WORDS: usize = 64;
 pub struct Layout {
     pub offsets: Vec<usize>,
     pub words: usize,
+    /// With bf16 matrix products: the word offset of the bf16 shadow of the buffers
+    /// (arena word `w` rounded to bf16 is the shadow's 2-byte element `w`), which the
+    /// cast kernels write and cuBLAS reads.
+    pub shadow: Option<usize>,
 }
 
 impl Layout {
@@ -48,7 +52,12 @@ impl Layout {
             offsets.push(at);
             at += b.len().div_ceil(ALIGN_WORDS).max(1) * ALIGN_WORDS;
         }
-        Layout { offsets, words: at }
+        let bf16 = p.kernels.iter().any(|k| matches!(k, Kernel::MatMul(m) if m.bf16));
+        let shadow = bf16.then_some(at);
+        if bf16 {
+            at += at.div_ceil(2).div_ceil(ALIGN_WORDS) * ALIGN_WORDS;
+        }
+        Layout { offsets, words: at, shadow }
     }
 }
 
@@ -72,6 +81,19 @@ pub struct Gemm {
     /// `(count, stride_a, stride_b, stride_c)` for a strided batched call, or the
     /// per-batch offsets `(a, b, c)` relative to the first matrices.
     pub batch: GemmBatch,
+    /// bf16 operands: this kernel first writes A's and B's spans to the arena's bf16
+    /// shadow (`Layout::shadow`), where cuBLAS reads them (same offsets, 2-byte
+    /// elements; f32 accumulation and C).
+    pub bf16: Option<Cast>,
+}
+
+/// A cast kernel `name<<<grid, block>>>(arena, errors)` run before a bf16 GEMM.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Cast {
+    pub name: String,
+    pub grid: (u32, u32, u32),
+    pub block: (u32, u32, u32),
+    pub shadow: usize,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -124,7 +146,10 @@ pub fn generate(p: &Program) -> CudaModule {
         let launch = match k {
             Kernel::Loop(l) => g.loop_kernel(l, &mut src),
             Kernel::MatMul(m) => match g.cublas(m) {
-                Some(gemm) => {
+                Some(mut gemm) => {
+                    if m.bf16 {
+                        gemm.bf16 = Some(g.bf16_cast(m, &mut src));
+                    }
                     let _ = writeln!(src, "// (cuBLAS) {gemm:?}");
                     Launch::Gemm(gemm)
                 }
@@ -405,7 +430,26 @@ impl Gen<'_> {
             ldc,
             accumulate: m.accumulate,
             batch,
+            bf16: None,
         })
+    }
+
+    /// The kernel writing the bf16 shadow of `m`'s operand spans (A's first, then B's).
+    fn bf16_cast(&self, m: &MatMulKernel, src: &mut String) -> Cast {
+        let shadow = self.layout.shadow.expect("a bf16 product has a shadow");
+        let span = |o: &MatOperand, r: usize, c: usize| {
+            let last = o.max_element(&m.batch, r, c).ok().flatten().unwrap_or(o.offset);
+            (self.layout.offsets[o.buf] + o.offset, last + 1 - o.offset)
+        };
+        let ((sa, na), (sb, nb)) = (span(&m.a, m.m, m.k), span(&m.b, m.k, m.n));
+        let name = format!("{}_bf16", self.name);
+        let _ = writeln!(src, "extern \"C\" __global__ void {name}(float* __restrict__ A, int* __restrict__ E) {{");
+        let _ = writeln!(src, "  long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;");
+        let _ = writeln!(src, "  unsigned short* S = (unsigned short*)(A + {shadow}LL);");
+        let _ = writeln!(src, "  long long w = i < {na}LL ? {sa}LL + i : {sb}LL + (i - {na}LL);");
+        let _ = writeln!(src, "  if (i < {}LL) S[w] = bm_bf16_bits(A[w]);", na + nb);
+        let _ = writeln!(src, "}}");
+        Cast { name, grid: grid1(na + nb, BLOCK), block: (BLOCK as u32, 1, 1), shadow }
     }
 
     /// Batch offsets of operands computed in-kernel from the flat batch index `bvar`.
@@ -437,14 +481,16 @@ impl Gen<'_> {
         let _ = writeln!(src, "  float acc = 0.0f;");
         let _ = writeln!(src, "  for (long long t = 0; t < {}LL; t += {T}) {{", m.k);
         let _ = writeln!(src, "    long long ka = t + threadIdx.x, kb = t + threadIdx.y;");
+        // bf16 operands are rounded as they are loaded.
+        let (open, close) = if m.bf16 { ("bm_round_bf16(", ")") } else { ("", "") };
         let _ = writeln!(
             src,
-            "    as_[threadIdx.y][threadIdx.x] = (row < {}LL && ka < {}LL) ? A[oa + row * {}LL + ka * {}LL] : 0.0f;",
+            "    as_[threadIdx.y][threadIdx.x] = (row < {}LL && ka < {}LL) ? {open}A[oa + row * {}LL + ka * {}LL]{close} : 0.0f;",
             m.m, m.k, m.a.row_stride, m.a.col_stride
         );
         let _ = writeln!(
             src,
-            "    bs_[threadIdx.y][threadIdx.x] = (kb < {}LL && col < {}LL) ? A[ob + kb * {}LL + col * {}LL] : 0.0f;",
+            "    bs_[threadIdx.y][threadIdx.x] = (kb < {}LL && col < {}LL) ? {open}A[ob + kb * {}LL + col * {}LL]{close} : 0.0f;",
             m.k, m.n, m.b.row_stride, m.b.col_stride
         );
         let _ = writeln!(src, "    __syncthreads();");
@@ -692,7 +738,7 @@ mod tests {
                     let (a, la) = dense(0, &batch, m, k, f(0), false);
                     let (b, lb) = dense(1, &batch, k, n, f(1), bcast);
                     let (c, lc) = dense(2, &batch, m, n, f(2), false);
-                    let mk = MatMulKernel { batch: batch.clone(), m, n, k, a, b, c, accumulate: f(3) };
+                    let mk = MatMulKernel { batch: batch.clone(), m, n, k, a, b, c, accumulate: f(3), bf16: false };
                     let p = program(
                         vec![buf("a", DType::F32, la), buf("b", DType::F32, lb), buf("c", DType::F32, lc)],
                         vec![Kernel::MatMul(mk.clone())],

@@ -79,7 +79,11 @@ impl CudaExecutor {
         for l in &module.launches {
             functions.push(match l {
                 Launch::Grid { name, .. } | Launch::ZeroThen { name, .. } => Some(loaded.load_function(name).map_err(driver)?),
-                Launch::Gemm(_) => None,
+                // A bf16 GEMM's function is its cast kernel.
+                Launch::Gemm(g) => match &g.bf16 {
+                    Some(c) => Some(loaded.load_function(&c.name).map_err(driver)?),
+                    None => None,
+                },
             });
         }
         let stream = ctx.default_stream();
@@ -131,7 +135,13 @@ impl CudaExecutor {
     fn launch(&mut self, k: usize) -> Result<()> {
         let grid = |name: &str, grid: (u32, u32, u32), block: (u32, u32, u32)| (name.to_string(), grid, block);
         let (name, g, b) = match &self.module.launches[k] {
-            Launch::Gemm(gemm) => return self.gemm(&gemm.clone()),
+            Launch::Gemm(gemm) => {
+                let gemm = gemm.clone();
+                if let Some(c) = &gemm.bf16 {
+                    self.launch_function(k, &c.name, c.grid, c.block)?;
+                }
+                return self.gemm(&gemm);
+            }
             Launch::Grid { name, grid: g, block } => grid(name, *g, *block),
             Launch::ZeroThen { offset, words, name, grid: g, block } => {
                 let (o, w) = (*offset, *words);
@@ -141,12 +151,17 @@ impl CudaExecutor {
                 grid(name, *g, *block)
             }
         };
+        self.launch_function(k, &name, g, b)
+    }
+
+    /// Launches kernel `k`'s loaded function `name` over the arena and error words.
+    fn launch_function(&mut self, k: usize, name: &str, g: (u32, u32, u32), b: (u32, u32, u32)) -> Result<()> {
         let f = self.functions[k].as_ref().ok_or_else(|| Error::internal(format!("kernel {name} was not loaded")))?;
         let cfg = LaunchConfig { grid_dim: g, block_dim: b, shared_mem_bytes: 0 };
         let mut args = self.stream.launch_builder(f);
         args.arg(&mut self.arena).arg(&mut self.errors);
         // SAFETY: the kernel was generated for this arena's layout from a validated
-        // program; every access stays inside its buffer.
+        // program; every access stays inside its buffer (the bf16 shadow included).
         unsafe { args.launch(cfg) }.map_err(driver)?;
         Ok(())
     }
@@ -166,14 +181,49 @@ impl CudaExecutor {
             GemmBatch::Offsets(v) => v.iter().map(|&(a, b, c)| (a, b, c, 1, (0, 0, 0))).collect(),
         };
         for (da, db, dc, count, (sa, sb, sc)) in calls {
-            let (pa, pb, pc) = (at(g.a + da) as *const f32, at(g.b + db) as *const f32, at(g.c + dc) as *mut f32);
             let (ta, tb, count) = (op(g.trans_a), op(g.trans_b), int(count)?);
+            let pc = at(g.c + dc) as *mut f32;
             // SAFETY: the pointers address the arena at offsets the code generator
-            // computed from the validated operands.
+            // computed from the validated operands (bf16: the same offsets in the
+            // shadow, which the cast kernel just wrote).
             unsafe {
-                cudarc::cublas::result::sgemm_strided_batched(
-                    handle, ta, tb, m, n, k, &alpha, pa, lda, sa as i64, pb, ldb, sb as i64, &beta, pc, ldc, sc as i64, count,
-                )
+                match &g.bf16 {
+                    None => {
+                        let (pa, pb) = (at(g.a + da) as *const f32, at(g.b + db) as *const f32);
+                        cudarc::cublas::result::sgemm_strided_batched(
+                            handle, ta, tb, m, n, k, &alpha, pa, lda, sa as i64, pb, ldb, sb as i64, &beta, pc, ldc, sc as i64, count,
+                        )
+                    }
+                    Some(cast) => {
+                        use blas_sys::{cublasComputeType_t::CUBLAS_COMPUTE_32F, cudaDataType::CUDA_R_16BF, cudaDataType::CUDA_R_32F};
+                        let half = |words: usize| (base + (cast.shadow * 4) as u64 + (words * 2) as u64) as *const std::ffi::c_void;
+                        cudarc::cublas::result::gemm_strided_batched_ex(
+                            handle,
+                            ta,
+                            tb,
+                            m,
+                            n,
+                            k,
+                            (&alpha as *const f32).cast(),
+                            half(g.a + da),
+                            CUDA_R_16BF,
+                            lda,
+                            sa as i64,
+                            half(g.b + db),
+                            CUDA_R_16BF,
+                            ldb,
+                            sb as i64,
+                            (&beta as *const f32).cast(),
+                            pc.cast(),
+                            CUDA_R_32F,
+                            ldc,
+                            sc as i64,
+                            count,
+                            CUBLAS_COMPUTE_32F,
+                            blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                        )
+                    }
+                }
             }
             .map_err(driver)?;
         }

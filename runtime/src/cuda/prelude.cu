@@ -23,6 +23,13 @@ __device__ __forceinline__ float bm_square(float x) { return x * x; }
 __device__ __forceinline__ float bm_rsqrt(float x) { return 1.0f / sqrtf(x); }
 __device__ __forceinline__ float bm_recip(float x) { return 1.0f / x; }
 __device__ __forceinline__ float bm_step(float x) { return x > 0.0f ? 1.0f : 0.0f; }
+// interp::round_bf16 as bf16 bits: nearest even; NaN stays (a quiet) NaN.
+__device__ __forceinline__ unsigned short bm_bf16_bits(float x) {
+  unsigned u = __float_as_uint(x);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((u >> 16) | 0x40u);
+  return (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+__device__ __forceinline__ float bm_round_bf16(float x) { return __uint_as_float(((unsigned)bm_bf16_bits(x)) << 16); }
 // interp::gelu_tanh's operations, in its order (1/2 (1 + tanh s) = 1 / (1 + exp(-2s))).
 __device__ __forceinline__ float bm_gelu_tanh(float x) {
   float x3 = x * x * x;
