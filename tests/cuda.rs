@@ -50,14 +50,7 @@ fn generated_cuda_compiles_to_ptx_for_every_model() {
         for (what, program) in programs {
             let module = generate(&program);
             let ptx = nvrtc::compile(&module.source, nvrtc::DEFAULT_ARCH).unwrap_or_else(|e| panic!("{} ({what}): {e}", path.display()));
-            for l in &module.launches {
-                let name = match l {
-                    Launch::Grid { name, .. } | Launch::ZeroThen { name, .. } => name,
-                    Launch::Gemm(g) => match &g.bf16 {
-                        Some(c) => &c.name,
-                        None => continue,
-                    },
-                };
+            for name in module.launches.iter().flat_map(|l| l.kernel_names()) {
                 assert!(ptx.contains(&format!(".entry {name}(")), "{} ({what}): no kernel {name} in the PTX", path.display());
             }
             println!("{} ({what}): {} kernels, {} bytes of PTX", path.display(), module.launches.len(), ptx.len());
@@ -153,15 +146,8 @@ fn emulator_source(module: &CudaModule) -> String {
     s.push_str(&module.source);
     s.push_str("\nstatic const struct { const char* name; bm_kernel f; } bm_table[] = {\n");
     for l in &module.launches {
-        match l {
-            Launch::Grid { name, .. } | Launch::ZeroThen { name, .. } => {
-                let _ = writeln!(s, "  {{\"{name}\", {name}}},");
-            }
-            Launch::Gemm(g) => {
-                if let Some(c) = &g.bf16 {
-                    let _ = writeln!(s, "  {{\"{0}\", {0}}},", c.name);
-                }
-            }
+        for name in l.kernel_names() {
+            let _ = writeln!(s, "  {{\"{name}\", {name}}},");
         }
     }
     s.push_str(
@@ -235,6 +221,12 @@ fn emulator_plan(module: &CudaModule, program: &Program, entry: &str) -> String 
             Launch::ZeroThen { offset, words, name, grid: g, block: b } => {
                 let _ = writeln!(s, "zero {offset} {words}");
                 let _ = writeln!(s, "grid {name} {} {} {} {} {} {}", g.0, g.1, g.2, b.0, b.1, b.2);
+            }
+            Launch::Seq(grids) => {
+                for gr in grids {
+                    let (g, b) = (gr.grid, gr.block);
+                    let _ = writeln!(s, "grid {} {} {} {} {} {} {}", gr.name, g.0, g.1, g.2, b.0, b.1, b.2);
+                }
             }
             Launch::Gemm(gm) => {
                 let calls: Vec<(usize, usize, usize)> = match &gm.batch {
@@ -533,4 +525,87 @@ fn generated_cuda_fallback_paths_compute_what_the_cpu_computes() {
     emulate_and_compare(&exe, &module, &program, "main", &mut cpu, 1e-4, "synthetic", dir.path());
     let mins = cpu.i32(5).unwrap().to_vec();
     assert!(mins.iter().all(|&m| (-10..=10).contains(&m)), "{mins:?}");
+}
+
+/// The attention paths and GEMM variants the models do not reach: causal attention over
+/// several key tiles and row blocks (the tiled kernels), a head dimension too large for
+/// their shared memory (the warp-per-row kernels), and a bf16 product with no cuBLAS
+/// layout (the tiled GEMM rounding its operands).
+#[test]
+fn generated_cuda_attention_paths_and_bf16_tiled_gemm() {
+    use bm_runtime::kir::{AttentionBackwardKernel, AttentionKernel, Buffer, Entry, MatMulKernel, MatOperand};
+    if !have_cxx() {
+        return;
+    }
+    let buf = |name: &str, len: usize| Buffer { name: name.into(), dtype: DType::F32, shape: vec![len], kind: BufKind::Param };
+    let op =
+        |buf, offset, batch_strides: Vec<usize>, row_stride, col_stride| MatOperand { buf, offset, batch_strides, row_stride, col_stride };
+    let mut buffers = vec![];
+    let mut kernels = vec![];
+    // (batch, tq, tk, d, dv, causal): tiled causal; warp-per-row (d = 300)
+    for (n, &(bq, tq, tk, d, dv, causal)) in
+        [(2usize, 45usize, 45usize, 16usize, 16usize, true), (2, 3, 5, 300, 9, false)].iter().enumerate()
+    {
+        let base = buffers.len();
+        buffers.extend([
+            buf(&format!("q{n}"), bq * tq * d),
+            buf(&format!("k{n}"), bq * tk * d),
+            buf(&format!("v{n}"), bq * tk * dv),
+            buf(&format!("att{n}"), bq * tq * dv),
+            buf(&format!("dout{n}"), bq * tq * dv),
+            buf(&format!("grads{n}"), bq * (tq * d + tk * d + tk * dv)),
+        ]);
+        let att = AttentionKernel {
+            batch: vec![bq],
+            tq,
+            tk,
+            d,
+            dv,
+            q: op(base, 0, vec![tq * d], d, 1),
+            k: op(base + 1, 0, vec![tk * d], d, 1),
+            v: op(base + 2, 0, vec![tk * dv], dv, 1),
+            mask: None,
+            causal,
+            scale: 0.25,
+            out: base + 3,
+        };
+        kernels.push(Kernel::Attention(att.clone()));
+        kernels.push(Kernel::AttentionBackward(AttentionBackwardKernel {
+            fwd: AttentionKernel { out: base + 5, ..att },
+            dout: op(base + 4, 0, vec![tq * dv], dv, 1),
+        }));
+    }
+    // A bf16 product whose operands' columns are 2 apart (no cuBLAS layout).
+    let base = buffers.len();
+    buffers.extend([buf("a", 2 * 6 * 9), buf("b", 9 * 4 * 2), buf("c", 6 * 4)]);
+    kernels.push(Kernel::MatMul(MatMulKernel {
+        batch: vec![],
+        m: 6,
+        n: 4,
+        k: 9,
+        a: op(base, 1, vec![], 2 * 9, 2),
+        b: op(base + 1, 0, vec![], 4 * 2, 2),
+        c: op(base + 2, 0, vec![], 4, 1),
+        accumulate: false,
+        bf16: true,
+    }));
+    let program = Program {
+        buffers,
+        entries: vec![Entry { name: "main".into(), kernels: (0..kernels.len()).collect(), results: vec![] }],
+        kernels,
+        params: vec![],
+    };
+    let module = generate(&program);
+    assert!(matches!(module.launches[1], Launch::Seq(_)), "causal d = 16 attention backward should be the tiled kernels");
+    assert!(matches!(module.launches[3], Launch::ZeroThen { .. }), "d = 300 should fall back to the warp-per-row kernels");
+    assert!(matches!(module.launches[4], Launch::Grid { .. }), "the strided bf16 GEMM should use the tiled kernel");
+    let dir = tempfile::tempdir().unwrap();
+    let exe = build_emulator(&module, "attention paths", dir.path());
+    let mut cpu = Executor::new(&program, 1).unwrap();
+    let mut rng = Rng::new(11);
+    for i in 0..program.buffers.len() {
+        let v: Vec<f32> = (0..program.buffers[i].len()).map(|_| (rng.uniform() * 2.0 - 1.0) as f32).collect();
+        cpu.f32_mut(i).unwrap().copy_from_slice(&v);
+    }
+    emulate_and_compare(&exe, &module, &program, "main", &mut cpu, 1e-4, "attention paths", dir.path());
 }

@@ -60,6 +60,7 @@ inline std::mutex bm_atomic_lock;
 
 inline unsigned bm_tid() { return threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z); }
 inline void __syncthreads() { bm_sync->block->arrive_and_wait(); }
+inline void __syncwarp(unsigned = 0xffffffffu) { bm_sync->warps[bm_tid() / 32]->arrive_and_wait(); }
 inline float __shfl_xor_sync(unsigned, float v, int o) {
   unsigned t = bm_tid();
   auto& w = *bm_sync->warps[t / 32];

@@ -42,6 +42,9 @@ pub struct Layout {
     /// (arena word `w` rounded to bf16 is the shadow's 2-byte element `w`), which the
     /// cast kernels write and cuBLAS reads.
     pub shadow: Option<usize>,
+    /// Scratch of the tiled attention backward: per query row its softmax maximum, sum
+    /// and `D = Σ p·dp` (3 × batch × tq words, the largest such kernel's).
+    pub attention_stats: Option<usize>,
 }
 
 impl Layout {
@@ -52,12 +55,25 @@ impl Layout {
             offsets.push(at);
             at += b.len().div_ceil(ALIGN_WORDS).max(1) * ALIGN_WORDS;
         }
+        let stats_words = p
+            .kernels
+            .iter()
+            .filter_map(|k| match k {
+                Kernel::AttentionBackward(a) if tiled_attention(&a.fwd) => Some(3 * a.fwd.batch_count() * a.fwd.tq),
+                _ => None,
+            })
+            .max();
+        let attention_stats = stats_words.map(|w| {
+            let o = at;
+            at += w.div_ceil(ALIGN_WORDS).max(1) * ALIGN_WORDS;
+            o
+        });
         let bf16 = p.kernels.iter().any(|k| matches!(k, Kernel::MatMul(m) if m.bf16));
         let shadow = bf16.then_some(at);
         if bf16 {
             at += at.div_ceil(2).div_ceil(ALIGN_WORDS) * ALIGN_WORDS;
         }
-        Layout { offsets, words: at, shadow }
+        Layout { offsets, words: at, shadow, attention_stats }
     }
 }
 
@@ -112,6 +128,8 @@ pub enum Launch {
         block: (u32, u32, u32),
     },
     Gemm(Gemm),
+    /// Kernels `name<<<grid, block>>>(arena, errors)` launched one after another.
+    Seq(Vec<Grid>),
     /// Zero `words` words at `offset`, then launch.
     ZeroThen {
         offset: usize,
@@ -120,6 +138,26 @@ pub enum Launch {
         grid: (u32, u32, u32),
         block: (u32, u32, u32),
     },
+}
+
+/// One kernel launch of a [`Launch::Seq`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct Grid {
+    pub name: String,
+    pub grid: (u32, u32, u32),
+    pub block: (u32, u32, u32),
+}
+
+impl Launch {
+    /// The generated kernels this launch runs, in order (a bf16 GEMM's cast kernel; a
+    /// plain GEMM none).
+    pub fn kernel_names(&self) -> Vec<&str> {
+        match self {
+            Launch::Grid { name, .. } | Launch::ZeroThen { name, .. } => vec![name],
+            Launch::Seq(v) => v.iter().map(|g| g.name.as_str()).collect(),
+            Launch::Gemm(g) => g.bf16.iter().map(|c| c.name.as_str()).collect(),
+        }
+    }
 }
 
 /// The generated module: source text, launch plan per kernel and the arena layout.
@@ -157,6 +195,8 @@ pub fn generate(p: &Program) -> CudaModule {
             },
             Kernel::Gather(gk) => g.gather(gk, i, &mut src),
             Kernel::ScatterAdd(s) => g.scatter_add(s, i, &mut src),
+            Kernel::Attention(a) if tiled_attention(a) => g.attention_tiled(a, &mut src),
+            Kernel::AttentionBackward(a) if tiled_attention(&a.fwd) => g.attention_backward_tiled(a, &mut src),
             Kernel::Attention(a) => g.attention(a, &mut src),
             Kernel::AttentionBackward(a) => g.attention_backward(a, &mut src),
         };
@@ -586,6 +626,278 @@ impl Gen<'_> {
         s
     }
 
+    /// The shared start of the tiled kernels whose block is ATT_ROWS query rows of one
+    /// batch index: warp `w` has row `i` (`live` when it exists), its query row in
+    /// `qs_[w]` and, with `dout`, its upstream gradient row in `gs_[w]`.
+    fn attention_rows(&self, a: &AttentionKernel, dout: Option<&MatOperand>, src: &mut String) {
+        let (r, qblocks) = (ATT_ROWS, a.tq.div_ceil(ATT_ROWS));
+        let _ = writeln!(src, "  int w = threadIdx.x >> 5, lane = threadIdx.x & 31;");
+        let _ = writeln!(src, "  long long b = blockIdx.x / {qblocks}LL, i0 = (blockIdx.x % {qblocks}LL) * {r}LL, i = i0 + w;");
+        let _ = writeln!(src, "  bool live = i < {}LL;", a.tq);
+        self.attention_offsets(a, dout, src);
+        let _ = writeln!(
+            src,
+            "  for (int c = lane; c < {}; c += 32) qs_[w][c] = live ? A[oq + i * {}LL + c * {}LL] : 0.0f;",
+            a.d, a.q.row_stride, a.q.col_stride
+        );
+        if let Some(o) = dout {
+            let _ = writeln!(
+                src,
+                "  for (int c = lane; c < {}; c += 32) gs_[w][c] = live ? A[oo + i * {}LL + c * {}LL] : 0.0f;",
+                a.dv, o.row_stride, o.col_stride
+            );
+        }
+    }
+
+    /// Batch `b`'s operand offsets `oq ok ov (om) (oo)`.
+    fn attention_offsets(&self, a: &AttentionKernel, dout: Option<&MatOperand>, src: &mut String) {
+        let mut ops: Vec<(&str, &MatOperand)> = vec![("oq", &a.q), ("ok", &a.k), ("ov", &a.v)];
+        if let Some(m) = &a.mask {
+            ops.push(("om", m));
+        }
+        if let Some(o) = dout {
+            ops.push(("oo", o));
+        }
+        let _ = writeln!(src, "  {}", self.batch_offset_code(&a.batch, &ops, "b"));
+    }
+
+    /// Loads keys `j0..j0 + ATT_KEYS` of K and V into `ks_`, `vs_` (zero past `tk`),
+    /// between two block barriers.
+    fn attention_tile(&self, a: &AttentionKernel, src: &mut String) {
+        let (kt, threads) = (ATT_KEYS, ATT_ROWS * 32);
+        let _ = writeln!(src, "    __syncthreads();");
+        for (arr, o, dim, base) in [("ks_", &a.k, a.d, "ok"), ("vs_", &a.v, a.dv, "ov")] {
+            let _ = writeln!(
+                src,
+                "    for (int e = threadIdx.x; e < {}; e += {threads}) {{ int jj = e / {dim}, c = e % {dim}; long long j = j0 + jj; {arr}[jj][c] = j < {}LL ? A[{base} + j * {}LL + c * {}LL] : 0.0f; }}",
+                kt * dim,
+                a.tk,
+                o.row_stride,
+                o.col_stride
+            );
+        }
+        let _ = writeln!(src, "    __syncthreads();");
+    }
+
+    /// Lane `lane`'s score `s` for key `j` of the tile (row `i` of warp `w`), and with
+    /// `dp` its `dout_i · v_j`.
+    fn tile_score(&self, a: &AttentionKernel, dp: bool) -> String {
+        let mut s =
+            format!("s = 0.0f; for (int c = 0; c < {}; c++) s += qs_[w][c] * ks_[lane][c]; s *= {};", a.d, float_lit(a.scale as f32));
+        if let Some(m) = &a.mask {
+            let _ = write!(s, " s += A[om + i * {}LL + j * {}LL];", m.row_stride, m.col_stride);
+        }
+        if dp {
+            let _ = write!(s, " for (int c = 0; c < {}; c++) dp += gs_[w][c] * vs_[lane][c];", a.dv);
+        }
+        s
+    }
+
+    /// The keys row `i` sees (`jend`) and the block's rows together (`jmax`).
+    fn key_ranges(a: &AttentionKernel, src: &mut String) {
+        if a.causal {
+            let _ = writeln!(src, "  long long jend = i + 1, jmax = i0 + {0}LL < {1}LL ? i0 + {0}LL : {1}LL;", ATT_ROWS, a.tk);
+        } else {
+            let _ = writeln!(src, "  long long jend = {0}LL, jmax = {0}LL;", a.tk);
+        }
+    }
+
+    /// The tiled forward: a block of ATT_ROWS warps (a query row each) of one batch index
+    /// shares each tile of ATT_KEYS keys and values in shared memory; lane `j` scores key
+    /// `j` of the tile, the warp folds the tile into its row's online softmax, and lane
+    /// `c` accumulates output features `c`, `c + 32`, ... from the tile's values.
+    fn attention_tiled(&self, a: &AttentionKernel, src: &mut String) -> Launch {
+        let (r, kt, vl) = (ATT_ROWS, ATT_KEYS, a.dv.div_ceil(32));
+        self.head(src);
+        let _ = writeln!(src, "  __shared__ float ks_[{kt}][{}], vs_[{kt}][{}], qs_[{r}][{}], ps_[{r}][{kt}];", a.d + 1, a.dv + 1, a.d);
+        self.attention_rows(a, None, src);
+        Self::key_ranges(a, src);
+        let _ = writeln!(src, "  float m = -BM_INF, l = 0.0f, acc[{vl}];");
+        let _ = writeln!(src, "  for (int t = 0; t < {vl}; t++) acc[t] = 0.0f;");
+        let _ = writeln!(src, "  for (long long j0 = 0; j0 < jmax; j0 += {kt}) {{");
+        self.attention_tile(a, src);
+        let _ = writeln!(src, "    long long j = j0 + lane;");
+        let _ = writeln!(src, "    float s = -BM_INF;");
+        let _ = writeln!(src, "    if (live && j < jend) {{ {} }}", self.tile_score(a, false));
+        let _ = writeln!(src, "    float mt = s;");
+        let _ = writeln!(src, "    for (int o = 16; o > 0; o >>= 1) mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, o));");
+        let _ = writeln!(src, "    float mn = fmaxf(m, mt);");
+        let _ = writeln!(src, "    if (mn != -BM_INF) {{  // a tile of masked keys weighs nothing");
+        let _ = writeln!(src, "      float corr = m == -BM_INF ? 0.0f : expf(m - mn), p = s == -BM_INF ? 0.0f : expf(s - mn);");
+        let _ = writeln!(src, "      l = l * corr + bm_warp_sum(p);");
+        let _ = writeln!(src, "      ps_[w][lane] = p;");
+        let _ = writeln!(src, "      __syncwarp();");
+        let _ = writeln!(
+            src,
+            "      for (int t = 0; t < {vl}; t++) {{ int c = lane + 32 * t; if (c < {}) {{ float x = acc[t] * corr; for (int jj = 0; jj < {kt}; jj++) x += ps_[w][jj] * vs_[jj][c]; acc[t] = x; }} }}",
+            a.dv
+        );
+        let _ = writeln!(src, "      __syncwarp();");
+        let _ = writeln!(src, "      m = mn;");
+        let _ = writeln!(src, "    }}");
+        let _ = writeln!(src, "  }}");
+        let _ = writeln!(src, "  // Every key masked: 0 / 0 = NaN, as the unfused softmax gives.");
+        let _ = writeln!(
+            src,
+            "  if (live) for (int t = 0; t < {vl}; t++) {{ int c = lane + 32 * t; if (c < {0}) A[{1}LL + (b * {2}LL + i) * {0}LL + c] = acc[t] / l; }}",
+            a.dv, self.layout.offsets[a.out], a.tq
+        );
+        let _ = writeln!(src, "}}");
+        let blocks = a.batch_count() * a.tq.div_ceil(r);
+        Launch::Grid { name: self.name.clone(), grid: (blocks as u32, 1, 1), block: ((r * 32) as u32, 1, 1) }
+    }
+
+    /// The tiled backward, two kernels and no atomics. `_dq` (blocks of query rows, as
+    /// the forward): the row's softmax statistics and `D = Σ p·dp` over the key tiles,
+    /// stored for the second kernel, then `dq = scale · Σ_j p_j (dp_j − D) k_j`. `_dkv`
+    /// (a block per tile of ATT_KEYS keys): every block of query rows in turn computes its
+    /// `p` and `ds` for the tile's keys (a warp per row, a lane per key) into shared
+    /// memory, then each thread adds `Σ_rows ds q` and `Σ_rows p dout` into the elements
+    /// of dk and dv it owns.
+    fn attention_backward_tiled(&self, ab: &AttentionBackwardKernel, src: &mut String) -> Launch {
+        let a = &ab.fwd;
+        let (r, kt, threads) = (ATT_ROWS, ATT_KEYS, ATT_ROWS * 32);
+        let dl = a.d.div_ceil(32);
+        let (lq, lk, _) = a.grad_lens();
+        let g = self.layout.offsets[a.out];
+        let (dq, dk, dv) = (g, g + lq, g + lq + lk);
+        let st = self.layout.attention_stats.expect("a tiled attention backward has stats scratch");
+        let n = a.batch_count() * a.tq;
+        let scale = float_lit(a.scale as f32);
+        let shared = format!(
+            "  __shared__ float ks_[{kt}][{}], vs_[{kt}][{}], qs_[{r}][{}], gs_[{r}][{}], ps_[{r}][{kt}], ds_[{r}][{kt}];",
+            a.d + 1,
+            a.dv + 1,
+            a.d,
+            a.dv
+        );
+
+        // Kernel 1: statistics and dq.
+        let k1 = format!("{}_dq", self.name);
+        let _ = writeln!(src, "extern \"C\" __global__ void {k1}(float* __restrict__ A, int* __restrict__ E) {{");
+        let _ = writeln!(src, "{shared}");
+        self.attention_rows(a, Some(&ab.dout), src);
+        Self::key_ranges(a, src);
+        let _ = writeln!(src, "  float m = -BM_INF, l = 0.0f, dsum = 0.0f;");
+        let _ = writeln!(src, "  for (long long j0 = 0; j0 < jmax; j0 += {kt}) {{");
+        self.attention_tile(a, src);
+        let _ = writeln!(src, "    long long j = j0 + lane;");
+        let _ = writeln!(src, "    float s = -BM_INF, dp = 0.0f;");
+        let _ = writeln!(src, "    if (live && j < jend) {{ {} }}", self.tile_score(a, true));
+        let _ = writeln!(src, "    float mt = s;");
+        let _ = writeln!(src, "    for (int o = 16; o > 0; o >>= 1) mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, o));");
+        let _ = writeln!(src, "    float mn = fmaxf(m, mt);");
+        let _ = writeln!(src, "    if (mn != -BM_INF) {{");
+        let _ = writeln!(src, "      float corr = m == -BM_INF ? 0.0f : expf(m - mn), p = s == -BM_INF ? 0.0f : expf(s - mn);");
+        let _ = writeln!(src, "      l = l * corr + bm_warp_sum(p);");
+        let _ = writeln!(src, "      dsum = dsum * corr + bm_warp_sum(p * dp);");
+        let _ = writeln!(src, "      m = mn;");
+        let _ = writeln!(src, "    }}");
+        let _ = writeln!(src, "  }}");
+        let _ = writeln!(src, "  float D = dsum / l;");
+        let _ = writeln!(
+            src,
+            "  if (live && lane == 0) {{ long long row = b * {tq}LL + i; A[{st}LL + row] = m; A[{}LL + row] = l; A[{}LL + row] = D; }}",
+            st + n,
+            st + 2 * n,
+            tq = a.tq
+        );
+        let _ = writeln!(src, "  float gq[{dl}];");
+        let _ = writeln!(src, "  for (int t = 0; t < {dl}; t++) gq[t] = 0.0f;");
+        let _ = writeln!(src, "  for (long long j0 = 0; j0 < jmax; j0 += {kt}) {{");
+        self.attention_tile(a, src);
+        let _ = writeln!(src, "    long long j = j0 + lane;");
+        let _ = writeln!(src, "    float s = -BM_INF, dp = 0.0f;");
+        let _ = writeln!(src, "    if (live && j < jend) {{ {} }}", self.tile_score(a, true));
+        let _ = writeln!(src, "    float p = s == -BM_INF ? 0.0f : expf(s - m) / l;");
+        let _ = writeln!(src, "    ps_[w][lane] = p == 0.0f ? 0.0f : p * (dp - D) * {scale};");
+        let _ = writeln!(src, "    __syncwarp();");
+        let _ = writeln!(
+            src,
+            "    for (int t = 0; t < {dl}; t++) {{ int c = lane + 32 * t; if (c < {}) {{ float x = gq[t]; for (int jj = 0; jj < {kt}; jj++) x += ps_[w][jj] * ks_[jj][c]; gq[t] = x; }} }}",
+            a.d
+        );
+        let _ = writeln!(src, "    __syncwarp();");
+        let _ = writeln!(src, "  }}");
+        let _ = writeln!(
+            src,
+            "  if (live) for (int t = 0; t < {dl}; t++) {{ int c = lane + 32 * t; if (c < {0}) A[{dq}LL + (b * {1}LL + i) * {0}LL + c] = gq[t]; }}",
+            a.d, a.tq
+        );
+        let _ = writeln!(src, "}}");
+
+        // Kernel 2: dk and dv of one tile of keys.
+        let k2 = format!("{}_dkv", self.name);
+        let kblocks = a.tk.div_ceil(kt);
+        let (nk, nv) = ((kt * a.d).div_ceil(threads), (kt * a.dv).div_ceil(threads));
+        let _ = writeln!(src, "extern \"C\" __global__ void {k2}(float* __restrict__ A, int* __restrict__ E) {{");
+        let _ = writeln!(src, "{shared}");
+        let _ = writeln!(src, "  int w = threadIdx.x >> 5, lane = threadIdx.x & 31;");
+        let _ = writeln!(src, "  long long b = blockIdx.x / {kblocks}LL, j0 = (blockIdx.x % {kblocks}LL) * {kt}LL;");
+        self.attention_offsets(a, Some(&ab.dout), src);
+        self.attention_tile(a, src);
+        let _ = writeln!(src, "  float gk[{nk}], gv[{nv}];");
+        let _ = writeln!(src, "  for (int u = 0; u < {nk}; u++) gk[u] = 0.0f;");
+        let _ = writeln!(src, "  for (int u = 0; u < {nv}; u++) gv[u] = 0.0f;");
+        let istart = if a.causal { format!("j0 / {r}LL * {r}LL") } else { "0LL".into() };
+        let _ = writeln!(src, "  for (long long i0 = {istart}; i0 < {}LL; i0 += {r}) {{", a.tq);
+        let _ = writeln!(src, "    long long i = i0 + w;");
+        let _ = writeln!(src, "    bool live = i < {}LL;", a.tq);
+        let _ = writeln!(src, "    __syncthreads();");
+        let _ = writeln!(
+            src,
+            "    for (int c = lane; c < {}; c += 32) qs_[w][c] = live ? A[oq + i * {}LL + c * {}LL] : 0.0f;",
+            a.d, a.q.row_stride, a.q.col_stride
+        );
+        let _ = writeln!(
+            src,
+            "    for (int c = lane; c < {}; c += 32) gs_[w][c] = live ? A[oo + i * {}LL + c * {}LL] : 0.0f;",
+            a.dv, ab.dout.row_stride, ab.dout.col_stride
+        );
+        let _ = writeln!(src, "    __syncwarp();");
+        let _ = writeln!(src, "    long long j = j0 + lane;");
+        let seen = if a.causal { " && j <= i" } else { "" };
+        let _ = writeln!(src, "    float s = -BM_INF, dp = 0.0f, p = 0.0f, ds = 0.0f;");
+        let _ = writeln!(src, "    if (live && j < {}LL{seen}) {{ {} }}", a.tk, self.tile_score(a, true));
+        let _ = writeln!(src, "    if (s != -BM_INF) {{");
+        let _ = writeln!(
+            src,
+            "      long long row = b * {}LL + i; float mi = A[{st}LL + row], li = A[{}LL + row], Di = A[{}LL + row];",
+            a.tq,
+            st + n,
+            st + 2 * n
+        );
+        let _ = writeln!(src, "      p = expf(s - mi) / li;");
+        let _ = writeln!(src, "      ds = p == 0.0f ? 0.0f : p * (dp - Di) * {scale};");
+        let _ = writeln!(src, "    }}");
+        let _ = writeln!(src, "    ps_[w][lane] = p;");
+        let _ = writeln!(src, "    ds_[w][lane] = ds;");
+        let _ = writeln!(src, "    __syncthreads();");
+        for (acc, count, dim, coef, rows) in [("gk", nk, a.d, "ds_", "qs_"), ("gv", nv, a.dv, "ps_", "gs_")] {
+            let _ = writeln!(
+                src,
+                "    for (int u = 0; u < {count}; u++) {{ int e = threadIdx.x + u * {threads}; if (e < {}) {{ int jj = e / {dim}, c = e % {dim}; float x = {acc}[u]; for (int ww = 0; ww < {r}; ww++) x += {coef}[ww][jj] * {rows}[ww][c]; {acc}[u] = x; }} }}",
+                kt * dim
+            );
+        }
+        let _ = writeln!(src, "  }}");
+        for (acc, count, dim, base) in [("gk", nk, a.d, dk), ("gv", nv, a.dv, dv)] {
+            let _ = writeln!(
+                src,
+                "  for (int u = 0; u < {count}; u++) {{ int e = threadIdx.x + u * {threads}; int jj = e / {dim}, c = e % {dim}; long long j = j0 + jj; if (e < {} && j < {}LL) A[{base}LL + (b * {}LL + j) * {dim}LL + c] = {acc}[u]; }}",
+                kt * dim,
+                a.tk,
+                a.tk
+            );
+        }
+        let _ = writeln!(src, "}}");
+        let block = (threads as u32, 1, 1);
+        Launch::Seq(vec![
+            Grid { name: k1, grid: ((a.batch_count() * a.tq.div_ceil(r)) as u32, 1, 1), block },
+            Grid { name: k2, grid: ((a.batch_count() * kblocks) as u32, 1, 1), block },
+        ])
+    }
+
     fn attention(&self, a: &AttentionKernel, src: &mut String) -> Launch {
         let vl = a.dv.div_ceil(32);
         self.attention_head(a, &[], src);
@@ -669,6 +981,19 @@ impl Gen<'_> {
         let (_, lk, lv) = a.grad_lens();
         Launch::ZeroThen { offset: dk, words: lk + lv, name: self.name.clone(), grid, block }
     }
+}
+
+/// Query rows (a warp each) per block of the tiled attention kernels.
+const ATT_ROWS: usize = 8;
+/// Keys (a lane each) per shared-memory tile of the tiled attention kernels.
+const ATT_KEYS: usize = 32;
+
+/// Whether `a` runs as the tiled kernels: their shared memory (K and V tiles, the
+/// block's query and upstream-gradient rows, two rows of probabilities per warp) fits in
+/// 48 KiB. Otherwise the warp-per-row kernels run.
+fn tiled_attention(a: &AttentionKernel) -> bool {
+    let floats = ATT_KEYS * (a.d + 1) + ATT_KEYS * (a.dv + 1) + ATT_ROWS * (a.d + a.dv) + 2 * ATT_ROWS * ATT_KEYS;
+    a.tq > 0 && a.tk > 0 && a.d > 0 && a.dv > 0 && floats * 4 <= 48 * 1024
 }
 
 /// The identity and combining function of a reduction.

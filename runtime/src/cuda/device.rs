@@ -51,7 +51,9 @@ pub struct CudaExecutor {
     program: Program,
     module: CudaModule,
     stream: Arc<CudaStream>,
-    functions: Vec<Option<CudaFunction>>,
+    /// Per kernel of the program, its generated kernels in launch order
+    /// (`Launch::kernel_names`).
+    functions: Vec<Vec<CudaFunction>>,
     arena: CudaSlice<f32>,
     errors: CudaSlice<i32>,
     blas: CudaBlas,
@@ -77,14 +79,7 @@ impl CudaExecutor {
         let loaded = ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx)).map_err(driver)?;
         let mut functions = vec![];
         for l in &module.launches {
-            functions.push(match l {
-                Launch::Grid { name, .. } | Launch::ZeroThen { name, .. } => Some(loaded.load_function(name).map_err(driver)?),
-                // A bf16 GEMM's function is its cast kernel.
-                Launch::Gemm(g) => match &g.bf16 {
-                    Some(c) => Some(loaded.load_function(&c.name).map_err(driver)?),
-                    None => None,
-                },
-            });
+            functions.push(l.kernel_names().into_iter().map(|n| loaded.load_function(n).map_err(driver)).collect::<Result<Vec<_>>>()?);
         }
         let stream = ctx.default_stream();
         let arena = stream.alloc_zeros::<f32>(module.layout.words.max(1)).map_err(driver)?;
@@ -133,30 +128,35 @@ impl CudaExecutor {
     }
 
     fn launch(&mut self, k: usize) -> Result<()> {
-        let grid = |name: &str, grid: (u32, u32, u32), block: (u32, u32, u32)| (name.to_string(), grid, block);
-        let (name, g, b) = match &self.module.launches[k] {
+        let (g, b) = match &self.module.launches[k] {
             Launch::Gemm(gemm) => {
                 let gemm = gemm.clone();
                 if let Some(c) = &gemm.bf16 {
-                    self.launch_function(k, &c.name, c.grid, c.block)?;
+                    self.launch_function(k, 0, c.grid, c.block)?;
                 }
                 return self.gemm(&gemm);
             }
-            Launch::Grid { name, grid: g, block } => grid(name, *g, *block),
-            Launch::ZeroThen { offset, words, name, grid: g, block } => {
-                let (o, w) = (*offset, *words);
+            Launch::Seq(grids) => {
+                for (at, g) in grids.clone().iter().enumerate() {
+                    self.launch_function(k, at, g.grid, g.block)?;
+                }
+                return Ok(());
+            }
+            Launch::Grid { grid, block, .. } => (*grid, *block),
+            Launch::ZeroThen { offset, words, grid, block, .. } => {
+                let (o, w, g, b) = (*offset, *words, *grid, *block);
                 if w > 0 {
                     self.stream.memset_zeros(&mut self.arena.slice_mut(o..o + w)).map_err(driver)?;
                 }
-                grid(name, *g, *block)
+                (g, b)
             }
         };
-        self.launch_function(k, &name, g, b)
+        self.launch_function(k, 0, g, b)
     }
 
-    /// Launches kernel `k`'s loaded function `name` over the arena and error words.
-    fn launch_function(&mut self, k: usize, name: &str, g: (u32, u32, u32), b: (u32, u32, u32)) -> Result<()> {
-        let f = self.functions[k].as_ref().ok_or_else(|| Error::internal(format!("kernel {name} was not loaded")))?;
+    /// Launches generated kernel `at` of program kernel `k` over the arena and error words.
+    fn launch_function(&mut self, k: usize, at: usize, g: (u32, u32, u32), b: (u32, u32, u32)) -> Result<()> {
+        let f = self.functions[k].get(at).ok_or_else(|| Error::internal(format!("kernel k{k} has no generated kernel {at}")))?;
         let cfg = LaunchConfig { grid_dim: g, block_dim: b, shared_mem_bytes: 0 };
         let mut args = self.stream.launch_builder(f);
         args.arg(&mut self.arena).arg(&mut self.errors);
