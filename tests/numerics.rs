@@ -66,15 +66,13 @@ fn w1_init_matches_the_reference_bits() {
     assert_eq!(bits, vec![0x3dc44150, 0xbc8c3b0d, 0xbdf27746]);
 }
 
-/// `precision = "bf16"`: W1 with bf16 matrix products (f32 master weights, f32
-/// everything else) tracks PyTorch's f32 losses within bf16's tolerance, and does differ
-/// from the f32 run (the products really take rounded operands).
-#[test]
-fn w1_bf16_losses_track_the_f32_losses() {
+/// PyTorch's W1 losses for steps 0–4 (../shared/bench/peers/models.md).
+const W1_PYTORCH_LOSSES: [f64; 5] = [2.298667, 2.290944, 2.282559, 2.287085, 2.274528];
+
+/// The losses of five W1 steps from its reference parameters, for the model `src`.
+fn w1_losses(src: &str) -> Vec<f64> {
     let dir = tempfile::tempdir().unwrap();
-    let src = w1_source().replace("  batch     = 128", "  batch     = 128\n  precision = \"bf16\"");
-    let bundle = compile(&src, dir.path());
-    assert!(bundle.program.kernels.iter().any(|k| matches!(k, bm_runtime::kir::Kernel::MatMul(m) if m.bf16)));
+    let bundle = compile(src, dir.path());
     let init = dir.path().join("init.safetensors");
     checkpoint::save_atomic(&init, &w1_params(), &Default::default()).unwrap();
     let out = dir.path().join("run");
@@ -82,33 +80,33 @@ fn w1_bf16_losses_track_the_f32_losses() {
     train(bundle, &args, &respec).unwrap();
     let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
     let losses: Vec<f64> = text.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap()).collect();
-    let pytorch_f32 = [2.298667, 2.290944, 2.282559, 2.287085, 2.274528];
     assert_eq!(losses.len(), 5);
+    losses
+}
+
+#[test]
+fn w1_losses_match_pytorch_for_five_steps() {
+    let losses = w1_losses(&w1_source());
+    for (i, (ours, theirs)) in losses.iter().zip(W1_PYTORCH_LOSSES).enumerate() {
+        assert!((ours - theirs).abs() < 1e-5, "step {i}: bmc {ours:.7} vs PyTorch {theirs:.7}\nall: {losses:?}");
+    }
+}
+
+/// `precision = "bf16"`: W1 with bf16 matrix products (f32 master weights, f32
+/// everything else) tracks PyTorch's f32 losses within bf16's tolerance, and does differ
+/// from them (the products really take rounded operands).
+#[test]
+fn w1_bf16_losses_track_the_f32_losses() {
+    let src = w1_source().replace("  batch     = 128", "  batch     = 128\n  precision = \"bf16\"");
+    assert!(src.contains("precision = \"bf16\""));
+    let losses = w1_losses(&src);
     let mut max_diff = 0.0f64;
-    for (i, (ours, theirs)) in losses.iter().zip(pytorch_f32).enumerate() {
+    for (i, (ours, theirs)) in losses.iter().zip(W1_PYTORCH_LOSSES).enumerate() {
         assert!((ours - theirs).abs() < 2e-2 * theirs, "step {i}: bmc bf16 {ours:.7} vs PyTorch f32 {theirs:.7}\nall: {losses:?}");
         max_diff = max_diff.max((ours - theirs).abs());
     }
     assert!(max_diff > 1e-6, "bf16 losses equal the f32 ones: {losses:?}");
     println!("W1 bf16 losses {losses:?}, max |bf16 − f32| = {max_diff:.2e}");
-}
-
-#[test]
-fn w1_losses_match_pytorch_for_five_steps() {
-    let dir = tempfile::tempdir().unwrap();
-    let bundle = compile(&w1_source(), dir.path());
-    let init = dir.path().join("init.safetensors");
-    checkpoint::save_atomic(&init, &w1_params(), &Default::default()).unwrap();
-    let out = dir.path().join("run");
-    let args = TrainArgs { steps: Some(5), threads: Some(1), out: Some(out.clone()), init_from: Some(init), ..Default::default() };
-    train(bundle, &args, &respec).unwrap();
-    let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
-    let losses: Vec<f64> = text.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap()).collect();
-    let pytorch = [2.298667, 2.290944, 2.282559, 2.287085, 2.274528];
-    assert_eq!(losses.len(), 5);
-    for (i, (ours, theirs)) in losses.iter().zip(pytorch).enumerate() {
-        assert!((ours - theirs).abs() < 1e-5, "step {i}: bmc {ours:.7} vs PyTorch {theirs:.7}\nall: {losses:?}");
-    }
 }
 
 // ---------------------------------------------------------------------------------

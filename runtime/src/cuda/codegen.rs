@@ -693,6 +693,24 @@ impl Gen<'_> {
         s
     }
 
+    /// Opens the loop over key tiles of an online softmax and folds the tile's scores `s`
+    /// (and with `dp` their `dout·v`) into the row's `m` and `l`, leaving open the block
+    /// `if (mn != -BM_INF) {` where `corr` rescales what came before and `p` is this
+    /// lane's weight; the caller finishes it and closes both.
+    fn online_tile_step(&self, a: &AttentionKernel, dp: bool, src: &mut String) {
+        let _ = writeln!(src, "  for (long long j0 = 0; j0 < jmax; j0 += {ATT_KEYS}) {{");
+        self.attention_tile(a, src);
+        let _ = writeln!(src, "    long long j = j0 + lane;");
+        let _ = writeln!(src, "    float s = -BM_INF{};", if dp { ", dp = 0.0f" } else { "" });
+        let _ = writeln!(src, "    if (live && j < jend) {{ {} }}", self.tile_score(a, dp));
+        let _ = writeln!(src, "    float mt = s;");
+        let _ = writeln!(src, "    for (int o = 16; o > 0; o >>= 1) mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, o));");
+        let _ = writeln!(src, "    float mn = fmaxf(m, mt);");
+        let _ = writeln!(src, "    if (mn != -BM_INF) {{  // a tile of masked keys weighs nothing");
+        let _ = writeln!(src, "      float corr = m == -BM_INF ? 0.0f : expf(m - mn), p = s == -BM_INF ? 0.0f : expf(s - mn);");
+        let _ = writeln!(src, "      l = l * corr + bm_warp_sum(p);");
+    }
+
     /// The keys row `i` sees (`jend`) and the block's rows together (`jmax`).
     fn key_ranges(a: &AttentionKernel, src: &mut String) {
         if a.causal {
@@ -714,17 +732,7 @@ impl Gen<'_> {
         Self::key_ranges(a, src);
         let _ = writeln!(src, "  float m = -BM_INF, l = 0.0f, acc[{vl}];");
         let _ = writeln!(src, "  for (int t = 0; t < {vl}; t++) acc[t] = 0.0f;");
-        let _ = writeln!(src, "  for (long long j0 = 0; j0 < jmax; j0 += {kt}) {{");
-        self.attention_tile(a, src);
-        let _ = writeln!(src, "    long long j = j0 + lane;");
-        let _ = writeln!(src, "    float s = -BM_INF;");
-        let _ = writeln!(src, "    if (live && j < jend) {{ {} }}", self.tile_score(a, false));
-        let _ = writeln!(src, "    float mt = s;");
-        let _ = writeln!(src, "    for (int o = 16; o > 0; o >>= 1) mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, o));");
-        let _ = writeln!(src, "    float mn = fmaxf(m, mt);");
-        let _ = writeln!(src, "    if (mn != -BM_INF) {{  // a tile of masked keys weighs nothing");
-        let _ = writeln!(src, "      float corr = m == -BM_INF ? 0.0f : expf(m - mn), p = s == -BM_INF ? 0.0f : expf(s - mn);");
-        let _ = writeln!(src, "      l = l * corr + bm_warp_sum(p);");
+        self.online_tile_step(a, false, src);
         let _ = writeln!(src, "      ps_[w][lane] = p;");
         let _ = writeln!(src, "      __syncwarp();");
         let _ = writeln!(
@@ -779,17 +787,7 @@ impl Gen<'_> {
         self.attention_rows(a, Some(&ab.dout), src);
         Self::key_ranges(a, src);
         let _ = writeln!(src, "  float m = -BM_INF, l = 0.0f, dsum = 0.0f;");
-        let _ = writeln!(src, "  for (long long j0 = 0; j0 < jmax; j0 += {kt}) {{");
-        self.attention_tile(a, src);
-        let _ = writeln!(src, "    long long j = j0 + lane;");
-        let _ = writeln!(src, "    float s = -BM_INF, dp = 0.0f;");
-        let _ = writeln!(src, "    if (live && j < jend) {{ {} }}", self.tile_score(a, true));
-        let _ = writeln!(src, "    float mt = s;");
-        let _ = writeln!(src, "    for (int o = 16; o > 0; o >>= 1) mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, o));");
-        let _ = writeln!(src, "    float mn = fmaxf(m, mt);");
-        let _ = writeln!(src, "    if (mn != -BM_INF) {{");
-        let _ = writeln!(src, "      float corr = m == -BM_INF ? 0.0f : expf(m - mn), p = s == -BM_INF ? 0.0f : expf(s - mn);");
-        let _ = writeln!(src, "      l = l * corr + bm_warp_sum(p);");
+        self.online_tile_step(a, true, src);
         let _ = writeln!(src, "      dsum = dsum * corr + bm_warp_sum(p * dp);");
         let _ = writeln!(src, "      m = mn;");
         let _ = writeln!(src, "    }}");
