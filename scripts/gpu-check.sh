@@ -6,8 +6,11 @@
 #    puts them on LD_LIBRARY_PATH;
 # 3. runs the GPU tests: every model's loss and gradients on the GPU against the CPU,
 #    W2's PyTorch losses on the GPU (tests/cuda.rs, tests/numerics.rs);
-# 4. times training steps of W2 and W3 on the GPU and the CPU (`bmc bench --device`),
-#    and trains models/gpt.bm for a while on the GPU.
+# 4. times training steps of W2 and W3 on the GPU and the CPU (`bmc bench --device`);
+# 5. times the issue's bf16 targets against PyTorch on the same GPU: W3 (bench/w3_bf16.bm)
+#    and GPT-2 124M's shape (bench/gpt2_124m.bm, random tokens), PyTorch through
+#    bench/torch_gpt.py with torch.compile and bf16 autocast;
+# 6. trains models/gpt.bm for a while on the GPU.
 # Output also goes to $OUT/gpu-check.log when $OUT is set (the device tool sets it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -44,6 +47,14 @@ for m in w1_mlp_digits w2_gpt_tiny w3_gpt_small_cpu; do
     timeout 300 "$bmc" bench "models/$m.bm" --device "$d" --warmup 5 --steps "$steps" --json || echo "$m on $d: failed"
   done
 done
+
+echo "== the issue's GPU targets, bf16, bmc then PyTorch (torch.compile) on this GPU"
+python3 bench/make_tokens.py bench/gpt2_tokens.bin 50304 || echo "make_tokens: failed"
+timeout 600 "$bmc" bench bench/w3_bf16.bm --device cuda --warmup 5 --steps 50 --json || echo "w3 bf16 on cuda: failed"
+timeout 900 python3 bench/torch_gpt.py --preset w3 --precision bf16 --mode compile --steps 50 || echo "torch w3 bf16: failed"
+timeout 900 "$bmc" bench bench/gpt2_124m.bm --device cuda --warmup 3 --steps 20 --json || echo "gpt2-124m bf16 on cuda: failed"
+timeout 900 python3 bench/torch_gpt.py --preset gpt2-124m --precision bf16 --mode compile --steps 20 || echo "torch gpt2-124m bf16: failed"
+echo "(bmc's items/s are tokens/s; MFU = (6·params + 12·layers·ctx·d) FLOPs per token × tokens/s ÷ 989 TFLOPS)"
 
 echo "== models/gpt.bm on the GPU (500 steps)"
 timeout 600 "$bmc" train models/gpt.bm --device cuda --steps 500 --out /tmp/gpt-gpu 2>&1 | tail -n 3
