@@ -740,11 +740,13 @@ fn parse_eval_reads_summary_lines() {
 }
 
 /// Every model's training binary payload survives the round trip (deeply fused loop
-/// bodies once exceeded the JSON parser's nesting limit: W3's binary could not start).
+/// bodies once exceeded the JSON parser's nesting limit: W3's binary could not start),
+/// the benchmark models in bench/ (GPT-2 124M's shape, bf16) included.
 #[test]
 fn every_model_bundle_round_trips() {
     use bmc::driver::{self, FileSource, Options, Stage};
-    for entry in std::fs::read_dir(workspace().join("models")).unwrap() {
+    let dirs = [workspace().join("models"), workspace().join("bench")];
+    for entry in dirs.iter().flat_map(|d| std::fs::read_dir(d).unwrap()) {
         let path = entry.unwrap().path();
         if path.extension().is_none_or(|e| e != "bm") {
             continue;
