@@ -67,16 +67,24 @@ unsafe fn one(k: &MatMulKernel, p: Ptrs, (ao, bo, co): (usize, usize, usize), pa
     }
 }
 
-/// A copy of `buf` up to the last element operand `o` reads, that span rounded to
-/// bfloat16 (elements before it are left zero and never read).
-fn rounded_span(buf: &[f32], o: &MatOperand, batch: &[usize], rows: usize, cols: usize) -> Result<Vec<f32>> {
-    let mut v = vec![0.0f32; buf.len()];
+thread_local! {
+    /// Reused buffers for bf16-rounded operands (grown, never shrunk: a fresh allocation
+    /// per product would fault in new zero pages every step).
+    static ROUNDED: std::cell::RefCell<[Vec<f32>; 2]> = const { std::cell::RefCell::new([Vec::new(), Vec::new()]) };
+}
+
+/// Fills `dst` (grown to `buf`'s length) at the span operand `o` reads with `buf`'s
+/// values rounded to bfloat16; the rest of `dst` is never read.
+fn round_span(dst: &mut Vec<f32>, buf: &[f32], o: &MatOperand, batch: &[usize], rows: usize, cols: usize) -> Result<()> {
+    if dst.len() < buf.len() {
+        dst.resize(buf.len(), 0.0);
+    }
     if let Some(last) = o.max_element(batch, rows, cols).map_err(Error::internal)? {
-        for (d, s) in v[o.offset..=last].iter_mut().zip(&buf[o.offset..=last]) {
+        for (d, s) in dst[o.offset..=last].iter_mut().zip(&buf[o.offset..=last]) {
             *d = crate::interp::round_bf16(*s);
         }
     }
-    Ok(v)
+    Ok(())
 }
 
 /// `c[b] (+)= a[b] @ b[b]` for every batch index. `threads` bounds the parallelism
@@ -93,16 +101,29 @@ pub fn matmul(k: &MatMulKernel, bufs: &mut Buffers, threads: usize) -> Result<()
     check(&k.a, &k.batch, k.m, k.k, a.len())?;
     let b = bufs.f32(k.b.buf)?;
     check(&k.b, &k.batch, k.k, k.n, b.len())?;
+    if !k.bf16 {
+        let (a, b) = (a.as_ptr() as usize, b.as_ptr() as usize);
+        return products(k, a, b, bufs, threads);
+    }
     // bf16: the operands' spans rounded into copies at the same offsets (the rest of
     // each copy is never read), so strides and offsets stay as they are.
-    let (ra, rb);
-    let (a, b) = if k.bf16 {
-        ra = rounded_span(a, &k.a, &k.batch, k.m, k.k)?;
-        rb = rounded_span(b, &k.b, &k.batch, k.k, k.n)?;
-        (ra.as_ptr() as usize, rb.as_ptr() as usize)
-    } else {
-        (a.as_ptr() as usize, b.as_ptr() as usize)
-    };
+    ROUNDED.with(|cell| {
+        let mut fresh = [Vec::new(), Vec::new()];
+        let mut mine = cell.try_borrow_mut().ok();
+        let [ra, rb] = match mine.as_deref_mut() {
+            Some(r) => r,
+            None => &mut fresh,
+        };
+        let (a, b) = (bufs.f32(k.a.buf)?, bufs.f32(k.b.buf)?);
+        round_span(ra, a, &k.a, &k.batch, k.m, k.k)?;
+        round_span(rb, b, &k.b, &k.batch, k.k, k.n)?;
+        products(k, ra.as_ptr() as usize, rb.as_ptr() as usize, bufs, threads)
+    })
+}
+
+/// The products of `k` with its operands at addresses `a` and `b` (checked in bounds)
+/// into `c` of `bufs`.
+fn products(k: &MatMulKernel, a: usize, b: usize, bufs: &mut Buffers, threads: usize) -> Result<()> {
     let c = bufs.f32_mut(k.c.buf)?;
     check(&k.c, &k.batch, k.m, k.n, c.len())?;
     let c = c.as_mut_ptr() as usize;
