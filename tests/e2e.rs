@@ -762,3 +762,18 @@ fn every_model_bundle_round_trips() {
         assert!(back.program == b.program, "{}: the program changed in the round trip", path.display());
     }
 }
+
+/// `bmc bench --profile` times the kernels: the slowest listed with the GFLOP/s of the
+/// matrix products, then the time by kind; on a device without CUDA, a clear error.
+#[test]
+fn bench_profile_lists_kernels() {
+    let root = workspace();
+    let o = bmc(&root, &["bench", "models/mlp.bm", "--warmup", "1", "--steps", "3", "--threads", "1", "--profile"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", show(&o));
+    assert!(out.contains("slowest kernels") && out.contains("GFLOP/s") && out.contains("by kind: matmul"), "{}", show(&o));
+    let o = bmc(&root, &["bench", "models/mlp.bm", "--steps", "2", "--profile", "--json"]);
+    let json: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}\n{}", show(&o)));
+    let kernels = json["profile"].as_array().expect("a profile array");
+    assert!(kernels.iter().any(|k| k["kernel"].as_str().unwrap().contains("matmul")), "{json}");
+}

@@ -74,6 +74,9 @@ enum Cmd {
         device: String,
         #[arg(long = "set", value_name = "K=V", value_parser = parse_kv)]
         set: Vec<(String, String)>,
+        /// Also time every kernel of the timed steps and list the slowest (CPU only)
+        #[arg(long)]
+        profile: bool,
     },
     /// Parameter counts, FLOPs per step, memory and kernel count
     Info {
@@ -186,14 +189,15 @@ fn run(cli: Cli) -> Result<(), Failure> {
             );
             Ok(())
         }
-        Cmd::Bench { model, warmup, steps, threads, batches, json, device, set } => {
+        Cmd::Bench { model, warmup, steps, threads, batches, json, device, set, profile } => {
             let loaded = driver::load(&path_str(&model), &FileSource::Disk)?;
             let opts = Options { overrides: set, ..Default::default() };
             let c = driver::compile(&loaded, &opts, Stage::Kernels)?;
             let b = driver::bundle(&loaded, &opts, &c);
             let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
             let device = bm_runtime::engine::Device::parse(&device)?;
-            let r = bm_runtime::bench::run(b, &bm_runtime::bench::BenchOptions { warmup, steps: steps.max(1), threads, batches, device })?;
+            let opts = bm_runtime::bench::BenchOptions { warmup, steps: steps.max(1), threads, batches, device, profile };
+            let r = bm_runtime::bench::run(b, &opts)?;
             if json {
                 println!("{}", serde_json::to_string(&r).unwrap_or_default());
             } else {
@@ -201,6 +205,30 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     "{}: {:.3} ms/step median (min {:.3}, p90 {:.3}) over {steps} steps after {warmup} warm-up; {:.0} items/s; {:.1} GFLOP/s matmul; batch {}; {} threads; JIT {:.0} ms; peak RSS {:.0} MiB",
                     r.model, r.median_ms, r.min_ms, r.p90_ms, r.items_per_s, r.gflops, r.batch, r.threads, r.jit_ms, r.peak_rss_mib
                 );
+                if !r.profile.is_empty() {
+                    println!("slowest kernels (ms per step, share of kernel time; GFLOP/s of matrix products):");
+                    for k in r.profile.iter().take(25) {
+                        let rate = k.gflops.map(|g| format!("  {g:.1} GFLOP/s")).unwrap_or_default();
+                        println!("  {:8.3} ms {:5.1}%  {}{rate}", k.ms_per_step, k.percent, k.kernel);
+                    }
+                    let rest: f64 = r.profile.iter().skip(25).map(|k| k.ms_per_step).sum();
+                    println!("  {rest:8.3} ms in the other {} kernels", r.profile.len().saturating_sub(25));
+                    // By kind: the word after `k<i>: ` (matmul, loop, attention, ...).
+                    let mut kinds: Vec<(String, f64, usize)> = vec![];
+                    for k in &r.profile {
+                        let kind = k.kernel.split_whitespace().nth(1).unwrap_or("?").to_string();
+                        match kinds.iter_mut().find(|x| x.0 == kind) {
+                            Some(x) => {
+                                x.1 += k.ms_per_step;
+                                x.2 += 1;
+                            }
+                            None => kinds.push((kind, k.ms_per_step, 1)),
+                        }
+                    }
+                    kinds.sort_by(|a, b| b.1.total_cmp(&a.1));
+                    let by_kind: Vec<String> = kinds.iter().map(|(k, ms, n)| format!("{k} {ms:.1} ms ({n})")).collect();
+                    println!("by kind: {}", by_kind.join(", "));
+                }
             }
             Ok(())
         }

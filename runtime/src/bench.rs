@@ -17,6 +17,19 @@ pub struct BenchOptions {
     /// Batches cycled through (prepared before timing).
     pub batches: usize,
     pub device: crate::engine::Device,
+    /// Time every kernel of the timed steps (CPU only): `BenchResult::profile`.
+    pub profile: bool,
+}
+
+/// One kernel's share of the timed steps (`bmc bench --profile`).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct KernelTime {
+    /// `k<i>` and the first line of its kernel IR text.
+    pub kernel: String,
+    pub ms_per_step: f64,
+    pub percent: f64,
+    /// For matrix products, the rate they ran at.
+    pub gflops: Option<f64>,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -33,6 +46,9 @@ pub struct BenchResult {
     pub jit_ms: f64,
     pub peak_rss_mib: f64,
     pub first_losses: Vec<f64>,
+    /// With `--profile`: every kernel of the timed steps, slowest first.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub profile: Vec<KernelTime>,
 }
 
 fn peak_rss_mib() -> f64 {
@@ -63,7 +79,9 @@ pub fn run(bundle: Bundle, opts: &BenchOptions) -> Result<BenchResult> {
     let jit_ms = t.elapsed().as_secs_f64() * 1e3;
     s.init_params(seed)?;
     let mut rng = Rng::new(seed);
-    let total = (opts.warmup + opts.steps) as u64;
+    // Profiling starts after the warm-up (so at least one step of it).
+    let warmup = if opts.profile { opts.warmup.max(1) } else { opts.warmup };
+    let total = (warmup + opts.steps) as u64;
     let mut times = vec![];
     let mut first_losses = vec![];
     for step in 0..total {
@@ -76,10 +94,18 @@ pub fn run(bundle: Bundle, opts: &BenchOptions) -> Result<BenchResult> {
         if first_losses.len() < 5 {
             first_losses.push(s.scalar("train_step", "loss")?);
         }
-        if step as usize >= opts.warmup {
+        if step as usize >= warmup {
             times.push(dt);
         }
+        if opts.profile && step as usize + 1 == warmup {
+            s.exec.cpu().ok_or_else(|| Error::user("--profile times kernels on the CPU only"))?.set_profiling(true);
+        }
     }
+    let profile = match (opts.profile, s.exec.cpu()) {
+        (true, Some(e)) => kernel_times(e, opts.steps),
+        (true, None) => return Err(Error::user("--profile times kernels on the CPU only; drop it or use --device cpu")),
+        _ => vec![],
+    };
     times.sort_by(|a, b| a.total_cmp(b));
     let median = times[times.len() / 2];
     Ok(BenchResult {
@@ -95,7 +121,38 @@ pub fn run(bundle: Bundle, opts: &BenchOptions) -> Result<BenchResult> {
         jit_ms,
         peak_rss_mib: peak_rss_mib(),
         first_losses,
+        profile,
     })
+}
+
+/// The kernels of the profiled steps, slowest first.
+fn kernel_times(e: &crate::exec::Executor, steps: usize) -> Vec<KernelTime> {
+    let Some(p) = e.profile() else { return vec![] };
+    let total: f64 = p.iter().map(|x| x.1).sum::<f64>().max(1e-12);
+    let mut v: Vec<KernelTime> = p
+        .iter()
+        .enumerate()
+        .filter(|(_, (n, _))| *n > 0)
+        .map(|(k, &(_, secs))| {
+            let kernel = &e.program().kernels[k];
+            let head = crate::kir::kernel_text(kernel).lines().next().unwrap_or("").to_string();
+            let gflops = match kernel {
+                crate::kir::Kernel::MatMul(m) => {
+                    let flop = 2.0 * (m.m * m.n * m.k) as f64 * m.batch.iter().product::<usize>() as f64;
+                    Some(flop * steps as f64 / secs.max(1e-12) / 1e9)
+                }
+                _ => None,
+            };
+            KernelTime {
+                kernel: format!("k{k}: {head}"),
+                ms_per_step: secs * 1e3 / steps.max(1) as f64,
+                percent: 100.0 * secs / total,
+                gflops,
+            }
+        })
+        .collect();
+    v.sort_by(|a, b| b.ms_per_step.total_cmp(&a.ms_per_step));
+    v
 }
 
 fn matmul_flops(b: &Bundle) -> f64 {

@@ -484,6 +484,8 @@ pub struct Executor {
     entries: HashMap<String, usize>,
     threads: usize,
     pool: rayon::ThreadPool,
+    /// With profiling on: per kernel, its runs and seconds (see [`Executor::profile`]).
+    profile: Option<Vec<(u64, f64)>>,
     // Declared last so the code outlives nothing that could call it.
     _jit: Option<JitProgram>,
 }
@@ -542,8 +544,20 @@ impl Executor {
             entries,
             threads,
             pool: build_pool(threads)?,
+            profile: None,
             _jit: jit,
         })
+    }
+
+    /// Starts (or restarts) timing every kernel `run` runs; `false` stops it.
+    pub fn set_profiling(&mut self, on: bool) {
+        self.profile = on.then(|| vec![(0, 0.0); self.program.kernels.len()]);
+    }
+
+    /// Per kernel of the program: how many times `run` ran it and for how many seconds
+    /// in all, since profiling started.
+    pub fn profile(&self) -> Option<&[(u64, f64)]> {
+        self.profile.as_deref()
     }
 
     pub fn program(&self) -> &Program {
@@ -590,7 +604,17 @@ impl Executor {
         let e = *self.entries.get(entry).ok_or_else(|| Error::internal(format!("the program has no entry `{entry}`")))?;
         let mut ctx = Ctx { plans: &self.plans, program: &self.program, bufs: &mut self.bufs, threads: self.threads, pool: &self.pool };
         let kernels = &self.program.entries[e].kernels;
-        in_pool(&self.pool, self.threads, || kernels.iter().try_for_each(|&k| ctx.run_kernel(k)))
+        let profile = &mut self.profile;
+        in_pool(&self.pool, self.threads, || match profile {
+            None => kernels.iter().try_for_each(|&k| ctx.run_kernel(k)),
+            Some(p) => kernels.iter().try_for_each(|&k| {
+                let t = std::time::Instant::now();
+                let r = ctx.run_kernel(k);
+                p[k].0 += 1;
+                p[k].1 += t.elapsed().as_secs_f64();
+                r
+            }),
+        })
     }
 
     /// Runs kernel `k` of the program alone.
