@@ -746,14 +746,25 @@ fn parse_eval_reads_summary_lines() {
 fn every_model_bundle_round_trips() {
     use bmc::driver::{self, FileSource, Options, Stage};
     let dirs = [workspace().join("models"), workspace().join("bench")];
+    let tokens = tempfile::tempdir().unwrap();
     for entry in dirs.iter().flat_map(|d| std::fs::read_dir(d).unwrap()) {
         let path = entry.unwrap().path();
         if path.extension().is_none_or(|e| e != "bm") {
             continue;
         }
         let loaded = driver::load(path.to_str().unwrap(), &FileSource::Disk).unwrap_or_else(|d| panic!("{d}"));
-        let c = driver::compile(&loaded, &Options::default(), Stage::Kernels).unwrap_or_else(|d| panic!("{d}"));
-        let b = driver::bundle(&loaded, &Options::default(), &c);
+        // bench/gpt2_124m.bm reads a generated token file (bench/make_tokens.py): a small
+        // stand-in here.
+        let opts = if std::fs::read_to_string(&path).unwrap().contains("tokens(") {
+            let f = tokens.path().join("tokens.bin");
+            let ids: Vec<u8> = (0..5000u32).flat_map(|i| ((i * 7919 % 50000) as u16).to_le_bytes()).collect();
+            std::fs::write(&f, ids).unwrap();
+            Options { data: Some(f), ..Options::default() }
+        } else {
+            Options::default()
+        };
+        let c = driver::compile(&loaded, &opts, Stage::Kernels).unwrap_or_else(|d| panic!("{}: {d}", path.display()));
+        let b = driver::bundle(&loaded, &opts, &c);
         let back = bm_runtime::bundle::Bundle::from_bytes(&b.to_bytes().unwrap()).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         // Exactly: f32 constants and f64 scales must survive (serde_json's `float_roundtrip`).
         for (i, (x, y)) in back.program.kernels.iter().zip(&b.program.kernels).enumerate() {
