@@ -788,7 +788,7 @@ pub fn stats(p: &Program, entry: &str) -> ProgramStats {
     let matmul_flops = ks
         .iter()
         .filter_map(|&k| match &p.kernels[k] {
-            Kernel::MatMul(m) => Some(2 * (m.m * m.n * m.k) as u128 * m.batch.iter().product::<usize>() as u128),
+            Kernel::MatMul(m) => Some(m.flop()),
             _ => None,
         })
         .sum();

@@ -137,10 +137,7 @@ fn kernel_times(e: &crate::exec::Executor, steps: usize) -> Vec<KernelTime> {
             let kernel = &e.program().kernels[k];
             let head = crate::kir::kernel_text(kernel).lines().next().unwrap_or("").to_string();
             let gflops = match kernel {
-                crate::kir::Kernel::MatMul(m) => {
-                    let flop = 2.0 * (m.m * m.n * m.k) as f64 * m.batch.iter().product::<usize>() as f64;
-                    Some(flop * steps as f64 / secs.max(1e-12) / 1e9)
-                }
+                crate::kir::Kernel::MatMul(m) => Some(m.flop() as f64 * steps as f64 / secs.max(1e-12) / 1e9),
                 _ => None,
             };
             KernelTime {
@@ -161,7 +158,7 @@ fn matmul_flops(b: &Bundle) -> f64 {
     e.kernels
         .iter()
         .filter_map(|&k| match &p.kernels[k] {
-            crate::kir::Kernel::MatMul(m) => Some(2.0 * (m.m * m.n * m.k) as f64 * m.batch.iter().product::<usize>() as f64),
+            crate::kir::Kernel::MatMul(m) => Some(m.flop() as f64),
             _ => None,
         })
         .sum()

@@ -171,8 +171,14 @@ pub const GELU_GRAD_LIMIT: f32 = 20.0;
 /// `x3 = x·x·x; s = (x + x3·C)·K; x / (exp(-(s + s)) + 1)`.
 pub fn gelu_tanh(x: f32) -> f32 {
     let x3 = x * x * x;
+    x / gelu_denominator(x, x3)
+}
+
+/// `exp(-(s + s)) + 1 = 1 / σ(2s)` for GELU's `s = (x + x3·C)·K` (the JIT's
+/// `gelu_denominator` emits the same operations).
+fn gelu_denominator(x: f32, x3: f32) -> f32 {
     let s = (x + x3 * GELU_C) * GELU_K;
-    x / (bm_exp(-(s + s)) + 1.0)
+    bm_exp(-(s + s)) + 1.0
 }
 
 /// GELU's derivative, in exactly this order of f32 operations (JIT, CUDA prelude):
@@ -182,8 +188,7 @@ pub fn gelu_tanh_grad(x: f32) -> f32 {
     let x = if x < -GELU_GRAD_LIMIT { -GELU_GRAD_LIMIT } else { x };
     let x = if x > GELU_GRAD_LIMIT { GELU_GRAD_LIMIT } else { x };
     let x2 = x * x;
-    let s = (x + x2 * x * GELU_C) * GELU_K;
-    let sig = 1.0 / (bm_exp(-(s + s)) + 1.0);
+    let sig = 1.0 / gelu_denominator(x, x2 * x);
     let ds = (x2 * GELU_C3 + 1.0) * GELU_K2;
     sig + x * ds * (sig * (1.0 - sig))
 }

@@ -288,6 +288,13 @@ pub struct AttentionBackwardKernel {
     pub dout: MatOperand,
 }
 
+impl MatMulKernel {
+    /// Floating-point operations of the products: 2·m·n·k per batch index.
+    pub fn flop(&self) -> u128 {
+        2 * (self.m * self.n * self.k) as u128 * self.batch.iter().product::<usize>() as u128
+    }
+}
+
 impl AttentionKernel {
     pub fn batch_count(&self) -> usize {
         self.batch.iter().product()
