@@ -16,7 +16,7 @@
 use crate::error::{Error, Result};
 use crate::interp;
 use crate::jit::{self, JitProgram, KernelFn};
-use crate::kir::{Access, BufId, DType, GatherKernel, Kernel, LoopKernel, MatOperand, Program, ScalarExpr, ScatterAddKernel};
+use crate::kir::{Access, BufId, DType, FusedSum, GatherKernel, Kernel, LoopKernel, MatOperand, Program, ScalarExpr, ScatterAddKernel};
 use rayon::prelude::*;
 use std::collections::HashMap;
 
@@ -293,7 +293,53 @@ fn validate_loop(program: &Program, k: &LoopKernel, what: &str) -> Result<()> {
             res = check_access(program, a, &k.shape, what);
         }
     });
-    res
+    res?;
+    for (i, s) in k.sums.iter().enumerate() {
+        validate_sum(program, k, s, &k.sums[..i], what)?;
+    }
+    Ok(())
+}
+
+/// A fused sum must sit in an elementwise f32 kernel, stay in bounds, map the points
+/// onto its elements injectively along its non-zero strides, and have its buffer to
+/// itself: nothing else in the kernel reads or writes `into`.
+fn validate_sum(program: &Program, k: &LoopKernel, s: &FusedSum, earlier: &[FusedSum], what: &str) -> Result<()> {
+    let rank = k.shape.len();
+    if k.reduce.is_some() || k.accumulate || program.buffers.get(k.out.buf).is_some_and(|b| b.dtype != DType::F32) {
+        return Err(Error::internal(format!("{what}: fused sums need an elementwise kernel storing f32 (no accumulation)")));
+    }
+    check_buf(program, s.into.buf, Some(DType::F32), what)?;
+    check_access(program, &s.into, &k.shape, what)?;
+    if let Some(n) = max_index(&s.value)
+        && n >= rank
+    {
+        return Err(Error::internal(format!("{what}: index i{n} of a rank-{rank} loop")));
+    }
+    if !injective(k.shape.iter().copied().zip(s.into.strides.iter().copied()).filter(|&(_, st)| st != 0)) {
+        return Err(Error::internal(format!("{what}: fused sum into b{} is not injective along its kept axes", s.into.buf)));
+    }
+    let mut res = Ok(());
+    let mut reads_into = false;
+    walk_loads(&s.value, &mut |a| {
+        if a.buf == k.out.buf && *a != k.out && res.is_ok() {
+            res = Err(Error::internal(format!("{what}: a fused sum reads the output b{} at another point", a.buf)));
+        }
+    });
+    let mut check = |a: &Access| {
+        reads_into |= a.buf == s.into.buf;
+        if res.is_ok() {
+            res = check_access(program, a, &k.shape, what);
+        }
+    };
+    walk_loads(&k.body, &mut check);
+    for t in k.sums.iter() {
+        walk_loads(&t.value, &mut check);
+    }
+    res?;
+    if reads_into || k.out.buf == s.into.buf || earlier.iter().any(|t| t.into.buf == s.into.buf) {
+        return Err(Error::internal(format!("{what}: fused sum into b{} shares its buffer within the kernel", s.into.buf)));
+    }
+    Ok(())
 }
 
 fn validate_kernel(program: &Program, i: usize, k: &Kernel) -> Result<()> {
@@ -449,6 +495,8 @@ enum Plan {
         outer: usize,
         points: usize,
         splittable: bool,
+        /// The kernel's fused sums, if any.
+        sums: Option<Box<SumPlan>>,
     },
     MatMul,
     Gather,
@@ -456,6 +504,115 @@ enum Plan {
     Attention,
     AttentionBackward,
 }
+
+/// How a kernel's [`FusedSum`]s run: every chunk of the outermost axis sums into its
+/// own zeroed span of the executor's scratch (the kernel sees the span in place of the
+/// sum's buffer), then the chunks' partial sums are added in chunk order.
+struct SumPlan {
+    chunks: usize,
+    /// Per sum: its buffer, first element, span (elements from the first to the last it
+    /// writes), where its chunks' spans start in the scratch, whether it accumulates,
+    /// and the elements it writes (relative to the first).
+    sums: Vec<SumSpan>,
+    /// Scratch floats the kernel needs.
+    need: usize,
+}
+
+struct SumSpan {
+    buf: BufId,
+    offset: usize,
+    span: usize,
+    at: usize,
+    accumulate: bool,
+    elements: Vec<usize>,
+}
+
+impl SumPlan {
+    /// The plan of normalised kernel `k`, `None` without sums.
+    fn of(k: &LoopKernel) -> Option<Box<SumPlan>> {
+        if k.sums.is_empty() {
+            return None;
+        }
+        let chunks = FusedSum::chunks(k.shape[0]);
+        let mut need = 0;
+        let sums = k
+            .sums
+            .iter()
+            .map(|s| {
+                // The written elements: the non-zero-stride axes, row-major (injective).
+                let mut elements = vec![0usize];
+                for (&n, &st) in k.shape.iter().zip(&s.into.strides) {
+                    if st != 0 {
+                        elements = elements.iter().flat_map(|&e| (0..n).map(move |i| e + i * st)).collect();
+                    }
+                }
+                if k.shape.contains(&0) {
+                    elements.clear();
+                }
+                let span = elements.iter().max().map_or(0, |m| m + 1);
+                let at = need;
+                need += span * chunks;
+                SumSpan { buf: s.into.buf, offset: s.into.offset, span, at, accumulate: s.accumulate, elements }
+            })
+            .collect();
+        Some(Box::new(SumPlan { chunks, sums, need }))
+    }
+
+    /// Runs kernel `f` over `0..outer` chunk by chunk (in parallel when `parallel`),
+    /// then combines the partial sums into their buffers.
+    fn run(&self, f: KernelFn, outer: usize, parallel: bool, bufs: &mut Buffers, scratch: &mut Scratch, pool: &rayon::ThreadPool) {
+        let ptrs = bufs.base_ptrs();
+        let nb = ptrs.len();
+        scratch.sums.clear();
+        scratch.sums.resize(self.need, 0.0);
+        scratch.tables.clear();
+        let sp = scratch.sums.as_mut_ptr();
+        for c in 0..self.chunks {
+            scratch.tables.extend_from_slice(&ptrs);
+            for s in &self.sums {
+                // The kernel adds `offset + i` to this base: it lands on chunk c's span.
+                scratch.tables[c * nb + s.buf] = sp.wrapping_add(s.at + c * s.span).wrapping_sub(s.offset) as *mut u8;
+            }
+        }
+        let tables = scratch.tables.as_ptr() as usize;
+        let chunk = |c: usize| {
+            let (lo, hi) = (outer * c / self.chunks, outer * (c + 1) / self.chunks);
+            let table = (tables as *const *mut u8).wrapping_add(c * nb);
+            // SAFETY: validated in bounds (each sum's accesses stay in its span); chunks
+            // write disjoint output elements (the caller checked `splittable` for
+            // `parallel`) and their own spans.
+            unsafe { f(table, lo as i64, hi as i64) }
+        };
+        if parallel {
+            pool.install(|| (0..self.chunks).into_par_iter().for_each(chunk));
+        } else {
+            (0..self.chunks).for_each(chunk);
+        }
+        for s in &self.sums {
+            let out = bufs.f32_mut(s.buf).expect("validated f32");
+            let part = &scratch.sums[s.at..s.at + s.span * self.chunks];
+            for &e in &s.elements {
+                let mut t = if s.accumulate { out[s.offset + e] } else { 0.0 };
+                for c in 0..self.chunks {
+                    t += part[c * s.span + e];
+                }
+                out[s.offset + e] = t;
+            }
+        }
+    }
+}
+
+/// Reused memory for fused sums (so a step allocates nothing).
+#[derive(Default)]
+struct Scratch {
+    sums: Vec<f32>,
+    tables: Vec<*mut u8>,
+}
+
+// SAFETY: the tables only hold addresses of the executor's own buffers and scratch,
+// written and read by the thread running the kernel (the chunks read them only).
+unsafe impl Send for Scratch {}
+unsafe impl Sync for Scratch {}
 
 /// Whether the normalised loop kernel `k` can run with its outermost axis split across
 /// threads without two threads touching the same output element.
@@ -486,6 +643,7 @@ pub struct Executor {
     pool: rayon::ThreadPool,
     /// With profiling on: per kernel, its runs and seconds (see [`Executor::profile`]).
     profile: Option<Vec<(u64, f64)>>,
+    scratch: Scratch,
     // Declared last so the code outlives nothing that could call it.
     _jit: Option<JitProgram>,
 }
@@ -516,7 +674,13 @@ impl Executor {
                 Kernel::Loop(l) => {
                     let n = jit::normalize(l);
                     let f = jit.function(i).ok_or_else(|| Error::internal(format!("kernel k{i} was not compiled")))?;
-                    Ok(Plan::Jit { f, outer: n.shape[0], points: n.shape.iter().product(), splittable: splittable(&n) })
+                    Ok(Plan::Jit {
+                        f,
+                        outer: n.shape[0],
+                        points: n.shape.iter().product(),
+                        splittable: splittable(&n),
+                        sums: SumPlan::of(&n),
+                    })
                 }
                 Kernel::MatMul(_) => Ok(Plan::MatMul),
                 Kernel::Gather(_) => Ok(Plan::Gather),
@@ -545,6 +709,7 @@ impl Executor {
             threads,
             pool: build_pool(threads)?,
             profile: None,
+            scratch: Scratch::default(),
             _jit: jit,
         })
     }
@@ -602,7 +767,14 @@ impl Executor {
     /// calling thread per kernel.
     pub fn run(&mut self, entry: &str) -> Result<()> {
         let e = *self.entries.get(entry).ok_or_else(|| Error::internal(format!("the program has no entry `{entry}`")))?;
-        let mut ctx = Ctx { plans: &self.plans, program: &self.program, bufs: &mut self.bufs, threads: self.threads, pool: &self.pool };
+        let mut ctx = Ctx {
+            plans: &self.plans,
+            program: &self.program,
+            bufs: &mut self.bufs,
+            scratch: &mut self.scratch,
+            threads: self.threads,
+            pool: &self.pool,
+        };
         let kernels = &self.program.entries[e].kernels;
         let profile = &mut self.profile;
         in_pool(&self.pool, self.threads, || match profile {
@@ -619,7 +791,14 @@ impl Executor {
 
     /// Runs kernel `k` of the program alone.
     pub fn run_kernel(&mut self, k: usize) -> Result<()> {
-        let mut ctx = Ctx { plans: &self.plans, program: &self.program, bufs: &mut self.bufs, threads: self.threads, pool: &self.pool };
+        let mut ctx = Ctx {
+            plans: &self.plans,
+            program: &self.program,
+            bufs: &mut self.bufs,
+            scratch: &mut self.scratch,
+            threads: self.threads,
+            pool: &self.pool,
+        };
         ctx.run_kernel(k)
     }
 }
@@ -629,6 +808,7 @@ struct Ctx<'a> {
     plans: &'a [Plan],
     program: &'a Program,
     bufs: &'a mut Buffers,
+    scratch: &'a mut Scratch,
     threads: usize,
     pool: &'a rayon::ThreadPool,
 }
@@ -640,7 +820,12 @@ impl Ctx<'_> {
         let (threads, pool) = (self.threads, self.pool);
         match (plan, kernel) {
             (Plan::Interp, k) => interp::run_kernel(k, self.bufs),
-            (&Plan::Jit { f, outer, points, splittable }, _) => {
+            (&Plan::Jit { f, outer, points, splittable, sums: Some(ref sums) }, _) => {
+                let parallel = splittable && threads > 1 && points > PARALLEL_POINTS;
+                sums.run(f, outer, parallel, self.bufs, self.scratch, pool);
+                Ok(())
+            }
+            (&Plan::Jit { f, outer, points, splittable, sums: None }, _) => {
                 let ptrs = self.bufs.base_ptrs();
                 let p = ptrs.as_ptr() as usize;
                 if splittable && threads > 1 && points > PARALLEL_POINTS && outer > 1 {
@@ -804,6 +989,7 @@ mod tests {
             body: ScalarExpr::Load(src),
             out,
             accumulate: false,
+            sums: vec![],
         })
     }
     fn internal<T>(r: Result<T>) -> String {
@@ -859,6 +1045,7 @@ mod tests {
             body: ScalarExpr::Index(1),
             out: acc(1, 0, &[1]),
             accumulate: false,
+            sums: vec![],
         }));
         // output stride on a reduced axis
         bad(Kernel::Loop(LoopKernel {
@@ -868,6 +1055,7 @@ mod tests {
             body: ScalarExpr::Const(1.0),
             out: acc(1, 0, &[4, 1]),
             accumulate: false,
+            sums: vec![],
         }));
         // too many reduced axes
         bad(Kernel::Loop(LoopKernel {
@@ -877,6 +1065,7 @@ mod tests {
             body: ScalarExpr::Const(1.0),
             out: acc(1, 0, &[0]),
             accumulate: false,
+            sums: vec![],
         }));
         // matmul: aliasing, overlapping output, i32 operand, out of bounds
         let mm = |a: usize, c: MatOperand, m: usize| {
@@ -963,6 +1152,7 @@ mod tests {
             body,
             out,
             accumulate: false,
+            sums: vec![],
         };
         let ld = |a: Access| ScalarExpr::Load(a);
         assert!(splittable(&lk(acc(1, 0, &[20, 1]), ld(acc(0, 0, &[20, 1])), None, 0)));
@@ -991,6 +1181,7 @@ mod tests {
                     body: ScalarExpr::Unary(UnaryOp::Tanh, Box::new(ScalarExpr::Load(acc(0, n, &[n, 1])))),
                     out: acc(0, 0, &[n, 1]),
                     accumulate: true,
+                    sums: vec![],
                 }),
             ],
         );
@@ -1011,6 +1202,7 @@ mod tests {
                     body: ScalarExpr::Load(acc(1, 0, &[1])),
                     out: acc(2, 0, &[0]),
                     accumulate: false,
+                    sums: vec![],
                 }),
             ],
         );

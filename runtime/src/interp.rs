@@ -14,7 +14,7 @@
 
 use crate::error::{Error, Result};
 use crate::exec::{self, BufData, Buffers};
-use crate::kir::{Access, BinaryOp, Kernel, LoopKernel, MatMulKernel, MatOperand, ReduceOp, ScalarExpr, UnaryOp};
+use crate::kir::{Access, BinaryOp, FusedSum, Kernel, LoopKernel, MatMulKernel, MatOperand, ReduceOp, ScalarExpr, UnaryOp};
 
 // ---------------------------------------------------------------------------------------
 // Scalar functions (the JIT calls the `extern "C"` ones)
@@ -285,6 +285,9 @@ fn advance(idx: &mut [usize], shape: &[usize]) -> bool {
 }
 
 pub fn run_loop(k: &LoopKernel, bufs: &mut Buffers) -> Result<()> {
+    if !k.sums.is_empty() {
+        return run_loop_with_sums(&crate::jit::normalize(k), bufs);
+    }
     let rank = k.shape.len();
     let red = match k.reduce {
         Some(op) => {
@@ -323,6 +326,69 @@ pub fn run_loop(k: &LoopKernel, bufs: &mut Buffers) -> Result<()> {
         }
         if !advance(&mut idx[..rank - nred], outer) {
             break;
+        }
+    }
+    Ok(())
+}
+
+/// An elementwise kernel hosting fused sums, normalised, in the order [`FusedSum`]
+/// defines: per chunk of the outermost axis, its points in row-major order, each
+/// storing `out` and then adding every sum's value into the chunk's partial sums.
+fn run_loop_with_sums(k: &LoopKernel, bufs: &mut Buffers) -> Result<()> {
+    if k.reduce.is_some() {
+        return Err(Error::internal("fused sums need an elementwise host kernel"));
+    }
+    if k.shape.contains(&0) {
+        return Ok(());
+    }
+    let rank = k.shape.len();
+    let outer = k.shape[0];
+    let chunks = FusedSum::chunks(outer);
+    let points = |lo: usize, hi: usize| {
+        let mut all = vec![];
+        for i0 in lo..hi {
+            let mut idx = vec![0usize; rank];
+            idx[0] = i0;
+            loop {
+                all.push(idx.clone());
+                if !advance(&mut idx[1..], &k.shape[1..]) {
+                    break;
+                }
+            }
+        }
+        all
+    };
+    // The elements each sum writes, and every chunk's partial sums of them (from 0).
+    let slots: Vec<std::collections::BTreeMap<usize, usize>> = k
+        .sums
+        .iter()
+        .map(|s| {
+            let mut m = std::collections::BTreeMap::new();
+            for idx in points(0, outer) {
+                let n = m.len();
+                m.entry(element(&s.into, &idx)).or_insert(n);
+            }
+            m
+        })
+        .collect();
+    let mut partial: Vec<Vec<f32>> = slots.iter().map(|m| vec![0.0; m.len() * chunks]).collect();
+    for c in 0..chunks {
+        for idx in points(outer * c / chunks, outer * (c + 1) / chunks) {
+            let v = eval(&k.body, bufs, &idx)?;
+            store(bufs, &k.out, &idx, v, k.accumulate)?;
+            for (s, sum) in k.sums.iter().enumerate() {
+                let x = eval(&sum.value, bufs, &idx)?;
+                partial[s][c * slots[s].len() + slots[s][&element(&sum.into, &idx)]] += x;
+            }
+        }
+    }
+    for (s, sum) in k.sums.iter().enumerate() {
+        for (&e, &slot) in &slots[s] {
+            let mut t = if sum.accumulate { get(bufs, &Access { buf: sum.into.buf, offset: e, strides: vec![] }, &[])? } else { 0.0 };
+            for c in 0..chunks {
+                t += partial[s][c * slots[s].len() + slot];
+            }
+            store(bufs, &Access { buf: sum.into.buf, offset: e, strides: vec![] }, &[], t, false)?;
         }
     }
     Ok(())
@@ -461,6 +527,7 @@ mod tests {
             body,
             out: Access { buf: 1, offset: 2, strides: vec![8, 2] },
             accumulate: true,
+            sums: vec![],
         });
         run_kernel(&k, &mut bufs).unwrap();
         let o = bufs.f32(1).unwrap();

@@ -17,7 +17,7 @@
 
 use crate::error::{Error, Result};
 use crate::interp;
-use crate::kir::{Access, BinaryOp, BufId, DType, Kernel, LoopKernel, Program, ReduceOp, ScalarExpr, UnaryOp};
+use crate::kir::{Access, BinaryOp, BufId, DType, FusedSum, Kernel, LoopKernel, Program, ReduceOp, ScalarExpr, UnaryOp};
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::immediates::Ieee32;
 use cranelift_codegen::ir::{AbiParam, BlockArg, FuncRef, InstBuilder, MemFlagsData, Type, UserFuncName, Value, types};
@@ -39,21 +39,12 @@ pub fn normalize(k: &LoopKernel) -> Cow<'_, LoopKernel> {
     if rank > 0 && !all_reduced {
         return Cow::Borrowed(k);
     }
-    fn acc(a: &Access) -> Access {
+    let acc = |a: &Access| {
         let mut strides = vec![0];
         strides.extend_from_slice(&a.strides);
         Access { buf: a.buf, offset: a.offset, strides }
-    }
-    fn expr(e: &ScalarExpr) -> ScalarExpr {
-        match e {
-            ScalarExpr::Load(a) => ScalarExpr::Load(acc(a)),
-            ScalarExpr::Const(c) => ScalarExpr::Const(*c),
-            ScalarExpr::Index(n) => ScalarExpr::Index(n + 1),
-            ScalarExpr::Unary(op, a) => ScalarExpr::Unary(*op, Box::new(expr(a))),
-            ScalarExpr::Binary(op, a, b) => ScalarExpr::Binary(*op, Box::new(expr(a)), Box::new(expr(b))),
-            ScalarExpr::Select(c, a, b) => ScalarExpr::Select(Box::new(expr(c)), Box::new(expr(a)), Box::new(expr(b))),
-        }
-    }
+    };
+    let expr = |e: &ScalarExpr| e.map_loads(&acc, &|n| n + 1);
     let mut shape = vec![1];
     shape.extend_from_slice(&k.shape);
     Cow::Owned(LoopKernel {
@@ -63,6 +54,7 @@ pub fn normalize(k: &LoopKernel) -> Cow<'_, LoopKernel> {
         body: expr(&k.body),
         out: acc(&k.out),
         accumulate: k.accumulate,
+        sums: k.sums.iter().map(|s| FusedSum { value: expr(&s.value), into: acc(&s.into), accumulate: s.accumulate }).collect(),
     })
 }
 
@@ -241,6 +233,8 @@ fn compile_inner(kernels: &[Option<&LoopKernel>], dtypes: &[DType], mut clif: Op
                 lane_off: 0,
                 hoisted: Vec::new(),
                 cache: Vec::new(),
+                sums_at: 0,
+                stored: None,
             };
             g.function()?;
         }
@@ -289,7 +283,17 @@ fn vec_plan(k: &LoopKernel, loads: &[&Access]) -> VecPlan {
     let rank = k.shape.len();
     let nred = k.reduce.map_or(0, |_| k.reduced_dims);
     let keep = rank - nred;
-    let ok_axis = |d: usize| k.shape[d] >= LANES as usize && k.shape[d] <= i32::MAX as usize && loads.iter().all(|a| a.strides[d] <= 1);
+    // A fused sum takes 4 lanes into 4 consecutive elements or, in lane order, into one
+    // element; the latter keeps the points' order only if no later axis is summed too.
+    let sum_ok = |d: usize, s: &crate::kir::FusedSum| {
+        s.into.strides[d] == 1 || (s.into.strides[d] == 0 && (d + 1..rank).all(|e| s.into.strides[e] != 0 || k.shape[e] == 1))
+    };
+    let ok_axis = |d: usize| {
+        k.shape[d] >= LANES as usize
+            && k.shape[d] <= i32::MAX as usize
+            && loads.iter().all(|a| a.strides[d] <= 1)
+            && k.sums.iter().all(|s| sum_ok(d, s))
+    };
     // Lanes store 4 points at once: no load may see the output through another view
     // (a lane would read an element before or after another lane's store), and no two
     // points may write the same element.
@@ -332,6 +336,11 @@ struct Gen<'a, 'k> {
     hoisted: Vec<Option<Value>>,
     /// Loads already emitted for the current point (by access).
     cache: Vec<Option<Value>>,
+    /// Where the fused sums' `into` accesses start in `accesses` (after the loads).
+    sums_at: usize,
+    /// The value just stored at the current point, while fused sums are evaluated (a
+    /// load of exactly `out` reads it).
+    stored: Option<Value>,
 }
 
 fn collect<'k>(e: &'k ScalarExpr, out: &mut Vec<&'k Access>) {
@@ -375,7 +384,12 @@ impl<'k> Gen<'_, 'k> {
 
         self.accesses.push(&k.out);
         collect(&k.body, &mut self.accesses);
+        for sum in &k.sums {
+            collect(&sum.value, &mut self.accesses);
+        }
+        self.sums_at = self.accesses.len();
         self.plan = vec_plan(k, &self.accesses[1..]);
+        self.accesses.extend(k.sums.iter().map(|s| &s.into));
         self.hoisted = vec![None; self.accesses.len()];
         self.cache = vec![None; self.accesses.len()];
         let mut bases: HashMap<BufId, Value> = HashMap::new();
@@ -534,7 +548,7 @@ impl<'k> Gen<'_, 'k> {
         let mut here = Vec::new();
         // Only when the inner loops run: a load must stay in bounds.
         if !self.k.shape[d + 1..].contains(&0) {
-            for j in 1..self.accesses.len() {
+            for j in 1..self.sums_at {
                 let a = self.accesses[j];
                 let last = a.strides.iter().rposition(|&s| s != 0).unwrap_or(0);
                 if a.buf != self.k.out.buf && last == d && self.hoisted[j].is_none() {
@@ -616,8 +630,48 @@ impl<'k> Gen<'_, 'k> {
                 let r = self.combine(op, acc, v);
                 self.b.def_var(var, r);
             }
-            None => self.store(v)?,
+            None => {
+                self.store(v)?;
+                self.fused_sums(v)?;
+            }
         }
+        Ok(())
+    }
+
+    /// Adds every fused sum's value at the current point (4 points in vector code, in
+    /// lane order) into its chunk's partial sums; `v` is the value just stored.
+    fn fused_sums(&mut self, v: Value) -> Result<()> {
+        let k = self.k;
+        if k.sums.is_empty() {
+            return Ok(());
+        }
+        self.stored = Some(v);
+        for (i, sum) in k.sums.iter().enumerate() {
+            let x = self.expr(&sum.value)?;
+            let addr = self.addrs[self.sums_at + i];
+            match self.vaxis {
+                Some(d) if sum.into.strides[d] == 1 => {
+                    let off = self.lane_off as i32;
+                    let old = self.b.ins().load(types::F32X4, vflags(), addr, off);
+                    let new = self.b.ins().fadd(old, x);
+                    self.b.ins().store(vflags(), new, addr, off);
+                }
+                Some(_) => {
+                    let mut acc = self.b.ins().load(types::F32, MemFlagsData::trusted(), addr, 0);
+                    for l in 0..LANES as u8 {
+                        let xl = self.b.ins().extractlane(x, l);
+                        acc = self.b.ins().fadd(acc, xl);
+                    }
+                    self.b.ins().store(MemFlagsData::trusted(), acc, addr, 0);
+                }
+                None => {
+                    let old = self.b.ins().load(types::F32, MemFlagsData::trusted(), addr, 0);
+                    let new = self.b.ins().fadd(old, x);
+                    self.b.ins().store(MemFlagsData::trusted(), new, addr, 0);
+                }
+            }
+        }
+        self.stored = None;
         Ok(())
     }
 
@@ -849,7 +903,11 @@ impl<'k> Gen<'_, 'k> {
         Ok(match e {
             ScalarExpr::Load(a) => {
                 let j = self.accesses.iter().position(|x| *x == a).expect("collected");
-                if let Some(v) = self.hoisted[j] {
+                if j == 0
+                    && let Some(v) = self.stored
+                {
+                    v
+                } else if let Some(v) = self.hoisted[j] {
                     self.widen(v)
                 } else if let Some(v) = self.cache[j] {
                     v
@@ -1053,6 +1111,7 @@ mod tests {
             body,
             out,
             accumulate,
+            sums: vec![],
         })
     }
 
@@ -1215,6 +1274,120 @@ mod tests {
             let p = random_program(seed);
             check_jit_sums(&p, seed.rotate_left(17), 2, special, SUM_REL);
         }
+    }
+
+    /// A random elementwise kernel hosting one to three fused sums over random axes
+    /// (some reading the value just stored), in random layouts; `big` makes it large
+    /// enough to run its chunks in parallel.
+    fn random_sum_program(seed: u64, big: bool) -> Program {
+        let mut r = Rng::new(seed);
+        let rank = 1 + r.below(4);
+        let shape: Vec<usize> = if big { vec![40 + r.below(30), 33, 8 + r.below(40)] } else { (0..rank).map(|_| 1 + r.below(9)).collect() };
+        let rank = shape.len();
+        let nin = 1 + r.below(2);
+        let mut g = Gen { r, shape: shape.clone(), nin, lens: vec![1; nin] };
+        let depth = 1 + g.r.below(3);
+        let body = g.expr(depth);
+        let out = Access { buf: nin, offset: g.r.below(3), strides: layout(&mut g.r, &shape, false) };
+        let mut buffers: Vec<Buffer> = vec![];
+        let nsums = 1 + g.r.below(3);
+        let mut sums = vec![];
+        for i in 0..nsums {
+            let kept: Vec<usize> = (0..rank).filter(|_| g.r.chance(1, 2)).collect();
+            let sub: Vec<usize> = kept.iter().map(|&d| shape[d]).collect();
+            let ks = layout(&mut g.r, &sub, false);
+            let mut strides = vec![0; rank];
+            for (j, &d) in kept.iter().enumerate() {
+                strides[d] = ks[j];
+            }
+            let into = Access { buf: nin + 1 + i, offset: g.r.below(3), strides };
+            let stored = ScalarExpr::Load(out.clone());
+            let value = match g.r.below(3) {
+                0 => stored,
+                1 => bin(BinaryOp::Mul, stored, g.expr(2)),
+                _ => g.expr(2),
+            };
+            sums.push(FusedSum { value, into, accumulate: g.r.chance(1, 2) });
+        }
+        for i in 0..nin {
+            buffers.push(buf(&format!("in{i}"), if g.r.chance(1, 5) { DType::I32 } else { DType::F32 }, g.lens[i]));
+        }
+        buffers.push(buf("out", DType::F32, need(&out, &shape)));
+        for (i, s) in sums.iter().enumerate() {
+            buffers.push(buf(&format!("sum{i}"), DType::F32, need(&s.into, &shape)));
+        }
+        let Kernel::Loop(mut k) = lp(&shape, None, body, out, false) else { unreachable!() };
+        k.sums = sums;
+        program(buffers, vec![Kernel::Loop(k)])
+    }
+
+    /// The JIT computes fused sums exactly as the interpreter does (the same chunks,
+    /// the same order), with any thread count and vector plan.
+    #[test]
+    fn fused_sums_match_the_interpreter_bit_for_bit() {
+        for seed in 0..300 {
+            let p = random_sum_program(seed, false);
+            check_jit(&p, seed ^ 0x5157, 1 + (seed % 3) as usize, seed % 4 == 0, 0.0);
+        }
+        for seed in 0..12 {
+            let p = random_sum_program(seed, true);
+            for threads in [1, 2, 3] {
+                check_jit(&p, seed, threads, false, 0.0);
+            }
+        }
+    }
+
+    /// A fused sum gives what `LoopKernel::sum_kernel` (the unfused reduction a backend
+    /// without fused sums runs) gives: exactly, on integer data, whatever the order.
+    #[test]
+    fn fused_sums_equal_their_separate_reductions() {
+        let shape = [6usize, 5, 7];
+        let x = Access { buf: 0, offset: 0, strides: vec![35, 7, 1] };
+        let out = Access { buf: 1, offset: 0, strides: vec![1, 6, 30] };
+        let body = bin(BinaryOp::Mul, ScalarExpr::Load(x.clone()), ScalarExpr::Const(3.0));
+        let sums = vec![
+            FusedSum {
+                value: ScalarExpr::Load(out.clone()),
+                into: Access { buf: 2, offset: 0, strides: vec![0, 0, 1] },
+                accumulate: false,
+            },
+            FusedSum {
+                value: bin(BinaryOp::Mul, ScalarExpr::Load(out.clone()), ScalarExpr::Load(x.clone())),
+                into: Access { buf: 3, offset: 1, strides: vec![5, 1, 0] },
+                accumulate: true,
+            },
+            FusedSum { value: ScalarExpr::Index(1), into: Access { buf: 4, offset: 0, strides: vec![0, 0, 0] }, accumulate: false },
+        ];
+        let Kernel::Loop(mut host) = lp(&shape, None, body, out, false) else { unreachable!() };
+        host.sums = sums;
+        let bufs = vec![
+            buf("x", DType::F32, 210),
+            buf("y", DType::F32, 210),
+            buf("a", DType::F32, 7),
+            buf("b", DType::F32, 31),
+            buf("c", DType::F32, 1),
+        ];
+        let fused = program(bufs.clone(), vec![Kernel::Loop(host.clone())]);
+        let mut split = vec![Kernel::Loop(LoopKernel { sums: vec![], ..host.clone() })];
+        split.extend(host.sums.iter().map(|s| Kernel::Loop(host.sum_kernel(s))));
+        let split = program(bufs, split);
+        let run = |p: &Program, threads: usize| {
+            let mut e = crate::exec::Executor::new(p, threads).unwrap();
+            for (i, v) in e.buffers_mut().f32_mut(0).unwrap().iter_mut().enumerate() {
+                *v = (i % 7) as f32 - 3.0;
+            }
+            e.buffers_mut().f32_mut(3).unwrap().fill(2.0);
+            e.run("main").unwrap();
+            e.buffers().clone()
+        };
+        let want = run(&split, 1);
+        for threads in [1, 2] {
+            let got = run(&fused, threads);
+            for b in 1..5 {
+                assert_eq!(got.f32(b).unwrap(), want.f32(b).unwrap(), "b{b}");
+            }
+        }
+        assert_eq!(want.f32(4).unwrap()[0], (6 * 7 * (1 + 2 + 3 + 4)) as f32);
     }
 
     #[test]
@@ -1655,6 +1828,7 @@ mod tests {
             body: ScalarExpr::Index(1),
             out: Access { buf: 0, offset: 0, strides: vec![0, 0] },
             accumulate: false,
+            sums: vec![],
         };
         let n = normalize(&k);
         assert_eq!(n.shape, vec![1, 2, 3]);

@@ -154,6 +154,10 @@ pub enum ScalarExpr {
 /// them; otherwise every point writes `out`. With `accumulate`, the result is added
 /// to what `out` already holds.
 /// Storing into an `i32` buffer rounds to nearest (ties to even), saturating, NaN to 0.
+///
+/// An elementwise kernel (`reduce: None`) may also host [`FusedSum`]s: sums over any of
+/// its axes computed in the same pass over memory (a bias gradient `Σ_rows dy` inside the
+/// kernel that writes `dy`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LoopKernel {
     pub shape: Vec<usize>,
@@ -162,6 +166,33 @@ pub struct LoopKernel {
     pub body: ScalarExpr,
     pub out: Access,
     pub accumulate: bool,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sums: Vec<FusedSum>,
+}
+
+/// `into[e] (+)= Σ value(p)` over the points `p` of the host kernel's iteration space
+/// that `into` maps to element `e` (its strides are 0 along the summed axes). `value`
+/// is evaluated after the host stored `out` at `p`, so a load of exactly `out` reads
+/// the value just computed there; `into` is written by nothing else in the kernel and
+/// read by nothing in it.
+///
+/// The order of the additions is fixed, whatever the thread count: the outermost axis
+/// (of the kernel as [`crate::jit::normalize`] gives it) is cut into
+/// [`FusedSum::chunks`] contiguous chunks, each sums its points in row-major order from
+/// zero, and `into` becomes `(accumulate ? into : 0) + chunk 0 + chunk 1 + …`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FusedSum {
+    pub value: ScalarExpr,
+    pub into: Access,
+    pub accumulate: bool,
+}
+
+impl FusedSum {
+    /// The chunks of an outermost axis of extent `outer` (see [`FusedSum`]): chunk `c`
+    /// is `outer·c/n .. outer·(c+1)/n`.
+    pub fn chunks(outer: usize) -> usize {
+        outer.clamp(1, 16)
+    }
 }
 
 /// One operand of a GEMM: matrix `(r, c)` of batch `b` is at
@@ -288,6 +319,48 @@ pub struct AttentionBackwardKernel {
     pub dout: MatOperand,
 }
 
+impl LoopKernel {
+    /// The kernel computing fused sum `s` on its own, after this kernel has run: a loop
+    /// over the same points with the summed axes (where `into`'s stride is 0) moved last
+    /// and reduced (what a backend without fused sums runs instead).
+    pub fn sum_kernel(&self, s: &FusedSum) -> LoopKernel {
+        let rank = self.shape.len();
+        let (kept, summed): (Vec<usize>, Vec<usize>) = (0..rank).partition(|&d| s.into.strides[d] != 0);
+        let order: Vec<usize> = kept.iter().chain(&summed).copied().collect();
+        let permute = |a: &Access| Access { buf: a.buf, offset: a.offset, strides: order.iter().map(|&d| a.strides[d]).collect() };
+        let mut position = vec![0; rank];
+        for (new, &old) in order.iter().enumerate() {
+            position[old] = new;
+        }
+        LoopKernel {
+            shape: order.iter().map(|&d| self.shape[d]).collect(),
+            reduce: Some(ReduceOp::Sum),
+            reduced_dims: summed.len(),
+            body: s.value.map_loads(&permute, &|n| position[n]),
+            out: permute(&s.into),
+            accumulate: s.accumulate,
+            sums: vec![],
+        }
+    }
+}
+
+impl ScalarExpr {
+    /// The expression with every access replaced by `acc(access)` and every `Index(n)`
+    /// by `Index(axis(n))`.
+    pub fn map_loads(&self, acc: &impl Fn(&Access) -> Access, axis: &impl Fn(usize) -> usize) -> ScalarExpr {
+        match self {
+            ScalarExpr::Load(a) => ScalarExpr::Load(acc(a)),
+            ScalarExpr::Const(c) => ScalarExpr::Const(*c),
+            ScalarExpr::Index(n) => ScalarExpr::Index(axis(*n)),
+            ScalarExpr::Unary(op, a) => ScalarExpr::Unary(*op, Box::new(a.map_loads(acc, axis))),
+            ScalarExpr::Binary(op, a, b) => ScalarExpr::Binary(*op, Box::new(a.map_loads(acc, axis)), Box::new(b.map_loads(acc, axis))),
+            ScalarExpr::Select(c, a, b) => {
+                ScalarExpr::Select(Box::new(c.map_loads(acc, axis)), Box::new(a.map_loads(acc, axis)), Box::new(b.map_loads(acc, axis)))
+            }
+        }
+    }
+}
+
 impl MatMulKernel {
     /// Floating-point operations of the products: 2·m·n·k per batch index.
     pub fn flop(&self) -> u128 {
@@ -404,7 +477,11 @@ pub fn kernel_text(k: &Kernel) -> String {
                 None => format!("loop {:?}", l.shape),
             };
             let assign = if l.accumulate { "+=" } else { "=" };
-            format!("{head}\n    {} {assign} {}", access_text(&l.out), expr_text(&l.body))
+            let mut t = format!("{head}\n    {} {assign} {}", access_text(&l.out), expr_text(&l.body));
+            for s in &l.sums {
+                let _ = write!(t, "\n    {} {} sum {}", access_text(&s.into), if s.accumulate { "+=" } else { "=" }, expr_text(&s.value));
+            }
+            t
         }
         Kernel::MatMul(m) => format!(
             "matmul{} batch {:?} m {} n {} k {}\n    {} {} {} @ {}",

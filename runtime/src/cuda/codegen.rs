@@ -182,7 +182,11 @@ pub fn generate(p: &Program) -> CudaModule {
         let g = Gen { p, layout: &layout, name: format!("k{i}") };
         let _ = writeln!(src, "\n// k{i}: {}", crate::kir::kernel_text(k).replace('\n', "\n//"));
         let launch = match k {
-            Kernel::Loop(l) => g.loop_kernel(l, &mut src),
+            Kernel::Loop(l) if !l.sums.is_empty() => g.loop_with_sums(l, &mut src),
+            Kernel::Loop(l) => {
+                let Grid { name, grid, block } = g.loop_kernel(l, &mut src);
+                Launch::Grid { name, grid, block }
+            }
             Kernel::MatMul(m) => match g.cublas(m) {
                 Some(mut gemm) => {
                     if m.bf16 {
@@ -325,7 +329,20 @@ impl Gen<'_> {
         let _ = writeln!(src, "extern \"C\" __global__ void {}(float* __restrict__ A, int* __restrict__ E) {{", self.name);
     }
 
-    fn loop_kernel(&self, k: &LoopKernel, src: &mut String) -> Launch {
+    /// A loop kernel with fused sums: the loop, then each sum as its own reduction over
+    /// the loop's points (`LoopKernel::sum_kernel`; a value that loads `out` reads what
+    /// the loop stored).
+    fn loop_with_sums(&self, k: &LoopKernel, src: &mut String) -> Launch {
+        let main = LoopKernel { sums: vec![], ..k.clone() };
+        let mut grids = vec![self.loop_kernel(&main, src)];
+        for (j, s) in k.sums.iter().enumerate() {
+            let g = Gen { p: self.p, layout: self.layout, name: format!("{}_s{j}", self.name) };
+            grids.push(g.loop_kernel(&k.sum_kernel(s), src));
+        }
+        Launch::Seq(grids)
+    }
+
+    fn loop_kernel(&self, k: &LoopKernel, src: &mut String) -> Grid {
         let rank = k.shape.len();
         let red = k.reduce.map_or(0, |_| k.reduced_dims.min(rank));
         let keep = rank - red;
@@ -359,7 +376,7 @@ impl Gen<'_> {
                 }
             }
             let _ = writeln!(src, "  }}\n}}");
-            return Launch::Grid { name: self.name.clone(), grid: (1, 1, 1), block: (1, 1, 1) };
+            return Grid { name: self.name.clone(), grid: (1, 1, 1), block: (1, 1, 1) };
         }
         match k.reduce {
             None => {
@@ -368,7 +385,7 @@ impl Gen<'_> {
                 let _ = writeln!(src, "  {}", Self::unravel(&k.shape, 0, "t_"));
                 let _ = writeln!(src, "  {}", self.store(&k.out, &body, k.accumulate));
                 let _ = writeln!(src, "}}");
-                Launch::Grid { name: self.name.clone(), grid: grid1(outer, BLOCK), block: (BLOCK as u32, 1, 1) }
+                Grid { name: self.name.clone(), grid: grid1(outer, BLOCK), block: (BLOCK as u32, 1, 1) }
             }
             Some(op) => {
                 // A warp per output for short reductions, the whole block for long ones.
@@ -393,7 +410,7 @@ impl Gen<'_> {
                 let _ = writeln!(src, "  acc_ = bm_group_reduce<{opn}, {group}>(acc_, scratch_);");
                 let _ = writeln!(src, "  if (g_ == 0) {{ {} }}", self.store(&k.out, "acc_", k.accumulate));
                 let _ = writeln!(src, "}}");
-                Launch::Grid { name: self.name.clone(), grid: grid1(outer, per_block), block: (BLOCK as u32, 1, 1) }
+                Grid { name: self.name.clone(), grid: grid1(outer, per_block), block: (BLOCK as u32, 1, 1) }
             }
         }
     }
