@@ -50,17 +50,6 @@ fn copy_of(p: &Program, k: &Kernel) -> Option<(BufId, BufId)> {
     ok.then_some((t, b))
 }
 
-fn writes(k: &Kernel) -> BufId {
-    match k {
-        Kernel::Loop(l) => l.out.buf,
-        Kernel::MatMul(m) => m.c.buf,
-        Kernel::Gather(g) => g.out,
-        Kernel::ScatterAdd(s) => s.out,
-        Kernel::Attention(a) => a.out,
-        Kernel::AttentionBackward(a) => a.fwd.out,
-    }
-}
-
 fn touches(k: &Kernel, buf: BufId) -> bool {
     let mut k = k.clone();
     let mut hit = false;
@@ -88,15 +77,18 @@ pub fn update_in_place(p: &mut Program) -> usize {
         if results.contains(&b) {
             continue;
         }
-        let writers: Vec<usize> = (0..p.kernels.len()).filter(|&k| k != c && writes(&p.kernels[k]) == b).collect();
+        let writers: Vec<usize> = (0..p.kernels.len()).filter(|&k| k != c && p.kernels[k].writes().contains(&b)).collect();
         let [k] = writers[..] else { continue };
-        let Kernel::Loop(LoopKernel { out, accumulate: false, reduce: None, body, shape, .. }) = &p.kernels[k] else { continue };
+        let Kernel::Loop(LoopKernel { out, accumulate: false, reduce: None, body, shape, sums, .. }) = &p.kernels[k] else { continue };
         let Kernel::Loop(copy) = &p.kernels[c] else { continue };
         if out.strides != copy.out.strides || out.offset != 0 || !whole(out, shape, p.buffers[b].len()) {
             continue;
         }
         let in_place = Access { buf: t, ..out.clone() };
-        if !loads_only_at(body, t, &in_place) {
+        // A fused sum reading T would see the new value once K writes T.
+        let mut sum_reads_t = false;
+        sums.iter().for_each(|s| s.value.for_each_load(&mut |a| sum_reads_t |= a.buf == t));
+        if !loads_only_at(body, t, &in_place) || sum_reads_t {
             continue;
         }
         let safe = p.entries.iter().all(|e| {
@@ -122,27 +114,8 @@ pub fn update_in_place(p: &mut Program) -> usize {
         }
         removed.push(c);
     }
-    if removed.is_empty() {
-        return 0;
-    }
-    // Drop the copies and renumber kernel indices in the entries.
-    let n = p.kernels.len();
-    let mut new_index = vec![usize::MAX; n];
-    let mut next = 0;
-    for (i, slot) in new_index.iter_mut().enumerate() {
-        if !removed.contains(&i) {
-            *slot = next;
-            next += 1;
-        }
-    }
-    let mut i = 0;
-    p.kernels.retain(|_| {
-        i += 1;
-        !removed.contains(&(i - 1))
-    });
-    for e in p.entries.iter_mut() {
-        e.kernels = e.kernels.iter().filter(|k| !removed.contains(k)).map(|&k| new_index[k]).collect();
-    }
+    removed.sort_unstable();
+    p.remove_kernels(&removed);
     removed.len()
 }
 

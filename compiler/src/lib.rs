@@ -13,6 +13,7 @@ pub mod driver;
 pub mod elaborate;
 pub mod emit;
 pub mod eval;
+pub mod fuse_sums;
 pub mod graph;
 pub mod info;
 pub mod inplace;

@@ -247,20 +247,7 @@ pub(crate) fn injective(dims: impl Iterator<Item = (usize, usize)>) -> bool {
 }
 
 pub(crate) fn walk_loads<'a>(e: &'a ScalarExpr, f: &mut impl FnMut(&'a Access)) {
-    match e {
-        ScalarExpr::Load(a) => f(a),
-        ScalarExpr::Const(_) | ScalarExpr::Index(_) => {}
-        ScalarExpr::Unary(_, a) => walk_loads(a, f),
-        ScalarExpr::Binary(_, a, b) => {
-            walk_loads(a, f);
-            walk_loads(b, f);
-        }
-        ScalarExpr::Select(c, a, b) => {
-            walk_loads(c, f);
-            walk_loads(a, f);
-            walk_loads(b, f);
-        }
-    }
+    e.for_each_load(f)
 }
 
 fn max_index(e: &ScalarExpr) -> Option<usize> {

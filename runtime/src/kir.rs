@@ -345,6 +345,24 @@ impl LoopKernel {
 }
 
 impl ScalarExpr {
+    /// Calls `f` on every load, left to right.
+    pub fn for_each_load<'a>(&'a self, f: &mut impl FnMut(&'a Access)) {
+        match self {
+            ScalarExpr::Load(a) => f(a),
+            ScalarExpr::Const(_) | ScalarExpr::Index(_) => {}
+            ScalarExpr::Unary(_, a) => a.for_each_load(f),
+            ScalarExpr::Binary(_, a, b) => {
+                a.for_each_load(f);
+                b.for_each_load(f);
+            }
+            ScalarExpr::Select(c, a, b) => {
+                c.for_each_load(f);
+                a.for_each_load(f);
+                b.for_each_load(f);
+            }
+        }
+    }
+
     /// The expression with every access replaced by `acc(access)` and every `Index(n)`
     /// by `Index(axis(n))`.
     pub fn map_loads(&self, acc: &impl Fn(&Access) -> Access, axis: &impl Fn(usize) -> usize) -> ScalarExpr {
@@ -393,6 +411,61 @@ pub enum Kernel {
     AttentionBackward(AttentionBackwardKernel),
 }
 
+impl Kernel {
+    /// The buffers the kernel writes (a loop's output and its fused sums).
+    pub fn writes(&self) -> Vec<BufId> {
+        match self {
+            Kernel::Loop(l) => std::iter::once(l.out.buf).chain(l.sums.iter().map(|s| s.into.buf)).collect(),
+            Kernel::MatMul(m) => vec![m.c.buf],
+            Kernel::Gather(g) => vec![g.out],
+            Kernel::ScatterAdd(s) => vec![s.out],
+            Kernel::Attention(a) => vec![a.out],
+            Kernel::AttentionBackward(a) => vec![a.fwd.out],
+        }
+    }
+
+    /// The buffers the kernel reads (an accumulating output counts as read).
+    pub fn reads(&self) -> Vec<BufId> {
+        let mut r = vec![];
+        match self {
+            Kernel::Loop(l) => {
+                l.body.for_each_load(&mut |a| r.push(a.buf));
+                for s in &l.sums {
+                    s.value.for_each_load(&mut |a| r.push(a.buf));
+                    if s.accumulate {
+                        r.push(s.into.buf);
+                    }
+                }
+                if l.accumulate {
+                    r.push(l.out.buf);
+                }
+            }
+            Kernel::MatMul(m) => {
+                r.extend([m.a.buf, m.b.buf]);
+                if m.accumulate {
+                    r.push(m.c.buf);
+                }
+            }
+            Kernel::Gather(g) => r.extend([g.table, g.ids]),
+            Kernel::ScatterAdd(s) => r.extend([s.src, s.ids, s.out]),
+            Kernel::Attention(a) => r.extend(a.inputs()),
+            Kernel::AttentionBackward(a) => {
+                r.extend(a.fwd.inputs());
+                r.push(a.dout.buf);
+            }
+        }
+        r
+    }
+}
+
+impl AttentionKernel {
+    fn inputs(&self) -> Vec<BufId> {
+        let mut r = vec![self.q.buf, self.k.buf, self.v.buf];
+        r.extend(self.mask.as_ref().map(|m| m.buf));
+        r
+    }
+}
+
 /// A named sequence of kernels (indices into `Program::kernels`) the runtime can run.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Entry {
@@ -430,6 +503,29 @@ pub struct Program {
 impl Program {
     pub fn entry(&self, name: &str) -> Option<&Entry> {
         self.entries.iter().find(|e| e.name == name)
+    }
+
+    /// Drops the kernels at `gone` (sorted indices) and renumbers the entries' lists.
+    pub fn remove_kernels(&mut self, gone: &[usize]) {
+        if gone.is_empty() {
+            return;
+        }
+        let mut new_index = vec![usize::MAX; self.kernels.len()];
+        let mut next = 0;
+        for (i, slot) in new_index.iter_mut().enumerate() {
+            if gone.binary_search(&i).is_err() {
+                *slot = next;
+                next += 1;
+            }
+        }
+        let mut i = 0;
+        self.kernels.retain(|_| {
+            i += 1;
+            gone.binary_search(&(i - 1)).is_err()
+        });
+        for e in self.entries.iter_mut() {
+            e.kernels = e.kernels.iter().filter(|k| gone.binary_search(k).is_err()).map(|&k| new_index[k]).collect();
+        }
     }
 
     pub fn buffer_named(&self, name: &str) -> Option<BufId> {

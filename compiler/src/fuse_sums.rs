@@ -1,0 +1,259 @@
+//! Fused sums: a `Sum` reduction kernel moves into an elementwise kernel that walks the
+//! same points, so the data is read once, not twice.
+//!
+//! Kernel-level pass over the lowered program, run before in-place updates and memory
+//! planning. The typical case is a bias gradient: `db = Σ_rows dy` right after the
+//! kernel that writes `dy` (GELU's backward, a residual's gradient); the kernel writing
+//! `dy` adds each value into per-chunk column sums as it stores it
+//! ([`bm_runtime::kir::FusedSum`]) and the separate pass over `dy` disappears. A sibling
+//! works as well: LayerNorm's `Σ_rows dy·x̂` rides along with the kernel computing its
+//! input gradient from the same `dy` and `x̂`.
+//!
+//! A reduction `R` (sum over some axes, writing `W`) moves into an elementwise host `H`
+//! when:
+//! - it keeps `H`'s innermost axis (column sums: row sums stay separate, where they
+//!   reduce in vector accumulators);
+//! - some load of `R` reads a buffer `H` also reads or writes, over the same points: the
+//!   two accesses are the same up to a permutation of the non-trivial axes (same
+//!   extents and strides), which maps `R`'s iteration space onto `H`'s;
+//! - a load of `H`'s output in `R` reads exactly the point `H` stores (then it reads the
+//!   value just stored), and `H` neither reads nor writes `W`;
+//! - every entry runs both or neither, and between them nothing reads or writes `W` or
+//!   writes what `R` reads (`R` now runs at `H`'s place); if `H` comes after `R`, `R`
+//!   does not read `H`'s output at all.
+
+use bm_runtime::kir::{Access, BufId, BufKind, DType, FusedSum, Kernel, LoopKernel, Program, ReduceOp, ScalarExpr};
+
+/// Moves every eligible reduction into a host kernel; returns how many moved.
+pub fn fuse_sums(p: &mut Program) -> usize {
+    let mut removed = vec![false; p.kernels.len()];
+    for r in 0..p.kernels.len() {
+        let Kernel::Loop(rk) = &p.kernels[r] else { continue };
+        if !is_sum(p, rk) {
+            continue;
+        }
+        let rk = rk.clone();
+        let reads = p.kernels[r].reads();
+        // The producer of something R reads first, then the nearest kernels.
+        let mut hosts: Vec<usize> = (0..p.kernels.len()).filter(|&h| h != r && !removed[h] && can_host(p, &p.kernels[h])).collect();
+        hosts.sort_by_key(|&h| (!reads.contains(&p.kernels[h].writes()[0]), h.abs_diff(r)));
+        for h in hosts {
+            let Kernel::Loop(hk) = &p.kernels[h] else { continue };
+            let Some(sum) = onto(&rk, hk) else { continue };
+            if !may_move(p, r, h, &reads, rk.out.buf) || (h > r && reads.contains(&hk.out.buf)) {
+                continue;
+            }
+            if let Kernel::Loop(hk) = &mut p.kernels[h] {
+                hk.sums.push(sum);
+            }
+            removed[r] = true;
+            break;
+        }
+    }
+    let gone: Vec<usize> = (0..p.kernels.len()).filter(|&k| removed[k]).collect();
+    p.remove_kernels(&gone);
+    gone.len()
+}
+
+/// A plain `Sum` reduction into an f32 temporary over a non-empty iteration space.
+fn is_sum(p: &Program, k: &LoopKernel) -> bool {
+    k.reduce == Some(ReduceOp::Sum)
+        && k.reduced_dims > 0
+        && k.sums.is_empty()
+        && !k.shape.contains(&0)
+        && p.buffers[k.out.buf].dtype == DType::F32
+        && p.buffers[k.out.buf].kind == BufKind::Temp
+}
+
+/// An elementwise loop storing f32 without accumulation, over a non-empty space.
+fn can_host(p: &Program, k: &Kernel) -> bool {
+    matches!(k, Kernel::Loop(l) if l.reduce.is_none() && !l.accumulate && !l.shape.contains(&0) && p.buffers[l.out.buf].dtype == DType::F32)
+}
+
+/// `R` as a sum inside `H`, when some load of `R` and some access of `H` walk the same
+/// elements over the same points.
+fn onto(r: &LoopKernel, h: &LoopKernel) -> Option<FusedSum> {
+    let mut h_accesses = vec![&h.out];
+    h.body.for_each_load(&mut |a| h_accesses.push(a));
+    let mut r_loads = vec![];
+    r.body.for_each_load(&mut |a| r_loads.push(a));
+    for l in &r_loads {
+        for a in h_accesses.iter().filter(|a| a.buf == l.buf && a.offset == l.offset) {
+            let Some(axis) = axis_map(&r.shape, &l.strides, &h.shape, &a.strides) else { continue };
+            if let Some(sum) = remap(r, h, &axis) {
+                return Some(sum);
+            }
+        }
+    }
+    None
+}
+
+/// For every axis of `R` with extent > 1, the axis of `H` with the same extent and the
+/// same stride in the two accesses, when that is a bijection between the non-trivial
+/// axes (so both kernels visit the same points).
+fn axis_map(rs: &[usize], rst: &[usize], hs: &[usize], hst: &[usize]) -> Option<Vec<Option<usize>>> {
+    let mut used = vec![false; hs.len()];
+    let mut map = vec![None; rs.len()];
+    for i in 0..rs.len() {
+        if rs[i] == 1 {
+            continue;
+        }
+        if rst[i] == 0 {
+            return None;
+        }
+        let j = (0..hs.len()).find(|&j| !used[j] && hs[j] == rs[i] && hst[j] == rst[i])?;
+        used[j] = true;
+        map[i] = Some(j);
+    }
+    (0..hs.len()).all(|j| used[j] || hs[j] == 1).then_some(map)
+}
+
+/// `R`'s body and output in `H`'s iteration space (`axis[i]`: `H`'s axis for `R`'s).
+fn remap(r: &LoopKernel, h: &LoopKernel, axis: &[Option<usize>]) -> Option<FusedSum> {
+    let rank = h.shape.len();
+    let acc = |a: &Access| {
+        let mut strides = vec![0; rank];
+        for (i, j) in axis.iter().enumerate() {
+            if let Some(j) = j {
+                strides[*j] = a.strides[i];
+            }
+        }
+        let mapped = Access { buf: a.buf, offset: a.offset, strides };
+        // A read of H's output at the point H stores is H's output access itself.
+        let same_point = (0..rank).all(|j| h.shape[j] == 1 || mapped.strides[j] == h.out.strides[j]);
+        if a.buf == h.out.buf && mapped.offset == h.out.offset && same_point { h.out.clone() } else { mapped }
+    };
+    // An index along an axis of extent 1 is 0.
+    let zero_axis = rank;
+    let value = r.body.map_loads(&acc, &|n| axis[n].unwrap_or(zero_axis));
+    let value = zero_trivial_indices(value, zero_axis);
+    let into = acc(&r.out);
+    // Only sums that keep H's innermost axis: there the vector lanes add into distinct
+    // elements. Summing along it would add lane by lane through memory, slower than the
+    // separate row reduction's vector accumulators.
+    let inner = (0..rank).rev().find(|&j| h.shape[j] > 1);
+    let mut ok = into.buf != h.out.buf && inner.is_none_or(|j| into.strides[j] != 0);
+    value.for_each_load(&mut |a| {
+        ok &= a.buf != into.buf && (a.buf != h.out.buf || *a == h.out) && h.sums.iter().all(|s| s.into.buf != a.buf)
+    });
+    h.body.for_each_load(&mut |a| ok &= a.buf != into.buf);
+    ok &= h.sums.iter().all(|s| s.into.buf != into.buf);
+    ok.then_some(FusedSum { value, into, accumulate: r.accumulate })
+}
+
+fn zero_trivial_indices(e: ScalarExpr, zero_axis: usize) -> ScalarExpr {
+    match e {
+        ScalarExpr::Index(n) if n == zero_axis => ScalarExpr::Const(0.0),
+        ScalarExpr::Unary(op, a) => ScalarExpr::Unary(op, Box::new(zero_trivial_indices(*a, zero_axis))),
+        ScalarExpr::Binary(op, a, b) => {
+            ScalarExpr::Binary(op, Box::new(zero_trivial_indices(*a, zero_axis)), Box::new(zero_trivial_indices(*b, zero_axis)))
+        }
+        ScalarExpr::Select(c, a, b) => ScalarExpr::Select(
+            Box::new(zero_trivial_indices(*c, zero_axis)),
+            Box::new(zero_trivial_indices(*a, zero_axis)),
+            Box::new(zero_trivial_indices(*b, zero_axis)),
+        ),
+        e => e,
+    }
+}
+
+/// Whether `R` (reading `reads`, writing `w`) may run at `H`'s place in every entry.
+fn may_move(p: &Program, r: usize, h: usize, reads: &[BufId], w: BufId) -> bool {
+    if p.kernels[h].reads().contains(&w) {
+        return false;
+    }
+    p.entries.iter().all(|e| {
+        let pr = e.kernels.iter().position(|&k| k == r);
+        let ph = e.kernels.iter().position(|&k| k == h);
+        match (pr, ph) {
+            (None, None) => true,
+            (Some(pr), Some(ph)) => e.kernels[pr.min(ph) + 1..pr.max(ph)].iter().all(|&k| {
+                let (kw, kr) = (p.kernels[k].writes(), p.kernels[k].reads());
+                !kw.contains(&w) && !kr.contains(&w) && !kw.iter().any(|b| reads.contains(b))
+            }),
+            _ => false,
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bm_runtime::kir::{BinaryOp, Buffer, Entry, UnaryOp};
+
+    fn buf(name: &str, shape: &[usize]) -> Buffer {
+        Buffer { name: name.into(), dtype: DType::F32, shape: shape.to_vec(), kind: BufKind::Temp }
+    }
+    fn at(buf: BufId, strides: &[usize]) -> Access {
+        Access { buf, offset: 0, strides: strides.to_vec() }
+    }
+    fn load(buf: BufId, strides: &[usize]) -> ScalarExpr {
+        ScalarExpr::Load(at(buf, strides))
+    }
+    fn lp(shape: &[usize], reduce: usize, body: ScalarExpr, out: Access) -> Kernel {
+        Kernel::Loop(LoopKernel {
+            shape: shape.to_vec(),
+            reduce: (reduce > 0).then_some(ReduceOp::Sum),
+            reduced_dims: reduce,
+            body,
+            out,
+            accumulate: false,
+            sums: vec![],
+        })
+    }
+    fn program(kernels: Vec<Kernel>, entries: &[&[usize]]) -> Program {
+        Program {
+            buffers: vec![buf("x", &[8, 4]), buf("dy", &[8, 4]), buf("db", &[4]), buf("other", &[8, 4])],
+            kernels,
+            entries: entries
+                .iter()
+                .enumerate()
+                .map(|(i, ks)| Entry { name: format!("e{i}"), kernels: ks.to_vec(), results: vec![] })
+                .collect(),
+            params: vec![],
+        }
+    }
+    /// dy = tanh(x); db = Σ_rows dy (the reduction iterates columns outermost).
+    fn bias_grad() -> Vec<Kernel> {
+        vec![
+            lp(&[8, 4], 0, ScalarExpr::Unary(UnaryOp::Tanh, Box::new(load(0, &[4, 1]))), at(1, &[4, 1])),
+            lp(&[4, 8], 1, load(1, &[1, 4]), at(2, &[1, 0])),
+        ]
+    }
+
+    #[test]
+    fn a_bias_gradient_rides_along_with_its_producer() {
+        let mut p = program(bias_grad(), &[&[0, 1]]);
+        assert_eq!(fuse_sums(&mut p), 1);
+        assert_eq!(p.kernels.len(), 1);
+        assert_eq!(p.entries[0].kernels, vec![0]);
+        let Kernel::Loop(k) = &p.kernels[0] else { panic!() };
+        assert_eq!(k.sums, vec![FusedSum { value: ScalarExpr::Load(at(1, &[4, 1])), into: at(2, &[0, 1]), accumulate: false }]);
+    }
+
+    #[test]
+    fn a_sibling_reading_the_same_points_hosts_a_product_sum() {
+        // other = dy * 2 (elementwise); dg = Σ_rows dy·x rides along with it.
+        let ks = vec![
+            lp(&[8, 4], 0, ScalarExpr::Binary(BinaryOp::Mul, Box::new(load(1, &[4, 1])), Box::new(ScalarExpr::Const(2.0))), at(3, &[4, 1])),
+            lp(&[4, 8], 1, ScalarExpr::Binary(BinaryOp::Mul, Box::new(load(1, &[1, 4])), Box::new(load(0, &[1, 4]))), at(2, &[1, 0])),
+        ];
+        let mut p = program(ks, &[&[0, 1]]);
+        assert_eq!(fuse_sums(&mut p), 1);
+        let Kernel::Loop(k) = &p.kernels[0] else { panic!() };
+        assert_eq!(k.sums[0].into, at(2, &[0, 1]));
+        assert_eq!(k.sums[0].value, ScalarExpr::Binary(BinaryOp::Mul, Box::new(load(1, &[4, 1])), Box::new(load(0, &[4, 1]))));
+    }
+
+    #[test]
+    fn stays_apart_when_an_entry_runs_only_one_or_something_between_interferes() {
+        let mut p = program(bias_grad(), &[&[0, 1], &[0]]);
+        assert_eq!(fuse_sums(&mut p), 0);
+        // A kernel between them overwrites db's input's source: still fine (it writes
+        // `other`); one reading db in between is not.
+        let mut ks = bias_grad();
+        ks.insert(1, lp(&[4], 0, load(2, &[1]), at(3, &[1])));
+        let mut p = program(ks, &[&[0, 1, 2]]);
+        assert_eq!(fuse_sums(&mut p), 0);
+    }
+}
