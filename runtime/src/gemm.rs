@@ -298,7 +298,7 @@ mod timing {
                 let (ars, acs) = if ta { (1, m) } else { (k, 1) };
                 let (brs, bcs) = if tb { (1, k) } else { (n, 1) };
                 let par = if threads > 1 { ::gemm::Parallelism::Rayon(threads) } else { ::gemm::Parallelism::None };
-                let mut best = f64::MAX;
+                let mut times = vec![];
                 for _ in 0..20 {
                     let t0 = std::time::Instant::now();
                     pool.install(|| unsafe {
@@ -324,10 +324,18 @@ mod timing {
                             par,
                         )
                     });
-                    best = best.min(t0.elapsed().as_secs_f64());
+                    times.push(t0.elapsed().as_secs_f64());
                 }
-                let gflops = 2.0 * (m * n * k) as f64 / best / 1e9;
-                println!("{threads}t {m}x{n}x{k} ta={ta} tb={tb}: {:.3} ms, {gflops:.1} GFLOP/s", best * 1e3);
+                times.sort_by(f64::total_cmp);
+                let (best, median) = (times[0], times[times.len() / 2]);
+                let gflops = |t: f64| 2.0 * (m * n * k) as f64 / t / 1e9;
+                println!(
+                    "{threads}t {m}x{n}x{k} ta={ta} tb={tb}: best {:.3} ms {:.1} GFLOP/s, median {:.3} ms {:.1} GFLOP/s",
+                    best * 1e3,
+                    gflops(best),
+                    median * 1e3,
+                    gflops(median)
+                );
             }
         }
     }
