@@ -471,6 +471,7 @@ fn generated_cuda_fallback_paths_compute_what_the_cpu_computes() {
                 body: ScalarExpr::Unary(UnaryOp::Tanh, Box::new(ScalarExpr::Load(Access { buf: 3, offset: 0, strides: vec![3000, 1] }))),
                 out: Access { buf: 4, offset: 0, strides: vec![1, 0] },
                 accumulate: false,
+                side: vec![],
                 sums: vec![],
             }),
             // min_i32[i] = round(min_j 10·x[i, j]).
@@ -485,6 +486,7 @@ fn generated_cuda_fallback_paths_compute_what_the_cpu_computes() {
                 ),
                 out: Access { buf: 5, offset: 0, strides: vec![1, 0] },
                 accumulate: false,
+                side: vec![],
                 sums: vec![],
             }),
             // total += c[i] for every i, in order (the output is not injective).
@@ -495,6 +497,7 @@ fn generated_cuda_fallback_paths_compute_what_the_cpu_computes() {
                 body: ScalarExpr::Load(Access { buf: 2, offset: 0, strides: vec![1] }),
                 out: Access { buf: 6, offset: 0, strides: vec![0] },
                 accumulate: true,
+                side: vec![],
                 sums: vec![],
             }),
             Kernel::Attention(att.clone()),

@@ -198,6 +198,7 @@ mod tests {
             body,
             out,
             accumulate: false,
+            side: vec![],
             sums: vec![],
         })
     }

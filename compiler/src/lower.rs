@@ -193,7 +193,10 @@ impl Lowering<'_> {
     /// A loop kernel over `shape` writing `body` into a contiguous view of `buf`.
     fn loop_into(&mut self, node: NodeId, shape: &[usize], body: ScalarExpr, out: Access) {
         let (shape, body, out) = scalar_fix(shape, body, out);
-        self.emit(node, Kernel::Loop(LoopKernel { shape, reduce: None, reduced_dims: 0, body, out, accumulate: false, sums: vec![] }));
+        self.emit(
+            node,
+            Kernel::Loop(LoopKernel { shape, reduce: None, reduced_dims: 0, body, out, accumulate: false, side: vec![], sums: vec![] }),
+        );
     }
 
     /// Computes `view` into a fresh contiguous buffer (for operands that must be
@@ -313,6 +316,7 @@ impl Lowering<'_> {
                         body,
                         out: Access { buf: b, offset: 0, strides: out_strides },
                         accumulate: false,
+                        side: vec![],
                         sums: vec![],
                     }),
                 );

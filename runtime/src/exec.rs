@@ -281,10 +281,53 @@ fn validate_loop(program: &Program, k: &LoopKernel, what: &str) -> Result<()> {
         }
     });
     res?;
+    if !k.side.is_empty() {
+        validate_side(program, k, what)?;
+    }
     for (i, s) in k.sums.iter().enumerate() {
         validate_sum(program, k, s, &k.sums[..i], what)?;
     }
     Ok(())
+}
+
+/// Side stores sit in an elementwise kernel storing f32 without accumulation, are
+/// injective f32 outputs in bounds, write distinct buffers, and every load of a buffer
+/// a side store writes reads exactly the point being written.
+fn validate_side(program: &Program, k: &LoopKernel, what: &str) -> Result<()> {
+    let rank = k.shape.len();
+    if k.reduce.is_some() || k.accumulate || program.buffers.get(k.out.buf).is_some_and(|b| b.dtype != DType::F32) {
+        return Err(Error::internal(format!("{what}: side stores need an elementwise kernel storing f32 (no accumulation)")));
+    }
+    let mut written = vec![k.out.buf];
+    for s in &k.side {
+        check_buf(program, s.into.buf, Some(DType::F32), what)?;
+        check_access(program, &s.into, &k.shape, what)?;
+        if let Some(n) = max_index(&s.value)
+            && n >= rank
+        {
+            return Err(Error::internal(format!("{what}: index i{n} of a rank-{rank} loop")));
+        }
+        if !injective(k.shape.iter().copied().zip(s.into.strides.iter().copied())) || written.contains(&s.into.buf) {
+            return Err(Error::internal(format!("{what}: side store into b{} overlaps another store", s.into.buf)));
+        }
+        written.push(s.into.buf);
+    }
+    let mut res = Ok(());
+    let mut check = |a: &Access| {
+        if res.is_ok() {
+            res = check_access(program, a, &k.shape, what);
+        }
+        if let Some(s) = k.side.iter().find(|s| s.into.buf == a.buf)
+            && *a != s.into
+            && res.is_ok()
+        {
+            res = Err(Error::internal(format!("{what}: b{} is read at another point than its side store writes", a.buf)));
+        }
+    };
+    walk_loads(&k.body, &mut check);
+    k.side.iter().for_each(|s| walk_loads(&s.value, &mut check));
+    k.sums.iter().for_each(|s| walk_loads(&s.value, &mut check));
+    res
 }
 
 /// A fused sum must sit in an elementwise f32 kernel, stay in bounds, map the points
@@ -322,8 +365,13 @@ fn validate_sum(program: &Program, k: &LoopKernel, s: &FusedSum, earlier: &[Fuse
     for t in k.sums.iter() {
         walk_loads(&t.value, &mut check);
     }
+    for t in k.side.iter() {
+        walk_loads(&t.value, &mut check);
+    }
     res?;
-    if reads_into || k.out.buf == s.into.buf || earlier.iter().any(|t| t.into.buf == s.into.buf) {
+    let shared =
+        k.out.buf == s.into.buf || earlier.iter().any(|t| t.into.buf == s.into.buf) || k.side.iter().any(|t| t.into.buf == s.into.buf);
+    if reads_into || shared {
         return Err(Error::internal(format!("{what}: fused sum into b{} shares its buffer within the kernel", s.into.buf)));
     }
     Ok(())
@@ -611,12 +659,15 @@ fn splittable(k: &LoopKernel) -> bool {
     if !injective(k.shape[..keep].iter().copied().zip(k.out.strides[..keep].iter().copied())) {
         return false;
     }
+    // Side stores are injective and read only where they write (validated).
     let mut ok = true;
-    walk_loads(&k.body, &mut |a| {
+    let mut check = |a: &Access| {
         if a.buf == k.out.buf && (a.offset != k.out.offset || a.strides != k.out.strides) {
             ok = false;
         }
-    });
+    };
+    walk_loads(&k.body, &mut check);
+    k.side.iter().for_each(|s| walk_loads(&s.value, &mut check));
     ok
 }
 
@@ -976,6 +1027,7 @@ mod tests {
             body: ScalarExpr::Load(src),
             out,
             accumulate: false,
+            side: vec![],
             sums: vec![],
         })
     }
@@ -1032,6 +1084,7 @@ mod tests {
             body: ScalarExpr::Index(1),
             out: acc(1, 0, &[1]),
             accumulate: false,
+            side: vec![],
             sums: vec![],
         }));
         // output stride on a reduced axis
@@ -1042,6 +1095,7 @@ mod tests {
             body: ScalarExpr::Const(1.0),
             out: acc(1, 0, &[4, 1]),
             accumulate: false,
+            side: vec![],
             sums: vec![],
         }));
         // too many reduced axes
@@ -1052,6 +1106,7 @@ mod tests {
             body: ScalarExpr::Const(1.0),
             out: acc(1, 0, &[0]),
             accumulate: false,
+            side: vec![],
             sums: vec![],
         }));
         // matmul: aliasing, overlapping output, i32 operand, out of bounds
@@ -1139,6 +1194,7 @@ mod tests {
             body,
             out,
             accumulate: false,
+            side: vec![],
             sums: vec![],
         };
         let ld = |a: Access| ScalarExpr::Load(a);
@@ -1168,6 +1224,7 @@ mod tests {
                     body: ScalarExpr::Unary(UnaryOp::Tanh, Box::new(ScalarExpr::Load(acc(0, n, &[n, 1])))),
                     out: acc(0, 0, &[n, 1]),
                     accumulate: true,
+                    side: vec![],
                     sums: vec![],
                 }),
             ],
@@ -1189,6 +1246,7 @@ mod tests {
                     body: ScalarExpr::Load(acc(1, 0, &[1])),
                     out: acc(2, 0, &[0]),
                     accumulate: false,
+                    side: vec![],
                     sums: vec![],
                 }),
             ],

@@ -284,6 +284,19 @@ fn advance(idx: &mut [usize], shape: &[usize]) -> bool {
     false
 }
 
+/// One point of an elementwise kernel: the body and the side values, then their stores.
+fn elementwise_point(k: &LoopKernel, bufs: &mut Buffers, idx: &[usize]) -> Result<()> {
+    let v = eval(&k.body, bufs, idx)?;
+    if k.side.is_empty() {
+        return store(bufs, &k.out, idx, v, k.accumulate);
+    }
+    let side = k.side.iter().map(|s| eval(&s.value, bufs, idx)).collect::<Result<Vec<f32>>>()?;
+    for (s, x) in k.side.iter().zip(side) {
+        store(bufs, &s.into, idx, x, false)?;
+    }
+    store(bufs, &k.out, idx, v, k.accumulate)
+}
+
 pub fn run_loop(k: &LoopKernel, bufs: &mut Buffers) -> Result<()> {
     if !k.sums.is_empty() {
         return run_loop_with_sums(&crate::jit::normalize(k), bufs);
@@ -306,10 +319,7 @@ pub fn run_loop(k: &LoopKernel, bufs: &mut Buffers) -> Result<()> {
     let mut idx = vec![0usize; rank];
     loop {
         match red {
-            None => {
-                let v = eval(&k.body, bufs, &idx)?;
-                store(bufs, &k.out, &idx, v, k.accumulate)?;
-            }
+            None => elementwise_point(k, bufs, &idx)?,
             Some((op, _)) => {
                 let mut acc = reduce_identity(op);
                 if !inner.contains(&0) {
@@ -374,8 +384,7 @@ fn run_loop_with_sums(k: &LoopKernel, bufs: &mut Buffers) -> Result<()> {
     let mut partial: Vec<Vec<f32>> = slots.iter().map(|m| vec![0.0; m.len() * chunks]).collect();
     for c in 0..chunks {
         for idx in points(outer * c / chunks, outer * (c + 1) / chunks) {
-            let v = eval(&k.body, bufs, &idx)?;
-            store(bufs, &k.out, &idx, v, k.accumulate)?;
+            elementwise_point(k, bufs, &idx)?;
             for (s, sum) in k.sums.iter().enumerate() {
                 let x = eval(&sum.value, bufs, &idx)?;
                 partial[s][c * slots[s].len() + slots[s][&element(&sum.into, &idx)]] += x;
@@ -527,6 +536,7 @@ mod tests {
             body,
             out: Access { buf: 1, offset: 2, strides: vec![8, 2] },
             accumulate: true,
+            side: vec![],
             sums: vec![],
         });
         run_kernel(&k, &mut bufs).unwrap();

@@ -17,7 +17,7 @@
 
 use crate::error::{Error, Result};
 use crate::interp;
-use crate::kir::{Access, BinaryOp, BufId, DType, FusedSum, Kernel, LoopKernel, Program, ReduceOp, ScalarExpr, UnaryOp};
+use crate::kir::{Access, BinaryOp, BufId, DType, FusedSum, Kernel, LoopKernel, Program, ReduceOp, ScalarExpr, SideStore, UnaryOp};
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::immediates::Ieee32;
 use cranelift_codegen::ir::{AbiParam, BlockArg, FuncRef, InstBuilder, MemFlagsData, Type, UserFuncName, Value, types};
@@ -54,6 +54,7 @@ pub fn normalize(k: &LoopKernel) -> Cow<'_, LoopKernel> {
         body: expr(&k.body),
         out: acc(&k.out),
         accumulate: k.accumulate,
+        side: k.side.iter().map(|s| SideStore { value: expr(&s.value), into: acc(&s.into) }).collect(),
         sums: k.sums.iter().map(|s| FusedSum { value: expr(&s.value), into: acc(&s.into), accumulate: s.accumulate }).collect(),
     })
 }
@@ -233,6 +234,7 @@ fn compile_inner(kernels: &[Option<&LoopKernel>], dtypes: &[DType], mut clif: Op
                 lane_off: 0,
                 hoisted: Vec::new(),
                 cache: Vec::new(),
+                side_at: 0,
                 sums_at: 0,
                 stored: None,
             };
@@ -336,7 +338,9 @@ struct Gen<'a, 'k> {
     hoisted: Vec<Option<Value>>,
     /// Loads already emitted for the current point (by access).
     cache: Vec<Option<Value>>,
-    /// Where the fused sums' `into` accesses start in `accesses` (after the loads).
+    /// Where the side stores' and the fused sums' `into` accesses start in `accesses`
+    /// (after the loads: `1..side_at` are the loads).
+    side_at: usize,
     sums_at: usize,
     /// The value just stored at the current point, while fused sums are evaluated (a
     /// load of exactly `out` reads it).
@@ -384,11 +388,16 @@ impl<'k> Gen<'_, 'k> {
 
         self.accesses.push(&k.out);
         collect(&k.body, &mut self.accesses);
+        for side in &k.side {
+            collect(&side.value, &mut self.accesses);
+        }
         for sum in &k.sums {
             collect(&sum.value, &mut self.accesses);
         }
-        self.sums_at = self.accesses.len();
+        self.side_at = self.accesses.len();
+        self.sums_at = self.side_at + k.side.len();
         self.plan = vec_plan(k, &self.accesses[1..]);
+        self.accesses.extend(k.side.iter().map(|s| &s.into));
         self.accesses.extend(k.sums.iter().map(|s| &s.into));
         self.hoisted = vec![None; self.accesses.len()];
         self.cache = vec![None; self.accesses.len()];
@@ -548,7 +557,7 @@ impl<'k> Gen<'_, 'k> {
         let mut here = Vec::new();
         // Only when the inner loops run: a load must stay in bounds.
         if !self.k.shape[d + 1..].contains(&0) {
-            for j in 1..self.sums_at {
+            for j in 1..self.side_at {
                 let a = self.accesses[j];
                 let last = a.strides.iter().rposition(|&s| s != 0).unwrap_or(0);
                 if a.buf != self.k.out.buf && last == d && self.hoisted[j].is_none() {
@@ -631,11 +640,37 @@ impl<'k> Gen<'_, 'k> {
                 self.b.def_var(var, r);
             }
             None => {
+                let side = self.k.side.iter().map(|s| self.expr(&s.value)).collect::<Result<Vec<Value>>>()?;
+                for (i, x) in side.into_iter().enumerate() {
+                    self.store_side(self.side_at + i, x);
+                }
                 self.store(v)?;
                 self.fused_sums(v)?;
             }
         }
         Ok(())
+    }
+
+    /// Stores `x` through side-store access `j` (f32): one vector store when the lanes
+    /// are consecutive elements, else lane by lane.
+    fn store_side(&mut self, j: usize, x: Value) {
+        let addr = self.addrs[j];
+        match self.vaxis {
+            Some(d) if self.accesses[j].strides[d] == 1 => {
+                self.b.ins().store(vflags(), x, addr, self.lane_off as i32);
+            }
+            Some(d) => {
+                let step = (self.accesses[j].strides[d] * 4) as i64;
+                for l in 0..LANES as u8 {
+                    let xl = self.b.ins().extractlane(x, l);
+                    let off = (self.lane_off / 4 + l as i64) * step;
+                    self.b.ins().store(MemFlagsData::trusted(), xl, addr, off as i32);
+                }
+            }
+            None => {
+                self.b.ins().store(MemFlagsData::trusted(), x, addr, 0);
+            }
+        }
     }
 
     /// Adds every fused sum's value at the current point (4 points in vector code, in
@@ -646,6 +681,10 @@ impl<'k> Gen<'_, 'k> {
             return Ok(());
         }
         self.stored = Some(v);
+        // Loads before the stores may be stale now (a side store in place).
+        if !k.side.is_empty() {
+            self.cache.iter_mut().for_each(|c| *c = None);
+        }
         for (i, sum) in k.sums.iter().enumerate() {
             let x = self.expr(&sum.value)?;
             let addr = self.addrs[self.sums_at + i];
@@ -1111,6 +1150,7 @@ mod tests {
             body,
             out,
             accumulate,
+            side: vec![],
             sums: vec![],
         })
     }
@@ -1319,6 +1359,70 @@ mod tests {
         let Kernel::Loop(mut k) = lp(&shape, None, body, out, false) else { unreachable!() };
         k.sums = sums;
         program(buffers, vec![Kernel::Loop(k)])
+    }
+
+    /// `random_sum_program`'s kernel with one or two side stores as well: into fresh
+    /// buffers in random layouts, some updated in place (read at the point written by
+    /// the body, their own value and the others).
+    fn random_side_program(seed: u64, big: bool) -> Program {
+        let mut p = random_sum_program(seed, big);
+        let mut r = Rng::new(seed ^ 0x51DE);
+        let Kernel::Loop(k) = &mut p.kernels[0] else { unreachable!() };
+        if r.chance(1, 3) {
+            k.sums.clear();
+        }
+        let shape = k.shape.clone();
+        for _ in 0..1 + r.below(2) {
+            let b = p.buffers.len();
+            let into = Access { buf: b, offset: r.below(3), strides: layout(&mut r, &shape, false) };
+            p.buffers.push(buf(&format!("side{b}"), DType::F32, need(&into, &shape)));
+            let old = ScalarExpr::Load(into.clone());
+            let in_place = r.chance(1, 2);
+            let value = if in_place {
+                bin(BinaryOp::Add, bin(BinaryOp::Mul, old.clone(), ScalarExpr::Const(0.9)), k.body.clone())
+            } else {
+                un(UnaryOp::Exp, k.body.clone())
+            };
+            if in_place && r.chance(1, 2) {
+                k.body = bin(BinaryOp::Sub, k.body.clone(), old.clone());
+            }
+            if r.chance(1, 3) {
+                k.sums.push(FusedSum {
+                    value: bin(BinaryOp::Mul, old, ScalarExpr::Const(2.0)),
+                    into: Access { buf: b + 100, ..into.clone() },
+                    accumulate: false,
+                });
+            }
+            k.side.push(SideStore { value, into });
+        }
+        // Fused sums' buffers after the side stores' (renumbered from the placeholder).
+        let mut sums = std::mem::take(&mut k.sums);
+        for s in sums.iter_mut() {
+            if s.into.buf >= 100 {
+                let b = p.buffers.len();
+                let strides: Vec<usize> = s.into.strides.iter().enumerate().map(|(d, &st)| if d == 0 { 0 } else { st }).collect();
+                s.into = Access { buf: b, offset: 0, strides };
+                p.buffers.push(buf(&format!("sum{b}"), DType::F32, need(&s.into, &shape)));
+            }
+        }
+        let Kernel::Loop(k) = &mut p.kernels[0] else { unreachable!() };
+        k.sums = sums;
+        p
+    }
+
+    /// Side stores (some in place) equal the interpreter bit for bit.
+    #[test]
+    fn side_stores_match_the_interpreter_bit_for_bit() {
+        for seed in 0..300 {
+            let p = random_side_program(seed, false);
+            check_jit(&p, seed ^ 0x77, 1 + (seed % 3) as usize, seed % 4 == 0, 0.0);
+        }
+        for seed in 0..8 {
+            let p = random_side_program(seed, true);
+            for threads in [1, 2] {
+                check_jit(&p, seed, threads, false, 0.0);
+            }
+        }
     }
 
     /// The JIT computes fused sums exactly as the interpreter does (the same chunks,
@@ -1828,6 +1932,7 @@ mod tests {
             body: ScalarExpr::Index(1),
             out: Access { buf: 0, offset: 0, strides: vec![0, 0] },
             accumulate: false,
+            side: vec![],
             sums: vec![],
         };
         let n = normalize(&k);

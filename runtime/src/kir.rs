@@ -155,9 +155,11 @@ pub enum ScalarExpr {
 /// to what `out` already holds.
 /// Storing into an `i32` buffer rounds to nearest (ties to even), saturating, NaN to 0.
 ///
-/// An elementwise kernel (`reduce: None`) may also host [`FusedSum`]s: sums over any of
-/// its axes computed in the same pass over memory (a bias gradient `Σ_rows dy` inside the
-/// kernel that writes `dy`).
+/// An elementwise kernel (`reduce: None`, no accumulation) may also store
+/// [`SideStore`]s, further outputs at the same points (a chain of elementwise kernels
+/// becomes one kernel with several outputs: AdamW's moments and parameter), and host
+/// [`FusedSum`]s: sums over any of its axes computed in the same pass over memory (a
+/// bias gradient `Σ_rows dy` inside the kernel that writes `dy`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LoopKernel {
     pub shape: Vec<usize>,
@@ -167,7 +169,19 @@ pub struct LoopKernel {
     pub out: Access,
     pub accumulate: bool,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub side: Vec<SideStore>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub sums: Vec<FusedSum>,
+}
+
+/// `into[p] = value(p)` at every point `p` of the host kernel, `into` injective. At a
+/// point, the body and every side value are evaluated first (from memory as the earlier
+/// points left it), then everything is stored. A buffer the kernel writes is read only
+/// at the point being written (an update in place, like `m = β·m + (1-β)·g`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SideStore {
+    pub value: ScalarExpr,
+    pub into: Access,
 }
 
 /// `into[e] (+)= Σ value(p)` over the points `p` of the host kernel's iteration space
@@ -339,6 +353,7 @@ impl LoopKernel {
             body: s.value.map_loads(&permute, &|n| position[n]),
             out: permute(&s.into),
             accumulate: s.accumulate,
+            side: vec![],
             sums: vec![],
         }
     }
@@ -412,10 +427,13 @@ pub enum Kernel {
 }
 
 impl Kernel {
-    /// The buffers the kernel writes (a loop's output and its fused sums).
+    /// The buffers the kernel writes (a loop's output first, then its side stores and
+    /// fused sums).
     pub fn writes(&self) -> Vec<BufId> {
         match self {
-            Kernel::Loop(l) => std::iter::once(l.out.buf).chain(l.sums.iter().map(|s| s.into.buf)).collect(),
+            Kernel::Loop(l) => {
+                std::iter::once(l.out.buf).chain(l.side.iter().map(|s| s.into.buf)).chain(l.sums.iter().map(|s| s.into.buf)).collect()
+            }
             Kernel::MatMul(m) => vec![m.c.buf],
             Kernel::Gather(g) => vec![g.out],
             Kernel::ScatterAdd(s) => vec![s.out],
@@ -430,6 +448,9 @@ impl Kernel {
         match self {
             Kernel::Loop(l) => {
                 l.body.for_each_load(&mut |a| r.push(a.buf));
+                for s in &l.side {
+                    s.value.for_each_load(&mut |a| r.push(a.buf));
+                }
                 for s in &l.sums {
                     s.value.for_each_load(&mut |a| r.push(a.buf));
                     if s.accumulate {
@@ -573,7 +594,11 @@ pub fn kernel_text(k: &Kernel) -> String {
                 None => format!("loop {:?}", l.shape),
             };
             let assign = if l.accumulate { "+=" } else { "=" };
-            let mut t = format!("{head}\n    {} {assign} {}", access_text(&l.out), expr_text(&l.body));
+            let mut t = String::new();
+            for s in &l.side {
+                let _ = write!(t, "\n    {} = {}", access_text(&s.into), expr_text(&s.value));
+            }
+            let mut t = format!("{head}{t}\n    {} {assign} {}", access_text(&l.out), expr_text(&l.body));
             for s in &l.sums {
                 let _ = write!(t, "\n    {} {} sum {}", access_text(&s.into), if s.accumulate { "+=" } else { "=" }, expr_text(&s.value));
             }

@@ -298,6 +298,24 @@ impl Gen<'_> {
         }
     }
 
+    /// The statements of one point of an elementwise kernel: every side value and the
+    /// body first, then their stores (side stores may update in place).
+    fn elementwise_point(&self, k: &LoopKernel, body: &str) -> String {
+        if k.side.is_empty() {
+            return self.store(&k.out, body, k.accumulate);
+        }
+        let mut t = String::from("{ ");
+        for (i, s) in k.side.iter().enumerate() {
+            let _ = write!(t, "float s{i}_ = {}; ", self.expr(&s.value));
+        }
+        let _ = write!(t, "float v_ = {body}; ");
+        for (i, s) in k.side.iter().enumerate() {
+            let _ = write!(t, "{} ", self.store(&s.into, &format!("s{i}_"), false));
+        }
+        let _ = write!(t, "{} }}", self.store(&k.out, "v_", k.accumulate));
+        t
+    }
+
     /// The statement storing `v` into `out` at the current indices.
     fn store(&self, out: &Access, v: &str, accumulate: bool) -> String {
         let at = self.index(out);
@@ -349,11 +367,13 @@ impl Gen<'_> {
         let outer: usize = k.shape[..keep].iter().product();
         let inner: usize = k.shape[keep..].iter().product();
         let mut race_free = crate::exec::injective(k.shape[..keep].iter().copied().zip(k.out.strides[..keep].iter().copied()));
-        crate::exec::walk_loads(&k.body, &mut |a| {
+        let mut check = |a: &Access| {
             if a.buf == k.out.buf && (a.offset != k.out.offset || a.strides != k.out.strides) {
                 race_free = false;
             }
-        });
+        };
+        crate::exec::walk_loads(&k.body, &mut check);
+        k.side.iter().for_each(|s| crate::exec::walk_loads(&s.value, &mut check));
         self.head(src);
         let body = self.expr(&k.body);
         if !race_free {
@@ -363,7 +383,7 @@ impl Gen<'_> {
             let _ = writeln!(src, "    {}", Self::unravel(&k.shape[..keep], 0, "t_"));
             match k.reduce {
                 None => {
-                    let _ = writeln!(src, "    {}", self.store(&k.out, &body, k.accumulate));
+                    let _ = writeln!(src, "    {}", self.elementwise_point(k, &body));
                 }
                 Some(op) => {
                     let (id, comb) = reduce_parts(op);
@@ -383,7 +403,7 @@ impl Gen<'_> {
                 let _ = writeln!(src, "  long long t_ = blockIdx.x * (long long)blockDim.x + threadIdx.x;");
                 let _ = writeln!(src, "  if (t_ >= {outer}LL) return;");
                 let _ = writeln!(src, "  {}", Self::unravel(&k.shape, 0, "t_"));
-                let _ = writeln!(src, "  {}", self.store(&k.out, &body, k.accumulate));
+                let _ = writeln!(src, "  {}", self.elementwise_point(k, &body));
                 let _ = writeln!(src, "}}");
                 Grid { name: self.name.clone(), grid: grid1(outer, BLOCK), block: (BLOCK as u32, 1, 1) }
             }
