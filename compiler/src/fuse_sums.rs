@@ -22,7 +22,8 @@
 //!   writes what `R` reads (`R` now runs at `H`'s place); if `H` comes after `R`, `R`
 //!   does not read `H`'s output at all.
 
-use bm_runtime::kir::{Access, BufId, BufKind, DType, FusedSum, Kernel, LoopKernel, Program, ReduceOp, ScalarExpr};
+use crate::points::{PointMap, canonical};
+use bm_runtime::kir::{BufId, BufKind, DType, FusedSum, Kernel, LoopKernel, Program, ReduceOp};
 
 /// Moves every eligible reduction into a host kernel; returns how many moved.
 pub fn fuse_sums(p: &mut Program) -> usize {
@@ -74,13 +75,15 @@ fn can_host(p: &Program, k: &Kernel) -> bool {
 /// elements over the same points.
 fn onto(r: &LoopKernel, h: &LoopKernel) -> Option<FusedSum> {
     let mut h_accesses = vec![&h.out];
+    h_accesses.extend(h.side.iter().map(|s| &s.into));
     h.body.for_each_load(&mut |a| h_accesses.push(a));
     let mut r_loads = vec![];
     r.body.for_each_load(&mut |a| r_loads.push(a));
     for l in &r_loads {
-        for a in h_accesses.iter().filter(|a| a.buf == l.buf && a.offset == l.offset) {
-            let Some(axis) = axis_map(&r.shape, &l.strides, &h.shape, &a.strides) else { continue };
-            if let Some(sum) = remap(r, h, &axis) {
+        for a in &h_accesses {
+            if let Some(map) = PointMap::between(&r.shape, l, &h.shape, a)
+                && let Some(sum) = remap(r, h, &map)
+            {
                 return Some(sum);
             }
         }
@@ -88,73 +91,26 @@ fn onto(r: &LoopKernel, h: &LoopKernel) -> Option<FusedSum> {
     None
 }
 
-/// For every axis of `R` with extent > 1, the axis of `H` with the same extent and the
-/// same stride in the two accesses, when that is a bijection between the non-trivial
-/// axes (so both kernels visit the same points).
-fn axis_map(rs: &[usize], rst: &[usize], hs: &[usize], hst: &[usize]) -> Option<Vec<Option<usize>>> {
-    let mut used = vec![false; hs.len()];
-    let mut map = vec![None; rs.len()];
-    for i in 0..rs.len() {
-        if rs[i] == 1 {
-            continue;
-        }
-        if rst[i] == 0 {
-            return None;
-        }
-        let j = (0..hs.len()).find(|&j| !used[j] && hs[j] == rs[i] && hst[j] == rst[i])?;
-        used[j] = true;
-        map[i] = Some(j);
-    }
-    (0..hs.len()).all(|j| used[j] || hs[j] == 1).then_some(map)
-}
-
-/// `R`'s body and output in `H`'s iteration space (`axis[i]`: `H`'s axis for `R`'s).
-fn remap(r: &LoopKernel, h: &LoopKernel, axis: &[Option<usize>]) -> Option<FusedSum> {
+/// `R`'s body and output in `H`'s iteration space.
+fn remap(r: &LoopKernel, h: &LoopKernel, map: &PointMap) -> Option<FusedSum> {
     let rank = h.shape.len();
-    let acc = |a: &Access| {
-        let mut strides = vec![0; rank];
-        for (i, j) in axis.iter().enumerate() {
-            if let Some(j) = j {
-                strides[*j] = a.strides[i];
-            }
-        }
-        let mapped = Access { buf: a.buf, offset: a.offset, strides };
-        // A read of H's output at the point H stores is H's output access itself.
-        let same_point = (0..rank).all(|j| h.shape[j] == 1 || mapped.strides[j] == h.out.strides[j]);
-        if a.buf == h.out.buf && mapped.offset == h.out.offset && same_point { h.out.clone() } else { mapped }
-    };
-    // An index along an axis of extent 1 is 0.
-    let zero_axis = rank;
-    let value = r.body.map_loads(&acc, &|n| axis[n].unwrap_or(zero_axis));
-    let value = zero_trivial_indices(value, zero_axis);
-    let into = acc(&r.out);
+    // A read of one of H's stores at the point H stores is that store's access itself.
+    let mut stores = vec![&h.out];
+    stores.extend(h.side.iter().map(|s| &s.into));
+    let value = map.expr(&r.body, &|a| canonical(&h.shape, a, &stores));
+    let into = map.access(&r.out);
     // Only sums that keep H's innermost axis: there the vector lanes add into distinct
     // elements. Summing along it would add lane by lane through memory, slower than the
     // separate row reduction's vector accumulators.
     let inner = (0..rank).rev().find(|&j| h.shape[j] > 1);
-    let mut ok = into.buf != h.out.buf && inner.is_none_or(|j| into.strides[j] != 0);
+    let mut ok = !h.writes_buf(into.buf) && inner.is_none_or(|j| into.strides[j] != 0);
     value.for_each_load(&mut |a| {
-        ok &= a.buf != into.buf && (a.buf != h.out.buf || *a == h.out) && h.sums.iter().all(|s| s.into.buf != a.buf)
+        let store = stores.iter().find(|s| s.buf == a.buf);
+        ok &= a.buf != into.buf && store.is_none_or(|s| *s == a) && h.sums.iter().all(|s| s.into.buf != a.buf)
     });
     h.body.for_each_load(&mut |a| ok &= a.buf != into.buf);
-    ok &= h.sums.iter().all(|s| s.into.buf != into.buf);
+    h.side.iter().for_each(|s| s.value.for_each_load(&mut |a| ok &= a.buf != into.buf));
     ok.then_some(FusedSum { value, into, accumulate: r.accumulate })
-}
-
-fn zero_trivial_indices(e: ScalarExpr, zero_axis: usize) -> ScalarExpr {
-    match e {
-        ScalarExpr::Index(n) if n == zero_axis => ScalarExpr::Const(0.0),
-        ScalarExpr::Unary(op, a) => ScalarExpr::Unary(op, Box::new(zero_trivial_indices(*a, zero_axis))),
-        ScalarExpr::Binary(op, a, b) => {
-            ScalarExpr::Binary(op, Box::new(zero_trivial_indices(*a, zero_axis)), Box::new(zero_trivial_indices(*b, zero_axis)))
-        }
-        ScalarExpr::Select(c, a, b) => ScalarExpr::Select(
-            Box::new(zero_trivial_indices(*c, zero_axis)),
-            Box::new(zero_trivial_indices(*a, zero_axis)),
-            Box::new(zero_trivial_indices(*b, zero_axis)),
-        ),
-        e => e,
-    }
 }
 
 /// Whether `R` (reading `reads`, writing `w`) may run at `H`'s place in every entry.
@@ -179,7 +135,7 @@ fn may_move(p: &Program, r: usize, h: usize, reads: &[BufId], w: BufId) -> bool 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bm_runtime::kir::{BinaryOp, Buffer, Entry, UnaryOp};
+    use bm_runtime::kir::{Access, BinaryOp, Buffer, Entry, ScalarExpr, UnaryOp};
 
     fn buf(name: &str, shape: &[usize]) -> Buffer {
         Buffer { name: name.into(), dtype: DType::F32, shape: shape.to_vec(), kind: BufKind::Temp }

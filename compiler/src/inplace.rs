@@ -7,15 +7,15 @@
 //! `T = B` (whole contiguous buffers; `T` a parameter or optimiser state, `B` a
 //! temporary that is not an entry result) it requires, in every entry that runs the
 //! producer `K` of `B`:
-//! - `K` is the only kernel writing `B`, a loop without accumulation whose output is all
-//!   of `B` in the copy's layout, and the entry also runs the copy;
+//! - `K` is the only kernel writing `B`, a loop without accumulation whose output or
+//!   side store is all of `B` in the copy's layout, and the entry also runs the copy;
 //! - `K` reads `T` only at the element it writes (elementwise in place);
 //! - no kernel after `K`, except the copy, reads or writes `T`.
 //!
 //! Then `K` writes `T`, every read of `B` reads `T`, and the copy is removed.
 
 use crate::plan::for_each_buf;
-use bm_runtime::kir::{Access, BufId, BufKind, Kernel, LoopKernel, Program, ScalarExpr};
+use bm_runtime::kir::{Access, BufId, BufKind, Kernel, Program, ScalarExpr};
 
 /// A whole-buffer row-major access of `len` elements over a loop of `shape`.
 fn whole(a: &Access, shape: &[usize], len: usize) -> bool {
@@ -79,16 +79,26 @@ pub fn update_in_place(p: &mut Program) -> usize {
         }
         let writers: Vec<usize> = (0..p.kernels.len()).filter(|&k| k != c && p.kernels[k].writes().contains(&b)).collect();
         let [k] = writers[..] else { continue };
-        let Kernel::Loop(LoopKernel { out, accumulate: false, reduce: None, body, shape, sums, .. }) = &p.kernels[k] else { continue };
+        let Kernel::Loop(kl) = &p.kernels[k] else { continue };
         let Kernel::Loop(copy) = &p.kernels[c] else { continue };
-        if out.strides != copy.out.strides || out.offset != 0 || !whole(out, shape, p.buffers[b].len()) {
+        if kl.accumulate || kl.reduce.is_some() || kl.writes_buf(t) {
             continue;
         }
-        let in_place = Access { buf: t, ..out.clone() };
+        // K stores B as its output or as a side store.
+        let store = match kl.side.iter().find(|s| s.into.buf == b) {
+            _ if kl.out.buf == b => &kl.out,
+            Some(s) => &s.into,
+            None => continue,
+        };
+        if store.strides != copy.out.strides || store.offset != 0 || !whole(store, &kl.shape, p.buffers[b].len()) {
+            continue;
+        }
+        let in_place = Access { buf: t, ..store.clone() };
         // A fused sum reading T would see the new value once K writes T.
         let mut sum_reads_t = false;
-        sums.iter().for_each(|s| s.value.for_each_load(&mut |a| sum_reads_t |= a.buf == t));
-        if !loads_only_at(body, t, &in_place) || sum_reads_t {
+        kl.sums.iter().for_each(|s| s.value.for_each_load(&mut |a| sum_reads_t |= a.buf == t));
+        let elementwise = loads_only_at(&kl.body, t, &in_place) && kl.side.iter().all(|s| loads_only_at(&s.value, t, &in_place));
+        if !elementwise || sum_reads_t {
             continue;
         }
         let safe = p.entries.iter().all(|e| {
@@ -100,9 +110,7 @@ pub fn update_in_place(p: &mut Program) -> usize {
         if !safe {
             continue;
         }
-        if let Kernel::Loop(l) = &mut p.kernels[k] {
-            l.out.buf = t;
-        }
+        // Every use of B, K's store included, becomes T.
         for (i, kernel) in p.kernels.iter_mut().enumerate() {
             if i != c {
                 for_each_buf(kernel, &mut |x| {
@@ -122,7 +130,7 @@ pub fn update_in_place(p: &mut Program) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bm_runtime::kir::{BinaryOp, Buffer, DType, Entry};
+    use bm_runtime::kir::{BinaryOp, Buffer, DType, Entry, LoopKernel};
 
     fn buf(name: &str, kind: BufKind) -> Buffer {
         Buffer { name: name.into(), dtype: DType::F32, shape: vec![4, 3], kind }

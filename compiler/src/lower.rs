@@ -168,6 +168,7 @@ pub fn lower(g: &Graph) -> Result<Program, String> {
         entries.push(l.entry("train_step", &train, true)?);
     }
     let mut program = Program { buffers: l.buffers, kernels: l.kernels, entries, params };
+    crate::fuse_chains::fuse_chains(&mut program);
     crate::fuse_sums::fuse_sums(&mut program);
     crate::inplace::update_in_place(&mut program);
     crate::plan::share_temporaries(&mut program);

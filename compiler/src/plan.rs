@@ -31,6 +31,10 @@ pub(crate) fn for_each_buf(k: &mut Kernel, f: &mut impl FnMut(&mut BufId)) {
         Kernel::Loop(l) => {
             f(&mut l.out.buf);
             expr(&mut l.body, f);
+            for s in &mut l.side {
+                f(&mut s.into.buf);
+                expr(&mut s.value, f);
+            }
             for s in &mut l.sums {
                 f(&mut s.into.buf);
                 expr(&mut s.value, f);

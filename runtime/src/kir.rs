@@ -334,6 +334,11 @@ pub struct AttentionBackwardKernel {
 }
 
 impl LoopKernel {
+    /// Whether the kernel stores into `buf` (its output, a side store or a fused sum).
+    pub fn writes_buf(&self, buf: BufId) -> bool {
+        self.out.buf == buf || self.side.iter().any(|s| s.into.buf == buf) || self.sums.iter().any(|s| s.into.buf == buf)
+    }
+
     /// The kernel computing fused sum `s` on its own, after this kernel has run: a loop
     /// over the same points with the summed axes (where `into`'s stride is 0) moved last
     /// and reduced (what a backend without fused sums runs instead).

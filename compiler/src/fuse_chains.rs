@@ -1,0 +1,254 @@
+//! Chains of elementwise kernels become one kernel with several outputs.
+//!
+//! Lowering inlines an elementwise value into its consumer only when it has one
+//! consumer; a value with several (a bias-added pre-activation that GELU reads now and
+//! its gradient reads later, AdamW's new moments that the parameter update reads and
+//! the optimiser state keeps) gets its own kernel, and the next kernel reads it back
+//! from memory. This kernel-level pass, run after lowering and before `fuse_sums`,
+//! moves such a producer `A` into a consumer `B` that reads it at the same points: `B`
+//! computes `A`'s value inline (instead of loading it) and stores it as a side store
+//! ([`bm_runtime::kir::SideStore`]), so the value is written once and never read back
+//! within the chain. AdamW's three kernels per parameter become one; so do a bias add
+//! and the GELU after it, and LayerNorm's centring and scaling.
+//!
+//! `A` (elementwise, storing f32 without accumulation) moves into `B` (the same) when:
+//! - `B` reads a buffer `A` writes, over the same points (`points.rs`), and every read of
+//!   a buffer `A` writes is at the point being written;
+//! - `B`'s stores keep the layout of `B`'s output along its unit-stride axis (the vector
+//!   lanes store whole vectors);
+//! - `B` writes nothing `A` reads;
+//! - every entry runs both or neither, and between them nothing reads what `A` writes
+//!   or writes what `A` reads or writes (`A` now runs at `B`'s place).
+
+use crate::points::{PointMap, canonical};
+use bm_runtime::kir::{Access, BufId, DType, Kernel, LoopKernel, Program, ScalarExpr, SideStore};
+
+/// Merges every eligible producer into its consumer; returns how many merged.
+pub fn fuse_chains(p: &mut Program) -> usize {
+    let mut removed = vec![false; p.kernels.len()];
+    let mut merged = 0;
+    for b in 0..p.kernels.len() {
+        if !elementwise(p, &p.kernels[b]) {
+            continue;
+        }
+        // Take producers one at a time, nearest first, until none fits.
+        'again: loop {
+            let reads = p.kernels[b].reads();
+            for a in (0..b).rev() {
+                if removed[a] || !elementwise(p, &p.kernels[a]) || !p.kernels[a].writes().iter().any(|w| reads.contains(w)) {
+                    continue;
+                }
+                let (Kernel::Loop(ak), Kernel::Loop(bk)) = (&p.kernels[a], &p.kernels[b]) else { continue };
+                let Some(m) = merge(ak, bk) else { continue };
+                if !may_move(p, a, b) {
+                    continue;
+                }
+                p.kernels[b] = Kernel::Loop(m);
+                removed[a] = true;
+                merged += 1;
+                continue 'again;
+            }
+            break;
+        }
+    }
+    let gone: Vec<usize> = (0..p.kernels.len()).filter(|&k| removed[k]).collect();
+    p.remove_kernels(&gone);
+    merged
+}
+
+/// An elementwise loop storing f32 without accumulation or fused sums, over a
+/// non-empty space.
+fn elementwise(p: &Program, k: &Kernel) -> bool {
+    matches!(k, Kernel::Loop(l) if l.reduce.is_none() && !l.accumulate && l.sums.is_empty()
+        && !l.shape.contains(&0) && p.buffers[l.out.buf].dtype == DType::F32)
+}
+
+/// `A`'s stores with their values: the output first, then the side stores.
+fn stores(k: &LoopKernel) -> Vec<(&Access, &ScalarExpr)> {
+    std::iter::once((&k.out, &k.body)).chain(k.side.iter().map(|s| (&s.into, &s.value))).collect()
+}
+
+/// `B` with `A` inside it, when `B` reads what `A` writes at the same points.
+fn merge(a: &LoopKernel, b: &LoopKernel) -> Option<LoopKernel> {
+    let a_stores = stores(a);
+    // The point map: from some store of A to B's read of the same elements.
+    let mut b_loads = vec![];
+    b.body.for_each_load(&mut |l| b_loads.push(l));
+    b.side.iter().for_each(|s| s.value.for_each_load(&mut |l| b_loads.push(l)));
+    let map = a_stores.iter().find_map(|(st, _)| b_loads.iter().find_map(|l| PointMap::between(&a.shape, st, &b.shape, l)))?;
+    // A's stores and values in B's space.
+    let mapped: Vec<(Access, ScalarExpr)> = a_stores.iter().map(|(st, v)| (map.access(st), map.expr(v, &|x| x))).collect();
+    // B writes nothing A reads; A and B write different buffers.
+    let mut ok = true;
+    for (_, v) in &mapped {
+        v.for_each_load(&mut |l| ok &= !b.writes_buf(l.buf));
+    }
+    ok &= mapped.iter().all(|(st, _)| !b.writes_buf(st.buf));
+    // B's unit-stride axis (where its vector lanes run) is A's stores' as well.
+    if let Some(v) = (0..b.shape.len()).rev().find(|&d| b.out.strides[d] == 1 && b.shape[d] > 1) {
+        ok &= mapped.iter().all(|(st, _)| st.strides[v] == 1);
+    }
+    if !ok {
+        return None;
+    }
+    // Every read in B of something A writes must be at the point it is written; it
+    // becomes A's value there.
+    let inline = |e: &ScalarExpr| -> Option<ScalarExpr> { substitute(e, &b.shape, &mapped) };
+    let body = inline(&b.body)?;
+    let mut side: Vec<SideStore> = mapped.iter().map(|(st, v)| SideStore { value: v.clone(), into: st.clone() }).collect();
+    for s in &b.side {
+        side.push(SideStore { value: inline(&s.value)?, into: s.into.clone() });
+    }
+    // Reads of a store's own elements (in place) name exactly its access.
+    let mut all: Vec<&Access> = vec![&b.out];
+    all.extend(side.iter().map(|s| &s.into));
+    let canon = |e: &ScalarExpr| e.map_loads(&|l| canonical(&b.shape, l.clone(), &all), &|n| n);
+    let side: Vec<SideStore> = side.iter().map(|s| SideStore { value: canon(&s.value), into: s.into.clone() }).collect();
+    // Inlined values repeat in the text (code generation shares them); keep kernels
+    // small enough to read.
+    let size = nodes(&body) + side.iter().map(|s| nodes(&s.value)).sum::<usize>();
+    (size <= MAX_NODES).then(|| LoopKernel { body: canon(&body), side, ..b.clone() })
+}
+
+/// The largest merged kernel, in expression nodes over its body and side values.
+const MAX_NODES: usize = 160;
+
+fn nodes(e: &ScalarExpr) -> usize {
+    1 + match e {
+        ScalarExpr::Load(_) | ScalarExpr::Const(_) | ScalarExpr::Index(_) => 0,
+        ScalarExpr::Unary(_, a) => nodes(a),
+        ScalarExpr::Binary(_, a, b) => nodes(a) + nodes(b),
+        ScalarExpr::Select(c, a, b) => nodes(c) + nodes(a) + nodes(b),
+    }
+}
+
+/// `e` with every load of a buffer in `stores` replaced by the stored value, when the
+/// load reads the stored point; `None` when it reads another.
+fn substitute(e: &ScalarExpr, shape: &[usize], stores: &[(Access, ScalarExpr)]) -> Option<ScalarExpr> {
+    let go = |x: &ScalarExpr| substitute(x, shape, stores).map(Box::new);
+    Some(match e {
+        ScalarExpr::Load(l) => match stores.iter().find(|(st, _)| st.buf == l.buf) {
+            Some((st, v)) if crate::points::same_point(shape, l, st) => v.clone(),
+            Some(_) => return None,
+            None => e.clone(),
+        },
+        ScalarExpr::Const(_) | ScalarExpr::Index(_) => e.clone(),
+        ScalarExpr::Unary(op, x) => ScalarExpr::Unary(*op, go(x)?),
+        ScalarExpr::Binary(op, x, y) => ScalarExpr::Binary(*op, go(x)?, go(y)?),
+        ScalarExpr::Select(c, x, y) => ScalarExpr::Select(go(c)?, go(x)?, go(y)?),
+    })
+}
+
+/// Whether `A` may run at `B`'s place in every entry.
+fn may_move(p: &Program, a: usize, b: usize) -> bool {
+    let (aw, ar): (Vec<BufId>, Vec<BufId>) = (p.kernels[a].writes(), p.kernels[a].reads());
+    p.entries.iter().all(|e| {
+        let pa = e.kernels.iter().position(|&k| k == a);
+        let pb = e.kernels.iter().position(|&k| k == b);
+        match (pa, pb) {
+            (None, None) => true,
+            (Some(pa), Some(pb)) if pa < pb => e.kernels[pa + 1..pb].iter().all(|&k| {
+                let (kw, kr) = (p.kernels[k].writes(), p.kernels[k].reads());
+                !kr.iter().any(|x| aw.contains(x)) && !kw.iter().any(|x| aw.contains(x) || ar.contains(x))
+            }),
+            _ => false,
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bm_runtime::kir::{BinaryOp, BufKind, Buffer, Entry, UnaryOp};
+
+    fn buf(name: &str) -> Buffer {
+        Buffer { name: name.into(), dtype: DType::F32, shape: vec![8, 4], kind: BufKind::Temp }
+    }
+    fn at(buf: BufId) -> Access {
+        Access { buf, offset: 0, strides: vec![4, 1] }
+    }
+    fn load(buf: BufId) -> ScalarExpr {
+        ScalarExpr::Load(at(buf))
+    }
+    fn lp(body: ScalarExpr, out: BufId) -> Kernel {
+        Kernel::Loop(LoopKernel {
+            shape: vec![8, 4],
+            reduce: None,
+            reduced_dims: 0,
+            body,
+            out: at(out),
+            accumulate: false,
+            side: vec![],
+            sums: vec![],
+        })
+    }
+    fn program(kernels: Vec<Kernel>, entries: &[&[usize]]) -> Program {
+        Program {
+            buffers: (0..6).map(|i| buf(&format!("b{i}"))).collect(),
+            kernels,
+            entries: entries
+                .iter()
+                .enumerate()
+                .map(|(i, ks)| Entry { name: format!("e{i}"), kernels: ks.to_vec(), results: vec![] })
+                .collect(),
+            params: vec![],
+        }
+    }
+    /// A row sum of `buf` into `out` (not elementwise: never merged).
+    fn rowsum(buf: BufId, out: BufId) -> Kernel {
+        let Kernel::Loop(mut k) = lp(load(buf), out) else { unreachable!() };
+        k.reduce = Some(bm_runtime::kir::ReduceOp::Sum);
+        k.reduced_dims = 1;
+        k.out.strides = vec![1, 0];
+        Kernel::Loop(k)
+    }
+    fn add(x: ScalarExpr, y: ScalarExpr) -> ScalarExpr {
+        ScalarExpr::Binary(BinaryOp::Add, Box::new(x), Box::new(y))
+    }
+
+    #[test]
+    fn a_bias_add_and_its_activation_become_one_kernel_with_two_outputs() {
+        // b2 = b0 + b1 (kept for later); b3 = tanh(b2).
+        let ks = vec![lp(add(load(0), load(1)), 2), lp(ScalarExpr::Unary(UnaryOp::Tanh, Box::new(load(2))), 3), rowsum(2, 4)];
+        let mut p = program(ks, &[&[0, 1, 2]]);
+        assert_eq!(fuse_chains(&mut p), 1);
+        assert_eq!(p.kernels.len(), 2);
+        let Kernel::Loop(k) = &p.kernels[0] else { panic!() };
+        assert_eq!(k.body, ScalarExpr::Unary(UnaryOp::Tanh, Box::new(add(load(0), load(1)))));
+        assert_eq!(k.side, vec![SideStore { value: add(load(0), load(1)), into: at(2) }]);
+        assert_eq!(p.entries[0].kernels, vec![0, 1]);
+    }
+
+    #[test]
+    fn adam_style_updates_chain_into_the_last() {
+        // m' = m + g (b2 from b1, b0); v' = v + g·g (b4 from b3, b0); p' = m'/v' (b5).
+        let sq = ScalarExpr::Binary(BinaryOp::Mul, Box::new(load(0)), Box::new(load(0)));
+        let ks = vec![
+            lp(add(load(1), load(0)), 2),
+            lp(add(load(3), sq.clone()), 4),
+            lp(ScalarExpr::Binary(BinaryOp::Div, Box::new(load(2)), Box::new(load(4))), 5),
+        ];
+        let mut p = program(ks, &[&[0, 1, 2]]);
+        assert_eq!(fuse_chains(&mut p), 2);
+        let Kernel::Loop(k) = &p.kernels[0] else { panic!() };
+        assert_eq!(k.side.len(), 2);
+        assert_eq!(k.body, ScalarExpr::Binary(BinaryOp::Div, Box::new(add(load(1), load(0))), Box::new(add(load(3), sq))));
+    }
+
+    #[test]
+    fn stays_apart_when_read_elsewhere_in_between_or_at_another_point() {
+        // A kernel between them reads A's output: A cannot move past it.
+        let ks = vec![lp(add(load(0), load(1)), 2), rowsum(2, 4), lp(ScalarExpr::Unary(UnaryOp::Tanh, Box::new(load(2))), 3)];
+        let mut p = program(ks, &[&[0, 1, 2]]);
+        assert_eq!(fuse_chains(&mut p), 0);
+        // B reads A's output shifted by one element: not the same point.
+        let shifted = ScalarExpr::Load(Access { buf: 2, offset: 1, strides: vec![4, 1] });
+        let ks = vec![lp(add(load(0), load(1)), 2), lp(add(shifted, load(2)), 3)];
+        let mut p = program(ks, &[&[0, 1]]);
+        assert_eq!(fuse_chains(&mut p), 0);
+        // An entry running only A.
+        let ks = vec![lp(add(load(0), load(1)), 2), lp(load(2), 3)];
+        let mut p = program(ks, &[&[0, 1], &[0]]);
+        assert_eq!(fuse_chains(&mut p), 0);
+    }
+}
