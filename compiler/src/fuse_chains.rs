@@ -20,12 +20,13 @@
 //! - every entry runs both or neither, and between them nothing reads what `A` writes
 //!   or writes what `A` reads or writes (`A` now runs at `B`'s place).
 
-use crate::points::{PointMap, canonical};
-use bm_runtime::kir::{Access, BufId, DType, Kernel, LoopKernel, Program, ScalarExpr, SideStore};
+use crate::points::{PointMap, Touched, canonical};
+use bm_runtime::kir::{Access, BufId, BufKind, DType, Kernel, LoopKernel, Program, ScalarExpr, SideStore};
 
 /// Merges every eligible producer into its consumer; returns how many merged.
 pub fn fuse_chains(p: &mut Program) -> usize {
     let mut removed = vec![false; p.kernels.len()];
+    let mut touched = Touched::of(p);
     let mut merged = 0;
     for b in 0..p.kernels.len() {
         if !elementwise(p, &p.kernels[b]) {
@@ -33,18 +34,22 @@ pub fn fuse_chains(p: &mut Program) -> usize {
         }
         // Take producers one at a time, nearest first, until none fits.
         'again: loop {
-            let reads = p.kernels[b].reads();
-            for a in (0..b).rev() {
-                if removed[a] || !elementwise(p, &p.kernels[a]) || !p.kernels[a].writes().iter().any(|w| reads.contains(w)) {
+            let mut producers: Vec<usize> =
+                touched.reads[b].iter().flat_map(|x| touched.writers(*x).iter().copied()).filter(|&a| a < b && !removed[a]).collect();
+            producers.sort_unstable_by(|x, y| y.cmp(x));
+            producers.dedup();
+            for a in producers {
+                if !elementwise(p, &p.kernels[a]) {
                     continue;
                 }
                 let (Kernel::Loop(ak), Kernel::Loop(bk)) = (&p.kernels[a], &p.kernels[b]) else { continue };
                 let Some(m) = merge(ak, bk) else { continue };
-                if !may_move(p, a, b) {
+                if !may_move(p, &touched, a, b) {
                     continue;
                 }
                 p.kernels[b] = Kernel::Loop(m);
                 removed[a] = true;
+                touched.update(p, b);
                 merged += 1;
                 continue 'again;
             }
@@ -53,7 +58,22 @@ pub fn fuse_chains(p: &mut Program) -> usize {
     }
     let gone: Vec<usize> = (0..p.kernels.len()).filter(|&k| removed[k]).collect();
     p.remove_kernels(&gone);
+    drop_dead_side_stores(p);
     merged
+}
+
+/// Removes side stores into temporaries nothing reads (every reader computed the value
+/// inline) and that no entry returns.
+fn drop_dead_side_stores(p: &mut Program) {
+    let results: Vec<BufId> = p.entries.iter().flat_map(|e| e.results.iter().map(|r| r.1)).collect();
+    let read: std::collections::HashSet<BufId> = p.kernels.iter().flat_map(|k| k.reads()).collect();
+    let dead = |b: BufId| p.buffers[b].kind == BufKind::Temp && !results.contains(&b) && !read.contains(&b);
+    let dead: Vec<BufId> = (0..p.buffers.len()).filter(|&b| dead(b)).collect();
+    for k in p.kernels.iter_mut() {
+        if let Kernel::Loop(l) = k {
+            l.side.retain(|s| !dead.contains(&s.into.buf));
+        }
+    }
 }
 
 /// An elementwise loop storing f32 without accumulation or fused sums, over a
@@ -140,15 +160,15 @@ fn substitute(e: &ScalarExpr, shape: &[usize], stores: &[(Access, ScalarExpr)]) 
 }
 
 /// Whether `A` may run at `B`'s place in every entry.
-fn may_move(p: &Program, a: usize, b: usize) -> bool {
-    let (aw, ar): (Vec<BufId>, Vec<BufId>) = (p.kernels[a].writes(), p.kernels[a].reads());
+fn may_move(p: &Program, touched: &Touched, a: usize, b: usize) -> bool {
+    let (aw, ar) = (&touched.writes[a], &touched.reads[a]);
     p.entries.iter().all(|e| {
         let pa = e.kernels.iter().position(|&k| k == a);
         let pb = e.kernels.iter().position(|&k| k == b);
         match (pa, pb) {
             (None, None) => true,
             (Some(pa), Some(pb)) if pa < pb => e.kernels[pa + 1..pb].iter().all(|&k| {
-                let (kw, kr) = (p.kernels[k].writes(), p.kernels[k].reads());
+                let (kw, kr) = (&touched.writes[k], &touched.reads[k]);
                 !kr.iter().any(|x| aw.contains(x)) && !kw.iter().any(|x| aw.contains(x) || ar.contains(x))
             }),
             _ => false,
@@ -220,6 +240,16 @@ mod tests {
     }
 
     #[test]
+    fn a_value_no_one_else_reads_is_not_stored() {
+        // b2 = b0 + b1 is read only by b3 = tanh(b2): once inline, b2 is not stored.
+        let ks = vec![lp(add(load(0), load(1)), 2), lp(ScalarExpr::Unary(UnaryOp::Tanh, Box::new(load(2))), 3)];
+        let mut p = program(ks, &[&[0, 1]]);
+        assert_eq!(fuse_chains(&mut p), 1);
+        let Kernel::Loop(k) = &p.kernels[0] else { panic!() };
+        assert!(k.side.is_empty());
+    }
+
+    #[test]
     fn adam_style_updates_chain_into_the_last() {
         // m' = m + g (b2 from b1, b0); v' = v + g·g (b4 from b3, b0); p' = m'/v' (b5).
         let sq = ScalarExpr::Binary(BinaryOp::Mul, Box::new(load(0)), Box::new(load(0)));
@@ -229,6 +259,8 @@ mod tests {
             lp(ScalarExpr::Binary(BinaryOp::Div, Box::new(load(2)), Box::new(load(4))), 5),
         ];
         let mut p = program(ks, &[&[0, 1, 2]]);
+        // The new moments are kept (the optimiser state's copies read them).
+        p.entries[0].results = vec![("m".into(), 2), ("v".into(), 4)];
         assert_eq!(fuse_chains(&mut p), 2);
         let Kernel::Loop(k) = &p.kernels[0] else { panic!() };
         assert_eq!(k.side.len(), 2);

@@ -22,31 +22,39 @@
 //!   writes what `R` reads (`R` now runs at `H`'s place); if `H` comes after `R`, `R`
 //!   does not read `H`'s output at all.
 
-use crate::points::{PointMap, canonical};
+use crate::points::{PointMap, Touched, canonical};
 use bm_runtime::kir::{BufId, BufKind, DType, FusedSum, Kernel, LoopKernel, Program, ReduceOp};
 
 /// Moves every eligible reduction into a host kernel; returns how many moved.
 pub fn fuse_sums(p: &mut Program) -> usize {
     let mut removed = vec![false; p.kernels.len()];
+    let mut touched = Touched::of(p);
     for r in 0..p.kernels.len() {
         let Kernel::Loop(rk) = &p.kernels[r] else { continue };
         if !is_sum(p, rk) {
             continue;
         }
         let rk = rk.clone();
-        let reads = p.kernels[r].reads();
-        // The producer of something R reads first, then the nearest kernels.
-        let mut hosts: Vec<usize> = (0..p.kernels.len()).filter(|&h| h != r && !removed[h] && can_host(p, &p.kernels[h])).collect();
-        hosts.sort_by_key(|&h| (!reads.contains(&p.kernels[h].writes()[0]), h.abs_diff(r)));
+        let reads = touched.reads[r].clone();
+        // Kernels touching what R reads: the producers first, then the nearest.
+        let mut hosts: Vec<usize> = reads
+            .iter()
+            .flat_map(|&x| touched.writers(x).iter().chain(touched.readers(x)).copied())
+            .filter(|&h| h != r && !removed[h] && can_host(p, &p.kernels[h]))
+            .collect();
+        hosts.sort_unstable();
+        hosts.dedup();
+        hosts.sort_by_key(|&h| (!reads.contains(&touched.writes[h][0]), h.abs_diff(r)));
         for h in hosts {
             let Kernel::Loop(hk) = &p.kernels[h] else { continue };
             let Some(sum) = onto(&rk, hk) else { continue };
-            if !may_move(p, r, h, &reads, rk.out.buf) || (h > r && reads.contains(&hk.out.buf)) {
+            if !may_move(p, &touched, r, h, rk.out.buf) || (h > r && reads.contains(&hk.out.buf)) {
                 continue;
             }
             if let Kernel::Loop(hk) = &mut p.kernels[h] {
                 hk.sums.push(sum);
             }
+            touched.update(p, h);
             removed[r] = true;
             break;
         }
@@ -113,18 +121,19 @@ fn remap(r: &LoopKernel, h: &LoopKernel, map: &PointMap) -> Option<FusedSum> {
     ok.then_some(FusedSum { value, into, accumulate: r.accumulate })
 }
 
-/// Whether `R` (reading `reads`, writing `w`) may run at `H`'s place in every entry.
-fn may_move(p: &Program, r: usize, h: usize, reads: &[BufId], w: BufId) -> bool {
-    if p.kernels[h].reads().contains(&w) {
+/// Whether `R` (writing `w`) may run at `H`'s place in every entry.
+fn may_move(p: &Program, touched: &Touched, r: usize, h: usize, w: BufId) -> bool {
+    if touched.reads[h].contains(&w) {
         return false;
     }
+    let reads = &touched.reads[r];
     p.entries.iter().all(|e| {
         let pr = e.kernels.iter().position(|&k| k == r);
         let ph = e.kernels.iter().position(|&k| k == h);
         match (pr, ph) {
             (None, None) => true,
             (Some(pr), Some(ph)) => e.kernels[pr.min(ph) + 1..pr.max(ph)].iter().all(|&k| {
-                let (kw, kr) = (p.kernels[k].writes(), p.kernels[k].reads());
+                let (kw, kr) = (&touched.writes[k], &touched.reads[k]);
                 !kw.contains(&w) && !kr.contains(&w) && !kw.iter().any(|b| reads.contains(b))
             }),
             _ => false,

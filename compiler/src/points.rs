@@ -6,7 +6,8 @@
 //! equal extents and strides. The pairing turns the first kernel's accesses and indices
 //! into the second's.
 
-use bm_runtime::kir::{Access, ScalarExpr};
+use bm_runtime::kir::{Access, BufId, Program, ScalarExpr};
+use std::collections::HashMap;
 
 /// For every axis of the source kernel, the axis of the target kernel it runs along
 /// (`None` for source axes of extent 1).
@@ -80,5 +81,52 @@ pub fn canonical(shape: &[usize], a: Access, stores: &[&Access]) -> Access {
     match stores.iter().find(|s| same_point(shape, &a, s)) {
         Some(s) => (*s).clone(),
         None => a,
+    }
+}
+
+/// Every kernel's reads and writes and every buffer's writers, computed once and kept
+/// current by a fusion pass as it rewrites kernels (the passes ask these questions for
+/// every pair of kernels they consider).
+pub struct Touched {
+    pub reads: Vec<Vec<BufId>>,
+    pub writes: Vec<Vec<BufId>>,
+    writers: HashMap<BufId, Vec<usize>>,
+    readers: HashMap<BufId, Vec<usize>>,
+}
+
+impl Touched {
+    pub fn of(p: &Program) -> Touched {
+        let mut t = Touched { reads: vec![], writes: vec![], writers: HashMap::new(), readers: HashMap::new() };
+        for k in 0..p.kernels.len() {
+            t.reads.push(vec![]);
+            t.writes.push(vec![]);
+            t.update(p, k);
+        }
+        t
+    }
+
+    /// Re-reads kernel `k` after a rewrite (buffers it stops touching keep it listed:
+    /// callers check the kernel itself).
+    pub fn update(&mut self, p: &Program, k: usize) {
+        self.reads[k] = p.kernels[k].reads();
+        self.writes[k] = p.kernels[k].writes();
+        for (bufs, index) in [(&self.writes[k], &mut self.writers), (&self.reads[k], &mut self.readers)] {
+            for &b in bufs {
+                let w = index.entry(b).or_default();
+                if !w.contains(&k) {
+                    w.push(k);
+                }
+            }
+        }
+    }
+
+    /// The kernels reading `b`.
+    pub fn readers(&self, b: BufId) -> &[usize] {
+        self.readers.get(&b).map_or(&[], |v| v)
+    }
+
+    /// The kernels writing `b`.
+    pub fn writers(&self, b: BufId) -> &[usize] {
+        self.writers.get(&b).map_or(&[], |v| v)
     }
 }
