@@ -20,7 +20,7 @@
 //! - every entry runs both or neither, and between them nothing reads what `A` writes
 //!   or writes what `A` reads or writes (`A` now runs at `B`'s place).
 
-use crate::points::{PointMap, Touched, canonical};
+use crate::points::{PointMap, Touched, canonical, refinement, split_axes};
 use bm_runtime::kir::{Access, BufId, BufKind, DType, Kernel, LoopKernel, Program, ScalarExpr, SideStore};
 
 /// Merges every eligible producer into its consumer; returns how many merged.
@@ -88,14 +88,30 @@ fn stores(k: &LoopKernel) -> Vec<(&Access, &ScalarExpr)> {
     std::iter::once((&k.out, &k.body)).chain(k.side.iter().map(|s| (&s.into, &s.value))).collect()
 }
 
-/// `B` with `A` inside it, when `B` reads what `A` writes at the same points.
+/// `B` with `A` inside it, when `B` reads what `A` writes at the same points (after
+/// splitting axes where one kernel walks as two axes what the other walks as one).
 fn merge(a: &LoopKernel, b: &LoopKernel) -> Option<LoopKernel> {
     let a_stores = stores(a);
+    let mut b_loads = vec![];
+    b.body.for_each_load(&mut |l| b_loads.push(l));
+    b.side.iter().for_each(|s| s.value.for_each_load(&mut |l| b_loads.push(l)));
     // The point map: from some store of A to B's read of the same elements.
+    let pairs = || a_stores.iter().flat_map(|(st, _)| b_loads.iter().map(move |l| (*st, *l)));
+    if let Some(map) = pairs().find_map(|(st, l)| PointMap::between(&a.shape, st, &b.shape, l)) {
+        return merge_with(b, &a_stores, &map);
+    }
+    let (sa, sb) = pairs().find_map(|(st, l)| refinement(&a.shape, st, &b.shape, l))?;
+    let (a, b) = (split_axes(a, &sa), split_axes(b, &sb));
+    let a_stores = stores(&a);
     let mut b_loads = vec![];
     b.body.for_each_load(&mut |l| b_loads.push(l));
     b.side.iter().for_each(|s| s.value.for_each_load(&mut |l| b_loads.push(l)));
     let map = a_stores.iter().find_map(|(st, _)| b_loads.iter().find_map(|l| PointMap::between(&a.shape, st, &b.shape, l)))?;
+    merge_with(&b, &a_stores, &map)
+}
+
+/// `B` with `A` inside it under the point map `map` (from `A`'s space to `B`'s).
+fn merge_with(b: &LoopKernel, a_stores: &[(&Access, &ScalarExpr)], map: &PointMap) -> Option<LoopKernel> {
     // A's stores and values in B's space.
     let mapped: Vec<(Access, ScalarExpr)> = a_stores.iter().map(|(st, v)| (map.access(st), map.expr(v, &|x| x))).collect();
     // B writes nothing A reads; A and B write different buffers.
@@ -237,6 +253,39 @@ mod tests {
         assert_eq!(k.body, ScalarExpr::Unary(UnaryOp::Tanh, Box::new(add(load(0), load(1)))));
         assert_eq!(k.side, vec![SideStore { value: add(load(0), load(1)), into: at(2) }]);
         assert_eq!(p.entries[0].kernels, vec![0, 1]);
+    }
+
+    #[test]
+    fn a_head_permute_and_the_copy_after_it_become_one_copy() {
+        // b2[b, t, h, d] = b0[b, h, t, d] (2 × 3 × 2 × 4); b3[b, t, 8 + j] = b2[b, t, j] (j = h·4 + d).
+        let mut p = program(vec![], &[&[0, 1]]);
+        p.buffers = vec![buf("x"), buf("y"), buf("perm"), buf("cat")];
+        for (b, n) in [(0, 48), (2, 48), (3, 96)] {
+            p.buffers[b].shape = vec![n];
+        }
+        let perm = LoopKernel {
+            shape: vec![2, 3, 2, 4],
+            reduce: None,
+            reduced_dims: 0,
+            body: ScalarExpr::Load(Access { buf: 0, offset: 0, strides: vec![24, 4, 12, 1] }),
+            out: Access { buf: 2, offset: 0, strides: vec![24, 8, 4, 1] },
+            accumulate: false,
+            side: vec![],
+            sums: vec![],
+        };
+        let cat = LoopKernel {
+            shape: vec![2, 3, 8],
+            body: ScalarExpr::Load(Access { buf: 2, offset: 0, strides: vec![24, 8, 1] }),
+            out: Access { buf: 3, offset: 8, strides: vec![48, 16, 1] },
+            ..perm.clone()
+        };
+        p.kernels = vec![Kernel::Loop(perm), Kernel::Loop(cat)];
+        assert_eq!(fuse_chains(&mut p), 1);
+        let Kernel::Loop(k) = &p.kernels[0] else { panic!() };
+        assert_eq!(k.shape, vec![2, 3, 2, 4]);
+        assert_eq!(k.body, ScalarExpr::Load(Access { buf: 0, offset: 0, strides: vec![24, 4, 12, 1] }));
+        assert_eq!(k.out, Access { buf: 3, offset: 8, strides: vec![48, 16, 4, 1] });
+        assert!(k.side.is_empty(), "the permuted copy is read by nothing else");
     }
 
     #[test]
