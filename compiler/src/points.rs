@@ -69,13 +69,16 @@ impl PointMap {
     }
 }
 
+/// Per axis of a kernel, the extents it splits into (outermost first).
+pub type Splits = Vec<Vec<usize>>;
+
 /// How to split the axes of two kernels so that accesses `a` (over `sa`) and `b` (over
 /// `sb`) of the same elements can pair up axis by axis: for each axis, the extents it
 /// splits into (outermost first). An axis of extent `n` and stride `s` splits at every
 /// stride the other access steps at strictly inside `s..s·n` (a `[B, T, H·D]` copy
 /// meeting a `[B, T, H, D]` one: `H·D` splits into `H, D`). `None` when neither needs a
 /// split or the accesses name different elements.
-pub fn refinement(sa: &[usize], a: &Access, sb: &[usize], b: &Access) -> Option<(Vec<Vec<usize>>, Vec<Vec<usize>>)> {
+pub fn refinement(sa: &[usize], a: &Access, sb: &[usize], b: &Access) -> Option<(Splits, Splits)> {
     if a.buf != b.buf || a.offset != b.offset {
         return None;
     }
@@ -83,7 +86,7 @@ pub fn refinement(sa: &[usize], a: &Access, sb: &[usize], b: &Access) -> Option<
         shape.iter().zip(&acc.strides).filter(|&(&n, &s)| n > 1 && s > 0).map(|(&n, &s)| (n, s)).collect()
     };
     let bounds: Vec<usize> = dims(sa, a).iter().chain(&dims(sb, b)).flat_map(|&(n, s)| [s, s * n]).collect();
-    let split = |shape: &[usize], acc: &Access| -> Vec<Vec<usize>> {
+    let split = |shape: &[usize], acc: &Access| -> Splits {
         shape
             .iter()
             .zip(&acc.strides)
@@ -152,8 +155,8 @@ fn index_split(e: &ScalarExpr, splits: &[Vec<usize>], first: &[usize]) -> Scalar
             let j = first.iter().position(|f| f == n).expect("an old axis start");
             let p = &splits[j];
             let mut sum = ScalarExpr::Index(first[j]);
-            for k in 1..p.len() {
-                let scaled = ScalarExpr::Binary(BinaryOp::Mul, Box::new(sum), Box::new(ScalarExpr::Const(p[k] as f32)));
+            for (k, &extent) in p.iter().enumerate().skip(1) {
+                let scaled = ScalarExpr::Binary(BinaryOp::Mul, Box::new(sum), Box::new(ScalarExpr::Const(extent as f32)));
                 sum = ScalarExpr::Binary(BinaryOp::Add, Box::new(scaled), Box::new(ScalarExpr::Index(first[j] + k)));
             }
             sum
