@@ -340,3 +340,78 @@ mod timing {
         }
     }
 }
+
+/// The crate's own two-thread split against two single-threaded halves of the output:
+/// `cargo test --release -p bm-runtime gemm::split_timing -- --ignored --nocapture`.
+#[cfg(test)]
+mod split_timing {
+    #[test]
+    #[ignore]
+    fn halves_vs_crate_threads() {
+        let shapes = [(128, 256, 256), (256, 256, 128), (64, 256, 128), (128, 256, 64), (2048, 512, 128), (2048, 128, 512), (512, 128, 2048)];
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        for &(m, n, k) in &shapes {
+            let a = vec![0.5f32; m * k];
+            let b = vec![0.25f32; k * n];
+            let mut c = vec![0.0f32; m * n];
+            let run = |c: *mut f32, rows: std::ops::Range<usize>, cols: std::ops::Range<usize>, par: ::gemm::Parallelism| unsafe {
+                ::gemm::gemm(
+                    rows.len(),
+                    cols.len(),
+                    k,
+                    c.add(rows.start * n + cols.start),
+                    1,
+                    n as isize,
+                    false,
+                    a.as_ptr().add(rows.start * k),
+                    1,
+                    k as isize,
+                    b.as_ptr().add(cols.start),
+                    1,
+                    n as isize,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    par,
+                )
+            };
+            let cp = c.as_mut_ptr() as usize;
+            let mut t = [vec![], vec![], vec![]];
+            for _ in 0..200 {
+                let t0 = std::time::Instant::now();
+                pool.install(|| run(cp as *mut f32, 0..m, 0..n, ::gemm::Parallelism::Rayon(2)));
+                let t1 = std::time::Instant::now();
+                pool.install(|| {
+                    rayon::join(
+                        || run(cp as *mut f32, 0..m / 2, 0..n, ::gemm::Parallelism::None),
+                        || run(cp as *mut f32, m / 2..m, 0..n, ::gemm::Parallelism::None),
+                    )
+                });
+                let t2 = std::time::Instant::now();
+                pool.install(|| {
+                    rayon::join(
+                        || run(cp as *mut f32, 0..m, 0..n / 2, ::gemm::Parallelism::None),
+                        || run(cp as *mut f32, 0..m, n / 2..n, ::gemm::Parallelism::None),
+                    )
+                });
+                let t3 = std::time::Instant::now();
+                t[0].push((t1 - t0).as_secs_f64());
+                t[1].push((t2 - t1).as_secs_f64());
+                t[2].push((t3 - t2).as_secs_f64());
+            }
+            let med = |v: &mut Vec<f64>| {
+                v.sort_by(f64::total_cmp);
+                2.0 * (m * n * k) as f64 / v[v.len() / 2] / 1e9
+            };
+            let _ = &mut c;
+            println!(
+                "{m}x{n}x{k}: crate Rayon(2) {:.1}, row halves {:.1}, column halves {:.1} GFLOP/s (medians)",
+                med(&mut t[0]),
+                med(&mut t[1]),
+                med(&mut t[2])
+            );
+        }
+    }
+}

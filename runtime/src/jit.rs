@@ -264,6 +264,9 @@ fn compile_inner(kernels: &[Option<&LoopKernel>], dtypes: &[DType], mut clif: Op
     Ok(JitProgram { module: Some(module), fns })
 }
 
+/// `1.5 · 2^23`: adding it rounds an f32 of magnitude below 2^22 to an integer.
+const ROUND_MAGIC: f32 = 12_582_912.0;
+
 /// Lanes of a vector (`f32x4`).
 const LANES: i64 = 4;
 
@@ -812,7 +815,13 @@ impl<'k> Gen<'_, 'k> {
         let x = self.pick(c, hi, x);
         let l2e = self.f32c(interp::EXP_LOG2E);
         let t = self.b.ins().fmul(x, l2e);
-        let n = self.b.ins().nearest(t);
+        // round_ties_even(t) and its integer in three instructions instead of a round and
+        // a saturating conversion: |t| < 2^22 after the clamp, so adding 1.5·2^23 leaves
+        // the rounded integer in the low mantissa bits (the same value; a NaN `t` makes
+        // `y` NaN either way).
+        let magic = self.f32c(ROUND_MAGIC);
+        let tm = self.b.ins().fadd(t, magic);
+        let n = self.b.ins().fsub(tm, magic);
         let c1 = self.f32c(interp::EXP_C1);
         let c2 = self.f32c(interp::EXP_C2);
         let nc1 = self.b.ins().fmul(n, c1);
@@ -831,7 +840,9 @@ impl<'k> Gen<'_, 'k> {
         let one = self.f32c(1.0);
         let y = self.b.ins().fadd(y, one);
         let ity = self.ity();
-        let ni = self.b.ins().fcvt_to_sint_sat(ity, n);
+        let tmi = self.b.ins().bitcast(ity, MemFlagsData::new(), tm);
+        let mi = self.b.ins().bitcast(ity, MemFlagsData::new(), magic);
+        let ni = self.b.ins().isub(tmi, mi);
         let sh = self.b.ins().iconst(types::I32, 1);
         let n1 = self.b.ins().sshr(ni, sh);
         let n2 = self.b.ins().isub(ni, n1);
