@@ -48,7 +48,12 @@ fn compile_path(path: &Path, text: &[u8]) -> bool {
         .spawn(move || {
             let r = std::panic::catch_unwind(|| {
                 let loaded = driver::load(&p, &FileSource::Disk)?;
-                driver::compile(&loaded, &Options::default(), Stage::Kernels)?;
+                let c = driver::compile(&loaded, &Options::default(), Stage::Kernels)?;
+                // What compiles is a valid program: every kernel in bounds, every fused
+                // sum and side store well formed (a pass bug is an internal error here).
+                if let Err(e) = bm_runtime::exec::validate(&c.program) {
+                    panic!("the compiler produced an invalid program: {e}");
+                }
                 // The decode pass (`sample`'s KV cache) runs on the batch-1 graph; it may
                 // refuse the model, but never panic.
                 let one = Options { batch: Some(1), ..Options::default() };

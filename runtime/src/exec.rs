@@ -228,10 +228,12 @@ fn check_operand(program: &Program, o: &MatOperand, batch: &[usize], rows: usize
 /// by a sufficient test: sorted by stride, every stride exceeds the span of the smaller
 /// ones.
 pub(crate) fn injective(dims: impl Iterator<Item = (usize, usize)>) -> bool {
-    let mut ds: Vec<(usize, usize)> = dims.filter(|&(e, _)| e > 1).collect();
-    if ds.iter().any(|&(e, _)| e == 0) {
+    let dims: Vec<(usize, usize)> = dims.collect();
+    // An empty space maps nothing: injective.
+    if dims.iter().any(|&(e, _)| e == 0) {
         return true;
     }
+    let mut ds: Vec<(usize, usize)> = dims.into_iter().filter(|&(e, _)| e > 1).collect();
     ds.sort_by_key(|&(_, s)| s);
     let mut span: usize = 0;
     for (e, s) in ds {
@@ -1017,6 +1019,13 @@ mod tests {
     use super::test_support::*;
     use super::*;
     use crate::kir::{MatMulKernel, ReduceOp, UnaryOp};
+
+    #[test]
+    fn an_empty_space_is_injective() {
+        // A matmul with no output columns (`Linear(d, 0)`) has nothing to overlap.
+        assert!(injective([(4, 0), (0, 1)].into_iter()));
+        assert!(!injective([(4, 0), (2, 1)].into_iter()));
+    }
 
     fn acc(buf: BufId, offset: usize, strides: &[usize]) -> Access {
         Access { buf, offset, strides: strides.to_vec() }
