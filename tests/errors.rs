@@ -394,3 +394,23 @@ fn bad_checkpoints_and_binary_usage() {
         assert_eq!(o.status.code(), Some(2), "good {args:?}: {}", stderr(&o));
     }
 }
+
+/// A label the logits cannot index: PyTorch's cross_entropy raises; a one-hot would count
+/// it as zero loss. `bmc check` points at the loss; a compiled binary given such data
+/// with `--data` refuses it too.
+#[test]
+fn labels_outside_the_classifier() {
+    let d = Dir::new();
+    let src = GOOD.replace("Linear(16, 10)", "Linear(16, 5)");
+    let o = d.check("five.bm", &src);
+    assert_diag(&o, "five.bm", 8, 10, &["has label 5 in `y`", "5 classes", "labels must be 0..=4", "go up to 9", "10 outputs"]);
+
+    trained(&d);
+    let mut csv = std::fs::read_to_string(d.path().join("digits.csv")).unwrap();
+    let line = csv.lines().nth(3).unwrap().to_string(); // a header, then examples 0, 1, 2
+    let bad = format!("{},12", line.rsplit_once(',').unwrap().0);
+    csv = csv.replacen(&line, &bad, 1);
+    d.write("bad.csv", &csv);
+    let o = d.exe("good", &["eval", "--checkpoint", "run/step-2.safetensors", "--data", "bad.csv"]);
+    assert_user_error(&o, &["bad.csv", "label 12 in `y`", "example 2", "10 classes", "13 outputs"]);
+}

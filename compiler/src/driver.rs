@@ -233,6 +233,7 @@ pub fn compile(loaded: &Loaded, opts: &Options, stage: Stage) -> Result<Compiled
         }
     }
     let to_graph_dtype = |d: bm_runtime::kir::DType| if d == bm_runtime::kir::DType::I32 { DType::I32 } else { DType::F32 };
+    let mut dataset = None;
     let data_shapes = match (&train.data, &opts.data_shapes) {
         (Some(_), Some(known)) => {
             Some(known.iter().map(|(n, d, s)| (n.clone(), (to_graph_dtype(*d), s.clone()))).collect::<HashMap<_, _>>())
@@ -251,6 +252,7 @@ pub fn compile(loaded: &Loaded, opts: &Options, stage: Stage) -> Result<Compiled
             let shapes: HashMap<String, (DType, Vec<usize>)> =
                 ds.names_and_shapes().into_iter().map(|(n, d, s)| (n, (to_graph_dtype(d), s))).collect();
             train.resolve_epochs(&ds);
+            dataset = Some(ds);
             Some(shapes)
         }
         (None, _) => None,
@@ -260,6 +262,16 @@ pub fn compile(loaded: &Loaded, opts: &Options, stage: Stage) -> Result<Compiled
     let mut graph = Elaborator::new(&input).elaborate_model()?;
     if let Some(shapes) = &data_shapes {
         check_inputs_against_data(loaded, &model, &graph, shapes, &train)?;
+    }
+    if let (Some(ds), Some(l)) = (&dataset, labels(&graph))
+        && let Some(bad) = ds.label_out_of_range(&l.input, l.classes, l.ignore_index)
+    {
+        let loss = graph.loss.and_then(|n| graph.node(n).origin.as_ref().map(|o| o.span)).unwrap_or(model.def.name.span);
+        return Err(Diagnostic::at(&loaded.main, loss, l.message(ds.spec().path(), ds.is_stream(), bad), "this loss").with_secondary(
+            &loaded.main,
+            train.data_span,
+            "data declared here",
+        ));
     }
     crate::passes::metrics::append_accuracy(&mut graph);
     let graph = simplify(&graph);
@@ -357,6 +369,14 @@ fn check_inputs_against_data(
     Ok(())
 }
 
+/// The input holding a classifier's labels, when the cross-entropy reads one directly.
+fn labels(g: &Graph) -> Option<bm_runtime::bundle::Labels> {
+    let (logits, targets, ignore_index) = g.classification?;
+    let crate::graph::Op::Input(input) = &g.node(targets).op else { return None };
+    let classes = *g.shape(logits).last()?;
+    Some(bm_runtime::bundle::Labels { input: input.clone(), classes, ignore_index })
+}
+
 /// Packs a compiled model into what a training binary carries.
 pub fn bundle(loaded: &Loaded, opts: &Options, c: &Compiled) -> Bundle {
     let train = TrainConfig {
@@ -371,6 +391,7 @@ pub fn bundle(loaded: &Loaded, opts: &Options, c: &Compiled) -> Bundle {
         precision: c.train.precision.clone(),
         device: c.train.device.clone(),
         classification: c.train_graph.output("accuracy").is_some() || c.graph.output("accuracy").is_some(),
+        labels: labels(&c.graph),
         summary: c.train.summary.clone(),
     };
     Bundle {

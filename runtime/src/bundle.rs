@@ -30,8 +30,45 @@ pub struct TrainConfig {
     pub device: String,
     /// The loss is a cross-entropy: evaluation reports accuracy.
     pub classification: bool,
+    /// The data input holding the cross-entropy's class labels, when it is one: every
+    /// label must index the logits (checked when data is loaded).
+    #[serde(default)]
+    pub labels: Option<Labels>,
     /// Human-readable settings for `info` and checkpoint metadata (optimizer, schedule, ...).
     pub summary: Vec<(String, String)>,
+}
+
+/// A classifier's label input: its name, the logits' class count and the ignored label.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Labels {
+    pub input: String,
+    pub classes: usize,
+    pub ignore_index: i64,
+}
+
+impl Labels {
+    /// A user error when the data holds a label outside `0..classes`.
+    pub fn check(&self, ds: &crate::data::Dataset) -> crate::error::Result<()> {
+        match ds.label_out_of_range(&self.input, self.classes, self.ignore_index) {
+            None => Ok(()),
+            Some(bad) => Err(crate::error::Error::user(self.message(ds.spec().path(), ds.is_stream(), bad))),
+        }
+    }
+
+    /// What is wrong, where, and how to fix it, for `(example, label, largest label)`.
+    pub fn message(&self, path: &str, stream: bool, (at, v, max): (usize, i64, i64)) -> String {
+        let place = if stream { format!("token {at}") } else { format!("example {at}, counting from 0") };
+        let valid = match self.classes {
+            0 => "its logits have no classes".to_string(),
+            c => format!("labels must be 0..={} (or the ignore_index {})", c - 1, self.ignore_index),
+        };
+        format!(
+            "the data `{path}` has label {v} in `{}` ({place}), but the model's cross_entropy has {} classes: {valid}; the data's labels go up to {max}, so give the classifier {} outputs, or fix the data",
+            self.input,
+            self.classes,
+            max.max(0) + 1
+        )
+    }
 }
 
 /// The model's source files, for re-specialisation inside the binary.

@@ -200,6 +200,9 @@ fn load_dataset(bundle: &Bundle, data: Option<&Path>) -> Result<Dataset> {
 }
 
 fn check_data_matches(bundle: &Bundle, ds: &Dataset) -> Result<()> {
+    if let Some(l) = &bundle.train.labels {
+        l.check(ds)?;
+    }
     let shapes = ds.names_and_shapes();
     for b in &bundle.program.buffers {
         if b.kind != crate::kir::BufKind::Input {

@@ -400,6 +400,27 @@ impl Dataset {
         }
     }
 
+    /// The first class label of input `name` outside `0..classes` (and not `ignore`), as
+    /// (example, or token position for streams; label). Labels index a classifier's
+    /// logits: PyTorch's `cross_entropy` raises on these, and a one-hot would silently
+    /// count them as zero loss.
+    /// Also the largest label of the input (what the classifier would need).
+    pub fn label_out_of_range(&self, name: &str, classes: usize, ignore: i64) -> Option<(usize, i64, i64)> {
+        let bad = |v: i32| (v as i64) != ignore && (v < 0 || v as i64 >= classes as i64);
+        let (values, per_example): (&[i32], usize) = match &self.source {
+            Source::Examples { fields, .. } => {
+                let f = fields.iter().find(|f| f.name == name)?;
+                let TensorData::I32(v) = &f.data else { return None };
+                (v, f.stride().max(1))
+            }
+            Source::Stream { tokens, .. } if name == "targets" || name == "tokens" => (tokens, 1),
+            Source::Stream { .. } => return None,
+        };
+        let i = values.iter().position(|&v| bad(v))?;
+        let max = values.iter().map(|&v| v as i64).filter(|&v| v != ignore).max().unwrap_or(0);
+        Some((i / per_example, values[i] as i64, max))
+    }
+
     /// True for text and tokens data.
     pub fn is_stream(&self) -> bool {
         matches!(self.source, Source::Stream { .. })
