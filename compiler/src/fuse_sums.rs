@@ -20,7 +20,7 @@
 //!   value just stored), and `H` neither reads nor writes `W`;
 //! - every entry runs both or neither, and between them nothing reads or writes `W` or
 //!   writes what `R` reads (`R` now runs at `H`'s place); if `H` comes after `R`, `R`
-//!   does not read `H`'s output at all.
+//!   reads nothing `H` writes.
 
 use crate::points::{PointMap, Touched, canonical};
 use bm_runtime::kir::{BufId, BufKind, DType, FusedSum, Kernel, LoopKernel, Program, ReduceOp};
@@ -48,7 +48,8 @@ pub fn fuse_sums(p: &mut Program) -> usize {
         for h in hosts {
             let Kernel::Loop(hk) = &p.kernels[h] else { continue };
             let Some(sum) = onto(&rk, hk) else { continue };
-            if !may_move(p, &touched, r, h, rk.out.buf) || (h > r && reads.contains(&hk.out.buf)) {
+            // A host after R must not change what R reads (its stores come first).
+            if !may_move(p, &touched, r, h, rk.out.buf) || (h > r && touched.writes[h].iter().any(|b| reads.contains(b))) {
                 continue;
             }
             if let Kernel::Loop(hk) = &mut p.kernels[h] {
