@@ -169,6 +169,7 @@ pub const GELU_GRAD_LIMIT: f32 = 20.0;
 /// prelude repeat it), through the identity `½(1 + tanh(s)) = 1 / (1 + exp(-2s))`: one
 /// `exp` and a division, and no cancellation in `1 + tanh(s)` for negative `x`:
 /// `x3 = x·x·x; s = (x + x3·C)·K; x / (exp(-(s + s)) + 1)`.
+#[inline(always)]
 pub fn gelu_tanh(x: f32) -> f32 {
     let x3 = x * x * x;
     x / gelu_denominator(x, x3)
@@ -176,14 +177,16 @@ pub fn gelu_tanh(x: f32) -> f32 {
 
 /// `exp(-(s + s)) + 1 = 1 / σ(2s)` for GELU's `s = (x + x3·C)·K` (the JIT's
 /// `gelu_denominator` emits the same operations).
+#[inline(always)]
 fn gelu_denominator(x: f32, x3: f32) -> f32 {
     let s = (x + x3 * GELU_C) * GELU_K;
-    bm_exp(-(s + s)) + 1.0
+    exp_core(-(s + s)) + 1.0
 }
 
 /// GELU's derivative, in exactly this order of f32 operations (JIT, CUDA prelude):
 /// with `σ = 1 / (1 + exp(-2s))`, `d/dx x·σ = σ + x·σ(1 − σ)·2K(1 + 3C·x²)`, on `x`
 /// clamped to ±[`GELU_GRAD_LIMIT`] (NaN stays NaN).
+#[inline(always)]
 pub fn gelu_tanh_grad(x: f32) -> f32 {
     let x = if x < -GELU_GRAD_LIMIT { -GELU_GRAD_LIMIT } else { x };
     let x = if x > GELU_GRAD_LIMIT { GELU_GRAD_LIMIT } else { x };

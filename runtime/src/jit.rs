@@ -20,7 +20,9 @@ use crate::interp;
 use crate::kir::{Access, BinaryOp, BufId, DType, FusedSum, Kernel, LoopKernel, Program, ReduceOp, ScalarExpr, SideStore, UnaryOp};
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::immediates::Ieee32;
-use cranelift_codegen::ir::{AbiParam, BlockArg, FuncRef, InstBuilder, MemFlagsData, Type, UserFuncName, Value, types};
+use cranelift_codegen::ir::{
+    AbiParam, BlockArg, FuncRef, InstBuilder, MemFlagsData, StackSlot, StackSlotData, StackSlotKind, Type, UserFuncName, Value, types,
+};
 use cranelift_codegen::settings::{self, Configurable};
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext, Variable};
 use cranelift_jit::{JITBuilder, JITModule};
@@ -128,6 +130,21 @@ fn ext_ptr(e: Ext) -> *const u8 {
     }
 }
 
+/// Unary operations computed a row at a time by `crate::rows` (8 lanes where the CPU has
+/// AVX2) when their operand is read contiguously along the innermost axis.
+const ROW_OPS: [(UnaryOp, &str); 3] =
+    [(UnaryOp::Exp, "bm_row_exp"), (UnaryOp::GeluTanh, "bm_row_gelu_tanh"), (UnaryOp::GeluTanhGrad, "bm_row_gelu_tanh_grad")];
+
+/// Rows longer than this are computed inline (the results live on the stack).
+const MAX_ROW: usize = 4096;
+
+/// A row function call hoisted out of the innermost loop: `op` of load `j`, into `slot`.
+struct RowCall {
+    op: UnaryOp,
+    j: usize,
+    slot: StackSlot,
+}
+
 /// Compiles every loop kernel of `program` (which must have passed
 /// [`crate::exec::validate`]: the generated code does no bounds checks).
 pub fn compile(program: &Program) -> Result<JitProgram> {
@@ -181,6 +198,10 @@ fn compile_inner(kernels: &[Option<&LoopKernel>], dtypes: &[DType], mut clif: Op
     for (e, name, _) in EXTS {
         jb.symbol(name, ext_ptr(e));
     }
+    for (op, name) in ROW_OPS {
+        let f = crate::rows::row_fn(op).ok_or_else(|| cl_err("rows", format!("{op:?} has no row function")))?;
+        jb.symbol(name, f as *const u8);
+    }
     let mut module = JITModule::new(jb);
     let ptr_ty = module.target_config().pointer_type();
 
@@ -193,6 +214,16 @@ fn compile_inner(kernels: &[Option<&LoopKernel>], dtypes: &[DType], mut clif: Op
         sig.returns.push(AbiParam::new(types::F32));
         let id = module.declare_function(name, Linkage::Import, &sig).map_err(|e| cl_err("declare", e))?;
         ext_ids.insert(e, id);
+    }
+
+    let mut row_ids = vec![];
+    for (op, name) in ROW_OPS {
+        let mut sig = module.make_signature();
+        sig.params.push(AbiParam::new(ptr_ty));
+        sig.params.push(AbiParam::new(types::I64));
+        sig.params.push(AbiParam::new(ptr_ty));
+        let id = module.declare_function(name, Linkage::Import, &sig).map_err(|e| cl_err("declare", e))?;
+        row_ids.push((op, id));
     }
 
     let mut sig = module.make_signature();
@@ -222,6 +253,9 @@ fn compile_inner(kernels: &[Option<&LoopKernel>], dtypes: &[DType], mut clif: Op
                 module: &mut module,
                 ext_ids: &ext_ids,
                 ext_refs: HashMap::new(),
+                row_ids: &row_ids,
+                rows: Vec::new(),
+                row_addrs: Vec::new(),
                 k: &k,
                 dtypes,
                 ptr_ty,
@@ -322,6 +356,11 @@ struct Gen<'a, 'k> {
     module: &'a mut JITModule,
     ext_ids: &'a HashMap<Ext, FuncId>,
     ext_refs: HashMap<Ext, FuncRef>,
+    row_ids: &'a [(UnaryOp, FuncId)],
+    /// Row functions called at the start of every innermost row, and the addresses of
+    /// their results while that row's loops are emitted.
+    rows: Vec<RowCall>,
+    row_addrs: Vec<Option<Value>>,
     k: &'k LoopKernel,
     dtypes: &'a [DType],
     ptr_ty: Type,
@@ -348,6 +387,26 @@ struct Gen<'a, 'k> {
     /// The value just stored at the current point, while fused sums are evaluated (a
     /// load of exactly `out` reads it).
     stored: Option<Value>,
+}
+
+/// `op(load)` nodes of `e` with a row function and the load contiguous along `inner`.
+fn row_candidates<'k>(e: &'k ScalarExpr, inner: usize, out: &mut Vec<(UnaryOp, &'k Access)>) {
+    match e {
+        ScalarExpr::Unary(op, a) => match &**a {
+            ScalarExpr::Load(l) if crate::rows::row_fn(*op).is_some() && l.strides[inner] == 1 => out.push((*op, l)),
+            _ => row_candidates(a, inner, out),
+        },
+        ScalarExpr::Binary(_, a, b) => {
+            row_candidates(a, inner, out);
+            row_candidates(b, inner, out);
+        }
+        ScalarExpr::Select(c, a, b) => {
+            row_candidates(c, inner, out);
+            row_candidates(a, inner, out);
+            row_candidates(b, inner, out);
+        }
+        ScalarExpr::Load(_) | ScalarExpr::Const(_) | ScalarExpr::Index(_) => {}
+    }
 }
 
 fn collect<'k>(e: &'k ScalarExpr, out: &mut Vec<&'k Access>) {
@@ -402,6 +461,7 @@ impl<'k> Gen<'_, 'k> {
         self.plan = vec_plan(k, &self.accesses[1..]);
         self.accesses.extend(k.side.iter().map(|s| &s.into));
         self.accesses.extend(k.sums.iter().map(|s| &s.into));
+        self.plan_rows()?;
         self.hoisted = vec![None; self.accesses.len()];
         self.cache = vec![None; self.accesses.len()];
         let mut bases: HashMap<BufId, Value> = HashMap::new();
@@ -430,6 +490,66 @@ impl<'k> Gen<'_, 'k> {
         let cfg = self.module.target_config();
         self.b.finalize(cfg);
         Ok(())
+    }
+
+    /// Finds the row functions worth calling: `op(load)` with the load contiguous along
+    /// the innermost axis (scalar code, or vector lanes along that axis), in rows of
+    /// 8..=MAX_ROW.
+    fn plan_rows(&mut self) -> Result<()> {
+        let k = self.k;
+        let rank = k.shape.len();
+        // Vector lanes along another axis would need other rows' values.
+        let lanes_elsewhere = matches!(self.plan, VecPlan::Lanes(v) if v + 1 != rank);
+        if rank < 2 || lanes_elsewhere || !(8..=MAX_ROW).contains(&k.shape[rank - 1]) {
+            return Ok(());
+        }
+        let mut found: Vec<(UnaryOp, &Access)> = vec![];
+        let exprs = std::iter::once(&k.body).chain(k.side.iter().map(|s| &s.value)).chain(k.sums.iter().map(|s| &s.value));
+        for e in exprs {
+            row_candidates(e, rank - 1, &mut found);
+        }
+        for (op, a) in found {
+            let j = self.accesses[..self.side_at].iter().position(|x| *x == a).expect("collected");
+            if self.dtype(a.buf)? != DType::F32 || self.rows.iter().any(|r| r.op == op && r.j == j) {
+                continue;
+            }
+            let size = (k.shape[rank - 1] * 4) as u32;
+            let slot = self.b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, size, 4));
+            self.rows.push(RowCall { op, j, slot });
+        }
+        self.row_addrs = vec![None; self.rows.len()];
+        Ok(())
+    }
+
+    /// At the start of an innermost row: every row function over the row's operands.
+    fn call_rows(&mut self) {
+        let n = self.k.shape[self.k.shape.len() - 1] as i64;
+        for i in 0..self.rows.len() {
+            let (op, j, slot) = (self.rows[i].op, self.rows[i].j, self.rows[i].slot);
+            let id = self.row_ids.iter().find(|r| r.0 == op).expect("declared").1;
+            let fr = self.module.declare_func_in_func(id, self.b.func);
+            let dst = self.b.ins().stack_addr(self.ptr_ty, slot, 0);
+            let count = self.b.ins().iconst(types::I64, n);
+            let src = self.addrs[j];
+            self.b.ins().call(fr, &[src, count, dst]);
+            self.row_addrs[i] = Some(dst);
+        }
+    }
+
+    /// `op(a)` at the current point from its row function's results, if it has one.
+    fn row_value(&mut self, op: UnaryOp, a: &ScalarExpr) -> Option<Value> {
+        let ScalarExpr::Load(acc) = a else { return None };
+        let i = self.rows.iter().position(|r| r.op == op && self.accesses[r.j] == acc)?;
+        let base = self.row_addrs[i]?;
+        let rank = self.k.shape.len();
+        let idx = *self.idx.get(rank - 1)?;
+        let off = self.b.ins().imul_imm_s(idx, 4);
+        let addr = self.b.ins().iadd(base, off);
+        Some(if self.vaxis.is_some() {
+            self.b.ins().load(types::F32X4, vflags(), addr, self.lane_off as i32)
+        } else {
+            self.b.ins().load(types::F32, MemFlagsData::trusted(), addr, 0)
+        })
     }
 
     fn reduce_start(&self) -> Option<(ReduceOp, usize)> {
@@ -517,6 +637,9 @@ impl<'k> Gen<'_, 'k> {
         let rank = self.k.shape.len();
         if d == rank {
             return self.point();
+        }
+        if d + 1 == rank && !self.rows.is_empty() {
+            self.call_rows();
         }
         let red = self.reduce_start();
         let mut outer_acc = None;
@@ -985,6 +1108,9 @@ impl<'k> Gen<'_, 'k> {
                 }
             }
             ScalarExpr::Unary(op, a) => {
+                if let Some(v) = self.row_value(*op, a) {
+                    return Ok(v);
+                }
                 let x = self.expr(a)?;
                 match op {
                     UnaryOp::Neg => self.b.ins().fneg(x),
@@ -1419,6 +1545,47 @@ mod tests {
         let Kernel::Loop(k) = &mut p.kernels[0] else { unreachable!() };
         k.sums = sums;
         p
+    }
+
+    /// Transcendentals computed a row at a time (`crate::rows`, 8 lanes with AVX2) give
+    /// the interpreter's results bit for bit: in the body, a side store and a fused sum,
+    /// with a vector tail, next to a transposed operand computed inline.
+    #[test]
+    fn row_functions_match_the_interpreter_bit_for_bit() {
+        let (r, n) = (5usize, 37usize);
+        for op in [UnaryOp::Exp, UnaryOp::GeluTanh, UnaryOp::GeluTanhGrad] {
+            let x = load(0, 0, &[n, 1]);
+            let xt = load(0, 0, &[1, r]);
+            let body = bin(BinaryOp::Add, bin(BinaryOp::Mul, load(1, 0, &[n, 1]), un(op, x.clone())), un(op, xt));
+            let Kernel::Loop(mut k) = lp(&[r, n], None, body, Access { buf: 2, offset: 0, strides: vec![n, 1] }, false) else {
+                unreachable!()
+            };
+            k.side = vec![SideStore { value: un(op, x.clone()), into: Access { buf: 3, offset: 0, strides: vec![n, 1] } }];
+            k.sums = vec![FusedSum { value: un(op, x), into: Access { buf: 4, offset: 0, strides: vec![0, 1] }, accumulate: false }];
+            let len = r * n;
+            let p = program(
+                vec![
+                    buf("x", DType::F32, len),
+                    buf("y", DType::F32, len),
+                    buf("o", DType::F32, len),
+                    buf("s", DType::F32, len),
+                    buf("c", DType::F32, n),
+                ],
+                vec![Kernel::Loop(k)],
+            );
+            for (seed, special) in [(1, false), (2, true), (3, true)] {
+                check_jit(&p, seed, 1, special, 0.0);
+            }
+            // Without the transposed operand the kernel runs in vector lanes.
+            let mut v = p.clone();
+            let Kernel::Loop(k) = &mut v.kernels[0] else { unreachable!() };
+            let ScalarExpr::Binary(_, a, _) = k.body.clone() else { unreachable!() };
+            k.body = *a;
+            assert!(matches!(vec_plan(k, &[&Access { buf: 0, offset: 0, strides: vec![n, 1] }]), VecPlan::Lanes(1)));
+            for (seed, special) in [(4, false), (5, true)] {
+                check_jit(&v, seed, 1, special, 0.0);
+            }
+        }
     }
 
     /// Side stores (some in place) equal the interpreter bit for bit.

@@ -29,6 +29,7 @@ pub mod jit;
 pub mod kir;
 pub mod metrics;
 pub mod rng;
+pub mod rows;
 pub mod sample;
 pub mod session;
 
