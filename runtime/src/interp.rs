@@ -34,7 +34,11 @@ pub fn exp_core(x: f32) -> f32 {
     // clamp (NaN passes through: both comparisons are false)
     let x = if x < EXP_LO { EXP_LO } else { x };
     let x = if x > EXP_HI { EXP_HI } else { x };
-    let n = (x * EXP_LOG2E).round_ties_even();
+    // round_ties_even(t) by adding 1.5·2^23 (|t| < 2^22 after the clamp): no libm call
+    // and no saturating conversion, so the row functions (`crate::rows`) vectorise; the
+    // JIT emits the same instructions.
+    let tm = x * EXP_LOG2E + ROUND_MAGIC;
+    let n = tm - ROUND_MAGIC;
     let r = x - n * EXP_C1;
     let r = r - n * EXP_C2;
     let mut p = EXP_P[0];
@@ -42,15 +46,18 @@ pub fn exp_core(x: f32) -> f32 {
         p = p * r + c;
     }
     let y = p * (r * r) + r + 1.0;
-    let ni = n as i32;
+    let ni = (tm.to_bits() as i32).wrapping_sub(ROUND_MAGIC.to_bits() as i32);
     let n1 = ni >> 1;
-    let n2 = ni - n1;
-    let s1 = f32::from_bits(((n1 + 127) as u32) << 23);
-    let s2 = f32::from_bits(((n2 + 127) as u32) << 23);
+    let n2 = ni.wrapping_sub(n1);
+    let s1 = f32::from_bits((n1.wrapping_add(127) as u32) << 23);
+    let s2 = f32::from_bits((n2.wrapping_add(127) as u32) << 23);
     y * s1 * s2
 }
 
 pub const EXP_LO: f32 = -104.0;
+/// `1.5 · 2^23`: adding it rounds an f32 of magnitude below 2^22 to an integer (ties to
+/// even) in the low mantissa bits.
+pub const ROUND_MAGIC: f32 = 12_582_912.0;
 pub const EXP_HI: f32 = 89.0;
 pub const EXP_LOG2E: f32 = std::f32::consts::LOG2_E;
 pub const EXP_C1: f32 = 0.693_359_4;

@@ -298,9 +298,6 @@ fn compile_inner(kernels: &[Option<&LoopKernel>], dtypes: &[DType], mut clif: Op
     Ok(JitProgram { module: Some(module), fns })
 }
 
-/// `1.5 · 2^23`: adding it rounds an f32 of magnitude below 2^22 to an integer.
-const ROUND_MAGIC: f32 = 12_582_912.0;
-
 /// Lanes of a vector (`f32x4`).
 const LANES: i64 = 4;
 
@@ -942,7 +939,7 @@ impl<'k> Gen<'_, 'k> {
         // a saturating conversion: |t| < 2^22 after the clamp, so adding 1.5·2^23 leaves
         // the rounded integer in the low mantissa bits (the same value; a NaN `t` makes
         // `y` NaN either way).
-        let magic = self.f32c(ROUND_MAGIC);
+        let magic = self.f32c(interp::ROUND_MAGIC);
         let tm = self.b.ins().fadd(t, magic);
         let n = self.b.ins().fsub(tm, magic);
         let c1 = self.f32c(interp::EXP_C1);
@@ -2119,5 +2116,45 @@ mod tests {
         assert_eq!(n.out.strides, vec![0, 0, 0]);
         let k2 = LoopKernel { reduced_dims: 1, ..k };
         assert!(matches!(normalize(&k2), Cow::Borrowed(_)));
+    }
+}
+
+#[cfg(test)]
+mod row_timing {
+    use crate::exec::test_support::*;
+    use crate::kir::*;
+
+    /// Row functions against the inline 4-lane code on the same elements:
+    /// `cargo test --release -p bm-runtime jit::row_timing -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn rows_vs_inline() {
+        let n = 1 << 21;
+        for op in [UnaryOp::Exp, UnaryOp::GeluTanh, UnaryOp::GeluTanhGrad] {
+            for inner in [512, 8192] {
+                let shape = vec![n / inner, inner];
+                let k = Kernel::Loop(LoopKernel {
+                    shape: shape.clone(),
+                    reduce: None,
+                    reduced_dims: 0,
+                    body: ScalarExpr::Unary(op, Box::new(ScalarExpr::Load(Access { buf: 0, offset: 0, strides: vec![inner, 1] }))),
+                    out: Access { buf: 1, offset: 0, strides: vec![inner, 1] },
+                    accumulate: false,
+                    side: vec![],
+                    sums: vec![],
+                });
+                let p = program(vec![buf("x", DType::F32, n), buf("y", DType::F32, n)], vec![k]);
+                let mut e = crate::exec::Executor::new(&p, 1).unwrap();
+                fill(e.buffers_mut(), 1, false);
+                let mut best = f64::MAX;
+                for _ in 0..15 {
+                    let t = std::time::Instant::now();
+                    e.run("main").unwrap();
+                    best = best.min(t.elapsed().as_secs_f64());
+                }
+                let how = if inner <= super::MAX_ROW { "row function" } else { "inline" };
+                println!("{op:?} {how}: {:.3} ns/element", best * 1e9 / n as f64);
+            }
+        }
     }
 }
