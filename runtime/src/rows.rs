@@ -80,25 +80,3 @@ mod tests {
     }
 }
 
-#[cfg(test)]
-mod timing {
-    #[test]
-    #[ignore]
-    fn row_speed() {
-        let n = 1 << 20;
-        let xs: Vec<f32> = (0..n).map(|i| (i % 1000) as f32 * 0.01 - 5.0).collect();
-        let mut out = vec![0.0f32; n];
-        for op in [crate::kir::UnaryOp::Exp, crate::kir::UnaryOp::GeluTanh, crate::kir::UnaryOp::GeluTanhGrad] {
-            let f = super::row_fn(op).unwrap();
-            let mut best = f64::MAX;
-            for _ in 0..20 {
-                let t = std::time::Instant::now();
-                for c in 0..n / 512 {
-                    unsafe { f(xs.as_ptr().add(c * 512), 512, out.as_mut_ptr().add(c * 512)) };
-                }
-                best = best.min(t.elapsed().as_secs_f64());
-            }
-            println!("{op:?}: {:.3} ns/element", best * 1e9 / n as f64);
-        }
-    }
-}
