@@ -809,17 +809,9 @@ impl Executor {
     /// calling thread per kernel.
     pub fn run(&mut self, entry: &str) -> Result<()> {
         let e = *self.entries.get(entry).ok_or_else(|| Error::internal(format!("the program has no entry `{entry}`")))?;
-        let mut ctx = Ctx {
-            plans: &self.plans,
-            program: &self.program,
-            bufs: &mut self.bufs,
-            scratch: &mut self.scratch,
-            threads: self.threads,
-            pool: &self.pool,
-        };
-        let kernels = &self.program.entries[e].kernels;
-        let profile = &mut self.profile;
-        in_pool(&self.pool, self.threads, || match profile {
+        let (mut ctx, profile) = self.parts();
+        let (kernels, pool, threads) = (&ctx.program.entries[e].kernels, ctx.pool, ctx.threads);
+        in_pool(pool, threads, || match profile {
             None => kernels.iter().try_for_each(|&k| ctx.run_kernel(k)),
             Some(p) => kernels.iter().try_for_each(|&k| {
                 let t = std::time::Instant::now();
@@ -833,7 +825,12 @@ impl Executor {
 
     /// Runs kernel `k` of the program alone.
     pub fn run_kernel(&mut self, k: usize) -> Result<()> {
-        let mut ctx = Ctx {
+        self.parts().0.run_kernel(k)
+    }
+
+    /// What running kernels needs, and the profile they add to (disjoint borrows).
+    fn parts(&mut self) -> (Ctx<'_>, &mut Option<Vec<(u64, f64)>>) {
+        let ctx = Ctx {
             plans: &self.plans,
             program: &self.program,
             bufs: &mut self.bufs,
@@ -841,7 +838,7 @@ impl Executor {
             threads: self.threads,
             pool: &self.pool,
         };
-        ctx.run_kernel(k)
+        (ctx, &mut self.profile)
     }
 }
 
