@@ -98,14 +98,17 @@ pub fn refinement(sa: &[usize], a: &Access, sb: &[usize], b: &Access) -> Option<
                     bounds.iter().copied().filter(|&c| c > s && c < s * n && c % s == 0 && (s * n) % c == 0).collect();
                 cuts.sort_unstable();
                 cuts.dedup();
-                // Pieces from the outermost: s·n / c_last, …, c_1 / s.
+                // Pieces from the outermost: s·n / c_last, …, c_1 / s — when the cuts
+                // divide each other (else the axis stays whole and nothing pairs up).
                 let mut pieces = vec![];
                 let mut hi = s * n;
-                for &c in cuts.iter().rev() {
+                for &c in cuts.iter().rev().chain([&s]) {
+                    if hi % c != 0 {
+                        return vec![n];
+                    }
                     pieces.push(hi / c);
                     hi = c;
                 }
-                pieces.push(hi / s);
                 pieces
             })
             .collect()
@@ -274,5 +277,15 @@ mod tests {
         assert_eq!(ra, vec![vec![2], vec![2, 4]]);
         assert_eq!(rb, vec![vec![2], vec![2], vec![4]]);
         assert!(refinement(&[2, 8], &a, &[2, 8], &a).is_none());
+        // [2, 6] against [3, 4] over the same 12 elements: no cut nests, nothing splits.
+        let d = Access { buf: 0, offset: 0, strides: vec![4, 1] };
+        let e = Access { buf: 0, offset: 0, strides: vec![6, 1] };
+        assert!(refinement(&[2, 6], &e, &[3, 4], &d).is_none());
+        // [12] against [2, 3, 2]: the 12 splits into 2, 3, 2.
+        let c = Access { buf: 0, offset: 0, strides: vec![1] };
+        let f = Access { buf: 0, offset: 0, strides: vec![6, 2, 1] };
+        assert_eq!(refinement(&[12], &c, &[2, 3, 2], &f).unwrap().0, vec![vec![2, 3, 2]]);
+        // Cuts at 4 and 6 of a 12 do not nest: it stays whole.
+        assert!(refinement(&[12], &c, &[3, 6], &d).is_none());
     }
 }
