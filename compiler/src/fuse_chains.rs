@@ -207,16 +207,7 @@ mod tests {
         ScalarExpr::Load(at(buf))
     }
     fn lp(body: ScalarExpr, out: BufId) -> Kernel {
-        Kernel::Loop(LoopKernel {
-            shape: vec![8, 4],
-            reduce: None,
-            reduced_dims: 0,
-            body,
-            out: at(out),
-            accumulate: false,
-            side: vec![],
-            sums: vec![],
-        })
+        Kernel::Loop(LoopKernel::elementwise(vec![8, 4], body, at(out)))
     }
     fn program(kernels: Vec<Kernel>, entries: &[&[usize]]) -> Program {
         Program {

@@ -157,16 +157,8 @@ mod tests {
         ScalarExpr::Load(at(buf, strides))
     }
     fn lp(shape: &[usize], reduce: usize, body: ScalarExpr, out: Access) -> Kernel {
-        Kernel::Loop(LoopKernel {
-            shape: shape.to_vec(),
-            reduce: (reduce > 0).then_some(ReduceOp::Sum),
-            reduced_dims: reduce,
-            body,
-            out,
-            accumulate: false,
-            side: vec![],
-            sums: vec![],
-        })
+        let k = LoopKernel::elementwise(shape.to_vec(), body, out);
+        Kernel::Loop(LoopKernel { reduce: (reduce > 0).then_some(ReduceOp::Sum), reduced_dims: reduce, ..k })
     }
     fn program(kernels: Vec<Kernel>, entries: &[&[usize]]) -> Program {
         Program {

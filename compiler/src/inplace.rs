@@ -139,16 +139,7 @@ mod tests {
         Access { buf, offset: 0, strides: vec![3, 1] }
     }
     fn lp(out: BufId, body: ScalarExpr) -> Kernel {
-        Kernel::Loop(LoopKernel {
-            shape: vec![4, 3],
-            reduce: None,
-            reduced_dims: 0,
-            body,
-            out: at(out),
-            accumulate: false,
-            side: vec![],
-            sums: vec![],
-        })
+        Kernel::Loop(LoopKernel::elementwise(vec![4, 3], body, at(out)))
     }
     fn load(b: BufId) -> ScalarExpr {
         ScalarExpr::Load(at(b))

@@ -194,10 +194,7 @@ impl Lowering<'_> {
     /// A loop kernel over `shape` writing `body` into a contiguous view of `buf`.
     fn loop_into(&mut self, node: NodeId, shape: &[usize], body: ScalarExpr, out: Access) {
         let (shape, body, out) = scalar_fix(shape, body, out);
-        self.emit(
-            node,
-            Kernel::Loop(LoopKernel { shape, reduce: None, reduced_dims: 0, body, out, accumulate: false, side: vec![], sums: vec![] }),
-        );
+        self.emit(node, Kernel::Loop(LoopKernel::elementwise(shape, body, out)));
     }
 
     /// Computes `view` into a fresh contiguous buffer (for operands that must be

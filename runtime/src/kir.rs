@@ -334,6 +334,12 @@ pub struct AttentionBackwardKernel {
 }
 
 impl LoopKernel {
+    /// `out = body` at every point of `shape`: no reduction, accumulation, side stores or
+    /// sums.
+    pub fn elementwise(shape: Vec<usize>, body: ScalarExpr, out: Access) -> LoopKernel {
+        LoopKernel { shape, reduce: None, reduced_dims: 0, body, out, accumulate: false, side: vec![], sums: vec![] }
+    }
+
     /// Whether the kernel stores into `buf` (its output, a side store or a fused sum).
     pub fn writes_buf(&self, buf: BufId) -> bool {
         self.out.buf == buf || self.side.iter().any(|s| s.into.buf == buf) || self.sums.iter().any(|s| s.into.buf == buf)
