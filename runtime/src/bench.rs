@@ -129,16 +129,22 @@ pub fn run(bundle: Bundle, opts: &BenchOptions) -> Result<BenchResult> {
 fn kernel_times(e: &crate::exec::Executor, steps: usize) -> Vec<KernelTime> {
     let Some(p) = e.profile() else { return vec![] };
     let total: f64 = p.iter().map(|x| x.1).sum::<f64>().max(1e-12);
+    // A row group's time is its first kernel's: list the group once, under that kernel.
+    let followers: std::collections::HashSet<usize> = e.groups().flat_map(|g| g.kernels[1..].iter().copied()).collect();
+    let head = |k: usize| crate::kir::kernel_text(&e.program().kernels[k]).lines().next().unwrap_or("").to_string();
     let mut v: Vec<KernelTime> = p
         .iter()
         .enumerate()
-        .filter(|(_, (n, _))| *n > 0)
+        .filter(|(k, (n, _))| *n > 0 && !followers.contains(k))
         .map(|(k, &(_, secs))| {
             let kernel = &e.program().kernels[k];
-            let head = crate::kir::kernel_text(kernel).lines().next().unwrap_or("").to_string();
-            let gflops = match kernel {
-                crate::kir::Kernel::MatMul(m) => Some(m.flop() as f64 * steps as f64 / secs.max(1e-12) / 1e9),
-                _ => None,
+            let (head, gflops) = match (e.group_led_by(k), kernel) {
+                (Some(g), _) => {
+                    let heads: Vec<String> = g.kernels.iter().map(|&k| format!("k{k} {}", head(k))).collect();
+                    (format!("group of {}: {}", g.kernels.len(), heads.join("; ")), None)
+                }
+                (None, crate::kir::Kernel::MatMul(m)) => (head(k), Some(m.flop() as f64 * steps as f64 / secs.max(1e-12) / 1e9)),
+                (None, _) => (head(k), None),
             };
             KernelTime {
                 kernel: format!("k{k}: {head}"),

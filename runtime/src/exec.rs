@@ -14,6 +14,7 @@
 //! the non-reduced axes and every load of the output buffer must use the output's view.
 
 use crate::error::{Error, Result};
+use crate::groups::{self, Group, Step};
 use crate::interp;
 use crate::jit::{self, JitProgram, KernelFn};
 use crate::kir::{Access, BufId, DType, FusedSum, GatherKernel, Kernel, LoopKernel, MatOperand, Program, ScalarExpr, ScatterAddKernel};
@@ -597,6 +598,37 @@ impl SumPlan {
         Some(Box::new(SumPlan { chunks, sums, need }))
     }
 
+    /// Appends, for every chunk, the kernel's pointer table: `ptrs` with each sum's
+    /// buffer replaced by that chunk's span of `sums` (the kernel's zeroed scratch, laid
+    /// out as `need` floats).
+    fn tables(&self, ptrs: &[*mut u8], sums: *mut f32, tables: &mut Vec<*mut u8>) {
+        let nb = ptrs.len();
+        let start = tables.len();
+        for c in 0..self.chunks {
+            tables.extend_from_slice(ptrs);
+            for s in &self.sums {
+                // The kernel adds `offset + i` to this base: it lands on chunk c's span.
+                tables[start + c * nb + s.buf] = sums.wrapping_add(s.at + c * s.span).wrapping_sub(s.offset) as *mut u8;
+            }
+        }
+    }
+
+    /// Adds the chunks' partial sums (`part`, the kernel's scratch) into their buffers,
+    /// chunk by chunk in order.
+    fn combine(&self, bufs: &mut Buffers, part: &[f32]) {
+        for s in &self.sums {
+            let out = bufs.f32_mut(s.buf).expect("validated f32");
+            let part = &part[s.at..s.at + s.span * self.chunks];
+            for &e in &s.elements {
+                let mut t = if s.accumulate { out[s.offset + e] } else { 0.0 };
+                for c in 0..self.chunks {
+                    t += part[c * s.span + e];
+                }
+                out[s.offset + e] = t;
+            }
+        }
+    }
+
     /// Runs kernel `f` over `0..outer` chunk by chunk (in parallel when `parallel`),
     /// then combines the partial sums into their buffers.
     fn run(&self, f: KernelFn, outer: usize, parallel: bool, bufs: &mut Buffers, scratch: &mut Scratch, pool: &rayon::ThreadPool) {
@@ -605,14 +637,7 @@ impl SumPlan {
         scratch.sums.clear();
         scratch.sums.resize(self.need, 0.0);
         scratch.tables.clear();
-        let sp = scratch.sums.as_mut_ptr();
-        for c in 0..self.chunks {
-            scratch.tables.extend_from_slice(&ptrs);
-            for s in &self.sums {
-                // The kernel adds `offset + i` to this base: it lands on chunk c's span.
-                scratch.tables[c * nb + s.buf] = sp.wrapping_add(s.at + c * s.span).wrapping_sub(s.offset) as *mut u8;
-            }
-        }
+        self.tables(&ptrs, scratch.sums.as_mut_ptr(), &mut scratch.tables);
         let tables = scratch.tables.as_ptr() as usize;
         let chunk = |c: usize| {
             let (lo, hi) = (outer * c / self.chunks, outer * (c + 1) / self.chunks);
@@ -627,17 +652,7 @@ impl SumPlan {
         } else {
             (0..self.chunks).for_each(chunk);
         }
-        for s in &self.sums {
-            let out = bufs.f32_mut(s.buf).expect("validated f32");
-            let part = &scratch.sums[s.at..s.at + s.span * self.chunks];
-            for &e in &s.elements {
-                let mut t = if s.accumulate { out[s.offset + e] } else { 0.0 };
-                for c in 0..self.chunks {
-                    t += part[c * s.span + e];
-                }
-                out[s.offset + e] = t;
-            }
-        }
+        self.combine(bufs, &scratch.sums);
     }
 }
 
@@ -681,6 +696,8 @@ pub struct Executor {
     bufs: Buffers,
     plans: Vec<Plan>,
     entries: HashMap<String, usize>,
+    /// Per entry: its kernels as run, one by one or in row groups (see [`groups`]).
+    schedules: Vec<Vec<Step>>,
     threads: usize,
     pool: rayon::ThreadPool,
     /// With profiling on: per kernel, its runs and seconds (see [`Executor::profile`]).
@@ -688,6 +705,14 @@ pub struct Executor {
     scratch: Scratch,
     // Declared last so the code outlives nothing that could call it.
     _jit: Option<JitProgram>,
+}
+
+/// Every entry's schedule: row groups where `grouping` (see [`groups`]), else one
+/// kernel at a time.
+fn schedules(program: &Program, plans: &[Plan], grouping: bool) -> Vec<Vec<Step>> {
+    let splittable = |k: usize| matches!(plans[k], Plan::Jit { splittable: true, .. });
+    let one_by_one = |e: &crate::kir::Entry| e.kernels.iter().map(|&k| Step::One(k)).collect();
+    program.entries.iter().map(|e| if grouping { groups::schedule(program, &e.kernels, splittable) } else { one_by_one(e) }).collect()
 }
 
 fn build_pool(threads: usize) -> Result<rayon::ThreadPool> {
@@ -743,11 +768,15 @@ impl Executor {
 
     fn build(program: &Program, plans: Vec<Plan>, threads: usize, jit: Option<JitProgram>) -> Result<Executor> {
         let entries = program.entries.iter().enumerate().map(|(i, e)| (e.name.clone(), i)).collect();
+        // `BMC_ROW_GROUPS=0` turns row groups off (for measuring what they do).
+        let grouping = jit.is_some() && std::env::var("BMC_ROW_GROUPS").map_or(true, |v| v != "0");
+        let schedules = schedules(program, &plans, grouping);
         Ok(Executor {
             program: program.clone(),
             bufs: Buffers::new(program),
             plans,
             entries,
+            schedules,
             threads,
             pool: build_pool(threads)?,
             profile: None,
@@ -756,15 +785,38 @@ impl Executor {
         })
     }
 
+    /// Runs consecutive row-local kernels as row groups (the default with compiled
+    /// kernels) or every kernel on its own.
+    pub fn set_row_groups(&mut self, on: bool) {
+        self.schedules = schedules(&self.program, &self.plans, on && self._jit.is_some());
+    }
+
     /// Starts (or restarts) timing every kernel `run` runs; `false` stops it.
     pub fn set_profiling(&mut self, on: bool) {
         self.profile = on.then(|| vec![(0, 0.0); self.program.kernels.len()]);
     }
 
     /// Per kernel of the program: how many times `run` ran it and for how many seconds
-    /// in all, since profiling started.
+    /// in all, since profiling started. A row group's time is its first kernel's (see
+    /// [`Executor::group_led_by`]); its other kernels count runs but no time.
     pub fn profile(&self) -> Option<&[(u64, f64)]> {
         self.profile.as_deref()
+    }
+
+    /// The row group whose first kernel is `k`, if any.
+    pub fn group_led_by(&self, k: usize) -> Option<&Group> {
+        self.schedules.iter().flatten().find_map(|s| match s {
+            Step::Group(g) if g.kernels[0] == k => Some(g),
+            _ => None,
+        })
+    }
+
+    /// Every row group of every entry.
+    pub fn groups(&self) -> impl Iterator<Item = &Group> {
+        self.schedules.iter().flatten().filter_map(|s| match s {
+            Step::Group(g) => Some(g),
+            Step::One(_) => None,
+        })
     }
 
     pub fn program(&self) -> &Program {
@@ -810,14 +862,23 @@ impl Executor {
     pub fn run(&mut self, entry: &str) -> Result<()> {
         let e = *self.entries.get(entry).ok_or_else(|| Error::internal(format!("the program has no entry `{entry}`")))?;
         let (mut ctx, profile) = self.parts();
-        let (kernels, pool, threads) = (&ctx.program.entries[e].kernels, ctx.pool, ctx.threads);
+        let (steps, pool, threads) = (&ctx.schedules[e], ctx.pool, ctx.threads);
         in_pool(pool, threads, || match profile {
-            None => kernels.iter().try_for_each(|&k| ctx.run_kernel(k)),
-            Some(p) => kernels.iter().try_for_each(|&k| {
+            None => steps.iter().try_for_each(|s| ctx.run_step(s)),
+            Some(p) => steps.iter().try_for_each(|s| {
                 let t = std::time::Instant::now();
-                let r = ctx.run_kernel(k);
-                p[k].0 += 1;
-                p[k].1 += t.elapsed().as_secs_f64();
+                let r = ctx.run_step(s);
+                let secs = t.elapsed().as_secs_f64();
+                let kernels = match s {
+                    Step::One(k) => std::slice::from_ref(k),
+                    Step::Group(g) => &g.kernels[..],
+                };
+                for (i, &k) in kernels.iter().enumerate() {
+                    p[k].0 += 1;
+                    if i == 0 {
+                        p[k].1 += secs;
+                    }
+                }
                 r
             }),
         })
@@ -832,6 +893,7 @@ impl Executor {
     fn parts(&mut self) -> (Ctx<'_>, &mut Option<Vec<(u64, f64)>>) {
         let ctx = Ctx {
             plans: &self.plans,
+            schedules: &self.schedules,
             program: &self.program,
             bufs: &mut self.bufs,
             scratch: &mut self.scratch,
@@ -845,6 +907,7 @@ impl Executor {
 /// What running a kernel needs of the executor (the parts that may move to a worker).
 struct Ctx<'a> {
     plans: &'a [Plan],
+    schedules: &'a [Vec<Step>],
     program: &'a Program,
     bufs: &'a mut Buffers,
     scratch: &'a mut Scratch,
@@ -853,6 +916,85 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
+    fn run_step(&mut self, s: &Step) -> Result<()> {
+        match s {
+            Step::One(k) => self.run_kernel(*k),
+            Step::Group(g) => self.run_group(g),
+        }
+    }
+
+    /// Runs row group `g` chunk by chunk: every member on the chunk's rows, in order
+    /// (chunks in parallel when a member is large enough to split on its own), then
+    /// the members' fused sums.
+    fn run_group(&mut self, g: &Group) -> Result<()> {
+        enum Member<'k> {
+            /// A loop kernel and where its per-chunk pointer tables start (fused sums).
+            Loop(KernelFn, Option<usize>),
+            /// A matrix product and its output rows per outermost index.
+            MatMul(&'k crate::kir::MatMulKernel, usize),
+        }
+        let ptrs = self.bufs.base_ptrs();
+        let nb = ptrs.len();
+        let need: usize = g.kernels.iter().map(|&k| if let Plan::Jit { sums: Some(sp), .. } = &self.plans[k] { sp.need } else { 0 }).sum();
+        let scratch = &mut *self.scratch;
+        scratch.sums.clear();
+        scratch.sums.resize(need, 0.0);
+        scratch.tables.clear();
+        let sp = scratch.sums.as_mut_ptr();
+        let mut members = Vec::with_capacity(g.kernels.len());
+        let mut big = false;
+        let mut at = 0;
+        for &k in &g.kernels {
+            match (&self.plans[k], &self.program.kernels[k]) {
+                (&Plan::Jit { f, points, ref sums, .. }, _) => {
+                    big |= points > PARALLEL_POINTS;
+                    let tables = sums.as_ref().map(|plan| {
+                        let start = scratch.tables.len();
+                        plan.tables(&ptrs, sp.wrapping_add(at), &mut scratch.tables);
+                        at += plan.need;
+                        start
+                    });
+                    members.push(Member::Loop(f, tables));
+                }
+                (Plan::MatMul, Kernel::MatMul(m)) => {
+                    big |= m.m * m.n * m.k >= crate::gemm::PARALLEL_FLOPS;
+                    members.push(Member::MatMul(m, m.m / g.outer));
+                }
+                _ => return Err(Error::internal(format!("kernel k{k} cannot run in a row group"))),
+            }
+        }
+        let (p, tables) = (ptrs.as_ptr() as usize, scratch.tables.as_ptr() as usize);
+        let chunk = |c: usize| {
+            let (lo, hi) = g.chunk(c);
+            for m in &members {
+                match *m {
+                    // SAFETY: validated in bounds; the group's members touch the buffers
+                    // they write only in the chunk's own blocks (`groups::schedule`), so
+                    // chunks write disjoint elements; fused sums go to per-chunk spans.
+                    Member::Loop(f, None) => unsafe { f(p as *const *mut u8, lo as i64, hi as i64) },
+                    Member::Loop(f, Some(start)) => unsafe {
+                        f((tables as *const *mut u8).wrapping_add(start + c * nb), lo as i64, hi as i64)
+                    },
+                    // SAFETY: as above; the panel's output rows belong to this chunk.
+                    Member::MatMul(k, r) => unsafe { crate::gemm::panel(k, p as *const *mut u8, lo * r, hi * r) },
+                }
+            }
+        };
+        if big && self.threads > 1 {
+            self.pool.install(|| (0..g.chunks).into_par_iter().for_each(chunk));
+        } else {
+            (0..g.chunks).for_each(chunk);
+        }
+        let mut at = 0;
+        for &k in &g.kernels {
+            if let Plan::Jit { sums: Some(plan), .. } = &self.plans[k] {
+                plan.combine(self.bufs, &scratch.sums[at..at + plan.need]);
+                at += plan.need;
+            }
+        }
+        Ok(())
+    }
+
     fn run_kernel(&mut self, k: usize) -> Result<()> {
         let plan = self.plans.get(k).ok_or_else(|| Error::internal(format!("kernel k{k} does not exist")))?;
         let kernel = &self.program.kernels[k];

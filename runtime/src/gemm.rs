@@ -11,7 +11,7 @@ use ::gemm::Parallelism;
 use rayon::prelude::*;
 
 /// Products with at least this many multiply-adds use several threads.
-const PARALLEL_FLOPS: usize = 1 << 18;
+pub(crate) const PARALLEL_FLOPS: usize = 1 << 18;
 
 fn check(o: &MatOperand, batch: &[usize], rows: usize, cols: usize, len: usize) -> Result<()> {
     o.check_in(batch, rows, cols, len, "matmul")
@@ -63,6 +63,44 @@ unsafe fn one(k: &MatMulKernel, p: Ptrs, (ao, bo, co): (usize, usize, usize), pa
             false,
             false,
             par,
+        );
+    }
+}
+
+/// Output rows `r0..r1` of product `k` (f32, no batch axes, `k.k > 0`) on this thread:
+/// one panel of a row group (see `crate::groups`). `bufs` are the buffers' base
+/// addresses.
+///
+/// # Safety
+/// `k` must have been validated against these buffers, and rows `r0..r1` of its output
+/// must be written by this call only.
+pub(crate) unsafe fn panel(k: &MatMulKernel, bufs: *const *mut u8, r0: usize, r1: usize) {
+    // SAFETY: the buffers cover the validated operands; the panel's rows are in range.
+    unsafe {
+        let base = |b: usize| *bufs.add(b) as *mut f32;
+        let a = base(k.a.buf).add(k.a.offset + r0 * k.a.row_stride);
+        let b = base(k.b.buf).add(k.b.offset);
+        let c = base(k.c.buf).add(k.c.offset + r0 * k.c.row_stride);
+        ::gemm::gemm(
+            r1 - r0,
+            k.n,
+            k.k,
+            c,
+            k.c.col_stride as isize,
+            k.c.row_stride as isize,
+            k.accumulate,
+            a,
+            k.a.col_stride as isize,
+            k.a.row_stride as isize,
+            b,
+            k.b.col_stride as isize,
+            k.b.row_stride as isize,
+            1.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            Parallelism::None,
         );
     }
 }
@@ -337,6 +375,95 @@ mod timing {
                     gflops(median)
                 );
             }
+        }
+    }
+}
+
+/// The crate's own two-thread split against row panels taken dynamically by the pool:
+/// `cargo test --release -p bm-runtime gemm::panel_timing -- --ignored --nocapture`.
+#[cfg(test)]
+mod panel_timing {
+    #[test]
+    #[ignore]
+    fn panels_vs_crate_threads() {
+        // (m, n, k, a transposed, b transposed)
+        let shapes = [
+            (128, 256, 256, false, true),
+            (256, 256, 128, true, false),
+            (2048, 512, 128, false, true),
+            (2048, 128, 512, false, false),
+            (128, 512, 2048, true, false),
+            (2048, 1536, 384, false, true),
+            (2048, 384, 1536, false, false),
+            (384, 1536, 2048, true, false),
+        ];
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        for &(m, n, k, ta, tb) in &shapes {
+            let a = vec![0.5f32; m * k];
+            let b = vec![0.25f32; k * n];
+            let mut c = vec![0.0f32; m * n];
+            let (ars, acs) = if ta { (1, m) } else { (k, 1) };
+            let (brs, bcs) = if tb { (1, k) } else { (n, 1) };
+            let (ap, bp, cp) = (a.as_ptr() as usize, b.as_ptr() as usize, c.as_mut_ptr() as usize);
+            let run = |rows: std::ops::Range<usize>, par: ::gemm::Parallelism| unsafe {
+                ::gemm::gemm(
+                    rows.len(),
+                    n,
+                    k,
+                    (cp as *mut f32).add(rows.start * n),
+                    1,
+                    n as isize,
+                    false,
+                    (ap as *const f32).add(rows.start * ars),
+                    acs as isize,
+                    ars as isize,
+                    bp as *const f32,
+                    bcs as isize,
+                    brs as isize,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    par,
+                )
+            };
+            let variants = [0usize, 4, 8, 16];
+            let mut t = vec![vec![]; variants.len()];
+            let reps = if m * n * k > 1 << 26 { 30 } else { 300 };
+            for _ in 0..reps {
+                for (v, &panels) in variants.iter().enumerate() {
+                    use rayon::prelude::*;
+                    let t0 = std::time::Instant::now();
+                    pool.install(|| {
+                        if panels == 0 {
+                            run(0..m, ::gemm::Parallelism::Rayon(2))
+                        } else {
+                            (0..panels).into_par_iter().for_each(|p| {
+                                let (lo, hi) = (m * p / panels / 8 * 8, if p + 1 == panels { m } else { m * (p + 1) / panels / 8 * 8 });
+                                run(lo..hi, ::gemm::Parallelism::None)
+                            })
+                        }
+                    });
+                    t[v].push(t0.elapsed().as_secs_f64());
+                }
+            }
+            let _ = &mut c;
+            let line: Vec<String> = t
+                .iter_mut()
+                .zip(variants)
+                .map(|(v, p)| {
+                    v.sort_by(f64::total_cmp);
+                    let g = |x: f64| 2.0 * (m * n * k) as f64 / x / 1e9;
+                    format!(
+                        "{}: {:.1} (p90 {:.1})",
+                        if p == 0 { "crate".to_string() } else { format!("{p} panels") },
+                        g(v[v.len() / 2]),
+                        g(v[v.len() * 9 / 10])
+                    )
+                })
+                .collect();
+            println!("{m}x{n}x{k} ta={ta} tb={tb}: {}", line.join(", "));
         }
     }
 }

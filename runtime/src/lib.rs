@@ -5,6 +5,7 @@
 //!   [`jit`] (Cranelift) for loop kernels and [`gemm`] for matrix products;
 //!   [`interp`] is the slow reference interpreter the JIT is tested against;
 //!   [`attention`] holds the fused attention kernels.
+//!   [`groups`] schedules runs of row-local kernels (and matrix products) chunk by chunk.
 //! - [`rng`] and [`init`]: deterministic random numbers and parameter initialisers.
 //! - [`data`]: data sources (csv, safetensors, text, tokens) and batching.
 //! - [`checkpoint`]: atomic safetensors checkpoints with PyTorch names.
@@ -23,6 +24,7 @@ pub mod engine;
 pub mod error;
 pub mod exec;
 pub mod gemm;
+pub mod groups;
 pub mod init;
 pub mod interp;
 pub mod jit;

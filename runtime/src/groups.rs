@@ -1,0 +1,406 @@
+//! Row groups: runs of consecutive kernels that run together, a chunk of rows at a time.
+//!
+//! Most kernels of a training step walk their tensors a row block at a time along their
+//! outermost axis (the batch): a LayerNorm's six kernels, a matrix product and the bias
+//! and GELU after it, the residual add and the next LayerNorm. Run one after the other,
+//! each streams whole tensors through memory; a *row group* runs all of them on the
+//! rows of one chunk before moving to the next chunk, so what one member writes the
+//! next reads while it is still in cache, and the threads fork and join once per group
+//! instead of once per kernel. A matrix product in a group computes the rows of its
+//! output that the chunk covers (an epilogue is then just the next member), which is
+//! how bias, activation and residual adds fuse with the GEMM's output pass.
+//!
+//! Running chunk by chunk is the same as running kernel by kernel when every buffer the
+//! group writes is touched, by every member, only inside one block of elements per
+//! outermost index (`[base + o·step, base + o·step + step)`, the same `base` and
+//! `step` for every access): chunk `c` then reads exactly what the members before it
+//! wrote for the same rows, and nothing another chunk writes. Buffers the group only
+//! reads (weights, biases, masks) are unconstrained. A fused sum's buffer is written
+//! after the group (its chunks' partial sums are combined then), so no member may touch
+//! it. The chunks are [`FusedSum::chunks`] of the outermost axis, the same a kernel
+//! with fused sums uses alone, so results do not depend on grouping or thread count
+//! (a matrix product's rows are computed by the `gemm` crate a panel at a time, which
+//! may block its sums differently from the whole product: the same to rounding).
+//!
+//! The schedule is a run-time decision over the final kernel IR (after memory
+//! planning, so reused buffers are checked as they really are); the compiler and the
+//! other backends do not see it.
+
+use crate::kir::{Access, BufId, FusedSum, Kernel, LoopKernel, MatMulKernel, Program};
+
+/// Fewest output rows of a matrix product per chunk: smaller panels lose more to the
+/// per-call overhead of the `gemm` crate than the group saves (`gemm::panel_timing`).
+pub const MIN_PANEL_ROWS: usize = 64;
+
+/// Fewest outermost indices of a group, so that its chunks balance across threads.
+pub const MIN_OUTER: usize = 8;
+
+/// One step of an entry's schedule.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// A kernel run on its own.
+    One(usize),
+    /// Kernels run together, chunk by chunk.
+    Group(Group),
+}
+
+/// Kernels (in entry order) that run chunk by chunk over `outer` outermost indices.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Group {
+    pub kernels: Vec<usize>,
+    pub outer: usize,
+    pub chunks: usize,
+}
+
+impl Group {
+    /// Outermost indices `lo..hi` of chunk `c`.
+    pub fn chunk(&self, c: usize) -> (usize, usize) {
+        (self.outer * c / self.chunks, self.outer * (c + 1) / self.chunks)
+    }
+}
+
+/// The elements one access touches at outermost index `o`: inside
+/// `[base + o·step, base + o·step + len)`.
+#[derive(Clone, Copy, Debug)]
+struct Rows {
+    buf: BufId,
+    base: usize,
+    step: usize,
+    len: usize,
+    write: bool,
+}
+
+/// The elements of `a` over `shape` (axis 0 outermost) as [`Rows`].
+fn access_rows(a: &Access, shape: &[usize], write: bool) -> Rows {
+    let len =
+        if shape[1..].contains(&0) { 0 } else { 1 + shape[1..].iter().zip(&a.strides[1..]).map(|(&n, &s)| (n - 1) * s).sum::<usize>() };
+    Rows { buf: a.buf, base: a.offset, step: a.strides[0], len, write }
+}
+
+/// A loop kernel's accesses and the buffers of its fused sums.
+fn loop_rows(k: &LoopKernel) -> (Vec<Rows>, Vec<BufId>) {
+    let mut rows = vec![];
+    let mut load = |a: &Access| rows.push(access_rows(a, &k.shape, false));
+    k.body.for_each_load(&mut load);
+    for s in &k.side {
+        s.value.for_each_load(&mut load);
+    }
+    for s in &k.sums {
+        s.value.for_each_load(&mut load);
+    }
+    rows.push(access_rows(&k.out, &k.shape, true));
+    rows.extend(k.side.iter().map(|s| access_rows(&s.into, &k.shape, true)));
+    (rows, k.sums.iter().map(|s| s.into.buf).collect())
+}
+
+/// A matrix product's accesses when its output rows split into `outer` blocks of
+/// `m / outer` (the second operand is read whole by every block: step 0).
+fn matmul_rows(k: &MatMulKernel, outer: usize) -> Vec<Rows> {
+    let r = k.m / outer;
+    let block = |o: &crate::kir::MatOperand, cols: usize, write: bool| Rows {
+        buf: o.buf,
+        base: o.offset,
+        step: r * o.row_stride,
+        len: (r - 1) * o.row_stride + (cols - 1) * o.col_stride + 1,
+        write,
+    };
+    let b = &k.b;
+    let whole = Rows { buf: b.buf, base: b.offset, step: 0, len: (k.k - 1) * b.row_stride + (k.n - 1) * b.col_stride + 1, write: false };
+    vec![block(&k.a, k.k, false), whole, block(&k.c, k.n, true)]
+}
+
+/// How a kernel may take part in a group.
+enum Candidate<'a> {
+    /// A loop kernel over `outer` outermost indices that can split them across threads.
+    Loop {
+        outer: usize,
+        rows: Vec<Rows>,
+        sums: Vec<BufId>,
+    },
+    /// A plain f32 matrix product without batch axes.
+    MatMul(&'a MatMulKernel),
+    No,
+}
+
+fn candidate(k: &Kernel, splittable: bool) -> Candidate<'_> {
+    match k {
+        Kernel::Loop(l) if splittable && !l.shape.is_empty() && l.reduce.is_none_or(|_| l.reduced_dims < l.shape.len()) => {
+            let (rows, sums) = loop_rows(l);
+            Candidate::Loop { outer: l.shape[0], rows, sums }
+        }
+        Kernel::MatMul(m) if m.batch.is_empty() && !m.bf16 && m.m > 0 && m.n > 0 && m.k > 0 => Candidate::MatMul(m),
+        _ => Candidate::No,
+    }
+}
+
+/// Whether `members` can run as one group: `Some(Some(outer))` if so, `Some(None)` if
+/// they are matrix products only (a group needs a loop kernel to set its rows, and may
+/// still get one), `None` if they cannot.
+fn check(members: &[&Candidate]) -> Option<Option<usize>> {
+    let outer = members.iter().find_map(|c| match c {
+        Candidate::Loop { outer, .. } => Some(*outer),
+        _ => None,
+    });
+    let Some(outer) = outer else {
+        return members.iter().all(|c| matches!(c, Candidate::MatMul(_))).then_some(None);
+    };
+    if outer < MIN_OUTER {
+        return None;
+    }
+    let chunks = FusedSum::chunks(outer);
+    let mut rows = vec![];
+    let mut sums = vec![];
+    for c in members {
+        match c {
+            Candidate::Loop { outer: o, rows: r, sums: s } => {
+                if *o != outer {
+                    return None;
+                }
+                rows.extend_from_slice(r);
+                sums.extend_from_slice(s);
+            }
+            Candidate::MatMul(m) => {
+                if m.m % outer != 0 || m.m / chunks < MIN_PANEL_ROWS {
+                    return None;
+                }
+                rows.extend(matmul_rows(m, outer));
+            }
+            Candidate::No => return None,
+        }
+    }
+    // A fused sum's buffer is written after the group: nothing else may touch it.
+    for (i, &s) in sums.iter().enumerate() {
+        if sums[i + 1..].contains(&s) || rows.iter().any(|r| r.buf == s) {
+            return None;
+        }
+    }
+    // Every access to a buffer the group writes stays in the same block per index.
+    let mut written: Vec<BufId> = rows.iter().filter(|r| r.write).map(|r| r.buf).collect();
+    written.sort_unstable();
+    written.dedup();
+    for b in written {
+        let on_b = || rows.iter().filter(|r| r.buf == b);
+        let step = on_b().next().map_or(0, |r| r.step);
+        let base = on_b().map(|r| r.base).min().unwrap_or(0);
+        let end = on_b().map(|r| r.base + r.len).max().unwrap_or(0);
+        if step == 0 || on_b().any(|r| r.step != step) || end - base > step {
+            return None;
+        }
+    }
+    Some(Some(outer))
+}
+
+/// The schedule of entry kernels `kernels`: maximal runs of consecutive kernels that
+/// can run as one group (two or more, at least one loop kernel), the rest one by one.
+/// `splittable(k)` says whether loop kernel `k` may split its outermost axis across
+/// threads.
+pub fn schedule(program: &Program, kernels: &[usize], splittable: impl Fn(usize) -> bool) -> Vec<Step> {
+    let cands: Vec<Candidate> = kernels.iter().map(|&k| candidate(&program.kernels[k], splittable(k))).collect();
+    let mut steps = vec![];
+    let mut i = 0;
+    while i < kernels.len() {
+        let mut j = i;
+        let mut outer = None;
+        while j < kernels.len() {
+            let members: Vec<&Candidate> = cands[i..=j].iter().collect();
+            match check(&members) {
+                Some(o) => {
+                    outer = o;
+                    j += 1;
+                }
+                None => break,
+            }
+        }
+        match outer {
+            Some(outer) if j - i >= 2 => {
+                steps.push(Step::Group(Group { kernels: kernels[i..j].to_vec(), outer, chunks: FusedSum::chunks(outer) }));
+                i = j;
+            }
+            _ => {
+                steps.push(Step::One(kernels[i]));
+                i += 1;
+            }
+        }
+    }
+    steps
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exec::Executor;
+    use crate::exec::test_support::*;
+    use crate::kir::{BinaryOp, DType, MatOperand, ReduceOp, ScalarExpr, UnaryOp};
+
+    const B: usize = 16; // outermost extent
+    const T: usize = 4;
+    const D: usize = 64;
+
+    fn at(buf: BufId, offset: usize, strides: &[usize]) -> Access {
+        Access { buf, offset, strides: strides.to_vec() }
+    }
+    fn load(buf: BufId, offset: usize, strides: &[usize]) -> ScalarExpr {
+        ScalarExpr::Load(at(buf, offset, strides))
+    }
+    fn ew(body: ScalarExpr, out: Access) -> Kernel {
+        Kernel::Loop(LoopKernel::elementwise(vec![B, T, D], body, out))
+    }
+    const ROWS: [usize; 3] = [T * D, D, 1];
+
+    /// A LayerNorm-like chain: `b1 = 2·b0`, `b2 = Σ_row b1`, `b3 = b1 − b2`.
+    fn chain(shift_read: usize) -> Vec<Kernel> {
+        let twice = ScalarExpr::Binary(BinaryOp::Mul, Box::new(load(0, 0, &ROWS)), Box::new(ScalarExpr::Const(2.0)));
+        let sum = LoopKernel {
+            shape: vec![B, T, D],
+            reduce: Some(ReduceOp::Sum),
+            reduced_dims: 1,
+            body: load(1, 0, &ROWS),
+            out: at(2, 0, &[T, 1, 0]),
+            accumulate: false,
+            side: vec![],
+            sums: vec![],
+        };
+        let centre = ScalarExpr::Binary(BinaryOp::Sub, Box::new(load(1, shift_read, &ROWS)), Box::new(load(2, 0, &[T, 1, 0])));
+        vec![ew(twice, at(1, 0, &ROWS)), Kernel::Loop(sum), ew(centre, at(3, 0, &ROWS))]
+    }
+
+    fn buffers() -> Vec<crate::kir::Buffer> {
+        let n = B * T * D;
+        vec![buf("x", DType::F32, n + T * D), buf("y", DType::F32, n + T * D), buf("s", DType::F32, B * T), buf("z", DType::F32, n)]
+    }
+
+    /// Runs `main` with row groups and one kernel at a time, from the same random
+    /// contents; asserts `groups` groups formed and that the results agree bit for bit
+    /// (to 1e-5 with a matrix product: a panel may block its sums differently).
+    fn same_as_one_by_one(p: &Program, threads: usize, groups: usize) {
+        let mut grouped = Executor::new(p, threads).unwrap();
+        grouped.set_row_groups(true);
+        assert_eq!(grouped.groups().count(), groups, "{}", p.to_text());
+        let mut alone = Executor::new(p, threads).unwrap();
+        alone.set_row_groups(false);
+        assert_eq!(alone.groups().count(), 0);
+        fill(grouped.buffers_mut(), 9, true);
+        fill(alone.buffers_mut(), 9, true);
+        grouped.run("main").unwrap();
+        alone.run("main").unwrap();
+        let gemm = p.kernels.iter().any(|k| matches!(k, Kernel::MatMul(_)));
+        assert_same(grouped.buffers(), alone.buffers(), if gemm { 1e-5 } else { 0.0 }, &p.to_text());
+    }
+
+    fn steps_of(p: &Program) -> Vec<Step> {
+        let e = &p.entries[0];
+        groups::schedule(p, &e.kernels, |_| true)
+    }
+    use crate::groups;
+
+    #[test]
+    fn a_row_local_chain_is_one_group_and_runs_as_the_interpreter() {
+        let p = program(buffers(), chain(0));
+        assert_eq!(steps_of(&p), vec![Step::Group(Group { kernels: vec![0, 1, 2], outer: B, chunks: 16 })]);
+        for threads in [1, 2, 3] {
+            same_as_one_by_one(&p, threads, 1);
+        }
+        check_jit(&p, 7, 2, true, 1e-5);
+    }
+
+    #[test]
+    fn reading_another_rows_block_splits_the_group() {
+        // The last kernel reads b1 one outermost index ahead: a later chunk's rows.
+        let p = program(buffers(), chain(T * D));
+        let steps = steps_of(&p);
+        assert!(steps.iter().all(|s| !matches!(s, Step::Group(g) if g.kernels.contains(&0) && g.kernels.contains(&2))), "{steps:?}");
+        same_as_one_by_one(&p, 2, 1);
+    }
+
+    #[test]
+    fn a_buffer_walked_with_another_row_step_splits_the_group() {
+        // b1 written as [B, T·D] rows, then read as [B/2, 2·T·D]-sized blocks (step twice as large).
+        let mut ks = chain(0);
+        ks.push(Kernel::Loop(LoopKernel::elementwise(vec![B / 2, 2 * T * D], load(1, 0, &[2 * T * D, 1]), at(3, 0, &[2 * T * D, 1]))));
+        let p = program(buffers(), ks);
+        let steps = steps_of(&p);
+        assert_eq!(steps.len(), 2, "{steps:?}");
+        assert_eq!(steps[1], Step::One(3));
+    }
+
+    #[test]
+    fn a_fused_sum_read_inside_the_group_splits_it() {
+        // Kernel 0 sums b0 over the outermost axis into b2 (written after its chunks);
+        // kernel 1 reads b2: it must see the finished sum.
+        let mut k0 = LoopKernel::elementwise(vec![B, T, D], load(0, 0, &ROWS), at(1, 0, &ROWS));
+        k0.sums.push(FusedSum { value: load(0, 0, &ROWS), into: at(3, 0, &[0, D, 1]), accumulate: false });
+        let k1 = LoopKernel::elementwise(vec![B, T, D], load(3, 0, &[0, D, 1]), at(2, 0, &[0, 0, 0]));
+        let bufs =
+            vec![buf("x", DType::F32, B * T * D), buf("y", DType::F32, B * T * D), buf("s", DType::F32, 1), buf("z", DType::F32, T * D)];
+        // k1 writes one element from every point: not splittable, so make it row-local instead.
+        let k1 = LoopKernel { out: at(1, 0, &ROWS), ..k1 };
+        let p = program(bufs, vec![Kernel::Loop(k0), Kernel::Loop(k1)]);
+        assert_eq!(steps_of(&p), vec![Step::One(0), Step::One(1)]);
+        same_as_one_by_one(&p, 2, 0);
+    }
+
+    /// `b4 = gelu(b1 @ W)` where `b1 = 2·b0` (rows `B·T·…`), W = b5: a prologue, a matrix
+    /// product and an epilogue; with `write_w`, the first kernel also writes W.
+    fn gemm_program(rows_per_index: usize, write_w: bool) -> Program {
+        let (m, k, n) = (B * rows_per_index, 32, 48);
+        let rows = [rows_per_index * k, k, 1];
+        let twice = ScalarExpr::Binary(BinaryOp::Mul, Box::new(load(0, 0, &rows)), Box::new(ScalarExpr::Const(2.0)));
+        let mut k0 = LoopKernel::elementwise(vec![B, rows_per_index, k], twice, at(1, 0, &rows));
+        if write_w {
+            k0.side.push(crate::kir::SideStore { value: load(0, 0, &rows), into: at(5, 0, &rows) });
+        }
+        let mm = crate::kir::MatMulKernel {
+            batch: vec![],
+            m,
+            n,
+            k,
+            a: MatOperand { buf: 1, offset: 0, batch_strides: vec![], row_stride: k, col_stride: 1 },
+            b: MatOperand { buf: 5, offset: 0, batch_strides: vec![], row_stride: n, col_stride: 1 },
+            c: MatOperand { buf: 2, offset: 0, batch_strides: vec![], row_stride: n, col_stride: 1 },
+            accumulate: false,
+            bf16: false,
+        };
+        let out_rows = [rows_per_index * n, n, 1];
+        let k2 = LoopKernel::elementwise(
+            vec![B, rows_per_index, n],
+            ScalarExpr::Unary(UnaryOp::GeluTanh, Box::new(load(2, 0, &out_rows))),
+            at(4, 0, &out_rows),
+        );
+        let bufs = vec![
+            buf("x", DType::F32, m * k),
+            buf("a", DType::F32, m * k),
+            buf("c", DType::F32, m * n),
+            buf("unused", DType::F32, 1),
+            buf("y", DType::F32, m * n),
+            buf("w", DType::F32, (m * k).max(k * n)),
+        ];
+        program(bufs, vec![Kernel::Loop(k0), Kernel::MatMul(mm), Kernel::Loop(k2)])
+    }
+
+    #[test]
+    fn a_matrix_product_joins_its_prologue_and_epilogue() {
+        let p = gemm_program(MIN_PANEL_ROWS, false);
+        assert_eq!(steps_of(&p), vec![Step::Group(Group { kernels: vec![0, 1, 2], outer: B, chunks: 16 })]);
+        for threads in [1, 2] {
+            same_as_one_by_one(&p, threads, 1);
+            check_jit(&p, 11, threads, false, 1e-5);
+        }
+    }
+
+    #[test]
+    fn a_matrix_product_stays_out_when_its_panels_are_small_or_its_weights_are_written() {
+        let small = gemm_program(MIN_PANEL_ROWS / 2, false);
+        assert_eq!(steps_of(&small), vec![Step::One(0), Step::One(1), Step::One(2)]);
+        let written = gemm_program(MIN_PANEL_ROWS, true);
+        let steps = steps_of(&written);
+        assert_eq!(steps[0], Step::One(0), "{steps:?}");
+        same_as_one_by_one(&written, 2, 1);
+    }
+
+    #[test]
+    fn short_outermost_axes_do_not_group() {
+        let k = |b: BufId, o: BufId| Kernel::Loop(LoopKernel::elementwise(vec![MIN_OUTER - 1, 8], load(b, 0, &[8, 1]), at(o, 0, &[8, 1])));
+        let p = program(vec![buf("x", DType::F32, 64), buf("y", DType::F32, 64), buf("z", DType::F32, 64)], vec![k(0, 1), k(1, 2)]);
+        assert_eq!(steps_of(&p), vec![Step::One(0), Step::One(1)]);
+    }
+}
