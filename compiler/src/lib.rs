@@ -24,4 +24,5 @@ pub mod passes;
 pub mod plan;
 pub mod points;
 pub mod precision;
+pub mod sink;
 pub mod train_config;

@@ -171,6 +171,7 @@ pub fn lower(g: &Graph) -> Result<Program, String> {
     crate::fuse_chains::fuse_chains(&mut program);
     crate::fuse_sums::fuse_sums(&mut program);
     crate::inplace::update_in_place(&mut program);
+    crate::sink::sink_products(&mut program);
     crate::plan::share_temporaries(&mut program);
     Ok(program)
 }
