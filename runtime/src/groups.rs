@@ -190,31 +190,60 @@ fn check(members: &[&Candidate]) -> Option<Option<usize>> {
     Some(Some(outer))
 }
 
-/// The schedule of entry kernels `kernels`: maximal runs of consecutive kernels that
-/// can run as one group (two or more, at least one loop kernel), the rest one by one.
+/// Kernels a group may run ahead of: a kernel that cannot join (a weight gradient's
+/// product between a GELU's input gradient and the GELU) runs after the group when
+/// nothing the group runs later touches what it writes or writes what it touches.
+pub const MAX_DEFERRED: usize = 2;
+
+/// The schedule of entry kernels `kernels`: groups of two or more (at least one loop
+/// kernel) formed greedily in entry order, a kernel that cannot join deferred past the
+/// group when independent of the members that overtake it; the rest one by one.
 /// `splittable(k)` says whether loop kernel `k` may split its outermost axis across
 /// threads.
 pub fn schedule(program: &Program, kernels: &[usize], splittable: impl Fn(usize) -> bool) -> Vec<Step> {
+    let n = kernels.len();
     let cands: Vec<Candidate> = kernels.iter().map(|&k| candidate(&program.kernels[k], splittable(k))).collect();
+    let access: Vec<(Vec<BufId>, Vec<BufId>)> =
+        kernels.iter().map(|&k| (program.kernels[k].reads(), program.kernels[k].writes())).collect();
+    // Whether entry positions `a` and `b` may run in either order.
+    let commute = |a: usize, b: usize| {
+        let ((ra, wa), (rb, wb)) = (&access[a], &access[b]);
+        !wa.iter().any(|x| rb.contains(x) || wb.contains(x)) && !wb.iter().any(|x| ra.contains(x))
+    };
     let mut steps = vec![];
     let mut i = 0;
-    while i < kernels.len() {
-        let mut j = i;
-        let mut outer = None;
-        while j < kernels.len() {
-            let members: Vec<&Candidate> = cands[i..=j].iter().collect();
-            match check(&members) {
-                Some(o) => {
-                    outer = o;
-                    j += 1;
-                }
-                None => break,
+    while i < n {
+        let Some(mut outer) = check(&[&cands[i]]) else {
+            steps.push(Step::One(kernels[i]));
+            i += 1;
+            continue;
+        };
+        let mut members = vec![i];
+        let mut deferred: Vec<usize> = vec![];
+        let mut j = i + 1;
+        while j < n {
+            let joins = deferred.iter().all(|&d| commute(d, j)) && {
+                let trial: Vec<&Candidate> = members.iter().chain([&j]).map(|&m| &cands[m]).collect();
+                check(&trial).map(|o| outer = o).is_some()
+            };
+            if joins {
+                members.push(j);
+            } else if deferred.len() < MAX_DEFERRED {
+                deferred.push(j);
+            } else {
+                break;
             }
+            j += 1;
         }
+        // Kernels passed over after the last member stay where they are.
+        let last = *members.last().expect("a member");
+        deferred.retain(|&d| d < last);
         match outer {
-            Some(outer) if j - i >= 2 => {
-                steps.push(Step::Group(Group { kernels: kernels[i..j].to_vec(), outer, chunks: FusedSum::chunks(outer) }));
-                i = j;
+            Some(outer) if members.len() >= 2 => {
+                let ids = members.iter().map(|&m| kernels[m]).collect();
+                steps.push(Step::Group(Group { kernels: ids, outer, chunks: FusedSum::chunks(outer) }));
+                steps.extend(deferred.iter().map(|&d| Step::One(kernels[d])));
+                i = last + 1;
             }
             _ => {
                 steps.push(Step::One(kernels[i]));
@@ -395,6 +424,113 @@ mod tests {
         let steps = steps_of(&written);
         assert_eq!(steps[0], Step::One(0), "{steps:?}");
         same_as_one_by_one(&written, 2, 1);
+    }
+
+    /// The chain with another kernel (another outermost extent, so it cannot join)
+    /// before its last kernel: reading b4, or with `dependent` b3, which the chain's last
+    /// kernel writes.
+    fn chain_with_interloper(dependent: bool) -> Program {
+        let mut ks = chain(0);
+        let src = if dependent { 3 } else { 4 };
+        let other = Kernel::Loop(LoopKernel::elementwise(vec![2, 8], load(src, 0, &[8, 1]), at(5, 0, &[8, 1])));
+        ks.insert(2, other);
+        let mut bufs = buffers();
+        bufs.push(buf("u", DType::F32, 16));
+        bufs.push(buf("v", DType::F32, 16));
+        program(bufs, ks)
+    }
+
+    #[test]
+    fn an_independent_kernel_runs_after_the_group_it_interrupts() {
+        let p = chain_with_interloper(false);
+        assert_eq!(steps_of(&p), vec![Step::Group(Group { kernels: vec![0, 1, 3], outer: B, chunks: 16 }), Step::One(2)]);
+        same_as_one_by_one(&p, 2, 1);
+        // Kernel 2 writes b5; were kernel 3 to read b5 it could not overtake it.
+        let mut q = chain_with_interloper(false);
+        if let Kernel::Loop(l) = &mut q.kernels[3] {
+            l.body = ScalarExpr::Binary(BinaryOp::Add, Box::new(l.body.clone()), Box::new(load(5, 0, &[0, 0, 0])));
+        }
+        assert_eq!(steps_of(&q)[0], Step::Group(Group { kernels: vec![0, 1], outer: B, chunks: 16 }));
+        same_as_one_by_one(&q, 2, 1);
+    }
+
+    #[test]
+    fn a_kernel_is_not_overtaken_by_one_writing_what_it_reads() {
+        // Kernel 2 reads b3, which kernel 3 (a would-be member) writes.
+        let p = chain_with_interloper(true);
+        assert_eq!(steps_of(&p), vec![Step::Group(Group { kernels: vec![0, 1], outer: B, chunks: 16 }), Step::One(2), Step::One(3)]);
+        same_as_one_by_one(&p, 2, 1);
+    }
+
+    /// A random chain of loop kernels over `[O, R, C]` on four buffers: loads and
+    /// stores in the row block of their index, one block ahead, shifted by a row (across
+    /// the block boundary) or broadcast over the outermost axis; some row reductions.
+    fn random_chain(seed: u64) -> Program {
+        const O: usize = 16;
+        const R: usize = 3;
+        const C: usize = 8;
+        let mut r = Rng::new(seed);
+        let len = (O + 1) * R * C;
+        let rows = [R * C, C, 1];
+        let mut pick_load = |r: &mut Rng| {
+            let b = r.below(4);
+            match r.below(6) {
+                0 => load(b, R * C, &rows),
+                1 => load(b, C, &rows),
+                2 => load(b, 0, &[0, C, 1]),
+                _ => load(b, 0, &rows),
+            }
+        };
+        let n = 2 + r.below(5);
+        let mut kernels = vec![];
+        for _ in 0..n {
+            let a = pick_load(&mut r);
+            let b = pick_load(&mut r);
+            let body = ScalarExpr::Binary(if r.chance(1, 2) { BinaryOp::Add } else { BinaryOp::Mul }, Box::new(a), Box::new(b));
+            let reduce = r.chance(1, 4);
+            let out_buf = r.below(4);
+            // Loads of the output buffer must read the point written (in place) for the
+            // kernel to split across threads: retarget them.
+            let out = if reduce {
+                at(out_buf, 0, &[R, 1, 0])
+            } else if r.chance(1, 5) {
+                at(out_buf, C, &rows)
+            } else {
+                at(out_buf, 0, &rows)
+            };
+            let body = body.map_loads(&|l: &Access| if l.buf == out_buf { Access { buf: 4, ..l.clone() } } else { l.clone() }, &|i| i);
+            kernels.push(Kernel::Loop(LoopKernel {
+                shape: vec![O, R, C],
+                reduce: reduce.then_some(ReduceOp::Sum),
+                reduced_dims: usize::from(reduce),
+                body,
+                out,
+                accumulate: false,
+                side: vec![],
+                sums: vec![],
+            }));
+        }
+        let bufs = (0..5).map(|i| buf(&format!("t{i}"), DType::F32, len)).collect();
+        program(bufs, kernels)
+    }
+
+    #[test]
+    fn random_chains_run_as_they_do_one_by_one() {
+        let mut grouped = 0;
+        for seed in 0..300 {
+            let p = random_chain(seed);
+            let mut a = Executor::new(&p, 2).unwrap();
+            grouped += a.groups().count();
+            let mut b = Executor::new(&p, 2).unwrap();
+            b.set_row_groups(false);
+            fill(a.buffers_mut(), seed, true);
+            fill(b.buffers_mut(), seed, true);
+            a.run("main").unwrap();
+            b.run("main").unwrap();
+            assert_same(a.buffers(), b.buffers(), 0.0, &p.to_text());
+        }
+        // The generator is worth running only if it makes groups (and hazards).
+        assert!(grouped > 100, "{grouped} groups");
     }
 
     #[test]
