@@ -22,8 +22,8 @@
 //!   writes what `R` reads (`R` now runs at `H`'s place); if `H` comes after `R`, `R`
 //!   reads nothing `H` writes.
 
-use crate::points::{PointMap, Touched, canonical};
-use bm_runtime::kir::{BufId, BufKind, DType, FusedSum, Kernel, LoopKernel, Program, ReduceOp};
+use crate::points::{PointMap, Touched, canonical, refinement, split_axes};
+use bm_runtime::kir::{Access, BufId, BufKind, DType, FusedSum, Kernel, LoopKernel, Program, ReduceOp, ScalarExpr};
 
 /// Moves every eligible reduction into a host kernel; returns how many moved.
 pub fn fuse_sums(p: &mut Program) -> usize {
@@ -35,34 +35,101 @@ pub fn fuse_sums(p: &mut Program) -> usize {
             continue;
         }
         let rk = rk.clone();
-        let reads = touched.reads[r].clone();
-        // Kernels touching what R reads: the producers first, then the nearest.
-        let mut hosts: Vec<usize> = reads
-            .iter()
-            .flat_map(|&x| touched.writers(x).iter().chain(touched.readers(x)).copied())
-            .filter(|&h| h != r && !removed[h] && can_host(p, &p.kernels[h]))
-            .collect();
-        hosts.sort_unstable();
-        hosts.dedup();
-        hosts.sort_by_key(|&h| (!reads.contains(&touched.writes[h][0]), h.abs_diff(r)));
-        for h in hosts {
-            let Kernel::Loop(hk) = &p.kernels[h] else { continue };
-            let Some(sum) = onto(&rk, hk) else { continue };
-            // A host after R must not change what R reads (its stores come first).
-            if !may_move(p, &touched, r, h, rk.out.buf) || (h > r && touched.writes[h].iter().any(|b| reads.contains(b))) {
-                continue;
+        let moves = match host(p, &touched, &removed, r, &rk, &[]) {
+            Some(h) => vec![h],
+            None => by_pieces(p, &touched, &removed, r, &rk).unwrap_or_default(),
+        };
+        for (h, sum) in &moves {
+            if let Kernel::Loop(hk) = &mut p.kernels[*h] {
+                hk.sums.push(sum.clone());
             }
-            if let Kernel::Loop(hk) = &mut p.kernels[h] {
-                hk.sums.push(sum);
-            }
-            touched.update(p, h);
-            removed[r] = true;
-            break;
+            touched.update(p, *h);
         }
+        removed[r] = !moves.is_empty();
     }
     let gone: Vec<usize> = (0..p.kernels.len()).filter(|&k| removed[k]).collect();
     p.remove_kernels(&gone);
     gone.len()
+}
+
+/// A host for reduction `rk` (kernel `r`, or a piece of it): a kernel touching what it
+/// reads, the producers first, then the nearest. Kernels in `disjoint` may write what
+/// `rk` reads between the two (elements it does not read).
+fn host(p: &Program, touched: &Touched, removed: &[bool], r: usize, rk: &LoopKernel, disjoint: &[usize]) -> Option<(usize, FusedSum)> {
+    let reads = &touched.reads[r];
+    let mut hosts: Vec<usize> = reads
+        .iter()
+        .flat_map(|&x| touched.writers(x).iter().chain(touched.readers(x)).copied())
+        .filter(|&h| h != r && !removed[h] && can_host(p, &p.kernels[h]))
+        .collect();
+    hosts.sort_unstable();
+    hosts.dedup();
+    hosts.sort_by_key(|&h| (!reads.contains(&touched.writes[h][0]), h.abs_diff(r)));
+    hosts.into_iter().find_map(|h| {
+        let Kernel::Loop(hk) = &p.kernels[h] else { return None };
+        let sum = onto(rk, hk)?;
+        // A host after R must not change what R reads (its stores come first).
+        let ok = may_move(p, touched, r, h, rk.out.buf, disjoint) && !(h > r && touched.writes[h].iter().any(|b| reads.contains(b)));
+        ok.then_some((h, sum))
+    })
+}
+
+/// A column sum over a buffer that several kernels write a block of columns each (the
+/// pieces of a `Concat`: the qkv gradient), as one sum per piece, each hosted by the
+/// kernel writing that piece; `None` unless every piece finds its host.
+fn by_pieces(p: &Program, touched: &Touched, removed: &[bool], r: usize, rk: &LoopKernel) -> Option<Vec<(usize, FusedSum)>> {
+    let ScalarExpr::Load(l) = &rk.body else { return None };
+    let keep = rk.shape.len() - rk.reduced_dims;
+    // Split along the kept axis the load walks contiguously, where the writers start.
+    let k = (0..keep).filter(|&d| rk.shape[d] > 1).min_by_key(|&d| l.strides[d]).filter(|&d| l.strides[d] > 0)?;
+    let step = l.strides[k];
+    let writers = touched.writers(l.buf);
+    let mut starts: Vec<usize> = writers
+        .iter()
+        .filter_map(|&w| match &p.kernels[w] {
+            Kernel::Loop(wk) => wk.out.offset.checked_sub(l.offset).filter(|o| o % step == 0 && o / step < rk.shape[k]).map(|o| o / step),
+            _ => None,
+        })
+        .collect();
+    starts.sort_unstable();
+    starts.dedup();
+    if starts.len() < 2 || starts[0] != 0 {
+        return None;
+    }
+    let ends = starts.iter().skip(1).copied().chain([rk.shape[k]]);
+    let pieces: Vec<LoopKernel> = starts.iter().zip(ends).map(|(&s, e)| piece(rk, k, s, e)).collect();
+    // The writers may write between a piece's host and R: they must turn out to be the
+    // pieces' hosts, each storing exactly its piece (so not what another piece reads).
+    let moves = pieces.iter().map(|q| host(p, touched, removed, r, q, writers)).collect::<Option<Vec<_>>>()?;
+    let stores_exactly = |h: usize, q: &LoopKernel| match &p.kernels[h] {
+        Kernel::Loop(hk) => hk.out.buf == l.buf && hk.side.iter().all(|s| s.into.buf != l.buf) && walks_store(q, hk),
+        _ => false,
+    };
+    let mut used: Vec<usize> = moves.iter().map(|m| m.0).collect();
+    used.sort_unstable();
+    used.dedup();
+    let exact = moves.iter().zip(&pieces).all(|((h, _), q)| stores_exactly(*h, q));
+    (used.len() == moves.len() && exact && writers.iter().all(|w| used.contains(w))).then_some(moves)
+}
+
+/// Whether the load that is `q`'s body walks exactly the elements `h` stores (over
+/// finer axes of `q` where `h` splits them).
+fn walks_store(q: &LoopKernel, h: &LoopKernel) -> bool {
+    let ScalarExpr::Load(l) = &q.body else { return false };
+    if PointMap::between(&q.shape, l, &h.shape, &h.out).is_some() {
+        return true;
+    }
+    let Some((qs, hs)) = refinement(&q.shape, l, &h.shape, &h.out) else { return false };
+    let fine = split_axes(q, &qs);
+    matches!(&fine.body, ScalarExpr::Load(fl) if hs.iter().all(|p| p.len() == 1) && PointMap::between(&fine.shape, fl, &h.shape, &h.out).is_some())
+}
+
+/// Reduction `rk` over indices `s..e` of its kept axis `k`.
+fn piece(rk: &LoopKernel, k: usize, s: usize, e: usize) -> LoopKernel {
+    let shift = |a: &Access| Access { offset: a.offset + s * a.strides[k], ..a.clone() };
+    let mut shape = rk.shape.clone();
+    shape[k] = e - s;
+    LoopKernel { shape, body: rk.body.map_loads(&shift, &|i| i), out: shift(&rk.out), ..rk.clone() }
 }
 
 /// A plain `Sum` reduction into an f32 temporary over a non-empty iteration space.
@@ -95,6 +162,22 @@ fn onto(r: &LoopKernel, h: &LoopKernel) -> Option<FusedSum> {
             {
                 return Some(sum);
             }
+            // `H` walks as two axes what `R` walks as one (a `[B, T, H, D]` copy and a
+            // sum over `[H·D, B, T]`): `R` over the finer axes, if `H` needs no split.
+            if let Some((rs, hs)) = refinement(&r.shape, l, &h.shape, a)
+                && hs.iter().all(|p| p.len() == 1)
+            {
+                let fine = split_axes(r, &rs);
+                let mut fine_loads = vec![];
+                fine.body.for_each_load(&mut |x| fine_loads.push(x.clone()));
+                let same = fine_loads.iter().find(|x| x.buf == a.buf && x.offset == a.offset);
+                if let Some(fl) = same
+                    && let Some(map) = PointMap::between(&fine.shape, fl, &h.shape, a)
+                    && let Some(sum) = remap(&fine, h, &map)
+                {
+                    return Some(sum);
+                }
+            }
         }
     }
     None
@@ -123,7 +206,7 @@ fn remap(r: &LoopKernel, h: &LoopKernel, map: &PointMap) -> Option<FusedSum> {
 }
 
 /// Whether `R` (writing `w`) may run at `H`'s place in every entry.
-fn may_move(p: &Program, touched: &Touched, r: usize, h: usize, w: BufId) -> bool {
+fn may_move(p: &Program, touched: &Touched, r: usize, h: usize, w: BufId, disjoint: &[usize]) -> bool {
     if touched.reads[h].contains(&w) {
         return false;
     }
@@ -135,7 +218,7 @@ fn may_move(p: &Program, touched: &Touched, r: usize, h: usize, w: BufId) -> boo
             (None, None) => true,
             (Some(pr), Some(ph)) => e.kernels[pr.min(ph) + 1..pr.max(ph)].iter().all(|&k| {
                 let (kw, kr) = (&touched.writes[k], &touched.reads[k]);
-                !kw.contains(&w) && !kr.contains(&w) && !kw.iter().any(|b| reads.contains(b))
+                !kw.contains(&w) && !kr.contains(&w) && (disjoint.contains(&k) || !kw.iter().any(|b| reads.contains(b)))
             }),
             _ => false,
         }
@@ -214,5 +297,47 @@ mod tests {
         ks.insert(1, lp(&[4], 0, load(2, &[1]), at(3, &[1])));
         let mut p = program(ks, &[&[0, 1, 2]]);
         assert_eq!(fuse_sums(&mut p), 0);
+    }
+
+    /// `X[:, 0..4] = a`, `X[:, 4..8] = b` (the pieces of a concat), then `db = Σ_rows X`;
+    /// with `heads` the copies walk their four columns as two axes of two (heads of a
+    /// permute), with `overlap` a third copy writes columns 2..6 after both.
+    fn concat_then_sum(heads: bool, overlap: bool) -> Program {
+        let copy = |src: BufId, offset: usize| {
+            let (shape, from, to) =
+                if heads { (vec![8, 2, 2], vec![4, 2, 1], vec![8, 2, 1]) } else { (vec![8, 4], vec![4, 1], vec![8, 1]) };
+            let out = Access { buf: 2, offset, strides: to };
+            Kernel::Loop(LoopKernel::elementwise(shape, ScalarExpr::Load(Access { buf: src, offset: 0, strides: from }), out))
+        };
+        let mut kernels = vec![copy(0, 0), copy(1, 4)];
+        if overlap {
+            kernels.push(copy(1, 2));
+        }
+        kernels.push(lp(&[8, 8], 1, load(2, &[1, 8]), at(3, &[1, 0])));
+        let n = kernels.len();
+        Program {
+            buffers: vec![buf("a", &[8, 4]), buf("b", &[8, 4]), buf("x", &[8, 8]), buf("db", &[8])],
+            kernels,
+            entries: vec![Entry { name: "e".into(), kernels: (0..n).collect(), results: vec![] }],
+            params: vec![],
+        }
+    }
+
+    #[test]
+    fn a_column_sum_over_concatenated_pieces_rides_along_with_each_piece() {
+        for heads in [false, true] {
+            let mut p = concat_then_sum(heads, false);
+            assert_eq!(fuse_sums(&mut p), 1, "heads {heads}");
+            assert_eq!(p.kernels.len(), 2);
+            for (k, offset) in [(0, 0), (1, 4)] {
+                let Kernel::Loop(h) = &p.kernels[k] else { panic!() };
+                assert_eq!(h.sums.len(), 1, "k{k}");
+                let (into, x) = if heads { (vec![0, 2, 1], vec![8, 2, 1]) } else { (vec![0, 1], vec![8, 1]) };
+                assert_eq!(h.sums[0].into, Access { buf: 3, offset, strides: into });
+                assert_eq!(h.sums[0].value, ScalarExpr::Load(Access { buf: 2, offset, strides: x }));
+            }
+            let mut p = concat_then_sum(heads, true);
+            assert_eq!(fuse_sums(&mut p), 0);
+        }
     }
 }

@@ -168,11 +168,10 @@ fn check(members: &[&Candidate]) -> Option<Option<usize>> {
             Candidate::No => return None,
         }
     }
-    // A fused sum's buffer is written after the group: nothing else may touch it.
-    for (i, &s) in sums.iter().enumerate() {
-        if sums[i + 1..].contains(&s) || rows.iter().any(|r| r.buf == s) {
-            return None;
-        }
+    // A fused sum's buffer is written after the group (the members' sums combined in
+    // member order, as one by one): no load or store may touch it.
+    if sums.iter().any(|&s| rows.iter().any(|r| r.buf == s)) {
+        return None;
     }
     // Every access to a buffer the group writes stays in the same block per index.
     let mut written: Vec<BufId> = rows.iter().filter(|r| r.write).map(|r| r.buf).collect();
