@@ -633,9 +633,16 @@ mod timing {
     #[test]
     #[ignore]
     fn w2_shapes() {
-        let (batch, t, d) = (vec![16usize, 4], 128usize, 32usize);
+        // W2's shapes, then W3's.
+        for (batch, t, d) in [(vec![16usize, 4], 128usize, 32usize), (vec![8, 6], 256, 64)] {
+            shapes(batch, t, d);
+        }
+    }
+
+    fn shapes(batch: Vec<usize>, t: usize, d: usize) {
         let nb: usize = batch.iter().product();
-        let op = |buf| MatOperand { buf, offset: 0, batch_strides: vec![4 * t * d, t * d], row_stride: d, col_stride: 1 };
+        let h = batch[1];
+        let op = |buf| MatOperand { buf, offset: 0, batch_strides: vec![h * t * d, t * d], row_stride: d, col_stride: 1 };
         let a = AttentionKernel {
             batch: batch.clone(),
             tq: t,
@@ -667,16 +674,24 @@ mod timing {
         fill(&mut bufs, 1, false);
         for threads in [1, 2] {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-            let mut best = (f64::MAX, f64::MAX);
-            for _ in 0..15 {
+            let (mut f, mut b) = (vec![], vec![]);
+            for _ in 0..21 {
                 let t0 = std::time::Instant::now();
                 pool.install(|| forward(&a, &mut bufs, threads)).unwrap();
                 let t1 = std::time::Instant::now();
                 pool.install(|| backward(&bk, &mut bufs, threads)).unwrap();
-                let t2 = std::time::Instant::now();
-                best = (best.0.min((t1 - t0).as_secs_f64()), best.1.min((t2 - t1).as_secs_f64()));
+                f.push((t1 - t0).as_secs_f64());
+                b.push(t1.elapsed().as_secs_f64());
             }
-            println!("{threads} threads: forward {:.2} ms, backward {:.2} ms (best of 15)", best.0 * 1e3, best.1 * 1e3);
+            f.sort_by(f64::total_cmp);
+            b.sort_by(f64::total_cmp);
+            println!(
+                "batch {batch:?} t {t} d {d}, {threads} threads: forward {:.2} ms, backward {:.2} ms (medians of 21; best {:.2}, {:.2})",
+                f[10] * 1e3,
+                b[10] * 1e3,
+                f[0] * 1e3,
+                b[0] * 1e3
+            );
         }
     }
 }

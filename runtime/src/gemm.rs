@@ -467,3 +467,113 @@ mod panel_timing {
         }
     }
 }
+
+/// The crate's two-thread split against splitting the sum over `k` in two
+/// single-threaded products added afterwards (weight gradients: small `m·n`, long `k`):
+/// `cargo test --release -p bm-runtime gemm::ksplit_timing -- --ignored --nocapture`.
+#[cfg(test)]
+mod ksplit_timing {
+    #[test]
+    #[ignore]
+    fn ksplit_vs_crate_threads() {
+        // (m, n, k): A is kᵀ-major (transposed), B row-major, as a weight gradient.
+        let shapes = [
+            (128, 512, 2048),
+            (128, 384, 2048),
+            (128, 128, 2048),
+            (512, 128, 2048),
+            (384, 1536, 2048),
+            (1536, 384, 2048),
+            (384, 1152, 2048),
+            (384, 384, 2048),
+        ];
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        for &(m, n, k) in &shapes {
+            let a = vec![0.5f32; m * k];
+            let b = vec![0.25f32; k * n];
+            let mut c = vec![0.0f32; m * n];
+            let mut c2 = vec![0.0f32; m * n];
+            let (ap, bp, cp, c2p) = (a.as_ptr() as usize, b.as_ptr() as usize, c.as_mut_ptr() as usize, c2.as_mut_ptr() as usize);
+            // C (m × n, column-major as the weight gradient's [out, in] layout) over k0..k1.
+            let run = |dst: usize, k0: usize, k1: usize, par: ::gemm::Parallelism| unsafe {
+                ::gemm::gemm(
+                    m,
+                    n,
+                    k1 - k0,
+                    dst as *mut f32,
+                    m as isize,
+                    1,
+                    false,
+                    (ap as *const f32).add(k0 * m),
+                    m as isize,
+                    1,
+                    (bp as *const f32).add(k0 * n),
+                    1,
+                    n as isize,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    par,
+                )
+            };
+            // The same product as Cᵀ = Bᵀ Aᵀ (n × m, row-major: the same memory as C).
+            let swapped = || unsafe {
+                ::gemm::gemm(
+                    n,
+                    m,
+                    k,
+                    cp as *mut f32,
+                    1,
+                    m as isize,
+                    false,
+                    bp as *const f32,
+                    n as isize,
+                    1,
+                    ap as *const f32,
+                    1,
+                    m as isize,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    ::gemm::Parallelism::Rayon(2),
+                )
+            };
+            let mut t = [vec![], vec![], vec![]];
+            for _ in 0..40 {
+                let t0 = std::time::Instant::now();
+                pool.install(swapped);
+                t[2].push(t0.elapsed().as_secs_f64());
+                let t0 = std::time::Instant::now();
+                pool.install(|| run(cp, 0, k, ::gemm::Parallelism::Rayon(2)));
+                let t1 = std::time::Instant::now();
+                pool.install(|| {
+                    rayon::join(|| run(cp, 0, k / 2, ::gemm::Parallelism::None), || run(c2p, k / 2, k, ::gemm::Parallelism::None));
+                    // SAFETY: both buffers hold m·n floats.
+                    let (x, y) = unsafe {
+                        (std::slice::from_raw_parts_mut(cp as *mut f32, m * n), std::slice::from_raw_parts(c2p as *const f32, m * n))
+                    };
+                    for (x, y) in x.iter_mut().zip(y) {
+                        *x += y;
+                    }
+                });
+                t[0].push((t1 - t0).as_secs_f64());
+                t[1].push(t1.elapsed().as_secs_f64());
+            }
+            let _ = (&mut c, &mut c2);
+            let med = |v: &mut Vec<f64>| {
+                v.sort_by(f64::total_cmp);
+                2.0 * (m * n * k) as f64 / v[v.len() / 2] / 1e9
+            };
+            println!(
+                "{m}x{n}x{k}: crate Rayon(2) {:.1}, k halves {:.1}, as Cᵀ = Bᵀ Aᵀ {:.1} GFLOP/s (medians)",
+                med(&mut t[0]),
+                med(&mut t[1]),
+                med(&mut t[2])
+            );
+        }
+    }
+}
