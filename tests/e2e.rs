@@ -649,6 +649,8 @@ fn bmc_train_info_and_emit() {
 
     let o = ok(bmc(dir, &["info", s(&model)]));
     assert!(text(&o.stdout).contains("85002"), "{}", show(&o));
+    // The MLP's softmax/cross-entropy chain and its gradient run as row groups.
+    assert!(text(&o.stdout).lines().any(|l| l.starts_with("row groups on the CPU: ") && !l.contains(": 0 groups")), "{}", show(&o));
 
     for stage in ["ast", "graph", "fused", "train", "kernels", "clif"] {
         let o = ok(bmc(dir, &["emit", s(&model), "--stage", stage]));

@@ -38,6 +38,8 @@ fn compile_bytes(text: &[u8]) -> bool {
     r
 }
 
+// The closure's error is a whole diagnostic; it is only ever inspected, never moved around.
+#[allow(clippy::result_large_err)]
 fn compile_path(path: &Path, text: &[u8]) -> bool {
     let p = path.to_string_lossy().into_owned();
     let (tx, rx) = std::sync::mpsc::channel();

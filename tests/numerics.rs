@@ -168,12 +168,12 @@ fn build(name: &str, g: &mut Graph, xs: &[NodeId], targets: Option<NodeId>) -> N
         }
         "attention_causal" => ops::attention(g, xs[0], xs[1], xs[2], true, Some(0.5)),
         "maximum" => ops::binary(g, BinaryOp::Max, xs[0], xs[1]),
-        "pow" => (|| {
+        "pow" => {
             let a = ops::unary(g, UnaryOp::Abs, xs[0]);
             let a = ops::add_scalar(g, a, 0.5);
             let p = ops::scalar(g, 1.7);
             ops::binary(g, BinaryOp::Pow, a, p)
-        })(),
+        }
         "cross_entropy" => ops::cross_entropy(g, xs[0], targets.unwrap(), -100),
         other => panic!("no builder for fixture case `{other}`"),
     };

@@ -163,7 +163,7 @@ pub enum Stage {
     Kernels,
 }
 
-pub fn find_model<'a>(loaded: &'a Loaded) -> Result<BlockSource, Diagnostic> {
+pub fn find_model(loaded: &Loaded) -> Result<BlockSource, Diagnostic> {
     let models: Vec<&ast::BlockDef> = loaded.ast.items.iter().filter_map(|i| if let Item::Model(m) = i { Some(m) } else { None }).collect();
     match models.as_slice() {
         [m] => Ok(BlockSource { def: (*m).clone(), file: loaded.main.clone() }),
@@ -227,10 +227,10 @@ pub fn compile(loaded: &Loaded, opts: &Options, stage: Stage) -> Result<Compiled
     if let Some(b) = opts.batch {
         train.batch = b;
     }
-    if let Some(d) = &opts.data {
-        if let Some(spec) = &mut train.data {
-            spec.set_path(d.to_string_lossy());
-        }
+    if let Some(d) = &opts.data
+        && let Some(spec) = &mut train.data
+    {
+        spec.set_path(d.to_string_lossy());
     }
     let to_graph_dtype = |d: bm_runtime::kir::DType| if d == bm_runtime::kir::DType::I32 { DType::I32 } else { DType::F32 };
     let mut dataset = None;

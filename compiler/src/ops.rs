@@ -329,7 +329,7 @@ pub fn reshape_spec(g: &mut Graph, x: NodeId, spec: &[i64]) -> OpResult {
     }
     let mut shape: Vec<usize> = spec.iter().map(|&d| d.max(0) as usize).collect();
     if let Some(&u) = unknown.first() {
-        if known == 0 || total % known != 0 {
+        if known == 0 || !total.is_multiple_of(known) {
             return Err(OpError::new(format!(
                 "reshape(): cannot reshape {} ({total} elements) into {spec:?}: {total} is not divisible by {known}",
                 describe(g, x)
@@ -415,7 +415,7 @@ pub fn pad(g: &mut Graph, x: NodeId, axis: usize, before: usize, after: usize) -
 pub fn split(g: &mut Graph, x: NodeId, parts: usize, axis: i64) -> OpResult<Vec<NodeId>> {
     let s = g.shape(x).to_vec();
     let a = norm_axis(axis, s.len())?;
-    if parts == 0 || s[a] % parts != 0 {
+    if parts == 0 || !s[a].is_multiple_of(parts) {
         return Err(OpError::new(format!(
             "split(): axis {axis} of {} (size {}) does not divide into {parts} equal parts",
             describe(g, x),

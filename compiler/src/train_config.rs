@@ -391,7 +391,7 @@ fn optimizer(cx: &Ctx, v: &(Value, Span)) -> Result<Optimizer, Diagnostic> {
     };
     let lr_of = |a: &(Value, Span)| -> Result<f64, Diagnostic> {
         let lr = cx.num(a, "`lr`")?;
-        if !(lr >= 0.0) || !lr.is_finite() {
+        if lr < 0.0 || !lr.is_finite() {
             return Err(cx.err(a.1, format!("`lr` must be a non-negative number, got {lr}"), "bad lr"));
         }
         Ok(lr)

@@ -89,7 +89,7 @@ fn mask_tensor(rng: &mut Rng, shape: &[usize]) -> Tensor {
     let mut t = rng.tensor(shape, -1.0, 1.0);
     for (i, x) in t.data.iter_mut().enumerate() {
         let j = i % cols;
-        if j != 0 && rng.next_u64() % 5 == 0 {
+        if j != 0 && rng.next_u64().is_multiple_of(5) {
             *x = f64::NEG_INFINITY;
         }
     }

@@ -272,7 +272,7 @@ impl Evaluator {
         if ds.is_stream() {
             return Ok(Some(Evaluator { session: None, batches: ds.eval_batches(batch, bundle.train.eval_batches.max(1))? }));
         }
-        let n = ds.eval_len().min(batch * bundle.train.eval_batches.max(1)).min(MAX_EVAL_BATCH).max(1);
+        let n = ds.eval_len().min(batch * bundle.train.eval_batches.max(1)).clamp(1, MAX_EVAL_BATCH);
         let session = if n == batch { None } else { Some(Session::on(respec(&bundle.sources, &Specialise::batch(n))?, device, threads)?) };
         Ok(Some(Evaluator { session, batches: vec![ds.eval_batch(n, 0)] }))
     }
@@ -330,7 +330,7 @@ pub fn train(mut bundle: Bundle, args: &TrainArgs, respec: Respecialise) -> Resu
     let out = args.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(format!("{}-{}", model.to_lowercase(), timestamp())));
     std::fs::create_dir_all(&out).map_err(|e| Error::user(format!("cannot create the output directory `{}`: {e}", out.display())))?;
     let mut batcher = Batcher::new(&ds, cfg.batch, cfg.seed)?;
-    let mut rng = Rng::new(cfg.seed ^ 0xD0_0D_5EED);
+    let mut rng = Rng::new(cfg.seed ^ 0xD00D_5EED);
     let mut start = 0;
     if let Some(ck) = &args.resume {
         let params = checkpoint::load(ck)?;
@@ -400,18 +400,18 @@ pub fn train(mut bundle: Bundle, args: &TrainArgs, respec: Respecialise) -> Resu
             elapsed_s: t0.elapsed().as_secs_f64(),
             ..Default::default()
         };
-        if done % eval_every == 0 || done == steps {
-            if let Some(ev) = evaluator.as_mut().map(|e| e.run(&mut session, step, steps, &mut rng)).transpose()? {
-                m.eval_loss = Some(ev.loss);
-                m.eval_accuracy = ev.accuracy;
-                let acc = ev.accuracy.map(|a| format!(" eval_accuracy {a:.4}")).unwrap_or_default();
-                let line = format!("step {done}/{steps} eval_loss {:.4}{acc}", ev.loss);
-                match &bar {
-                    Some(b) => b.println(line),
-                    None => eprintln!("{line}"),
-                }
-                last_eval = Some(ev);
+        if (done % eval_every == 0 || done == steps)
+            && let Some(ev) = evaluator.as_mut().map(|e| e.run(&mut session, step, steps, &mut rng)).transpose()?
+        {
+            m.eval_loss = Some(ev.loss);
+            m.eval_accuracy = ev.accuracy;
+            let acc = ev.accuracy.map(|a| format!(" eval_accuracy {a:.4}")).unwrap_or_default();
+            let line = format!("step {done}/{steps} eval_loss {:.4}{acc}", ev.loss);
+            match &bar {
+                Some(b) => b.println(line),
+                None => eprintln!("{line}"),
             }
+            last_eval = Some(ev);
         }
         metrics.log(&m)?;
         match &bar {

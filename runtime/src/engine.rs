@@ -25,6 +25,8 @@ impl Device {
     }
 }
 
+// One engine per session: the CPU executor's size does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Engine {
     Cpu(Executor),
     Cuda(Box<CudaExecutor>),

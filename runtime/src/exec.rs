@@ -670,7 +670,7 @@ unsafe impl Sync for Scratch {}
 
 /// Whether the normalised loop kernel `k` can run with its outermost axis split across
 /// threads without two threads touching the same output element.
-fn splittable(k: &LoopKernel) -> bool {
+pub(crate) fn splittable(k: &LoopKernel) -> bool {
     let keep = k.shape.len() - k.reduce.map_or(0, |_| k.reduced_dims);
     if keep == 0 || k.out.strides[0] == 0 && k.shape[0] > 1 {
         return false;

@@ -253,6 +253,17 @@ pub fn schedule(program: &Program, kernels: &[usize], splittable: impl Fn(usize)
     steps
 }
 
+/// The schedule the CPU executor runs entry `entry` of `program` with (`None` if there
+/// is no such entry): what `bmc info` reports.
+pub fn schedule_entry(program: &Program, entry: &str) -> Option<Vec<Step>> {
+    let e = program.entry(entry)?;
+    let splittable = |k: usize| match &program.kernels[k] {
+        Kernel::Loop(l) => crate::exec::splittable(&crate::jit::normalize(l)),
+        _ => false,
+    };
+    Some(schedule(program, &e.kernels, splittable))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -471,7 +482,7 @@ mod tests {
         let mut r = Rng::new(seed);
         let len = (O + 1) * R * C;
         let rows = [R * C, C, 1];
-        let mut pick_load = |r: &mut Rng| {
+        let pick_load = |r: &mut Rng| {
             let b = r.below(4);
             match r.below(6) {
                 0 => load(b, R * C, &rows),

@@ -42,7 +42,7 @@ pub fn sample(bundle: Bundle, o: &SampleOptions, respec: Respecialise) -> Result
             bundle.train.data.as_ref().map(|d| d.kind()).unwrap_or("no")
         )));
     }
-    if !(o.temperature >= 0.0) || !o.temperature.is_finite() {
+    if o.temperature < 0.0 || !o.temperature.is_finite() {
         return Err(Error::user(format!("--temperature must be a non-negative number, got {}", o.temperature)));
     }
     let params = checkpoint::load(o.checkpoint)?;
@@ -236,8 +236,8 @@ impl Decoder for CachedDecoder {
             let keep = if self.filled == 0 { self.ctx } else { (self.ctx / 2).max(1) };
             self.reset(seq.len().saturating_sub(keep))?;
         }
-        for i in self.base + self.filled..seq.len() {
-            self.step(seq[i])?;
+        for &token in &seq[self.base + self.filled..] {
+            self.step(token)?;
         }
         Ok(self.session.exec.f32(self.logits)?[..self.vocab].to_vec())
     }

@@ -176,7 +176,9 @@ impl CudaExecutor {
         let int = |x: usize| i32::try_from(x).map_err(|_| Error::internal(format!("GEMM size {x} exceeds cuBLAS's int")));
         let (m, n, k, lda, ldb, ldc) = (int(g.m)?, int(g.n)?, int(g.k)?, int(g.lda)?, int(g.ldb)?, int(g.ldc)?);
         // One strided-batched call covers a single product too (count 1).
-        let calls: Vec<(usize, usize, usize, usize, (usize, usize, usize))> = match &g.batch {
+        // Per call: operand offsets (a, b, c), the batch count and the batch strides.
+        type Call = (usize, usize, usize, usize, (usize, usize, usize));
+        let calls: Vec<Call> = match &g.batch {
             GemmBatch::Strided { count, stride_a, stride_b, stride_c } => vec![(0, 0, 0, *count, (*stride_a, *stride_b, *stride_c))],
             GemmBatch::Offsets(v) => v.iter().map(|&(a, b, c)| (a, b, c, 1, (0, 0, 0))).collect(),
         };

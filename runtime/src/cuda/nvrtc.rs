@@ -61,10 +61,10 @@ pub fn cached(source: &str, arch: &'static str) -> Result<String> {
     h.update(source.as_bytes());
     let key: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
     let path = cache_dir().map(|d| d.join("cuda").join(format!("{key}.ptx")));
-    if let Some(p) = &path {
-        if let Ok(ptx) = std::fs::read_to_string(p) {
-            return Ok(ptx);
-        }
+    if let Some(p) = &path
+        && let Ok(ptx) = std::fs::read_to_string(p)
+    {
+        return Ok(ptx);
     }
     let ptx = compile(source, arch)?;
     if let Some(p) = &path {
