@@ -17,6 +17,7 @@
 
 use crate::error::{Error, Result};
 use crate::exec::Buffers;
+use crate::gemm::{View, product};
 use crate::kir::{AttentionBackwardKernel, AttentionKernel, BufId, MatOperand};
 use rayon::prelude::*;
 
@@ -69,28 +70,6 @@ struct Ptrs {
     out: usize,
 }
 
-/// A strided matrix view: element `(r, c)` at `ptr + r·rs + c·cs` (elements).
-#[derive(Clone, Copy)]
-struct View {
-    ptr: *const f32,
-    rs: usize,
-    cs: usize,
-}
-
-impl View {
-    /// Operand `o` of batch offset `off`, starting at row `row`.
-    fn of(base: usize, off: usize, o: &MatOperand, row: usize) -> View {
-        // Only an address: dereferenced inside bounds the caller has checked.
-        View { ptr: (base as *const f32).wrapping_add(off + row * o.row_stride), rs: o.row_stride, cs: o.col_stride }
-    }
-    fn dense(ptr: *const f32, ld: usize) -> View {
-        View { ptr, rs: ld, cs: 1 }
-    }
-    fn t(self) -> View {
-        View { ptr: self.ptr, rs: self.cs, cs: self.rs }
-    }
-}
-
 /// `c (+)= alpha · a @ b` (`m × k` by `k × n`) on this thread, through the `gemm` crate.
 ///
 /// # Safety
@@ -110,29 +89,7 @@ unsafe fn mm(m: usize, n: usize, k: usize, c: *mut f32, ldc: usize, accumulate: 
         return;
     }
     // SAFETY: forwarded from the caller.
-    unsafe {
-        ::gemm::gemm(
-            m,
-            n,
-            k,
-            c,
-            1,
-            ldc as isize,
-            accumulate,
-            a.ptr,
-            a.cs as isize,
-            a.rs as isize,
-            b.ptr,
-            b.cs as isize,
-            b.rs as isize,
-            1.0,
-            alpha,
-            false,
-            false,
-            false,
-            ::gemm::Parallelism::None,
-        )
-    }
+    unsafe { product(m, n, k, View::dense(c, ldc), accumulate, a, b, alpha, ::gemm::Parallelism::None) }
 }
 
 /// Scores and probabilities of one block of query rows (`qb × n`, row stride `tk`), and

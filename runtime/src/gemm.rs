@@ -17,6 +17,65 @@ fn check(o: &MatOperand, batch: &[usize], rows: usize, cols: usize, len: usize) 
     o.check_in(batch, rows, cols, len, "matmul")
 }
 
+/// A matrix in memory: element `(r, c)` at `ptr + r·rs + c·cs` (elements).
+#[derive(Clone, Copy)]
+pub(crate) struct View {
+    pub ptr: *const f32,
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl View {
+    /// Operand `o` at batch offset `off` from address `base`, starting at row `row`.
+    pub fn of(base: usize, off: usize, o: &MatOperand, row: usize) -> View {
+        // Only an address: dereferenced inside bounds the caller has checked.
+        View { ptr: (base as *const f32).wrapping_add(off + row * o.row_stride), rs: o.row_stride, cs: o.col_stride }
+    }
+    /// A row-major matrix with leading dimension `ld`.
+    pub fn dense(ptr: *const f32, ld: usize) -> View {
+        View { ptr, rs: ld, cs: 1 }
+    }
+    /// The transpose (the same memory).
+    pub fn t(self) -> View {
+        View { ptr: self.ptr, rs: self.cs, cs: self.rs }
+    }
+}
+
+/// `c = alpha · a @ b` (`m × k` by `k × n`; `c +` that with `accumulate`) through the
+/// `gemm` crate, the one place that calls it.
+///
+/// # Safety
+/// Every view must cover its matrix (`k > 0`); `c` is written and must not overlap `a`,
+/// `b` or what another thread writes.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn product(m: usize, n: usize, k: usize, c: View, accumulate: bool, a: View, b: View, alpha: f32, par: Parallelism) {
+    let s = |x: usize| x as isize;
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        ::gemm::gemm(
+            m,
+            n,
+            k,
+            c.ptr as *mut f32,
+            s(c.cs),
+            s(c.rs),
+            accumulate,
+            a.ptr,
+            s(a.cs),
+            s(a.rs),
+            b.ptr,
+            s(b.cs),
+            s(b.rs),
+            1.0,
+            alpha,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
 #[derive(Clone, Copy)]
 struct Ptrs {
     a: usize,
@@ -43,27 +102,8 @@ unsafe fn one(k: &MatMulKernel, p: Ptrs, (ao, bo, co): (usize, usize, usize), pa
             }
             return;
         }
-        ::gemm::gemm(
-            k.m,
-            k.n,
-            k.k,
-            c,
-            k.c.col_stride as isize,
-            k.c.row_stride as isize,
-            k.accumulate,
-            a.add(ao),
-            k.a.col_stride as isize,
-            k.a.row_stride as isize,
-            b.add(bo),
-            k.b.col_stride as isize,
-            k.b.row_stride as isize,
-            1.0f32,
-            1.0f32,
-            false,
-            false,
-            false,
-            par,
-        );
+        let (av, bv, cv) = (View::of(a as usize, ao, &k.a, 0), View::of(b as usize, bo, &k.b, 0), View::of(c as usize, 0, &k.c, 0));
+        product(k.m, k.n, k.k, cv, k.accumulate, av, bv, 1.0, par);
     }
 }
 
@@ -77,31 +117,9 @@ unsafe fn one(k: &MatMulKernel, p: Ptrs, (ao, bo, co): (usize, usize, usize), pa
 pub(crate) unsafe fn panel(k: &MatMulKernel, bufs: *const *mut u8, r0: usize, r1: usize) {
     // SAFETY: the buffers cover the validated operands; the panel's rows are in range.
     unsafe {
-        let base = |b: usize| *bufs.add(b) as *mut f32;
-        let a = base(k.a.buf).add(k.a.offset + r0 * k.a.row_stride);
-        let b = base(k.b.buf).add(k.b.offset);
-        let c = base(k.c.buf).add(k.c.offset + r0 * k.c.row_stride);
-        ::gemm::gemm(
-            r1 - r0,
-            k.n,
-            k.k,
-            c,
-            k.c.col_stride as isize,
-            k.c.row_stride as isize,
-            k.accumulate,
-            a,
-            k.a.col_stride as isize,
-            k.a.row_stride as isize,
-            b,
-            k.b.col_stride as isize,
-            k.b.row_stride as isize,
-            1.0f32,
-            1.0f32,
-            false,
-            false,
-            false,
-            Parallelism::None,
-        );
+        let base = |b: usize| *bufs.add(b) as usize;
+        let at = |o: &MatOperand, row: usize| View::of(base(o.buf), o.offset, o, row);
+        product(r1 - r0, k.n, k.k, at(&k.c, r0), k.accumulate, at(&k.a, r0), at(&k.b, 0), 1.0, Parallelism::None);
     }
 }
 
@@ -340,25 +358,15 @@ mod timing {
                 for _ in 0..20 {
                     let t0 = std::time::Instant::now();
                     pool.install(|| unsafe {
-                        ::gemm::gemm(
+                        super::product(
                             m,
                             n,
                             k,
-                            c.as_mut_ptr(),
-                            1,
-                            n as isize,
+                            super::View { ptr: c.as_mut_ptr() as *const f32, rs: n, cs: 1 },
                             false,
-                            a.as_ptr(),
-                            acs as isize,
-                            ars as isize,
-                            b.as_ptr(),
-                            bcs as isize,
-                            brs as isize,
+                            super::View { ptr: a.as_ptr(), rs: ars, cs: acs },
+                            super::View { ptr: b.as_ptr(), rs: brs, cs: bcs },
                             1.0,
-                            1.0,
-                            false,
-                            false,
-                            false,
                             par,
                         )
                     });
@@ -406,25 +414,15 @@ mod panel_timing {
             let (brs, bcs) = if tb { (1, k) } else { (n, 1) };
             let (ap, bp, cp) = (a.as_ptr() as usize, b.as_ptr() as usize, c.as_mut_ptr() as usize);
             let run = |rows: std::ops::Range<usize>, par: ::gemm::Parallelism| unsafe {
-                ::gemm::gemm(
+                super::product(
                     rows.len(),
                     n,
                     k,
-                    (cp as *mut f32).add(rows.start * n),
-                    1,
-                    n as isize,
+                    super::View { ptr: (cp as *mut f32).add(rows.start * n) as *const f32, rs: n, cs: 1 },
                     false,
-                    (ap as *const f32).add(rows.start * ars),
-                    acs as isize,
-                    ars as isize,
-                    bp as *const f32,
-                    bcs as isize,
-                    brs as isize,
+                    super::View { ptr: (ap as *const f32).add(rows.start * ars), rs: ars, cs: acs },
+                    super::View { ptr: bp as *const f32, rs: brs, cs: bcs },
                     1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
                     par,
                 )
             };
@@ -496,49 +494,29 @@ mod ksplit_timing {
             let (ap, bp, cp, c2p) = (a.as_ptr() as usize, b.as_ptr() as usize, c.as_mut_ptr() as usize, c2.as_mut_ptr() as usize);
             // C (m × n, column-major as the weight gradient's [out, in] layout) over k0..k1.
             let run = |dst: usize, k0: usize, k1: usize, par: ::gemm::Parallelism| unsafe {
-                ::gemm::gemm(
+                super::product(
                     m,
                     n,
                     k1 - k0,
-                    dst as *mut f32,
-                    m as isize,
-                    1,
+                    super::View { ptr: dst as *mut f32 as *const f32, rs: 1, cs: m },
                     false,
-                    (ap as *const f32).add(k0 * m),
-                    m as isize,
-                    1,
-                    (bp as *const f32).add(k0 * n),
-                    1,
-                    n as isize,
+                    super::View { ptr: (ap as *const f32).add(k0 * m), rs: 1, cs: m },
+                    super::View { ptr: (bp as *const f32).add(k0 * n), rs: n, cs: 1 },
                     1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
                     par,
                 )
             };
             // The same product as Cᵀ = Bᵀ Aᵀ (n × m, row-major: the same memory as C).
             let swapped = || unsafe {
-                ::gemm::gemm(
+                super::product(
                     n,
                     m,
                     k,
-                    cp as *mut f32,
-                    1,
-                    m as isize,
+                    super::View { ptr: cp as *mut f32 as *const f32, rs: m, cs: 1 },
                     false,
-                    bp as *const f32,
-                    n as isize,
-                    1,
-                    ap as *const f32,
-                    1,
-                    m as isize,
+                    super::View { ptr: bp as *const f32, rs: 1, cs: n },
+                    super::View { ptr: ap as *const f32, rs: m, cs: 1 },
                     1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
                     ::gemm::Parallelism::Rayon(2),
                 )
             };
@@ -548,25 +526,15 @@ mod ksplit_timing {
             let ctp = ct.as_mut_ptr() as usize;
             let via_t = || {
                 unsafe {
-                    ::gemm::gemm(
+                    super::product(
                         n,
                         m,
                         k,
-                        ctp as *mut f32,
-                        n as isize,
-                        1,
+                        super::View { ptr: ctp as *mut f32 as *const f32, rs: 1, cs: n },
                         false,
-                        bp as *const f32,
-                        n as isize,
-                        1,
-                        ap as *const f32,
-                        1,
-                        m as isize,
+                        super::View { ptr: bp as *const f32, rs: 1, cs: n },
+                        super::View { ptr: ap as *const f32, rs: m, cs: 1 },
                         1.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
                         ::gemm::Parallelism::Rayon(2),
                     )
                 };
