@@ -709,10 +709,9 @@ pub struct Executor {
 
 /// Every entry's schedule: row groups where `grouping` (see [`groups`]), else one
 /// kernel at a time.
-fn schedules(program: &Program, plans: &[Plan], grouping: bool) -> Vec<Vec<Step>> {
-    let splittable = |k: usize| matches!(plans[k], Plan::Jit { splittable: true, .. });
+fn schedules(program: &Program, grouping: bool) -> Vec<Vec<Step>> {
     let one_by_one = |e: &crate::kir::Entry| e.kernels.iter().map(|&k| Step::One(k)).collect();
-    program.entries.iter().map(|e| if grouping { groups::schedule(program, &e.kernels, splittable) } else { one_by_one(e) }).collect()
+    program.entries.iter().map(|e| if grouping { groups::schedule(program, &e.kernels) } else { one_by_one(e) }).collect()
 }
 
 fn build_pool(threads: usize) -> Result<rayon::ThreadPool> {
@@ -770,7 +769,7 @@ impl Executor {
         let entries = program.entries.iter().enumerate().map(|(i, e)| (e.name.clone(), i)).collect();
         // `BMC_ROW_GROUPS=0` turns row groups off (for measuring what they do).
         let grouping = jit.is_some() && std::env::var("BMC_ROW_GROUPS").map_or(true, |v| v != "0");
-        let schedules = schedules(program, &plans, grouping);
+        let schedules = schedules(program, grouping);
         Ok(Executor {
             program: program.clone(),
             bufs: Buffers::new(program),
@@ -788,7 +787,7 @@ impl Executor {
     /// Runs consecutive row-local kernels as row groups (the default with compiled
     /// kernels) or every kernel on its own.
     pub fn set_row_groups(&mut self, on: bool) {
-        self.schedules = schedules(&self.program, &self.plans, on && self._jit.is_some());
+        self.schedules = schedules(&self.program, on && self._jit.is_some());
     }
 
     /// Starts (or restarts) timing every kernel `run` runs; `false` stops it.

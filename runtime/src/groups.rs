@@ -122,9 +122,10 @@ enum Candidate<'a> {
     No,
 }
 
-fn candidate(k: &Kernel, splittable: bool) -> Candidate<'_> {
+fn candidate(k: &Kernel) -> Candidate<'_> {
     match k {
-        Kernel::Loop(l) if splittable && !l.shape.is_empty() && l.reduce.is_none_or(|_| l.reduced_dims < l.shape.len()) => {
+        // A loop that reduces every axis runs over a leading axis of 1 (`jit::normalize`).
+        Kernel::Loop(l) if !l.shape.is_empty() && l.reduce.is_none_or(|_| l.reduced_dims < l.shape.len()) && crate::exec::splittable(l) => {
             let (rows, sums) = loop_rows(l);
             Candidate::Loop { outer: l.shape[0], rows, sums }
         }
@@ -197,11 +198,9 @@ pub const MAX_DEFERRED: usize = 2;
 /// The schedule of entry kernels `kernels`: groups of two or more (at least one loop
 /// kernel) formed greedily in entry order, a kernel that cannot join deferred past the
 /// group when independent of the members that overtake it; the rest one by one.
-/// `splittable(k)` says whether loop kernel `k` may split its outermost axis across
-/// threads.
-pub fn schedule(program: &Program, kernels: &[usize], splittable: impl Fn(usize) -> bool) -> Vec<Step> {
+pub fn schedule(program: &Program, kernels: &[usize]) -> Vec<Step> {
     let n = kernels.len();
-    let cands: Vec<Candidate> = kernels.iter().map(|&k| candidate(&program.kernels[k], splittable(k))).collect();
+    let cands: Vec<Candidate> = kernels.iter().map(|&k| candidate(&program.kernels[k])).collect();
     let access: Vec<(Vec<BufId>, Vec<BufId>)> =
         kernels.iter().map(|&k| (program.kernels[k].reads(), program.kernels[k].writes())).collect();
     // Whether entry positions `a` and `b` may run in either order.
@@ -256,12 +255,7 @@ pub fn schedule(program: &Program, kernels: &[usize], splittable: impl Fn(usize)
 /// The schedule the CPU executor runs entry `entry` of `program` with (`None` if there
 /// is no such entry): what `bmc info` reports.
 pub fn schedule_entry(program: &Program, entry: &str) -> Option<Vec<Step>> {
-    let e = program.entry(entry)?;
-    let splittable = |k: usize| match &program.kernels[k] {
-        Kernel::Loop(l) => crate::exec::splittable(&crate::jit::normalize(l)),
-        _ => false,
-    };
-    Some(schedule(program, &e.kernels, splittable))
+    Some(schedule(program, &program.entry(entry)?.kernels))
 }
 
 #[cfg(test)]
@@ -328,7 +322,7 @@ mod tests {
 
     fn steps_of(p: &Program) -> Vec<Step> {
         let e = &p.entries[0];
-        groups::schedule(p, &e.kernels, |_| true)
+        groups::schedule(p, &e.kernels)
     }
     use crate::groups;
 
