@@ -24,6 +24,7 @@
 
 use crate::points::{PointMap, Touched, canonical, refinement, split_axes};
 use bm_runtime::kir::{Access, BufId, BufKind, DType, FusedSum, Kernel, LoopKernel, Program, ReduceOp, ScalarExpr};
+use std::borrow::Cow;
 
 /// Moves every eligible reduction into a host kernel; returns how many moved.
 pub fn fuse_sums(p: &mut Program) -> usize {
@@ -112,16 +113,9 @@ fn by_pieces(p: &Program, touched: &Touched, removed: &[bool], r: usize, rk: &Lo
     (used.len() == moves.len() && exact && writers.iter().all(|w| used.contains(w))).then_some(moves)
 }
 
-/// Whether the load that is `q`'s body walks exactly the elements `h` stores (over
-/// finer axes of `q` where `h` splits them).
+/// Whether the load that is `q`'s body walks exactly the elements `h` stores.
 fn walks_store(q: &LoopKernel, h: &LoopKernel) -> bool {
-    let ScalarExpr::Load(l) = &q.body else { return false };
-    if PointMap::between(&q.shape, l, &h.shape, &h.out).is_some() {
-        return true;
-    }
-    let Some((qs, hs)) = refinement(&q.shape, l, &h.shape, &h.out) else { return false };
-    let fine = split_axes(q, &qs);
-    matches!(&fine.body, ScalarExpr::Load(fl) if hs.iter().all(|p| p.len() == 1) && PointMap::between(&fine.shape, fl, &h.shape, &h.out).is_some())
+    matches!(q.body, ScalarExpr::Load(_)) && paired(q, 0, &h.shape, &h.out).is_some()
 }
 
 /// Reduction `rk` over indices `s..e` of its kept axis `k`.
@@ -153,34 +147,40 @@ fn onto(r: &LoopKernel, h: &LoopKernel) -> Option<FusedSum> {
     let mut h_accesses = vec![&h.out];
     h_accesses.extend(h.side.iter().map(|s| &s.into));
     h.body.for_each_load(&mut |a| h_accesses.push(a));
-    let mut r_loads = vec![];
-    r.body.for_each_load(&mut |a| r_loads.push(a));
-    for l in &r_loads {
+    for li in 0..loads(r).len() {
         for a in &h_accesses {
-            if let Some(map) = PointMap::between(&r.shape, l, &h.shape, a)
-                && let Some(sum) = remap(r, h, &map)
+            if let Some((r, map)) = paired(r, li, &h.shape, a)
+                && let Some(sum) = remap(&r, h, &map)
             {
                 return Some(sum);
-            }
-            // `H` walks as two axes what `R` walks as one (a `[B, T, H, D]` copy and a
-            // sum over `[H·D, B, T]`): `R` over the finer axes, if `H` needs no split.
-            if let Some((rs, hs)) = refinement(&r.shape, l, &h.shape, a)
-                && hs.iter().all(|p| p.len() == 1)
-            {
-                let fine = split_axes(r, &rs);
-                let mut fine_loads = vec![];
-                fine.body.for_each_load(&mut |x| fine_loads.push(x.clone()));
-                let same = fine_loads.iter().find(|x| x.buf == a.buf && x.offset == a.offset);
-                if let Some(fl) = same
-                    && let Some(map) = PointMap::between(&fine.shape, fl, &h.shape, a)
-                    && let Some(sum) = remap(&fine, h, &map)
-                {
-                    return Some(sum);
-                }
             }
         }
     }
     None
+}
+
+fn loads(k: &LoopKernel) -> Vec<Access> {
+    let mut v = vec![];
+    k.body.for_each_load(&mut |a| v.push(a.clone()));
+    v
+}
+
+/// `R` and the map under which its load number `li` and access `a` of a kernel over
+/// `h_shape` walk the same elements; `R` over finer axes when the other kernel walks as
+/// several axes what `R` walks as one (a `[B, T, H, D]` copy and a sum over
+/// `[H·D, B, T]`) and needs no split itself. `None` if they walk different elements.
+fn paired<'r>(r: &'r LoopKernel, li: usize, h_shape: &[usize], a: &Access) -> Option<(Cow<'r, LoopKernel>, PointMap)> {
+    let l = &loads(r)[li];
+    if let Some(map) = PointMap::between(&r.shape, l, h_shape, a) {
+        return Some((Cow::Borrowed(r), map));
+    }
+    let (rs, hs) = refinement(&r.shape, l, h_shape, a)?;
+    if hs.iter().any(|p| p.len() > 1) {
+        return None;
+    }
+    let fine = split_axes(r, &rs);
+    let map = PointMap::between(&fine.shape, &loads(&fine)[li], h_shape, a)?;
+    Some((Cow::Owned(fine), map))
 }
 
 /// `R`'s body and output in `H`'s iteration space.
