@@ -138,11 +138,23 @@ const ROW_OPS: [(UnaryOp, &str); 3] =
 /// Rows longer than this are computed inline (the results live on the stack).
 const MAX_ROW: usize = 4096;
 
-/// A row function call hoisted out of the innermost loop: `op` of load `j`, into `slot`.
-struct RowCall {
+/// Rows shorter than this compute an operand expression inline: evaluating it into a
+/// row first costs a loop and a round trip through the stack.
+const MIN_COMPUTED_ROW: usize = 32;
+
+/// A row function call hoisted out of the innermost loop: `op` of `src`'s row, into `slot`.
+struct RowCall<'k> {
     op: UnaryOp,
-    j: usize,
+    src: RowSrc<'k>,
     slot: StackSlot,
+}
+
+/// Where a row function reads its operand's row.
+enum RowSrc<'k> {
+    /// Load `j` (of `Gen::accesses`), in place.
+    Load(usize),
+    /// An expression, evaluated over the row into `slot` first (GELU's `x + bias`).
+    Computed(&'k ScalarExpr, StackSlot),
 }
 
 /// Compiles every loop kernel of `program` (which must have passed
@@ -282,6 +294,7 @@ fn compile_inner(kernels: &[Option<&LoopKernel>], dtypes: &[DType], mut clif: Op
             eprintln!("; kernel k{i}\n{}\n{code}", ctx.func.display());
         }
         module.clear_context(&mut ctx);
+        ctx.set_disasm(dump); // clear_context resets it
         ids.push(Some(id));
     }
     module.finalize_definitions().map_err(|e| cl_err("finalize", e))?;
@@ -356,7 +369,7 @@ struct Gen<'a, 'k> {
     row_ids: &'a [(UnaryOp, FuncId)],
     /// Row functions called at the start of every innermost row, and the addresses of
     /// their results while that row's loops are emitted.
-    rows: Vec<RowCall>,
+    rows: Vec<RowCall<'k>>,
     row_addrs: Vec<Option<Value>>,
     k: &'k LoopKernel,
     dtypes: &'a [DType],
@@ -386,21 +399,20 @@ struct Gen<'a, 'k> {
     stored: Option<Value>,
 }
 
-/// `op(load)` nodes of `e` with a row function and the load contiguous along `inner`.
-fn row_candidates<'k>(e: &'k ScalarExpr, inner: usize, out: &mut Vec<(UnaryOp, &'k Access)>) {
+/// The outermost `op(operand)` nodes of `e` with a row function whose operand `row_src`
+/// can feed (a row whose value at each point depends on that point only).
+fn row_candidates<'k>(e: &'k ScalarExpr, row_src: &impl Fn(&ScalarExpr) -> bool, out: &mut Vec<(UnaryOp, &'k ScalarExpr)>) {
     match e {
-        ScalarExpr::Unary(op, a) => match &**a {
-            ScalarExpr::Load(l) if crate::rows::row_fn(*op).is_some() && l.strides[inner] == 1 => out.push((*op, l)),
-            _ => row_candidates(a, inner, out),
-        },
+        ScalarExpr::Unary(op, a) if crate::rows::row_fn(*op).is_some() && row_src(a) => out.push((*op, a)),
+        ScalarExpr::Unary(_, a) => row_candidates(a, row_src, out),
         ScalarExpr::Binary(_, a, b) => {
-            row_candidates(a, inner, out);
-            row_candidates(b, inner, out);
+            row_candidates(a, row_src, out);
+            row_candidates(b, row_src, out);
         }
         ScalarExpr::Select(c, a, b) => {
-            row_candidates(c, inner, out);
-            row_candidates(a, inner, out);
-            row_candidates(b, inner, out);
+            row_candidates(c, row_src, out);
+            row_candidates(a, row_src, out);
+            row_candidates(b, row_src, out);
         }
         ScalarExpr::Load(_) | ScalarExpr::Const(_) | ScalarExpr::Index(_) => {}
     }
@@ -489,9 +501,12 @@ impl<'k> Gen<'_, 'k> {
         Ok(())
     }
 
-    /// Finds the row functions worth calling: `op(load)` with the load contiguous along
-    /// the innermost axis (scalar code, or vector lanes along that axis), in rows of
-    /// 8..=MAX_ROW.
+    /// Finds the row functions worth calling, in rows of 8..=MAX_ROW (scalar code, or
+    /// vector lanes along the innermost axis): `op(load)` with an f32 load contiguous
+    /// along the innermost axis, read in place; or `op(expression)` whose loads move
+    /// contiguously or not at all along that axis and read nothing this kernel writes
+    /// (except each point's own output element, which is read before it is written in
+    /// either order), evaluated over the row first.
     fn plan_rows(&mut self) -> Result<()> {
         let k = self.k;
         let rank = k.shape.len();
@@ -500,43 +515,101 @@ impl<'k> Gen<'_, 'k> {
         if rank < 2 || lanes_elsewhere || !(8..=MAX_ROW).contains(&k.shape[rank - 1]) {
             return Ok(());
         }
-        let mut found: Vec<(UnaryOp, &Access)> = vec![];
+        let inner = rank - 1;
+        let stores: Vec<&Access> = self.accesses[self.side_at..].iter().copied().chain([&k.out]).collect();
+        let sums: Vec<BufId> = k.sums.iter().map(|s| s.into.buf).collect();
+        let dtypes = self.dtypes;
+        let row_src = |e: &ScalarExpr| match e {
+            ScalarExpr::Load(l) => l.strides[inner] == 1 && dtypes.get(l.buf) == Some(&DType::F32),
+            _ if k.shape[inner] < MIN_COMPUTED_ROW => false,
+            _ => {
+                let mut loads = vec![];
+                collect(e, &mut loads);
+                loads.iter().all(|l| {
+                    l.strides[inner] <= 1 && !sums.contains(&l.buf) && stores.iter().all(|s| s.buf != l.buf || (s == l && **s == k.out))
+                })
+            }
+        };
+        let mut found: Vec<(UnaryOp, &ScalarExpr)> = vec![];
         let exprs = std::iter::once(&k.body).chain(k.side.iter().map(|s| &s.value)).chain(k.sums.iter().map(|s| &s.value));
         for e in exprs {
-            row_candidates(e, rank - 1, &mut found);
+            row_candidates(e, &row_src, &mut found);
         }
+        let size = (k.shape[inner] * 4) as u32;
         for (op, a) in found {
-            let j = self.accesses[..self.side_at].iter().position(|x| *x == a).expect("collected");
-            if self.dtype(a.buf)? != DType::F32 || self.rows.iter().any(|r| r.op == op && r.j == j) {
+            if self.row_of(op, a).is_some() {
                 continue;
             }
-            let size = (k.shape[rank - 1] * 4) as u32;
-            let slot = self.b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, size, 4));
-            self.rows.push(RowCall { op, j, slot });
+            let mut slot = || self.b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, size, 4));
+            let src = match a {
+                ScalarExpr::Load(l) => RowSrc::Load(self.accesses[..self.side_at].iter().position(|x| *x == l).expect("collected")),
+                _ => RowSrc::Computed(a, slot()),
+            };
+            let slot = slot();
+            self.rows.push(RowCall { op, src, slot });
         }
         self.row_addrs = vec![None; self.rows.len()];
         Ok(())
     }
 
-    /// At the start of an innermost row: every row function over the row's operands.
-    fn call_rows(&mut self) {
-        let n = self.k.shape[self.k.shape.len() - 1] as i64;
+    /// The row call computing `op(a)`, if there is one.
+    fn row_of(&self, op: UnaryOp, a: &ScalarExpr) -> Option<usize> {
+        self.rows.iter().position(|r| {
+            r.op == op
+                && match r.src {
+                    RowSrc::Load(j) => matches!(a, ScalarExpr::Load(acc) if self.accesses[j] == acc),
+                    RowSrc::Computed(e, _) => e == a,
+                }
+        })
+    }
+
+    /// At the start of an innermost row (level `d`): every row function over the row's
+    /// operands.
+    fn call_rows(&mut self, d: usize) -> Result<()> {
+        let n = self.k.shape[d] as i64;
         for i in 0..self.rows.len() {
-            let (op, j, slot) = (self.rows[i].op, self.rows[i].j, self.rows[i].slot);
+            let (op, slot) = (self.rows[i].op, self.rows[i].slot);
+            let src = match self.rows[i].src {
+                RowSrc::Load(j) => self.addrs[j],
+                RowSrc::Computed(e, into) => self.evaluate_row(d, e, into)?,
+            };
             let id = self.row_ids.iter().find(|r| r.0 == op).expect("declared").1;
             let fr = self.module.declare_func_in_func(id, self.b.func);
             let dst = self.b.ins().stack_addr(self.ptr_ty, slot, 0);
             let count = self.b.ins().iconst(types::I64, n);
-            let src = self.addrs[j];
             self.b.ins().call(fr, &[src, count, dst]);
             self.row_addrs[i] = Some(dst);
         }
+        Ok(())
+    }
+
+    /// Evaluates `e` at every point of the innermost row (level `d`: 4 lanes, then a
+    /// scalar tail) into stack slot `into`; returns its address.
+    fn evaluate_row(&mut self, d: usize, e: &ScalarExpr, into: StackSlot) -> Result<Value> {
+        let zero = self.b.ins().iconst(types::I64, 0);
+        let end = self.b.ins().iconst(types::I64, self.k.shape[d] as i64);
+        let base = self.b.ins().stack_addr(self.ptr_ty, into, 0);
+        let point = |g: &mut Self| -> Result<()> {
+            g.cache.iter_mut().for_each(|c| *c = None);
+            let v = g.expr(e)?;
+            let off = g.b.ins().imul_imm_s(g.idx[d], 4);
+            let addr = g.b.ins().iadd(base, off);
+            g.b.ins().store(vflags(), v, addr, 0);
+            Ok(())
+        };
+        let saved = self.vaxis.replace(d);
+        let (i, addrs) = self.emit_loop(d, zero, end, LANES, point)?;
+        self.vaxis = saved;
+        let kept = std::mem::replace(&mut self.addrs, addrs);
+        self.emit_loop(d, i, end, 1, point)?;
+        self.addrs = kept;
+        self.cache.iter_mut().for_each(|c| *c = None);
+        Ok(base)
     }
 
     /// `op(a)` at the current point from its row function's results, if it has one.
     fn row_value(&mut self, op: UnaryOp, a: &ScalarExpr) -> Option<Value> {
-        let ScalarExpr::Load(acc) = a else { return None };
-        let i = self.rows.iter().position(|r| r.op == op && self.accesses[r.j] == acc)?;
+        let i = self.row_of(op, a)?;
         let base = self.row_addrs[i]?;
         let rank = self.k.shape.len();
         let idx = *self.idx.get(rank - 1)?;
@@ -636,7 +709,7 @@ impl<'k> Gen<'_, 'k> {
             return self.point();
         }
         if d + 1 == rank && !self.rows.is_empty() {
-            self.call_rows();
+            self.call_rows(d)?;
         }
         let red = self.reduce_start();
         let mut outer_acc = None;
@@ -1582,6 +1655,48 @@ mod tests {
             for (seed, special) in [(4, false), (5, true)] {
                 check_jit(&v, seed, 1, special, 0.0);
             }
+        }
+    }
+
+    /// A row function of a computed operand (GELU of `x + bias`, its operand also stored
+    /// on the side, as the MLP's forward kernel does) is evaluated over the row first and
+    /// then called, with the interpreter's results bit for bit, in vector and scalar code,
+    /// with a tail, and in place. Operands that read what the kernel writes through
+    /// another view stay inline.
+    #[test]
+    fn row_functions_of_computed_operands() {
+        let (r, n) = (6usize, MIN_COMPUTED_ROW + 11);
+        for op in [UnaryOp::Exp, UnaryOp::GeluTanh, UnaryOp::GeluTanhGrad] {
+            let pre = bin(BinaryOp::Add, load(0, 0, &[n, 1]), load(1, 0, &[0, 1]));
+            for (transposed, in_place) in [(false, false), (true, false), (false, true)] {
+                // A transposed load elsewhere in the body makes the kernel scalar.
+                let other = if transposed { load(0, 0, &[1, r]) } else { ScalarExpr::Const(0.5) };
+                let body = bin(BinaryOp::Mul, un(op, pre.clone()), other);
+                let out = Access { buf: if in_place { 0 } else { 2 }, offset: 0, strides: vec![n, 1] };
+                let Kernel::Loop(mut k) = lp(&[r, n], None, body, out, false) else { unreachable!() };
+                k.side = vec![SideStore { value: pre.clone(), into: Access { buf: 3, offset: 0, strides: vec![n, 1] } }];
+                let len = r * n;
+                let p = program(
+                    vec![buf("x", DType::F32, len), buf("b", DType::F32, n), buf("o", DType::F32, len), buf("s", DType::F32, len)],
+                    vec![Kernel::Loop(k)],
+                );
+                if !transposed {
+                    let clif = clif_text(&p).unwrap();
+                    assert!(clif.contains("call fn"), "no row call:\n{clif}");
+                }
+                for (seed, special) in [(1, false), (2, true)] {
+                    check_jit(&p, seed, 2, special, 0.0);
+                }
+            }
+            // Reading the output through another view (the next point's element): inline,
+            // still exact.
+            let shifted = bin(BinaryOp::Add, load(2, 1, &[n, 1]), load(1, 0, &[0, 1]));
+            let Kernel::Loop(k) = lp(&[r, n - 1], None, un(op, shifted), Access { buf: 2, offset: 0, strides: vec![n, 1] }, false) else {
+                unreachable!()
+            };
+            let p = program(vec![buf("o", DType::F32, r * n), buf("b", DType::F32, n), buf("o", DType::F32, r * n)], vec![Kernel::Loop(k)]);
+            assert!(!clif_text(&p).unwrap().contains("call fn"));
+            check_jit(&p, 3, 1, false, 0.0);
         }
     }
 
