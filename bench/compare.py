@@ -7,7 +7,10 @@ venv made by ../shared/bench/peers/setup_venv.sh):
 
 Each configuration runs in a fresh process, alternating bmc and PyTorch, with the
 warm-up and timed step counts of ../shared/bench/peers/models.md. Prints one JSON line
-per run and a Markdown table of medians and ratios for docs/PERFORMANCE.md.
+per run and a Markdown table for docs/PERFORMANCE.md: per implementation the median over
+`--reps` rounds of its median ms/step, and bmc's ratio to it; with several rounds, also
+bmc ÷ the best PyTorch mode within each round (back-to-back runs: this host's load
+drifts by 20–40% over minutes).
 """
 import argparse
 import json
@@ -51,26 +54,45 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=1)
     a = ap.parse_args()
-    rows = []
+    tagged = []  # (workload, round, result)
     for w in a.workloads:
         model, peer, warmup, steps, batches = WORKLOADS[w]
         for rep in range(a.reps):
-            rows.append((w, run_bmc(model, warmup, steps, batches, a.threads)))
-            print(json.dumps({"workload": w, "rep": rep, **rows[-1][1]}), flush=True)
+            tagged.append((w, rep, run_bmc(model, warmup, steps, batches, a.threads)))
+            print(json.dumps({"workload": w, "rep": rep, **tagged[-1][2]}), flush=True)
             for m in a.modes:
-                rows.append((w, run_torch(peer, m, warmup, steps, a.threads)))
-                print(json.dumps({"workload": w, "rep": rep, **{k: v for k, v in rows[-1][1].items() if k != "raw"}}), flush=True)
+                tagged.append((w, rep, run_torch(peer, m, warmup, steps, a.threads)))
+                print(json.dumps({"workload": w, "rep": rep, **{k: v for k, v in tagged[-1][2].items() if k != "raw"}}), flush=True)
+    rows = [(w, r) for w, _, r in tagged]
     print("\n| workload | implementation | median ms/step | items/s | matmul GFLOP/s | peak RSS MiB | bmc / this |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for w in a.workloads:
-        mine = [r for ww, r in rows if ww == w and r["impl"] == "bmc"]
-        best_bmc = min(r["median_ms"] for r in mine)
-        for ww, r in rows:
-            if ww != w:
-                continue
-            ratio = best_bmc / r["median_ms"] if r["median_ms"] else float("nan")
-            print(f"| {w} | {r['impl']} | {r['median_ms']:.3f} | {r['items_per_s'] or 0:,.0f} | {r['gflops'] or 0:.1f} | {r['peak_rss_mib'] or 0:.0f} | {ratio:.2f}× |")
+        impls = list(dict.fromkeys(r["impl"] for ww, r in rows if ww == w))
+        mine = median(r["median_ms"] for ww, r in rows if ww == w and r["impl"] == "bmc")
+        for impl in impls:
+            runs = [r for ww, r in rows if ww == w and r["impl"] == impl]
+            ms = median(r["median_ms"] for r in runs)
+            pick = lambda key: median(r[key] or 0 for r in runs)
+            ratio = mine / ms if ms else float("nan")
+            print(f"| {w} | {impl} | {ms:.3f} | {pick('items_per_s'):,.0f} | {pick('gflops'):.1f} | {pick('peak_rss_mib'):.0f} | {ratio:.2f}× |")
+    if a.reps > 1:
+        # The host's load drifts between runs: a ratio within one round (bmc and every
+        # PyTorch mode run back to back) is steadier than one between rounds' medians.
+        print("\nbmc ÷ best PyTorch mode, per round (median over rounds):")
+        for w in a.workloads:
+            ratios = []
+            for rep in range(a.reps):
+                got = [r for ww, rr, r in tagged if ww == w and rr == rep]
+                bmc = [r["median_ms"] for r in got if r["impl"] == "bmc"][0]
+                best = min(r["median_ms"] for r in got if r["impl"] != "bmc")
+                ratios.append(bmc / best)
+            print(f"  {w}: " + ", ".join(f"{x:.2f}×" for x in ratios) + f"  → median {median(ratios):.2f}×")
 
+
+def median(xs):
+    xs = sorted(xs)
+    n = len(xs)
+    return (xs[n // 2] + xs[(n - 1) // 2]) / 2 if n else float("nan")
 
 if __name__ == "__main__":
     main()
