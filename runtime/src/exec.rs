@@ -922,9 +922,9 @@ impl Ctx<'_> {
         }
     }
 
-    /// Runs row group `g` chunk by chunk: every member on the chunk's rows, in order
-    /// (chunks in parallel when a member is large enough to split on its own), then
-    /// the members' fused sums.
+    /// Runs row group `g` a block of chunks at a time: every member on the block's rows,
+    /// in order, a loop kernel chunk by chunk (blocks in parallel when a member is large
+    /// enough to split on its own), then the members' fused sums.
     fn run_group(&mut self, g: &Group) -> Result<()> {
         enum Member<'k> {
             /// A loop kernel and where its per-chunk pointer tables start (fused sums).
@@ -963,26 +963,35 @@ impl Ctx<'_> {
             }
         }
         let (p, tables) = (ptrs.as_ptr() as usize, scratch.tables.as_ptr() as usize);
-        let chunk = |c: usize| {
-            let (lo, hi) = g.chunk(c);
+        let block = |b: usize| {
+            let (c0, c1) = g.block(b);
             for m in &members {
-                match *m {
-                    // SAFETY: validated in bounds; the group's members touch the buffers
-                    // they write only in the chunk's own blocks (`groups::schedule`), so
-                    // chunks write disjoint elements; fused sums go to per-chunk spans.
-                    Member::Loop(f, None) => unsafe { f(p as *const *mut u8, lo as i64, hi as i64) },
-                    Member::Loop(f, Some(start)) => unsafe {
-                        f((tables as *const *mut u8).wrapping_add(start + c * nb), lo as i64, hi as i64)
-                    },
-                    // SAFETY: as above; the panel's output rows belong to this chunk.
-                    Member::MatMul(k, r) => unsafe { crate::gemm::panel(k, p as *const *mut u8, lo * r, hi * r) },
+                for c in c0..c1 {
+                    let (lo, hi) = g.chunk(c);
+                    match *m {
+                        // SAFETY: validated in bounds; the group's members touch the
+                        // buffers they write only in the chunk's own rows
+                        // (`groups::schedule`), so chunks write disjoint elements and read
+                        // only what earlier members wrote for the same chunk; fused sums go
+                        // to per-chunk spans.
+                        Member::Loop(f, None) => unsafe { f(p as *const *mut u8, lo as i64, hi as i64) },
+                        Member::Loop(f, Some(start)) => unsafe {
+                            f((tables as *const *mut u8).wrapping_add(start + c * nb), lo as i64, hi as i64)
+                        },
+                        Member::MatMul(..) => {}
+                    }
+                }
+                if let Member::MatMul(k, r) = *m {
+                    let (lo, hi) = (g.chunk(c0).0, g.chunk(c1 - 1).1);
+                    // SAFETY: as above; the panel's output rows belong to this block.
+                    unsafe { crate::gemm::panel(k, p as *const *mut u8, lo * r, hi * r) }
                 }
             }
         };
         if big && self.threads > 1 {
-            self.pool.install(|| (0..g.chunks).into_par_iter().for_each(chunk));
+            self.pool.install(|| (0..g.blocks).into_par_iter().for_each(block));
         } else {
-            (0..g.chunks).for_each(chunk);
+            (0..g.blocks).for_each(block);
         }
         let mut at = 0;
         for &k in &g.kernels {

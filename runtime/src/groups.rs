@@ -22,13 +22,20 @@
 //! (a matrix product's rows are computed by the `gemm` crate a panel at a time, which
 //! may block its sums differently from the whole product: the same to rounding).
 //!
+//! Threads take the chunks a *block* at a time: a run of consecutive chunks that every
+//! member finishes before the next member starts (a loop kernel chunk by chunk, with
+//! each chunk's own partial sums; a matrix product as one panel of the block's rows).
+//! Blocks are the chunks themselves unless a product would get panels of fewer than
+//! [`MIN_PANEL_ROWS`] rows: a small batch (W1's 128 rows, 16 chunks) runs as two
+//! blocks of 64 rows, its whole forward pass one group with one fork-join.
+//!
 //! The schedule is a run-time decision over the final kernel IR (after memory
 //! planning, so reused buffers are checked as they really are); the compiler and the
 //! other backends do not see it.
 
 use crate::kir::{Access, BufId, FusedSum, Kernel, LoopKernel, MatMulKernel, Program};
 
-/// Fewest output rows of a matrix product per chunk: smaller panels lose more to the
+/// Fewest output rows of a matrix product per block: smaller panels lose more to the
 /// per-call overhead of the `gemm` crate than the group saves (`gemm::panel_timing`).
 pub const MIN_PANEL_ROWS: usize = 64;
 
@@ -44,19 +51,42 @@ pub enum Step {
     Group(Group),
 }
 
-/// Kernels (in entry order) that run chunk by chunk over `outer` outermost indices.
+/// Kernels (in entry order) that run chunk by chunk over `outer` outermost indices,
+/// `blocks` runs of consecutive chunks at a time.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Group {
     pub kernels: Vec<usize>,
     pub outer: usize,
     pub chunks: usize,
+    pub blocks: usize,
 }
 
 impl Group {
     /// Outermost indices `lo..hi` of chunk `c`.
     pub fn chunk(&self, c: usize) -> (usize, usize) {
-        (self.outer * c / self.chunks, self.outer * (c + 1) / self.chunks)
+        chunk(self.outer, self.chunks, c)
     }
+    /// Chunks `lo..hi` of block `b`.
+    pub fn block(&self, b: usize) -> (usize, usize) {
+        chunk(self.chunks, self.blocks, b)
+    }
+}
+
+/// Part `i` of `n` near-equal parts of `0..len`.
+fn chunk(len: usize, n: usize, i: usize) -> (usize, usize) {
+    (len * i / n, len * (i + 1) / n)
+}
+
+/// The most blocks (at most `chunks`, at least 2) of `chunks` chunks of `outer`
+/// outermost indices in which every block has at least `min` of them; `None` if two
+/// blocks cannot.
+fn blocks_of(outer: usize, chunks: usize, min: usize) -> Option<usize> {
+    (2..=chunks).rev().find(|&b| {
+        (0..b).all(|i| {
+            let (c0, c1) = chunk(chunks, b, i);
+            chunk(outer, chunks, c1 - 1).1 - chunk(outer, chunks, c0).0 >= min
+        })
+    })
 }
 
 /// The elements one access touches at outermost index `o`: inside
@@ -134,10 +164,10 @@ fn candidate(k: &Kernel) -> Candidate<'_> {
     }
 }
 
-/// Whether `members` can run as one group: `Some(Some(outer))` if so, `Some(None)` if
-/// they are matrix products only (a group needs a loop kernel to set its rows, and may
-/// still get one), `None` if they cannot.
-fn check(members: &[&Candidate]) -> Option<Option<usize>> {
+/// Whether `members` can run as one group: `Some(Some((outer, blocks)))` if so,
+/// `Some(None)` if they are matrix products only (a group needs a loop kernel to set its
+/// rows, and may still get one), `None` if they cannot.
+fn check(members: &[&Candidate]) -> Option<Option<(usize, usize)>> {
     let outer = members.iter().find_map(|c| match c {
         Candidate::Loop { outer, .. } => Some(*outer),
         _ => None,
@@ -149,6 +179,7 @@ fn check(members: &[&Candidate]) -> Option<Option<usize>> {
         return None;
     }
     let chunks = FusedSum::chunks(outer);
+    let mut blocks = chunks;
     let mut rows = vec![];
     let mut sums = vec![];
     for c in members {
@@ -161,9 +192,12 @@ fn check(members: &[&Candidate]) -> Option<Option<usize>> {
                 sums.extend_from_slice(s);
             }
             Candidate::MatMul(m) => {
-                if m.m % outer != 0 || m.m / chunks < MIN_PANEL_ROWS {
+                if m.m % outer != 0 {
                     return None;
                 }
+                // Every block's panel has at least MIN_PANEL_ROWS rows.
+                let min = MIN_PANEL_ROWS.div_ceil(m.m / outer);
+                blocks = blocks.min(blocks_of(outer, chunks, min)?);
                 rows.extend(matmul_rows(m, outer));
             }
             Candidate::No => return None,
@@ -187,7 +221,7 @@ fn check(members: &[&Candidate]) -> Option<Option<usize>> {
             return None;
         }
     }
-    Some(Some(outer))
+    Some(Some((outer, blocks)))
 }
 
 /// Kernels a group may run ahead of: a kernel that cannot join (a weight gradient's
@@ -237,9 +271,9 @@ pub fn schedule(program: &Program, kernels: &[usize]) -> Vec<Step> {
         let last = *members.last().expect("a member");
         deferred.retain(|&d| d < last);
         match outer {
-            Some(outer) if members.len() >= 2 => {
+            Some((outer, blocks)) if members.len() >= 2 => {
                 let ids = members.iter().map(|&m| kernels[m]).collect();
-                steps.push(Step::Group(Group { kernels: ids, outer, chunks: FusedSum::chunks(outer) }));
+                steps.push(Step::Group(Group { kernels: ids, outer, chunks: FusedSum::chunks(outer), blocks }));
                 steps.extend(deferred.iter().map(|&d| Step::One(kernels[d])));
                 i = last + 1;
             }
@@ -329,7 +363,7 @@ mod tests {
     #[test]
     fn a_row_local_chain_is_one_group_and_runs_as_the_interpreter() {
         let p = program(buffers(), chain(0));
-        assert_eq!(steps_of(&p), vec![Step::Group(Group { kernels: vec![0, 1, 2], outer: B, chunks: 16 })]);
+        assert_eq!(steps_of(&p), vec![Step::Group(Group { kernels: vec![0, 1, 2], outer: B, chunks: 16, blocks: 16 })]);
         for threads in [1, 2, 3] {
             same_as_one_by_one(&p, threads, 1);
         }
@@ -413,16 +447,54 @@ mod tests {
     #[test]
     fn a_matrix_product_joins_its_prologue_and_epilogue() {
         let p = gemm_program(MIN_PANEL_ROWS, false);
-        assert_eq!(steps_of(&p), vec![Step::Group(Group { kernels: vec![0, 1, 2], outer: B, chunks: 16 })]);
+        assert_eq!(steps_of(&p), vec![Step::Group(Group { kernels: vec![0, 1, 2], outer: B, chunks: 16, blocks: 16 })]);
         for threads in [1, 2] {
             same_as_one_by_one(&p, threads, 1);
             check_jit(&p, 11, threads, false, 1e-5);
         }
     }
 
+    /// With 32 rows a chunk, the product's panels take two chunks each: 8 blocks of the
+    /// 16 chunks, every loop member still chunk by chunk with its own partial sums (the
+    /// prologue here also sums its input's columns: bit for bit as one by one).
+    #[test]
+    fn short_panels_take_blocks_of_chunks() {
+        let mut p = gemm_program(MIN_PANEL_ROWS / 2, false);
+        let k = 32;
+        if let Kernel::Loop(l) = &mut p.kernels[0] {
+            l.sums.push(FusedSum { value: load(0, 0, &[MIN_PANEL_ROWS / 2 * k, k, 1]), into: at(6, 0, &[0, 0, 1]), accumulate: false });
+        }
+        p.buffers.push(buf("colsum", DType::F32, k));
+        assert_eq!(steps_of(&p), vec![Step::Group(Group { kernels: vec![0, 1, 2], outer: B, chunks: 16, blocks: 8 })]);
+        for threads in [1, 2, 3] {
+            same_as_one_by_one(&p, threads, 1);
+            check_jit(&p, 12, threads, false, 1e-5);
+            let sums = |grouped: bool| {
+                let mut e = Executor::new(&p, threads).unwrap();
+                e.set_row_groups(grouped);
+                fill(e.buffers_mut(), 5, false);
+                e.run("main").unwrap();
+                e.f32(6).unwrap().iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+            };
+            assert_eq!(sums(true), sums(false));
+        }
+    }
+
+    #[test]
+    fn blocks_keep_min_rows() {
+        assert_eq!(blocks_of(16, 16, 1), Some(16));
+        assert_eq!(blocks_of(16, 16, 2), Some(8));
+        assert_eq!(blocks_of(16, 16, 3), Some(5)); // chunks 3,3,3,3,4 of one index each
+        assert_eq!(blocks_of(128, 16, 64), Some(2));
+        assert_eq!(blocks_of(128, 16, 65), None);
+        // Chunks of 10 indices in 8 hold 1 or 2; three blocks would leave the first 2.
+        assert_eq!(blocks_of(10, 8, 3), Some(2));
+    }
+
     #[test]
     fn a_matrix_product_stays_out_when_its_panels_are_small_or_its_weights_are_written() {
-        let small = gemm_program(MIN_PANEL_ROWS / 2, false);
+        // Two blocks of 2 · 4 rows: still too short.
+        let small = gemm_program(4, false);
         assert_eq!(steps_of(&small), vec![Step::One(0), Step::One(1), Step::One(2)]);
         let written = gemm_program(MIN_PANEL_ROWS, true);
         let steps = steps_of(&written);
@@ -447,14 +519,14 @@ mod tests {
     #[test]
     fn an_independent_kernel_runs_after_the_group_it_interrupts() {
         let p = chain_with_interloper(false);
-        assert_eq!(steps_of(&p), vec![Step::Group(Group { kernels: vec![0, 1, 3], outer: B, chunks: 16 }), Step::One(2)]);
+        assert_eq!(steps_of(&p), vec![Step::Group(Group { kernels: vec![0, 1, 3], outer: B, chunks: 16, blocks: 16 }), Step::One(2)]);
         same_as_one_by_one(&p, 2, 1);
         // Kernel 2 writes b5; were kernel 3 to read b5 it could not overtake it.
         let mut q = chain_with_interloper(false);
         if let Kernel::Loop(l) = &mut q.kernels[3] {
             l.body = ScalarExpr::Binary(BinaryOp::Add, Box::new(l.body.clone()), Box::new(load(5, 0, &[0, 0, 0])));
         }
-        assert_eq!(steps_of(&q)[0], Step::Group(Group { kernels: vec![0, 1], outer: B, chunks: 16 }));
+        assert_eq!(steps_of(&q)[0], Step::Group(Group { kernels: vec![0, 1], outer: B, chunks: 16, blocks: 16 }));
         same_as_one_by_one(&q, 2, 1);
     }
 
@@ -462,7 +534,10 @@ mod tests {
     fn a_kernel_is_not_overtaken_by_one_writing_what_it_reads() {
         // Kernel 2 reads b3, which kernel 3 (a would-be member) writes.
         let p = chain_with_interloper(true);
-        assert_eq!(steps_of(&p), vec![Step::Group(Group { kernels: vec![0, 1], outer: B, chunks: 16 }), Step::One(2), Step::One(3)]);
+        assert_eq!(
+            steps_of(&p),
+            vec![Step::Group(Group { kernels: vec![0, 1], outer: B, chunks: 16, blocks: 16 }), Step::One(2), Step::One(3)]
+        );
         same_as_one_by_one(&p, 2, 1);
     }
 
