@@ -3,14 +3,15 @@
 usage (from the repository root, with a Python that has the peers' packages, e.g. the
 venv made by ../shared/bench/peers/setup_venv.sh):
     cargo build --release -p bmc
-    ~/peers-venv/bin/python bench/compare.py [--workloads w1 w2 w3] [--modes eager eager-fused compile] [--reps 1]
+    ~/peers-venv/bin/python bench/compare.py [--workloads w1 w2 w3] [--modes eager eager-fused compile] [--reps 1] [--hogs 0]
 
 Each configuration runs in a fresh process, alternating bmc and PyTorch, with the
 warm-up and timed step counts of ../shared/bench/peers/models.md. Prints one JSON line
 per run and a Markdown table for docs/PERFORMANCE.md: per implementation the median over
 `--reps` rounds of its median ms/step, and bmc's ratio to it; with several rounds, also
 bmc ÷ the best PyTorch mode within each round (back-to-back runs: this host's load
-drifts by 20–40% over minutes).
+drifts by 20–40% over minutes). `--hogs N` runs N busy processes (one core each) for the
+whole comparison: how each implementation copes when another process takes a core.
 """
 import argparse
 import json
@@ -53,7 +54,17 @@ def main():
     ap.add_argument("--modes", nargs="+", default=["eager", "eager-fused"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=1)
+    ap.add_argument("--hogs", type=int, default=0, help="busy processes competing for the cores meanwhile")
     a = ap.parse_args()
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(a.hogs)]
+    try:
+        compare(a)
+    finally:
+        for h in hogs:
+            h.kill()
+
+
+def compare(a):
     tagged = []  # (workload, round, result)
     for w in a.workloads:
         model, peer, warmup, steps, batches = WORKLOADS[w]

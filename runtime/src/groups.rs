@@ -179,7 +179,9 @@ fn check(members: &[&Candidate]) -> Option<Option<(usize, usize)>> {
         return None;
     }
     let chunks = FusedSum::chunks(outer);
-    let mut blocks = chunks;
+    // Outermost indices a block needs so that every product's panel has at least
+    // MIN_PANEL_ROWS rows.
+    let mut need = 1;
     let mut rows = vec![];
     let mut sums = vec![];
     for c in members {
@@ -195,9 +197,7 @@ fn check(members: &[&Candidate]) -> Option<Option<(usize, usize)>> {
                 if m.m % outer != 0 {
                     return None;
                 }
-                // Every block's panel has at least MIN_PANEL_ROWS rows.
-                let min = MIN_PANEL_ROWS.div_ceil(m.m / outer);
-                blocks = blocks.min(blocks_of(outer, chunks, min)?);
+                need = need.max(MIN_PANEL_ROWS.div_ceil(m.m / outer));
                 rows.extend(matmul_rows(m, outer));
             }
             Candidate::No => return None,
@@ -221,6 +221,7 @@ fn check(members: &[&Candidate]) -> Option<Option<(usize, usize)>> {
             return None;
         }
     }
+    let blocks = if need > 1 { blocks_of(outer, chunks, need)? } else { chunks };
     Some(Some((outer, blocks)))
 }
 
