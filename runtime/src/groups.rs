@@ -64,16 +64,16 @@ pub struct Group {
 impl Group {
     /// Outermost indices `lo..hi` of chunk `c`.
     pub fn chunk(&self, c: usize) -> (usize, usize) {
-        chunk(self.outer, self.chunks, c)
+        part(self.outer, self.chunks, c)
     }
     /// Chunks `lo..hi` of block `b`.
     pub fn block(&self, b: usize) -> (usize, usize) {
-        chunk(self.chunks, self.blocks, b)
+        part(self.chunks, self.blocks, b)
     }
 }
 
 /// Part `i` of `n` near-equal parts of `0..len`.
-fn chunk(len: usize, n: usize, i: usize) -> (usize, usize) {
+fn part(len: usize, n: usize, i: usize) -> (usize, usize) {
     (len * i / n, len * (i + 1) / n)
 }
 
@@ -83,8 +83,8 @@ fn chunk(len: usize, n: usize, i: usize) -> (usize, usize) {
 fn blocks_of(outer: usize, chunks: usize, min: usize) -> Option<usize> {
     (2..=chunks).rev().find(|&b| {
         (0..b).all(|i| {
-            let (c0, c1) = chunk(chunks, b, i);
-            chunk(outer, chunks, c1 - 1).1 - chunk(outer, chunks, c0).0 >= min
+            let (c0, c1) = part(chunks, b, i);
+            part(outer, chunks, c1 - 1).1 - part(outer, chunks, c0).0 >= min
         })
     })
 }
