@@ -597,14 +597,21 @@ impl<'k> Gen<'_, 'k> {
             g.b.ins().store(vflags(), v, addr, 0);
             Ok(())
         };
-        let saved = self.vaxis.replace(d);
-        let (i, addrs) = self.emit_loop(d, zero, end, LANES, point)?;
-        self.vaxis = saved;
-        let kept = std::mem::replace(&mut self.addrs, addrs);
-        self.emit_loop(d, i, end, 1, point)?;
-        self.addrs = kept;
+        self.lanes_then_tail(d, zero, end, point)?;
         self.cache.iter_mut().for_each(|c| *c = None);
         Ok(base)
+    }
+
+    /// The loop of level `d` over `start..end` in vector lanes along `d` (4 points per
+    /// iteration), then a scalar tail; `body` emits one iteration.
+    fn lanes_then_tail(&mut self, d: usize, start: Value, end: Value, body: impl Fn(&mut Self) -> Result<()>) -> Result<()> {
+        self.vaxis = Some(d);
+        let (i, addrs) = self.emit_loop(d, start, end, LANES, &body)?;
+        self.vaxis = None;
+        let saved = std::mem::replace(&mut self.addrs, addrs);
+        self.emit_loop(d, i, end, 1, &body)?;
+        self.addrs = saved;
+        Ok(())
     }
 
     /// `op(a)` at the current point from its row function's results, if it has one.
@@ -723,12 +730,7 @@ impl<'k> Gen<'_, 'k> {
         }
 
         if self.vaxis.is_none() && self.plan == VecPlan::Lanes(d) {
-            self.vaxis = Some(d);
-            let (i, addrs) = self.emit_loop(d, start, end, LANES, |g| g.inside(d))?;
-            self.vaxis = None;
-            let saved = std::mem::replace(&mut self.addrs, addrs);
-            self.emit_loop(d, i, end, 1, |g| g.inside(d))?;
-            self.addrs = saved;
+            self.lanes_then_tail(d, start, end, |g| g.inside(d))?;
         } else if self.vaxis.is_none() && self.plan == VecPlan::ReduceInner && d + 1 == rank {
             self.reduce_inner(d, start, end)?;
         } else {
