@@ -105,5 +105,6 @@ def median(xs):
     n = len(xs)
     return (xs[n // 2] + xs[(n - 1) // 2]) / 2 if n else float("nan")
 
+
 if __name__ == "__main__":
     main()

@@ -966,25 +966,27 @@ impl Ctx<'_> {
         let block = |b: usize| {
             let (c0, c1) = g.block(b);
             for m in &members {
-                for c in c0..c1 {
-                    let (lo, hi) = g.chunk(c);
-                    match *m {
-                        // SAFETY: validated in bounds; the group's members touch the
-                        // buffers they write only in the chunk's own rows
-                        // (`groups::schedule`), so chunks write disjoint elements and read
-                        // only what earlier members wrote for the same chunk; fused sums go
-                        // to per-chunk spans.
-                        Member::Loop(f, None) => unsafe { f(p as *const *mut u8, lo as i64, hi as i64) },
-                        Member::Loop(f, Some(start)) => unsafe {
-                            f((tables as *const *mut u8).wrapping_add(start + c * nb), lo as i64, hi as i64)
-                        },
-                        Member::MatMul(..) => {}
+                match *m {
+                    Member::Loop(f, tables_at) => {
+                        for c in c0..c1 {
+                            let (lo, hi) = g.chunk(c);
+                            // SAFETY: validated in bounds; the group's members touch the
+                            // buffers they write only in the chunk's own rows
+                            // (`groups::schedule`), so chunks write disjoint elements and
+                            // read only what earlier members wrote for the same chunk; fused
+                            // sums go to per-chunk spans.
+                            let bufs = match tables_at {
+                                None => p as *const *mut u8,
+                                Some(start) => (tables as *const *mut u8).wrapping_add(start + c * nb),
+                            };
+                            unsafe { f(bufs, lo as i64, hi as i64) }
+                        }
                     }
-                }
-                if let Member::MatMul(k, r) = *m {
-                    let (lo, hi) = (g.chunk(c0).0, g.chunk(c1 - 1).1);
-                    // SAFETY: as above; the panel's output rows belong to this block.
-                    unsafe { crate::gemm::panel(k, p as *const *mut u8, lo * r, hi * r) }
+                    Member::MatMul(k, r) => {
+                        let (lo, hi) = (g.chunk(c0).0, g.chunk(c1 - 1).1);
+                        // SAFETY: as above; the panel's output rows belong to this block.
+                        unsafe { crate::gemm::panel(k, p as *const *mut u8, lo * r, hi * r) }
+                    }
                 }
             }
         };
