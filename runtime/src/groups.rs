@@ -27,7 +27,7 @@
 //! each chunk's own partial sums; a matrix product as one panel of the block's rows).
 //! Blocks are the chunks themselves unless a product would get panels of fewer than
 //! [`MIN_PANEL_ROWS`] rows: a small batch (W1's 128 rows, 16 chunks) runs as two
-//! blocks of 64 rows, its whole forward pass one group with one fork-join.
+//! blocks of 64 rows, so W1's products join the bias and ReLU kernels around them.
 //!
 //! The schedule is a run-time decision over the final kernel IR (after memory
 //! planning, so reused buffers are checked as they really are); the compiler and the
