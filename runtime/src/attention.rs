@@ -1,8 +1,8 @@
 //! Fused attention kernels (forward and backward), written by hand.
 //!
 //! `out[b] = softmax(q[b] @ k[b]ᵀ · scale + mask[b]) @ v[b]` for every batch index `b`
-//! (batch × heads), a block of [`QB`] query rows at a time, as matrix products (the
-//! `gemm` crate, on one thread each) around a row-wise softmax:
+//! (batch × heads), a block of [`QB`] query rows at a time, as matrix products of small
+//! cache-resident blocks (`crate::tiles`, on one thread each) around a row-wise softmax:
 //! - forward: `p = softmax(scale · q kᵀ + mask)` for the block (`QB × tk` scores, the
 //!   only scratch), then `out = p v`; causal blocks multiply only the keys their last
 //!   row sees;
@@ -17,8 +17,9 @@
 
 use crate::error::{Error, Result};
 use crate::exec::Buffers;
-use crate::gemm::{View, product};
+use crate::gemm::View;
 use crate::kir::{AttentionBackwardKernel, AttentionKernel, BufId, MatOperand};
+use crate::tiles::product as mm;
 use rayon::prelude::*;
 
 /// Query rows per block: the scratch is `QB × tk` scores (and as many score gradients).
@@ -70,39 +71,19 @@ struct Ptrs {
     out: usize,
 }
 
-/// `c (+)= alpha · a @ b` (`m × k` by `k × n`) on this thread, through the `gemm` crate.
-///
-/// # Safety
-/// Every view must cover its matrix; `c` must not overlap `a` or `b`.
-#[allow(clippy::too_many_arguments)]
-unsafe fn mm(m: usize, n: usize, k: usize, c: *mut f32, ldc: usize, accumulate: bool, a: View, b: View, alpha: f32) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !accumulate {
-            for r in 0..m {
-                // SAFETY: c covers m rows of n at stride ldc.
-                unsafe { std::slice::from_raw_parts_mut(c.add(r * ldc), n).fill(0.0) };
-            }
-        }
-        return;
-    }
-    // SAFETY: forwarded from the caller.
-    unsafe { product(m, n, k, View::dense(c, ldc), accumulate, a, b, alpha, ::gemm::Parallelism::None) }
-}
-
 /// Scores and probabilities of one block of query rows (`qb × n`, row stride `tk`), and
 /// for the backward the gradient of the probabilities.
 struct Scratch {
     p: Vec<f32>,
     dp: Vec<f32>,
+    /// A `kᵀ` or `vᵀ` block copied row-major for [`mm`].
+    pack: Vec<f32>,
 }
 
 impl Scratch {
     fn new(a: &AttentionKernel, backward: bool) -> Scratch {
         let len = a.tq.min(QB) * a.tk;
-        Scratch { p: vec![0.0; len], dp: vec![0.0; if backward { len } else { 0 }] }
+        Scratch { p: vec![0.0; len], dp: vec![0.0; if backward { len } else { 0 }], pack: vec![] }
     }
 }
 
@@ -218,7 +199,7 @@ impl Run<'_> {
         let q = View::of(p.q, offs.q[b], &a.q, i0);
         let kt = View::of(p.k, offs.k[b], &a.k, 0).t();
         // SAFETY: q and k are in bounds; p holds (i1 - i0) rows of tk.
-        unsafe { mm(i1 - i0, n, a.d, sc.p.as_mut_ptr(), tk, false, q, kt, a.scale as f32) };
+        unsafe { mm(i1 - i0, n, a.d, sc.p.as_mut_ptr(), tk, false, q, kt, a.scale as f32, &mut sc.pack) };
         for i in i0..i1 {
             let row = &mut sc.p[(i - i0) * tk..(i - i0) * tk + n];
             let (seen, unseen) = row.split_at_mut(self.keys(i));
@@ -259,7 +240,7 @@ impl Run<'_> {
         // SAFETY: as documented; the output block is (i1 - i0) × dv, dense.
         unsafe {
             self.probabilities(sc, b, i0, i1);
-            mm(i1 - i0, a.dv, self.keys(i1 - 1), out, a.dv, false, View::dense(sc.p.as_ptr(), a.tk), v, 1.0);
+            mm(i1 - i0, a.dv, self.keys(i1 - 1), out, a.dv, false, View::dense(sc.p.as_ptr(), a.tk), v, 1.0, &mut sc.pack);
         }
     }
 
@@ -290,7 +271,7 @@ impl Run<'_> {
                 let (m, n) = (i1 - i0, self.keys(i1 - 1));
                 self.probabilities(sc, b, i0, i1);
                 let go = View::of(p.dout, offs.dout[b], dout, i0);
-                mm(m, n, dv, sc.dp.as_mut_ptr(), tk, false, go, v.t(), 1.0);
+                mm(m, n, dv, sc.dp.as_mut_ptr(), tk, false, go, v.t(), 1.0, &mut sc.pack);
                 for r in 0..m {
                     let pr = &sc.p[r * tk..r * tk + n];
                     let dr = &mut sc.dp[r * tk..r * tk + n];
@@ -303,9 +284,9 @@ impl Run<'_> {
                 let ds = View::dense(sc.dp.as_ptr(), tk);
                 let pm = View::dense(sc.p.as_ptr(), tk);
                 let q = View::of(p.q, offs.q[b], &a.q, i0);
-                mm(m, d, n, dq.add(i0 * d), d, false, ds, k, 1.0);
-                mm(n, d, m, dk, d, true, ds.t(), q, 1.0);
-                mm(n, dv, m, dvv, dv, true, pm.t(), go, 1.0);
+                mm(m, d, n, dq.add(i0 * d), d, false, ds, k, 1.0, &mut sc.pack);
+                mm(n, d, m, dk, d, true, ds.t(), q, 1.0, &mut sc.pack);
+                mm(n, dv, m, dvv, dv, true, pm.t(), go, 1.0, &mut sc.pack);
             }
         }
     }

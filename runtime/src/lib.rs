@@ -4,7 +4,8 @@
 //! - [`exec`]: allocates a program's buffers and runs its entries, through
 //!   [`jit`] (Cranelift) for loop kernels and [`gemm`] for matrix products;
 //!   [`interp`] is the slow reference interpreter the JIT is tested against;
-//!   [`attention`] holds the fused attention kernels.
+//!   [`attention`] holds the fused attention kernels, whose small per-block products
+//!   are [`tiles`]'s.
 //!   [`groups`] schedules runs of row-local kernels (and matrix products) chunk by chunk.
 //! - [`rng`] and [`init`]: deterministic random numbers and parameter initialisers.
 //! - [`data`]: data sources (csv, safetensors, text, tokens) and batching.
@@ -34,5 +35,6 @@ pub mod rng;
 pub mod rows;
 pub mod sample;
 pub mod session;
+pub mod tiles;
 
 pub use error::{Error, Result};
