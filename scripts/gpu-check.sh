@@ -6,7 +6,8 @@
 #    puts them on LD_LIBRARY_PATH;
 # 3. runs the GPU tests: every model's loss and gradients on the GPU against the CPU,
 #    W2's PyTorch losses on the GPU (tests/cuda.rs, tests/numerics.rs);
-# 4. times training steps of W2 and W3 on the GPU and the CPU (`bmc bench --device`);
+# 4. times training steps of W1–W3 on the GPU and the CPU (`bmc bench --device`), and on
+#    the GPU with CUDA graphs off (BMC_CUDA_GRAPHS=0);
 # 5. times the issue's bf16 targets against PyTorch on the same GPU: W3 (bench/w3_bf16.bm)
 #    and GPT-2 124M's shape (bench/gpt2_124m.bm, random tokens), PyTorch through
 #    bench/torch_gpt.py with torch.compile and bf16 autocast;
@@ -47,6 +48,12 @@ for m in w1_mlp_digits w2_gpt_tiny w3_gpt_small_cpu; do
     timeout 300 "$bmc" bench "models/$m.bm" --device "$d" --warmup 5 --steps "$steps" --json || echo "$m on $d: failed"
   done
 done
+
+echo "== CUDA graphs off (BMC_CUDA_GRAPHS=0: kernel by kernel), for the A/B with the runs above"
+for m in w1_mlp_digits w2_gpt_tiny; do
+  BMC_CUDA_GRAPHS=0 timeout 300 "$bmc" bench "models/$m.bm" --device cuda --warmup 5 --steps 50 --json || echo "$m on cuda without graphs: failed"
+done
+BMC_CUDA_DEBUG=1 timeout 120 "$bmc" bench models/w1_mlp_digits.bm --device cuda --warmup 2 --steps 5 2>&1 | grep -i 'kernel by kernel' || echo "every entry replayed as a CUDA graph"
 
 echo "== the issue's GPU targets, bf16, bmc then PyTorch (torch.compile) on this GPU"
 python3 bench/make_tokens.py bench/gpt2_tokens.bin 50304 || echo "make_tokens: failed"

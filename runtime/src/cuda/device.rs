@@ -2,12 +2,21 @@
 //! by NVRTC for the device's architecture, one device arena holding every buffer
 //! (parameters, gradients and optimiser state stay on the device), cuBLAS for the
 //! GEMMs the code generator planned, and the error words gathers and scatters set.
+//!
+//! An entry's launches are static (every shape, offset and grid is baked into the
+//! module), so from an entry's second run on they are replayed as one CUDA graph,
+//! captured from that run: one launch per step instead of one per kernel. The first run
+//! launches kernel by kernel (cuBLAS sets itself up outside any capture). A capture
+//! the driver or cuBLAS refuses falls back to launching kernel by kernel;
+//! `BMC_CUDA_GRAPHS=0` turns graphs off (for measurements).
 
 use super::codegen::{self, CudaModule, GemmBatch, Launch};
 use crate::error::{Error, Result};
 use crate::kir::{BufId, Kernel, Program};
 use cudarc::cublas::{CudaBlas, sys as blas_sys};
-use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg, sys as driver_sys,
+};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -58,7 +67,24 @@ pub struct CudaExecutor {
     errors: CudaSlice<i32>,
     blas: CudaBlas,
     entries: HashMap<String, usize>,
+    /// Per entry, how its next run goes.
+    replay: Vec<Replay>,
     pub device_name: String,
+}
+
+/// How an entry runs.
+enum Replay {
+    /// Kernel by kernel; a graph is captured on the next run.
+    FirstRun,
+    /// As this captured graph.
+    Graph(CudaGraph),
+    /// Kernel by kernel, always (graphs off, or the capture was refused).
+    Launches,
+}
+
+/// Whether entries are replayed as CUDA graphs (`BMC_CUDA_GRAPHS=0` turns them off).
+fn graphs_enabled() -> bool {
+    std::env::var("BMC_CUDA_GRAPHS").map(|v| v != "0").unwrap_or(true)
 }
 
 impl CudaExecutor {
@@ -81,12 +107,18 @@ impl CudaExecutor {
         for l in &module.launches {
             functions.push(l.kernel_names().into_iter().map(|n| loaded.load_function(n).map_err(driver)).collect::<Result<Vec<_>>>()?);
         }
-        let stream = ctx.default_stream();
+        // One stream, so no cross-stream events are needed; and not the legacy default
+        // stream, which cannot be captured into a graph.
+        // SAFETY: everything below runs on this one stream, in order.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().map_err(driver)?;
         let arena = stream.alloc_zeros::<f32>(module.layout.words.max(1)).map_err(driver)?;
         let errors = stream.alloc_zeros::<i32>(4).map_err(driver)?;
         let blas = CudaBlas::new(stream.clone()).map_err(driver)?;
         let entries = program.entries.iter().enumerate().map(|(i, e)| (e.name.clone(), i)).collect();
-        Ok(CudaExecutor { program: program.clone(), module, stream, functions, arena, errors, blas, entries, device_name })
+        let graphs = graphs_enabled();
+        let replay = program.entries.iter().map(|_| if graphs { Replay::FirstRun } else { Replay::Launches }).collect();
+        Ok(CudaExecutor { program: program.clone(), module, stream, functions, arena, errors, blas, entries, replay, device_name })
     }
 
     fn range(&self, buf: BufId) -> Result<std::ops::Range<usize>> {
@@ -120,11 +152,45 @@ impl CudaExecutor {
 
     pub fn run(&mut self, entry: &str) -> Result<()> {
         let e = *self.entries.get(entry).ok_or_else(|| Error::internal(format!("the program has no entry `{entry}`")))?;
-        let kernels = self.program.entries[e].kernels.clone();
-        for k in kernels {
-            self.launch(k)?;
+        match &self.replay[e] {
+            Replay::Graph(g) => g.launch().map_err(driver)?,
+            Replay::Launches => self.launch_entry(e)?,
+            Replay::FirstRun => {
+                self.launch_entry(e)?;
+                self.check_errors()?;
+                self.replay[e] = match self.capture(e) {
+                    Ok(g) => Replay::Graph(g),
+                    Err(why) => {
+                        if std::env::var_os("BMC_CUDA_DEBUG").is_some() {
+                            eprintln!("bmc: entry `{entry}` runs kernel by kernel: {why}");
+                        }
+                        Replay::Launches
+                    }
+                };
+                return Ok(());
+            }
         }
         self.check_errors()
+    }
+
+    fn launch_entry(&mut self, e: usize) -> Result<()> {
+        for k in self.program.entries[e].kernels.clone() {
+            self.launch(k)?;
+        }
+        Ok(())
+    }
+
+    /// Captures entry `e`'s launches into a graph (nothing runs while capturing).
+    fn capture(&mut self, e: usize) -> Result<CudaGraph> {
+        use driver_sys::{CUgraphInstantiate_flags, CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL};
+        self.stream.begin_capture(CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).map_err(driver)?;
+        let launched = self.launch_entry(e);
+        // Always end the capture, so the stream is usable whatever happened.
+        let graph = self.stream.end_capture(CUgraphInstantiate_flags(0));
+        launched?;
+        let graph = graph.map_err(driver)?.ok_or_else(|| Error::internal("CUDA: the capture recorded nothing"))?;
+        graph.upload().map_err(driver)?;
+        Ok(graph)
     }
 
     fn launch(&mut self, k: usize) -> Result<()> {
