@@ -615,6 +615,16 @@ fn instance_and_node_explosions() {
 }
 
 #[test]
+fn thousands_of_layers_are_an_error_in_time() {
+    // A repeat count inside its range that still makes a graph too large to lower in
+    // reasonable time and memory (found by `mutated_transformer`: 4096 layers took
+    // minutes and over 20 GiB). An error naming the limit, quickly.
+    let started = Instant::now();
+    assert!(!compile_text(&tiny_source().replace("layers = 2", "layers = 4096")));
+    assert!(started.elapsed() < Duration::from_secs(15), "took {:?}", started.elapsed());
+}
+
+#[test]
 fn odd_files() {
     // Empty, blank, comments only, a lone keyword.
     for s in ["", "\n", "   ", "# just a comment", "model", "model M", "model M {", "model M {}", "}", "train {}", "config {}"] {

@@ -50,15 +50,18 @@ fn copy_of(p: &Program, k: &Kernel) -> Option<(BufId, BufId)> {
     ok.then_some((t, b))
 }
 
-fn touches(k: &Kernel, buf: BufId) -> bool {
+/// The buffers kernel `k` names, sorted.
+fn named(k: &Kernel) -> Vec<BufId> {
     let mut k = k.clone();
-    let mut hit = false;
-    for_each_buf(&mut k, &mut |b| hit |= *b == buf);
-    hit
+    let mut bufs = vec![];
+    for_each_buf(&mut k, &mut |b| bufs.push(*b));
+    bufs.sort_unstable();
+    bufs.dedup();
+    bufs
 }
 
 /// Every load of `buf` in `e` uses exactly `at`.
-fn loads_only_at(e: &ScalarExpr, buf: BufId, at: &Access) -> bool {
+pub(crate) fn loads_only_at(e: &ScalarExpr, buf: BufId, at: &Access) -> bool {
     match e {
         ScalarExpr::Load(a) => a.buf != buf || (a.offset == at.offset && a.strides == at.strides),
         ScalarExpr::Const(_) | ScalarExpr::Index(_) => true,
@@ -71,14 +74,36 @@ fn loads_only_at(e: &ScalarExpr, buf: BufId, at: &Access) -> bool {
 /// Forwards every eligible copy into its producer; returns how many were removed.
 pub fn update_in_place(p: &mut Program) -> usize {
     let results: Vec<BufId> = p.entries.iter().flat_map(|e| e.results.iter().map(|r| r.1)).collect();
+    // Indexes built once, so the pass stays linear in the program's size (a model of
+    // thousands of layers has thousands of copies and hundreds of thousands of kernels).
+    let mut writers: Vec<Vec<usize>> = vec![vec![]; p.buffers.len()];
+    for (k, kernel) in p.kernels.iter().enumerate() {
+        for b in kernel.writes() {
+            if !writers[b].contains(&k) {
+                writers[b].push(k);
+            }
+        }
+    }
+    // Per entry: each kernel's position, and per buffer the positions touching it (rising).
+    let mut position: Vec<Vec<Option<usize>>> = vec![vec![None; p.kernels.len()]; p.entries.len()];
+    let mut touching: Vec<Vec<Vec<usize>>> = vec![vec![vec![]; p.buffers.len()]; p.entries.len()];
+    for (ei, e) in p.entries.iter().enumerate() {
+        for (pos, &k) in e.kernels.iter().enumerate() {
+            position[ei][k] = Some(pos);
+            for b in named(&p.kernels[k]) {
+                touching[ei][b].push(pos);
+            }
+        }
+    }
+    let mut renamed: Vec<BufId> = (0..p.buffers.len()).collect();
     let mut removed = vec![];
     for c in 0..p.kernels.len() {
         let Some((t, b)) = copy_of(p, &p.kernels[c]) else { continue };
         if results.contains(&b) {
             continue;
         }
-        let writers: Vec<usize> = (0..p.kernels.len()).filter(|&k| k != c && p.kernels[k].writes().contains(&b)).collect();
-        let [k] = writers[..] else { continue };
+        let others: Vec<usize> = writers[b].iter().copied().filter(|&k| k != c).collect();
+        let [k] = others[..] else { continue };
         let Kernel::Loop(kl) = &p.kernels[k] else { continue };
         let Kernel::Loop(copy) = &p.kernels[c] else { continue };
         if kl.accumulate || kl.reduce.is_some() || kl.writes_buf(t) {
@@ -101,26 +126,24 @@ pub fn update_in_place(p: &mut Program) -> usize {
         if !elementwise || sum_reads_t {
             continue;
         }
-        let safe = p.entries.iter().all(|e| {
-            let Some(pk) = e.kernels.iter().position(|&x| x == k) else {
-                return !e.kernels.contains(&c);
+        let safe = p.entries.iter().enumerate().all(|(ei, e)| {
+            let Some(pk) = position[ei][k] else {
+                return position[ei][c].is_none();
             };
-            e.kernels.contains(&c) && e.kernels[pk + 1..].iter().all(|&x| x == c || !touches(&p.kernels[x], t))
+            let after = &touching[ei][t];
+            position[ei][c].is_some() && after[after.partition_point(|&x| x <= pk)..].iter().all(|&x| e.kernels[x] == c)
         });
         if !safe {
             continue;
         }
-        // Every use of B, K's store included, becomes T.
-        for (i, kernel) in p.kernels.iter_mut().enumerate() {
-            if i != c {
-                for_each_buf(kernel, &mut |x| {
-                    if *x == b {
-                        *x = t;
-                    }
-                });
-            }
-        }
+        // Every use of B, K's store included, becomes T (the copies are removed). The
+        // checks above stay valid without renaming first: each B is another copy's
+        // temporary, never a T.
+        renamed[b] = t;
         removed.push(c);
+    }
+    for kernel in p.kernels.iter_mut() {
+        for_each_buf(kernel, &mut |x| *x = renamed[*x]);
     }
     removed.sort_unstable();
     p.remove_kernels(&removed);

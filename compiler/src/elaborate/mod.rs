@@ -24,7 +24,11 @@ use std::sync::Arc;
 /// Limits that keep malformed programs from exhausting time or memory.
 pub const MAX_REPEAT: i64 = 4096;
 pub const MAX_CALL_DEPTH: usize = 128;
-pub const MAX_NODES: usize = 4_000_000;
+/// Operations of the forward graph. The training graph is about three times as large,
+/// and lowering and memory planning are not linear in it: at this size (about a thousand
+/// small transformer layers) `bmc compile` already takes minutes. A larger graph is an
+/// error within a second instead of minutes and gigabytes.
+pub const MAX_NODES: usize = 100_000;
 /// Block instances (nested `repeat`s multiply: `repeat(4096, A())` where `A` holds
 /// `repeat(4096, E())` would be 16M instances).
 pub const MAX_INSTANCES: usize = 1 << 18;
@@ -135,7 +139,8 @@ impl<'a> Elaborator<'a> {
                 span,
                 format!("the model is too large: more than {MAX_NODES} operations"),
                 "while elaborating this",
-            ));
+            )
+            .with_help("bmc compiles models of up to 100000 operations in the forward pass (about a thousand small transformer layers); use fewer layers or repeats"));
         }
         Ok(())
     }
