@@ -1,11 +1,16 @@
 //! Memory planning: temporaries whose lifetimes never overlap share one buffer.
 //!
 //! A temporary lives, in each entry, from the first to the last kernel (in that entry's
-//! order) that touches it, both ends included, so a kernel never reads and writes two
-//! temporaries that share storage. Two temporaries may share a buffer only if their
-//! lifetimes are disjoint in every entry. Entry results keep their own buffers (the
-//! runtime reads them, with their shapes, after the entry ran). Greedy, largest first.
+//! order) that touches it, both ends included. Two temporaries may share a buffer if, in
+//! every entry, their lifetimes are disjoint, or one ends where the other begins at a
+//! kernel that can write the new one over the old in place ([`writes_over`]: an
+//! elementwise loop reading the old value only at the elements it writes — a bias add
+//! and GELU over a product's output, a residual add, an activation's gradient). Then
+//! the kernel's rows stay where they are in cache instead of streaming into a second
+//! buffer. Entry results keep their own buffers (the runtime reads them, with their
+//! shapes, after the entry ran). Greedy, largest first.
 
+use crate::inplace::loads_only_at;
 use bm_runtime::kir::{BufId, BufKind, Kernel, Program, ScalarExpr};
 use std::collections::HashSet;
 
@@ -72,6 +77,25 @@ pub(crate) fn for_each_buf(k: &mut Kernel, f: &mut impl FnMut(&mut BufId)) {
     }
 }
 
+/// Whether kernel `k` may write temporary `dst` over `src` (the last kernel to touch
+/// `src`): an elementwise loop (no reduction, no accumulation) that stores `dst` once
+/// (its output or one side store), does not write `src`, and reads `src` only at the
+/// elements where it stores `dst` — never in a fused sum, whose value is evaluated after
+/// the stores. At a point every value is computed before anything is stored (`kir`'s
+/// rule for side stores), so each element is read before it is overwritten.
+fn writes_over(k: &Kernel, src: BufId, dst: BufId) -> bool {
+    let Kernel::Loop(l) = k else { return false };
+    if l.reduce.is_some() || l.accumulate || l.writes_buf(src) {
+        return false;
+    }
+    let stores: Vec<_> = std::iter::once(&l.out).chain(l.side.iter().map(|s| &s.into)).filter(|a| a.buf == dst).collect();
+    let ([store], false) = (&stores[..], l.sums.iter().any(|s| s.into.buf == dst)) else { return false };
+    let mut sum_reads = false;
+    l.sums.iter().for_each(|s| s.value.for_each_load(&mut |a| sum_reads |= a.buf == src));
+    let at = |e: &ScalarExpr| loads_only_at(e, src, store);
+    !sum_reads && at(&l.body) && l.side.iter().all(|s| at(&s.value))
+}
+
 /// Shares temporaries' storage where lifetimes allow; returns the bytes saved.
 pub fn share_temporaries(p: &mut Program) -> usize {
     let n = p.buffers.len();
@@ -90,9 +114,15 @@ pub fn share_temporaries(p: &mut Program) -> usize {
             });
         }
     }
+    // Whether `a` and `b` cannot share: in some entry they are alive at once, other than
+    // where one ends and the other begins at a kernel writing it over the first.
     let overlap = |a: BufId, b: BufId| {
-        lifetimes.iter().any(|l| match (l[a], l[b]) {
-            (Some((a0, a1)), Some((b0, b1))) => a0 <= b1 && b0 <= a1,
+        lifetimes.iter().zip(&p.entries).any(|(l, e)| match (l[a], l[b]) {
+            (Some((a0, a1)), Some((b0, b1))) if a0 <= b1 && b0 <= a1 => {
+                let handover =
+                    |end: usize, src: BufId, start: usize, dst: BufId| end == start && writes_over(&p.kernels[e.kernels[end]], src, dst);
+                !(handover(a1, a, b0, b) || handover(b1, b, a0, a))
+            }
             _ => false,
         })
     };
