@@ -76,7 +76,7 @@ struct Ptrs {
 struct Scratch {
     p: Vec<f32>,
     dp: Vec<f32>,
-    /// A `kᵀ` or `vᵀ` block copied row-major for [`mm`].
+    /// `kᵀ` or `vᵀ` of a block, copied into [`mm`]'s column strips.
     pack: Vec<f32>,
 }
 

@@ -4,11 +4,11 @@
 //! GEMMs the code generator planned, and the error words gathers and scatters set.
 //!
 //! An entry's launches are static (every shape, offset and grid is baked into the
-//! module), so from an entry's second run on they are replayed as one CUDA graph,
-//! captured from that run: one launch per step instead of one per kernel. The first run
-//! launches kernel by kernel (cuBLAS sets itself up outside any capture). A capture
-//! the driver or cuBLAS refuses falls back to launching kernel by kernel;
-//! `BMC_CUDA_GRAPHS=0` turns graphs off (for measurements).
+//! module), so from an entry's second run on they are replayed as one CUDA graph: one
+//! launch per step instead of one per kernel. The first run launches kernel by kernel
+//! (cuBLAS sets itself up outside any capture); right after it, the same launches are
+//! captured (recorded, not run). A capture the driver or cuBLAS refuses falls back to
+//! launching kernel by kernel; `BMC_CUDA_GRAPHS=0` turns graphs off (for measurements).
 
 use super::codegen::{self, CudaModule, GemmBatch, Launch};
 use crate::error::{Error, Result};
@@ -74,7 +74,7 @@ pub struct CudaExecutor {
 
 /// How an entry runs.
 enum Replay {
-    /// Kernel by kernel; a graph is captured on the next run.
+    /// Kernel by kernel, then the graph is captured for the runs after.
     FirstRun,
     /// As this captured graph.
     Graph(CudaGraph),
