@@ -625,6 +625,46 @@ fn thousands_of_layers_are_an_error_in_time() {
 }
 
 #[test]
+fn deep_models_keep_their_expressions_shallow() {
+    // A sum with a term per parameter (the global gradient norm) or per user of a value
+    // (autodiff's gradient contributions) was built as a chain `((a + b) + c) + …`: as
+    // deep as it is long, so lowering was quadratic in the layer count and every
+    // recursive pass after it (fusion, code generation) recursed once per term. Now a
+    // balanced tree (`ops::add_all`).
+    let path = scratch().join("deep.bm");
+    std::fs::write(&path, tiny_source().replace("layers = 2", "layers = 64")).unwrap();
+    let loaded = driver::load(&path.to_string_lossy(), &FileSource::Disk).unwrap();
+    let program = driver::compile(&loaded, &Options::default(), Stage::Kernels).unwrap().program;
+    fn depth(e: &bm_runtime::kir::ScalarExpr) -> usize {
+        use bm_runtime::kir::ScalarExpr::*;
+        1 + match e {
+            Load(_) | Const(_) | Index(_) => 0,
+            Unary(_, a) => depth(a),
+            Binary(_, a, b) => depth(a).max(depth(b)),
+            Select(c, a, b) => depth(c).max(depth(a)).max(depth(b)),
+        }
+    }
+    let deepest = program
+        .kernels
+        .iter()
+        .filter_map(|k| match k {
+            bm_runtime::kir::Kernel::Loop(l) => Some(
+                std::iter::once(&l.body)
+                    .chain(l.side.iter().map(|s| &s.value))
+                    .chain(l.sums.iter().map(|s| &s.value))
+                    .map(depth)
+                    .max()
+                    .unwrap(),
+            ),
+            _ => None,
+        })
+        .max()
+        .unwrap();
+    // 64 layers have ≈ 900 parameter tensors: a chain would be that deep.
+    assert!(deepest <= 48, "an expression {deepest} deep");
+}
+
+#[test]
 fn odd_files() {
     // Empty, blank, comments only, a lone keyword.
     for s in ["", "\n", "   ", "# just a comment", "model", "model M", "model M {", "model M {}", "}", "train {}", "config {}"] {

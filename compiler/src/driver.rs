@@ -5,6 +5,7 @@
 use crate::elaborate::{BlockSource, ElabInput, Elaborator, Scope, Value, parse_override};
 use crate::graph::{DType, Graph};
 use crate::passes::optimizer::{self, TrainSetup};
+use crate::timings::timed;
 use crate::train_config::{self, TrainSection};
 use bm_grammar::ast::{self, Item};
 use bm_grammar::diagnostic::suggest;
@@ -259,7 +260,7 @@ pub fn compile(loaded: &Loaded, opts: &Options, stage: Stage) -> Result<Compiled
     };
     let input =
         ElabInput { model: Some(&model), blocks: &loaded.blocks, config: &config, batch: train.batch, data_shapes: data_shapes.as_ref() };
-    let mut graph = Elaborator::new(&input).elaborate_model()?;
+    let mut graph = timed("elaborate", || Elaborator::new(&input).elaborate_model())?;
     if let Some(shapes) = &data_shapes {
         check_inputs_against_data(loaded, &model, &graph, shapes, &train)?;
     }
@@ -274,8 +275,8 @@ pub fn compile(loaded: &Loaded, opts: &Options, stage: Stage) -> Result<Compiled
         ));
     }
     crate::passes::metrics::append_accuracy(&mut graph);
-    let graph = simplify(&graph);
-    let mut fused = crate::passes::attention::fuse_attention(&graph);
+    let graph = timed("simplify", || simplify(&graph));
+    let mut fused = timed("fuse_attention", || crate::passes::attention::fuse_attention(&graph));
     let model_name = model.def.name.name.clone();
     let mut data_shapes: Vec<(String, (DType, Vec<usize>))> = data_shapes.unwrap_or_default().into_iter().collect();
     data_shapes.sort_by(|a, b| a.0.cmp(&b.0));
@@ -297,9 +298,9 @@ pub fn compile(loaded: &Loaded, opts: &Options, stage: Stage) -> Result<Compiled
         schedule: compiled.train.schedule.clone(),
         clip_grad: compiled.train.clip_grad,
     };
-    optimizer::append_training(&mut fused, &setup)
+    timed("training (autodiff, optimiser)", || optimizer::append_training(&mut fused, &setup))
         .map_err(|e| Diagnostic::new(format!("internal error while building the training step: {e}")))?;
-    compiled.train_graph = simplify(&fused);
+    compiled.train_graph = timed("simplify", || simplify(&fused));
     if stage == Stage::Train {
         return Ok(compiled);
     }

@@ -22,11 +22,14 @@
 
 use crate::points::{PointMap, Touched, canonical, refinement, split_axes};
 use bm_runtime::kir::{Access, BufId, BufKind, DType, Kernel, LoopKernel, Program, ScalarExpr, SideStore};
+use std::collections::{BTreeSet, HashMap};
 
 /// Merges every eligible producer into its consumer; returns how many merged.
 pub fn fuse_chains(p: &mut Program) -> usize {
     let mut removed = vec![false; p.kernels.len()];
     let mut touched = Touched::of(p);
+    // Kernels keep their places until the end of the pass (merged ones are only marked).
+    let mut places = Places::of(p, &touched);
     let mut merged = 0;
     for b in 0..p.kernels.len() {
         if !elementwise(p, &p.kernels[b]) {
@@ -44,12 +47,14 @@ pub fn fuse_chains(p: &mut Program) -> usize {
                 }
                 let (Kernel::Loop(ak), Kernel::Loop(bk)) = (&p.kernels[a], &p.kernels[b]) else { continue };
                 let Some(m) = merge(ak, bk) else { continue };
-                if !may_move(p, &touched, a, b) {
+                if !may_move(p, &touched, &places, a, b) {
                     continue;
                 }
                 p.kernels[b] = Kernel::Loop(m);
                 removed[a] = true;
+                let before = (touched.reads[b].clone(), touched.writes[b].clone());
                 touched.update(p, b);
+                places.retouch(b, before, (&touched.reads[b], &touched.writes[b]));
                 merged += 1;
                 continue 'again;
             }
@@ -175,20 +180,64 @@ fn substitute(e: &ScalarExpr, shape: &[usize], stores: &[(Access, ScalarExpr)]) 
     })
 }
 
-/// Whether `A` may run at `B`'s place in every entry.
-fn may_move(p: &Program, touched: &Touched, a: usize, b: usize) -> bool {
-    let (aw, ar) = (&touched.writes[a], &touched.reads[a]);
-    p.entries.iter().all(|e| {
-        let pa = e.kernels.iter().position(|&k| k == a);
-        let pb = e.kernels.iter().position(|&k| k == b);
-        match (pa, pb) {
-            (None, None) => true,
-            (Some(pa), Some(pb)) if pa < pb => e.kernels[pa + 1..pb].iter().all(|&k| {
-                let (kw, kr) = (&touched.writes[k], &touched.reads[k]);
-                !kr.iter().any(|x| aw.contains(x)) && !kw.iter().any(|x| aw.contains(x) || ar.contains(x))
-            }),
-            _ => false,
+/// Where each kernel runs in each entry (`at[e][k]`), and per entry and buffer the
+/// places of the kernels reading and writing it, so that "does anything between these
+/// two places touch this buffer" is a range query instead of a walk (the walk made the
+/// pass quadratic in the kernel count). Merged-away kernels stay at their places with
+/// what they touched, as in the kernel-by-kernel definition this replaces.
+struct Places {
+    at: Vec<Vec<Option<usize>>>,
+    readers: Vec<HashMap<BufId, BTreeSet<usize>>>,
+    writers: Vec<HashMap<BufId, BTreeSet<usize>>>,
+}
+
+impl Places {
+    fn of(p: &Program, touched: &Touched) -> Places {
+        let mut places = Places { at: vec![], readers: vec![], writers: vec![] };
+        for e in &p.entries {
+            let mut at = vec![None; p.kernels.len()];
+            let (mut readers, mut writers): (HashMap<BufId, BTreeSet<usize>>, HashMap<BufId, BTreeSet<usize>>) = Default::default();
+            for (i, &k) in e.kernels.iter().enumerate() {
+                at[k] = Some(i);
+                touched.reads[k].iter().for_each(|&x| _ = readers.entry(x).or_default().insert(i));
+                touched.writes[k].iter().for_each(|&x| _ = writers.entry(x).or_default().insert(i));
+            }
+            places.at.push(at);
+            places.readers.push(readers);
+            places.writers.push(writers);
         }
+        places
+    }
+
+    /// Kernel `k` now reads and writes `after` instead of `before`.
+    fn retouch(&mut self, k: usize, before: (Vec<BufId>, Vec<BufId>), after: (&Vec<BufId>, &Vec<BufId>)) {
+        for e in 0..self.at.len() {
+            let Some(i) = self.at[e][k] else { continue };
+            for (index, old, new) in [(&mut self.readers[e], &before.0, after.0), (&mut self.writers[e], &before.1, after.1)] {
+                old.iter().filter(|x| !new.contains(x)).for_each(|x| _ = index.get_mut(x).map(|s| s.remove(&i)));
+                new.iter().for_each(|&x| _ = index.entry(x).or_default().insert(i));
+            }
+        }
+    }
+
+    /// Whether, in entry `e`, a kernel strictly between places `lo` and `hi` reads
+    /// (`index` = readers) or writes (writers) `x`.
+    fn between(index: &HashMap<BufId, BTreeSet<usize>>, x: BufId, lo: usize, hi: usize) -> bool {
+        index.get(&x).is_some_and(|s| s.range(lo + 1..hi).next().is_some())
+    }
+}
+
+/// Whether `A` may run at `B`'s place in every entry.
+fn may_move(p: &Program, touched: &Touched, places: &Places, a: usize, b: usize) -> bool {
+    let (aw, ar) = (&touched.writes[a], &touched.reads[a]);
+    (0..p.entries.len()).all(|e| match (places.at[e][a], places.at[e][b]) {
+        (None, None) => true,
+        (Some(pa), Some(pb)) if pa < pb => {
+            let (readers, writers) = (&places.readers[e], &places.writers[e]);
+            aw.iter().all(|&x| !Places::between(readers, x, pa, pb) && !Places::between(writers, x, pa, pb))
+                && ar.iter().all(|&x| !Places::between(writers, x, pa, pb))
+        }
+        _ => false,
     })
 }
 

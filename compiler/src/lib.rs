@@ -25,4 +25,5 @@ pub mod plan;
 pub mod points;
 pub mod precision;
 pub mod sink;
+pub mod timings;
 pub mod train_config;

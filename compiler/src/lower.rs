@@ -7,10 +7,12 @@
 //! end of `train_step`, after every read of the values they overwrite.
 
 use crate::graph::{DType, Graph, NodeId, Op};
+use crate::timings::timed;
 use bm_runtime::kir::{
     self, Access, AttentionBackwardKernel, AttentionKernel, BufId, BufKind, Buffer, Entry, GatherKernel, Kernel, LoopKernel, MatMulKernel,
     MatOperand, ParamSpec, Program, ScalarExpr, ScatterAddKernel,
 };
+use std::collections::{HashMap, HashSet};
 
 /// Where a node's value lives.
 #[derive(Clone, Debug, PartialEq)]
@@ -128,7 +130,11 @@ struct Lowering<'g> {
     result_kernels: Vec<(NodeId, usize)>,
     /// `sum over batch of a @ b` computed by one GEMM at the matmul: the reduce node's
     /// value (see `MatMul` lowering).
-    folded_sums: Vec<(NodeId, View)>,
+    folded_sums: HashMap<NodeId, View>,
+    /// The graph's outputs (indexed: asked for every node).
+    is_output: Vec<bool>,
+    /// Parameter and optimiser-state buffers by name, for `Assign`.
+    assignable: HashMap<String, BufId>,
 }
 
 /// Lowers a training graph (or a forward-only graph) to a program.
@@ -141,12 +147,16 @@ pub fn lower(g: &Graph) -> Result<Program, String> {
         views: vec![None; g.len()],
         assigns: vec![],
         result_kernels: vec![],
-        folded_sums: vec![],
+        folded_sums: HashMap::new(),
+        is_output: {
+            let mut o = vec![false; g.len()];
+            g.outputs.iter().for_each(|(_, id)| o[id.index()] = true);
+            o
+        },
+        assignable: HashMap::new(),
     };
     let mut params = vec![];
-    for id in g.node_ids() {
-        l.lower_node(id)?;
-    }
+    timed("lower nodes", || g.node_ids().try_for_each(|id| l.lower_node(id)))?;
     for p in &g.params {
         if let Some(View { src: Src::Buf(b), .. }) = &l.views[p.node.index()] {
             params.push(ParamSpec { name: p.name.clone(), buf: *b, init: p.init.clone() });
@@ -168,16 +178,19 @@ pub fn lower(g: &Graph) -> Result<Program, String> {
         entries.push(l.entry("train_step", &train, true)?);
     }
     let mut program = Program { buffers: l.buffers, kernels: l.kernels, entries, params };
-    crate::fuse_chains::fuse_chains(&mut program);
-    crate::fuse_sums::fuse_sums(&mut program);
-    crate::inplace::update_in_place(&mut program);
-    crate::sink::sink_products(&mut program);
-    crate::plan::share_temporaries(&mut program);
+    timed("fuse_chains", || crate::fuse_chains::fuse_chains(&mut program));
+    timed("fuse_sums", || crate::fuse_sums::fuse_sums(&mut program));
+    timed("inplace", || crate::inplace::update_in_place(&mut program));
+    timed("sink", || crate::sink::sink_products(&mut program));
+    timed("plan", || crate::plan::share_temporaries(&mut program));
     Ok(program)
 }
 
 impl Lowering<'_> {
     fn new_buffer(&mut self, name: String, dtype: kir::DType, shape: &[usize], kind: BufKind) -> BufId {
+        if matches!(kind, BufKind::Param | BufKind::OptState) {
+            self.assignable.entry(name.clone()).or_insert(self.buffers.len());
+        }
         self.buffers.push(Buffer { name, dtype, shape: shape.to_vec(), kind });
         self.buffers.len() - 1
     }
@@ -220,7 +233,7 @@ impl Lowering<'_> {
     /// A GEMM writes either layout at the same cost.
     fn transposed_temp(&mut self, node: NodeId) -> Option<(BufId, View)> {
         let shape = self.g.shape(node).to_vec();
-        if shape.len() != 2 || self.g.outputs.iter().any(|o| o.1 == node) {
+        if shape.len() != 2 || self.is_output[node.index()] {
             return None;
         }
         let users = self.g.users(node);
@@ -280,9 +293,7 @@ impl Lowering<'_> {
                     a
                 }
             }
-            Op::Reduce(_, _) if self.folded_sums.iter().any(|(n, _)| *n == id) => {
-                self.folded_sums.iter().find(|(n, _)| *n == id).map(|(_, v)| v.clone()).expect("checked")
-            }
+            Op::Reduce(_, _) if self.folded_sums.contains_key(&id) => self.folded_sums[&id].clone(),
             Op::Reduce(op, axes) => {
                 let a = self.view(ops[0])?;
                 let kept: Vec<usize> = (0..a.shape.len()).filter(|d| !axes.contains(d)).collect();
@@ -424,7 +435,7 @@ impl Lowering<'_> {
                         let (row_stride, col_stride) = (sum_view.strides[0], sum_view.strides[1]);
                         folded.c = MatOperand { buf: sb, offset: 0, batch_strides: vec![], row_stride, col_stride };
                         self.emit(id, Kernel::MatMul(folded));
-                        self.folded_sums.push((sum, sum_view.clone()));
+                        self.folded_sums.insert(sum, sum_view.clone());
                         self.views[id.index()] = Some(sum_view);
                         return Ok(());
                     }
@@ -493,11 +504,7 @@ impl Lowering<'_> {
             }
             Op::Assign(target) => {
                 let a = self.view(ops[0])?;
-                let buf = self
-                    .buffers
-                    .iter()
-                    .position(|b| b.name == *target && matches!(b.kind, BufKind::Param | BufKind::OptState))
-                    .ok_or_else(|| format!("assign to unknown `{target}`"))?;
+                let buf = *self.assignable.get(target).ok_or_else(|| format!("assign to unknown `{target}`"))?;
                 let before = self.kernels.len();
                 let e = self.read(&a);
                 self.loop_into(id, &shape, e, access(buf, &shape));
@@ -521,7 +528,7 @@ impl Lowering<'_> {
     }
 
     fn fusible(&self, id: NodeId) -> bool {
-        let is_root = self.g.outputs.iter().any(|o| o.1 == id) || self.g.loss == Some(id);
+        let is_root = self.is_output[id.index()] || self.g.loss == Some(id);
         let mut users = self.g.g.edges_directed(id, petgraph::Direction::Outgoing);
         let (Some(e), None) = (users.next(), users.next()) else { return false };
         let user = petgraph::visit::EdgeRef::target(&e);
@@ -555,7 +562,7 @@ impl Lowering<'_> {
 
     /// The node's single user if it is a sum over exactly the leading `rank - 2` axes.
     fn batch_sum_user(&self, id: NodeId, rank: usize) -> Option<NodeId> {
-        if rank < 3 || self.g.outputs.iter().any(|o| o.1 == id) {
+        if rank < 3 || self.is_output[id.index()] {
             return None;
         }
         let mut users = self.g.g.edges_directed(id, petgraph::Direction::Outgoing);
@@ -649,7 +656,7 @@ impl Lowering<'_> {
             named.push((rname.clone(), b));
         }
         let needed = self.g.ancestors(&roots);
-        let assign_nodes: Vec<NodeId> = self.assigns.iter().map(|a| a.0).collect();
+        let assign_nodes: HashSet<NodeId> = self.assigns.iter().map(|a| a.0).collect();
         let mut kernels: Vec<usize> = self
             .g
             .node_ids()

@@ -174,6 +174,26 @@ pub fn binary_name(op: BinaryOp) -> &'static str {
 pub fn add(g: &mut Graph, a: NodeId, b: NodeId) -> OpResult {
     binary(g, BinaryOp::Add, a, b)
 }
+/// The sum of `terms` (at least one) as a balanced tree of adds: neighbours first,
+/// then neighbouring pairs, and so on. A chain `((a + b) + c) + …` over a gradient per
+/// parameter (the global gradient norm) or a contribution per user (autodiff) is as
+/// deep as it is long, and every recursive pass after it (lowering, fusion, code
+/// generation) would pay for the depth — quadratically, and in stack.
+pub fn add_all(g: &mut Graph, terms: &[NodeId]) -> OpResult {
+    let mut level = terms.to_vec();
+    while level.len() > 1 {
+        let mut next = Vec::with_capacity(level.len().div_ceil(2));
+        for pair in level.chunks(2) {
+            next.push(match *pair {
+                [a, b] => add(g, a, b)?,
+                [a] => a,
+                _ => unreachable!("chunks of two"),
+            });
+        }
+        level = next;
+    }
+    Ok(level[0])
+}
 pub fn sub(g: &mut Graph, a: NodeId, b: NodeId) -> OpResult {
     binary(g, BinaryOp::Sub, a, b)
 }
@@ -770,4 +790,38 @@ pub fn dropout(g: &mut Graph, x: NodeId, p: f64, noise_index: usize) -> OpResult
     let scaled = mul_scalar(g, kept, 1.0 / (1.0 - p));
     let training = g.add(Op::Hyper("training".into()), &[], vec![], DType::F32);
     select(g, training, scaled, x)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// How many adds deep `id` is.
+    fn depth(g: &Graph, id: NodeId) -> usize {
+        match g.node(id).op {
+            Op::Binary(BinaryOp::Add) => 1 + g.operands(id).iter().map(|&o| depth(g, o)).max().unwrap_or(0),
+            _ => 0,
+        }
+    }
+
+    /// The leaves of the sum at `id`, left to right.
+    fn leaves(g: &Graph, id: NodeId, out: &mut Vec<NodeId>) {
+        match g.node(id).op {
+            Op::Binary(BinaryOp::Add) => g.operands(id).iter().for_each(|&o| leaves(g, o, out)),
+            _ => out.push(id),
+        }
+    }
+
+    #[test]
+    fn add_all_is_a_balanced_sum_of_every_term_in_order() {
+        for n in [1, 2, 3, 4, 5, 7, 8, 9, 100, 1000] {
+            let mut g = Graph::new();
+            let terms: Vec<NodeId> = (0..n).map(|i| g.add(Op::Param(format!("p{i}")), &[], vec![], DType::F32)).collect();
+            let sum = add_all(&mut g, &terms).unwrap();
+            let mut got = vec![];
+            leaves(&g, sum, &mut got);
+            assert_eq!(got, terms, "{n} terms");
+            assert_eq!(depth(&g, sum), (n as f64).log2().ceil() as usize, "{n} terms");
+        }
+    }
 }

@@ -69,10 +69,7 @@ pub fn differentiate(g: &mut Graph, loss: NodeId, wrt: &[NodeId]) -> R<Vec<NodeI
                 continue;
             };
             set_origin(g, id);
-            let mut gi = parts[0];
-            for &p in &parts[1..] {
-                gi = ops::add(g, gi, p).map_err(err)?;
-            }
+            let gi = ops::add_all(g, &parts).map_err(err)?;
             grads.insert(id, gi);
             let operands = g.operands(id);
             let needs: Vec<bool> =

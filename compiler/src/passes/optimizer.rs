@@ -143,18 +143,17 @@ pub fn append_training(g: &mut Graph, setup: &TrainSetup) -> Result<(), String> 
 
 fn append_update(g: &mut Graph, setup: &TrainSetup, params: &[(String, NodeId)], grads: &[NodeId]) -> OpResult<()> {
     // Global L2 norm of all gradients (always reported; used by clipping).
-    let mut total: Option<NodeId> = None;
+    let mut squares = vec![];
     for &gr in grads {
         let sq = ops::unary(g, UnaryOp::Square, gr);
-        let s = ops::reduce(g, ReduceOp::Sum, sq, &[], false)?;
-        total = Some(match total {
-            None => s,
-            Some(t) => ops::add(g, t, s)?,
-        });
+        squares.push(ops::reduce(g, ReduceOp::Sum, sq, &[], false)?);
     }
-    let norm = match total {
-        Some(t) => ops::unary(g, UnaryOp::Sqrt, t),
-        None => c(g, 0.0),
+    let norm = match squares.is_empty() {
+        false => {
+            let total = ops::add_all(g, &squares)?;
+            ops::unary(g, UnaryOp::Sqrt, total)
+        }
+        true => c(g, 0.0),
     };
     g.set_output("grad_norm", norm);
     let mut grads = grads.to_vec();
