@@ -45,11 +45,12 @@ pub fn fuse_chains(p: &mut Program) -> usize {
                 if !elementwise(p, &p.kernels[a]) {
                     continue;
                 }
-                let (Kernel::Loop(ak), Kernel::Loop(bk)) = (&p.kernels[a], &p.kernels[b]) else { continue };
-                let Some(m) = merge(ak, bk) else { continue };
+                // The cheap test first: most producers cannot move.
                 if !may_move(p, &touched, &places, a, b) {
                     continue;
                 }
+                let (Kernel::Loop(ak), Kernel::Loop(bk)) = (&p.kernels[a], &p.kernels[b]) else { continue };
+                let Some(m) = merge(ak, bk) else { continue };
                 p.kernels[b] = Kernel::Loop(m);
                 removed[a] = true;
                 let before = (touched.reads[b].clone(), touched.writes[b].clone());

@@ -6,6 +6,7 @@ use bm_runtime::bundle;
 use bm_runtime::cli::{TrainArgs, binary_main, parse_kv};
 use bmc::driver::{self, FileSource, Options, Stage};
 use bmc::emit::{EmitStage, Format, emit};
+use bmc::timings::timed;
 use clap::{Parser, Subcommand, ValueEnum};
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -239,8 +240,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
             // Every kernel access is checked against its buffer now; the JIT itself runs
             // when the binary starts (tests/snapshots.rs JITs every model in models/), which
             // keeps `bmc compile` at the pipeline's speed (issue 4: W3 in ≤ 0.3 s).
-            bm_runtime::exec::validate(&c.program)?;
-            let mut b = driver::bundle(&loaded, &opts, &c);
+            timed("validate", || bm_runtime::exec::validate(&c.program))?;
+            let mut b = timed("bundle", || driver::bundle(&loaded, &opts, &c));
             if target == Target::Cuda {
                 // The binary trains on the GPU by default. Where NVRTC is at hand, compile
                 // the generated CUDA C now: a kernel NVRTC rejects fails here, and the PTX
@@ -255,7 +256,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 PathBuf::from(model.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into()))
             });
             let runtime = bundle::own_runtime()?;
-            b.write_binary(&runtime, &out)?;
+            timed("write binary", || b.write_binary(&runtime, &out))?;
             println!("wrote {} (model {}; run `{} train`)", out.display(), c.model_name, display_cmd(&out));
             Ok(())
         }
