@@ -348,14 +348,36 @@ mod timing {
     #[ignore]
     fn attention_blocks() {
         // (m, n, k, a transposed, b transposed): q kᵀ, p v, dsᵀ q — W2's head size, then W3's.
-        for (m, n, k, ta, tb) in [
+        compare(&[
             (64, 128, 32, false, true),
             (64, 32, 128, false, false),
             (128, 32, 64, true, false),
             (64, 256, 64, false, true),
             (64, 64, 256, false, false),
             (256, 64, 64, true, false),
-        ] {
+        ]);
+    }
+
+    /// Row-group panels of W1 (64 rows) and W2 (128 rows): `x Wᵀ` forward, `dy W` backward.
+    #[test]
+    #[ignore]
+    fn row_panels() {
+        compare(&[
+            (64, 256, 64, false, true),
+            (64, 256, 256, false, true),
+            (64, 10, 256, false, true),
+            (64, 256, 256, false, false),
+            (64, 256, 10, false, false),
+            (128, 512, 128, false, true),
+            (128, 128, 512, false, true),
+            (128, 128, 512, false, false),
+            (128, 512, 128, false, false),
+            (128, 384, 128, false, true),
+        ]);
+    }
+
+    fn compare(shapes: &[(usize, usize, usize, bool, bool)]) {
+        for &(m, n, k, ta, tb) in shapes {
             let a = vec![0.5f32; m * k];
             let b = vec![0.25f32; k * n];
             let mut c = vec![0.0f32; m * n];
