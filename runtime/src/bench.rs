@@ -84,14 +84,18 @@ pub fn run(bundle: Bundle, opts: &BenchOptions) -> Result<BenchResult> {
     let total = (warmup + opts.steps) as u64;
     let mut times = vec![];
     let mut first_losses = vec![];
-    // `BMC_BENCH_AB=row-groups`: steps alternate without and with row groups, so that both
-    // see the same load on a shared host (compared across processes minutes apart, this
+    // `BMC_BENCH_AB=row-groups` (or `packed-panels`): steps alternate without and with
+    // row groups (or a group's weights packed once for all its panels), so that both see
+    // the same load on a shared host (compared across processes minutes apart, this
     // host's drift hides differences of 10%).
-    let ab = std::env::var("BMC_BENCH_AB").is_ok_and(|v| v == "row-groups");
+    let ab = std::env::var("BMC_BENCH_AB").ok().filter(|v| v == "row-groups" || v == "packed-panels");
     for step in 0..total {
         let b = &batches[step as usize % batches.len()];
-        if ab && let Some(e) = s.exec.cpu() {
-            e.set_row_groups(step % 2 == 1);
+        if let (Some(what), Some(e)) = (&ab, s.exec.cpu()) {
+            match what.as_str() {
+                "row-groups" => e.set_row_groups(step % 2 == 1),
+                _ => e.set_packed_panels(step % 2 == 1),
+            }
         }
         let t0 = Instant::now();
         s.feed(b, "the benchmark data")?;
@@ -113,8 +117,8 @@ pub fn run(bundle: Bundle, opts: &BenchOptions) -> Result<BenchResult> {
         (true, None) => return Err(Error::user("--profile times kernels on the CPU only; drop it or use --device cpu")),
         _ => vec![],
     };
-    if ab {
-        eprintln!("{}", ab_summary(&times, warmup));
+    if let Some(what) = &ab {
+        eprintln!("{}", ab_summary(what, &times, warmup));
     }
     times.sort_by(|a, b| a.total_cmp(b));
     let median = times[times.len() / 2];
@@ -135,12 +139,12 @@ pub fn run(bundle: Bundle, opts: &BenchOptions) -> Result<BenchResult> {
     })
 }
 
-/// Medians of the steps without (even) and with (odd) row groups, and how many adjacent
+/// Medians of the steps without (even) and with (odd) `what`, and how many adjacent
 /// pairs the second won; `times[i]` is step `warmup + i`.
-fn ab_summary(times: &[f64], warmup: usize) -> String {
+fn ab_summary(what: &str, times: &[f64], warmup: usize) -> String {
     let (mut off, mut on): (Vec<f64>, Vec<f64>) = (vec![], vec![]);
     for (i, &t) in times.iter().enumerate() {
-        if (warmup + i) % 2 == 0 { off.push(t) } else { on.push(t) }
+        if (warmup + i).is_multiple_of(2) { off.push(t) } else { on.push(t) }
     }
     let wins = off.iter().zip(&on).filter(|(a, b)| b < a).count();
     let pairs = off.len().min(on.len());
@@ -149,7 +153,7 @@ fn ab_summary(times: &[f64], warmup: usize) -> String {
         v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
     };
     format!(
-        "alternating steps: without row groups {:.3} ms, with {:.3} ms (medians); with faster in {wins} of {pairs} adjacent pairs",
+        "alternating steps: without {what} {:.3} ms, with {:.3} ms (medians); with faster in {wins} of {pairs} adjacent pairs",
         median(&mut off),
         median(&mut on)
     )

@@ -661,6 +661,8 @@ impl SumPlan {
 struct Scratch {
     sums: Vec<f32>,
     tables: Vec<*mut u8>,
+    /// Per matrix product of a row group, its `B` packed once for all panels.
+    packed: Vec<Vec<f32>>,
 }
 
 // SAFETY: the tables only hold addresses of the executor's own buffers and scratch,
@@ -699,6 +701,8 @@ pub struct Executor {
     /// Per entry: its kernels as run, one by one or in row groups (see [`groups`]).
     schedules: Vec<Vec<Step>>,
     threads: usize,
+    /// Whether a row group packs each product's `B` once for all its panels.
+    packed_panels: bool,
     pool: rayon::ThreadPool,
     /// With profiling on: per kernel, its runs and seconds (see [`Executor::profile`]).
     profile: Option<Vec<(u64, f64)>>,
@@ -777,6 +781,8 @@ impl Executor {
             entries,
             schedules,
             threads,
+            // `BMC_PACKED_PANELS=0`: the `gemm` crate packs `B` per panel (for A/B).
+            packed_panels: std::env::var("BMC_PACKED_PANELS").map_or(true, |v| v != "0"),
             pool: build_pool(threads)?,
             profile: None,
             scratch: Scratch::default(),
@@ -788,6 +794,12 @@ impl Executor {
     /// kernels) or every kernel on its own.
     pub fn set_row_groups(&mut self, on: bool) {
         self.schedules = schedules(&self.program, on && self._jit.is_some());
+    }
+
+    /// Whether a row group packs each product's `B` once for all its panels (the
+    /// default) or leaves it to the `gemm` crate per panel.
+    pub fn set_packed_panels(&mut self, on: bool) {
+        self.packed_panels = on;
     }
 
     /// Starts (or restarts) timing every kernel `run` runs; `false` stops it.
@@ -897,6 +909,7 @@ impl Executor {
             bufs: &mut self.bufs,
             scratch: &mut self.scratch,
             threads: self.threads,
+            packed_panels: self.packed_panels,
             pool: &self.pool,
         };
         (ctx, &mut self.profile)
@@ -911,6 +924,7 @@ struct Ctx<'a> {
     bufs: &'a mut Buffers,
     scratch: &'a mut Scratch,
     threads: usize,
+    packed_panels: bool,
     pool: &'a rayon::ThreadPool,
 }
 
@@ -929,8 +943,9 @@ impl Ctx<'_> {
         enum Member<'k> {
             /// A loop kernel and where its per-chunk pointer tables start (fused sums).
             Loop(KernelFn, Option<usize>),
-            /// A matrix product and its output rows per outermost index.
-            MatMul(&'k crate::kir::MatMulKernel, usize),
+            /// A matrix product, its output rows per outermost index, and its `B` packed
+            /// for all panels (an index into `scratch.packed`) or not.
+            MatMul(&'k crate::kir::MatMulKernel, usize, Option<usize>),
         }
         let ptrs = self.bufs.base_ptrs();
         let nb = ptrs.len();
@@ -941,6 +956,7 @@ impl Ctx<'_> {
         scratch.tables.clear();
         let sp = scratch.sums.as_mut_ptr();
         let mut members = Vec::with_capacity(g.kernels.len());
+        let mut products = 0;
         let mut big = false;
         let mut at = 0;
         for &k in &g.kernels {
@@ -957,12 +973,26 @@ impl Ctx<'_> {
                 }
                 (Plan::MatMul, Kernel::MatMul(m)) => {
                     big |= m.m * m.n * m.k >= crate::gemm::PARALLEL_FLOPS;
-                    members.push(Member::MatMul(m, m.m / g.outer));
+                    // Every panel multiplies the same `B` (a weight): pack it once here
+                    // rather than once per panel inside the `gemm` crate.
+                    let slot = products;
+                    products += 1;
+                    if scratch.packed.len() < products {
+                        scratch.packed.push(vec![]);
+                    }
+                    // SAFETY: validated.
+                    // With fewer blocks than twice the threads the per-panel packs run in
+                    // parallel anyway, and one pack ahead of them would cost more.
+                    let worth = self.packed_panels && g.blocks >= 2 * self.threads.max(2);
+                    let packed =
+                        worth && unsafe { crate::gemm::pack_panels_b(m, ptrs.as_ptr(), &mut scratch.packed[slot], self.threads > 1) };
+                    members.push(Member::MatMul(m, m.m / g.outer, packed.then_some(slot)));
                 }
                 _ => return Err(Error::internal(format!("kernel k{k} cannot run in a row group"))),
             }
         }
         let (p, tables) = (ptrs.as_ptr() as usize, scratch.tables.as_ptr() as usize);
+        let packed = &scratch.packed;
         let block = |b: usize| {
             let (c0, c1) = g.block(b);
             for m in &members {
@@ -982,10 +1012,16 @@ impl Ctx<'_> {
                             unsafe { f(bufs, lo as i64, hi as i64) }
                         }
                     }
-                    Member::MatMul(k, r) => {
+                    Member::MatMul(k, r, b) => {
                         let (lo, hi) = (g.chunk(c0).0, g.chunk(c1 - 1).1);
-                        // SAFETY: as above; the panel's output rows belong to this block.
-                        unsafe { crate::gemm::panel(k, p as *const *mut u8, lo * r, hi * r) }
+                        // SAFETY: as above; the panel's output rows belong to this block;
+                        // `B` (a weight the group does not write) was packed above.
+                        unsafe {
+                            match b {
+                                Some(i) => crate::gemm::panel_packed(k, p as *const *mut u8, lo * r, hi * r, &packed[i]),
+                                None => crate::gemm::panel(k, p as *const *mut u8, lo * r, hi * r),
+                            }
+                        }
                     }
                 }
             }

@@ -123,6 +123,34 @@ pub(crate) unsafe fn panel(k: &MatMulKernel, bufs: *const *mut u8, r0: usize, r1
     }
 }
 
+/// The weight `B` of product `k` (f32, no batch axes) packed once for all of a row
+/// group's panels (`tiles::pack`; in the current pool with `parallel`); `false` where the panels should use [`panel`]: no AVX2
+/// and FMA, or an output whose rows are not contiguous.
+///
+/// # Safety
+/// `k` must have been validated against these buffers.
+pub(crate) unsafe fn pack_panels_b(k: &MatMulKernel, bufs: *const *mut u8, dst: &mut Vec<f32>, parallel: bool) -> bool {
+    if k.c.col_stride != 1 {
+        return false;
+    }
+    // SAFETY: the buffers cover the validated operand.
+    unsafe { crate::tiles::pack(k.k, k.n, View::of(*bufs.add(k.b.buf) as usize, k.b.offset, &k.b, 0), dst, parallel) }
+}
+
+/// Output rows `r0..r1` of product `k` with its `B` packed by [`pack_panels_b`]: as
+/// [`panel`], through `tiles`' register tiles.
+///
+/// # Safety
+/// As [`panel`]; `packed` holds `k`'s `B` packed by [`pack_panels_b`].
+pub(crate) unsafe fn panel_packed(k: &MatMulKernel, bufs: *const *mut u8, r0: usize, r1: usize, packed: &[f32]) {
+    // SAFETY: the buffers cover the validated operands; the panel's rows are in range.
+    unsafe {
+        let base = |b: usize| *bufs.add(b) as usize;
+        let (c, a) = (View::of(base(k.c.buf), k.c.offset, &k.c, r0), View::of(base(k.a.buf), k.a.offset, &k.a, r0));
+        crate::tiles::product_packed(r1 - r0, k.n, k.k, c.ptr as *mut f32, c.rs, k.accumulate, a, packed);
+    }
+}
+
 thread_local! {
     /// Reused buffers for bf16-rounded operands (grown, never shrunk: a fresh allocation
     /// per product would fault in new zero pages every step).

@@ -1,6 +1,8 @@
 //! Products of small, cache-resident matrices on one thread: attention's per-block
 //! products (`q kᵀ`, `p v` and the four of the backward, 64 query rows against at most a
-//! few hundred keys, head sizes 32–128).
+//! few hundred keys, head sizes 32–128), and a row group's panels against a weight
+//! packed once for all of them ([`pack`], [`product_packed`]: the `gemm` crate would
+//! pack it again for every panel).
 //!
 //! The `gemm` crate packs both operands and dispatches per call; on these shapes it ran
 //! at about a third of one core's FMA peak inside attention (`perf`: its micro-kernel
@@ -64,6 +66,56 @@ pub(crate) unsafe fn product(
     let _ = pack;
     // SAFETY: forwarded from the caller.
     unsafe { crate::gemm::product(m, n, k, View::dense(c, ldc), accumulate, a, b, alpha, ::gemm::Parallelism::None) }
+}
+
+/// `b` (k × n, any strides) packed into strips in `dst` for [`product_packed`], once for
+/// many products with the same `b` (a row group's panels all multiply one weight), by
+/// the current rayon pool's threads with `parallel`; `false` (and `dst` untouched)
+/// without AVX2 and FMA.
+///
+/// # Safety
+/// `b` must cover k × n.
+pub(crate) unsafe fn pack(k: usize, n: usize, b: View, dst: &mut Vec<f32>, parallel: bool) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        use rayon::prelude::*;
+        dst.clear();
+        dst.resize(k * n.next_multiple_of(8), 0.0);
+        // Column ranges of whole strips (a multiple of 16 wide, the last takes the rest),
+        // packed in parallel when large: strip j lies at j · k whichever range packs it.
+        let pieces = if parallel && k * n >= 1 << 16 { rayon::current_num_threads() * 2 } else { 1 };
+        let width = n.div_ceil(pieces).next_multiple_of(16);
+        let (d, bp) = (dst.as_mut_ptr() as usize, b.ptr as usize);
+        (0..n.div_ceil(width)).into_par_iter().for_each(|i| {
+            let (j0, j1) = (i * width, ((i + 1) * width).min(n));
+            let sub = View { ptr: (bp as *const f32).wrapping_add(j0 * b.cs), ..b };
+            // SAFETY: b covers k × n, so columns j0..j1 too; the range's strips lie in
+            // dst from j0 · k on, disjoint from the other ranges'; AVX2 was detected.
+            unsafe { avx2::pack(k, j1 - j0, sub, (d as *mut f32).add(j0 * k)) };
+        });
+        return true;
+    }
+    let _ = (k, n, b, dst);
+    false
+}
+
+/// `c (+)= a @ b` with `b` already packed by [`pack`] (which returned `true`).
+///
+/// # Safety
+/// As [`product`]; `packed` holds `b` (k × n) packed by [`pack`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn product_packed(m: usize, n: usize, k: usize, c: *mut f32, ldc: usize, accumulate: bool, a: View, packed: &[f32]) {
+    if m == 0 || n == 0 || k == 0 {
+        return;
+    }
+    assert!(packed.len() >= k * n.next_multiple_of(8), "product_packed: `b` is not packed");
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: forwarded from the caller; `pack` ran, so AVX2 and FMA are present.
+    unsafe {
+        avx2::product(m, n, k, c, ldc, accumulate, a, None, packed.as_ptr(), 1.0)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (c, ldc, accumulate, a);
 }
 
 /// The strips of `n` columns: `(first column, width in the packing, columns used)` —
@@ -290,8 +342,22 @@ mod tests {
     /// naive f64 product.
     #[test]
     fn products_match_a_naive_sum() {
-        let mut pack = vec![];
-        for (m, n, k) in [(1, 1, 1), (6, 16, 3), (7, 17, 5), (13, 40, 32), (64, 37, 9), (5, 8, 64), (64, 128, 32), (3, 3, 200)] {
+        sweep(false, false);
+    }
+
+    /// The same with `b` packed once (`pack`, in column ranges by several threads when
+    /// large: a row group's weights) and multiplied by `product_packed`.
+    #[test]
+    fn products_of_a_packed_b_match_a_naive_sum() {
+        sweep(true, false);
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+        pool.install(|| sweep(true, true));
+    }
+
+    fn sweep(packed_once: bool, parallel: bool) {
+        let (mut strips, mut pack_b) = (vec![], vec![]);
+        let shapes = [(1, 1, 1), (6, 16, 3), (7, 17, 5), (13, 40, 32), (64, 37, 9), (5, 8, 64), (64, 128, 32), (3, 3, 200), (9, 300, 250)];
+        for (m, n, k) in shapes {
             for (ta, tb, accumulate) in [(false, false, false), (true, false, true), (false, true, false), (true, true, true)] {
                 let val = |s: usize, i: usize| ((i * 7919 + s * 104729) % 1000) as f32 / 500.0 - 1.0;
                 // A: m × k (or its transpose in memory), padded rows so strides are not dense.
@@ -302,22 +368,16 @@ mod tests {
                 let ldc = n + 4;
                 let mut cv: Vec<f32> = (0..m * ldc).map(|i| val(3, i)).collect();
                 let before = cv.clone();
-                let alpha = 0.75;
+                let alpha = if packed_once { 1.0 } else { 0.75 };
+                let (a, b) = (View { ptr: av.as_ptr(), rs: ars, cs: acs }, View { ptr: bv.as_ptr(), rs: brs, cs: bcs });
                 // SAFETY: the views cover their matrices; c is distinct.
-                unsafe {
-                    product(
-                        m,
-                        n,
-                        k,
-                        cv.as_mut_ptr(),
-                        ldc,
-                        accumulate,
-                        View { ptr: av.as_ptr(), rs: ars, cs: acs },
-                        View { ptr: bv.as_ptr(), rs: brs, cs: bcs },
-                        alpha,
-                        &mut pack,
-                    )
-                };
+                if packed_once && unsafe { pack(k, n, b, &mut pack_b, parallel) } {
+                    unsafe { product_packed(m, n, k, cv.as_mut_ptr(), ldc, accumulate, a, &pack_b) };
+                } else if packed_once {
+                    continue;
+                } else {
+                    unsafe { product(m, n, k, cv.as_mut_ptr(), ldc, accumulate, a, b, alpha, &mut strips) };
+                }
                 for r in 0..m {
                     for col in 0..ldc {
                         let got = cv[r * ldc + col];
