@@ -980,10 +980,10 @@ impl Ctx<'_> {
                     if scratch.packed.len() < products {
                         scratch.packed.push(vec![]);
                     }
-                    // SAFETY: validated.
                     // With fewer blocks than twice the threads the per-panel packs run in
                     // parallel anyway, and one pack ahead of them would cost more.
                     let worth = self.packed_panels && g.blocks >= 2 * self.threads.max(2);
+                    // SAFETY: the kernel was validated against these buffers.
                     let packed =
                         worth && unsafe { crate::gemm::pack_panels_b(m, ptrs.as_ptr(), &mut scratch.packed[slot], self.threads > 1) };
                     members.push(Member::MatMul(m, m.m / g.outer, packed.then_some(slot)));

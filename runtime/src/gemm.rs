@@ -124,8 +124,9 @@ pub(crate) unsafe fn panel(k: &MatMulKernel, bufs: *const *mut u8, r0: usize, r1
 }
 
 /// The weight `B` of product `k` (f32, no batch axes) packed once for all of a row
-/// group's panels (`tiles::pack`; in the current pool with `parallel`); `false` where the panels should use [`panel`]: no AVX2
-/// and FMA, or an output whose rows are not contiguous.
+/// group's panels (`tiles::pack`, by the current pool's threads with `parallel`);
+/// `false` where the panels should use [`panel`]: no AVX2 and FMA, or an output whose
+/// rows are not contiguous.
 ///
 /// # Safety
 /// `k` must have been validated against these buffers.
