@@ -53,10 +53,8 @@ pub(crate) unsafe fn product(
     if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
         let packed = b.cs != 1;
         if packed {
-            pack.clear();
-            pack.resize(k * n.next_multiple_of(8), 0.0);
-            // SAFETY: b covers k × n; pack holds every strip; AVX2 was detected.
-            unsafe { avx2::pack(k, n, b, pack.as_mut_ptr()) };
+            // SAFETY: b covers k × n.
+            unsafe { self::pack(k, n, b, pack, false) };
         }
         // SAFETY: forwarded from the caller; a packed b is in `pack`; AVX2 and FMA were
         // detected.
@@ -84,6 +82,13 @@ pub(crate) unsafe fn pack(k: usize, n: usize, b: View, dst: &mut Vec<f32>, paral
         // Column ranges of whole strips (a multiple of 16 wide, the last takes the rest),
         // packed in parallel when large: strip j lies at j · k whichever range packs it.
         let pieces = if parallel && k * n >= 1 << 16 { rayon::current_num_threads() * 2 } else { 1 };
+        if pieces == 1 {
+            // On this thread: a parallel iterator, even over one piece, hands the work to
+            // a rayon pool (the global one outside the executor's, e.g. with one thread).
+            // SAFETY: b covers k × n; dst holds every strip; AVX2 was detected.
+            unsafe { avx2::pack(k, n, b, dst.as_mut_ptr()) };
+            return true;
+        }
         let width = n.div_ceil(pieces).next_multiple_of(16);
         let (d, bp) = (dst.as_mut_ptr() as usize, b.ptr as usize);
         (0..n.div_ceil(width)).into_par_iter().for_each(|i| {
