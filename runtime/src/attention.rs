@@ -77,13 +77,13 @@ struct Scratch {
     p: Vec<f32>,
     dp: Vec<f32>,
     /// `kᵀ` or `vᵀ` of a block, copied into [`mm`]'s column strips.
-    pack: Vec<f32>,
+    pack: crate::tiles::Packed,
 }
 
 impl Scratch {
     fn new(a: &AttentionKernel, backward: bool) -> Scratch {
         let len = a.tq.min(QB) * a.tk;
-        Scratch { p: vec![0.0; len], dp: vec![0.0; if backward { len } else { 0 }], pack: vec![] }
+        Scratch { p: vec![0.0; len], dp: vec![0.0; if backward { len } else { 0 }], pack: Default::default() }
     }
 }
 

@@ -662,7 +662,7 @@ struct Scratch {
     sums: Vec<f32>,
     tables: Vec<*mut u8>,
     /// Per matrix product of a row group, its `B` packed once for all panels.
-    packed: Vec<Vec<f32>>,
+    packed: Vec<crate::tiles::Packed>,
 }
 
 // SAFETY: the tables only hold addresses of the executor's own buffers and scratch,
@@ -978,7 +978,7 @@ impl Ctx<'_> {
                     let slot = products;
                     products += 1;
                     if scratch.packed.len() < products {
-                        scratch.packed.push(vec![]);
+                        scratch.packed.push(Default::default());
                     }
                     // With fewer blocks than twice the threads the per-panel packs run in
                     // parallel anyway, and one pack ahead of them would cost more.

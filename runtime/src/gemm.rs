@@ -130,7 +130,7 @@ pub(crate) unsafe fn panel(k: &MatMulKernel, bufs: *const *mut u8, r0: usize, r1
 ///
 /// # Safety
 /// `k` must have been validated against these buffers.
-pub(crate) unsafe fn pack_panels_b(k: &MatMulKernel, bufs: *const *mut u8, dst: &mut Vec<f32>, parallel: bool) -> bool {
+pub(crate) unsafe fn pack_panels_b(k: &MatMulKernel, bufs: *const *mut u8, dst: &mut crate::tiles::Packed, parallel: bool) -> bool {
     if k.c.col_stride != 1 {
         return false;
     }
@@ -143,7 +143,7 @@ pub(crate) unsafe fn pack_panels_b(k: &MatMulKernel, bufs: *const *mut u8, dst: 
 ///
 /// # Safety
 /// As [`panel`]; `packed` holds `k`'s `B` packed by [`pack_panels_b`].
-pub(crate) unsafe fn panel_packed(k: &MatMulKernel, bufs: *const *mut u8, r0: usize, r1: usize, packed: &[f32]) {
+pub(crate) unsafe fn panel_packed(k: &MatMulKernel, bufs: *const *mut u8, r0: usize, r1: usize, packed: &crate::tiles::Packed) {
     // SAFETY: the buffers cover the validated operands; the panel's rows are in range.
     unsafe {
         let base = |b: usize| *bufs.add(b) as usize;

@@ -6,16 +6,76 @@
 //!
 //! The `gemm` crate packs both operands and dispatches per call; on these shapes it ran
 //! at about a third of one core's FMA peak inside attention (`perf`: its micro-kernel
-//! half the time, with `k` = 32 per tile). Here only `B` is packed, into strips of 16
-//! columns (a transpose like `kᵀ` through 8 × 8 in-register transposes), and `C` is
-//! computed in register tiles of up to 6 rows × 16 columns (12 AVX2 accumulators), each
-//! step of the sum broadcasting 6 elements of `A` (any strides, so `Aᵀ` costs nothing)
-//! against one contiguous 16-element row of the strip.
+//! half the time, with `k` = 32 per tile). Here only `B` is packed, into strips two
+//! vectors wide (a transpose like `kᵀ` through 8 × 8 in-register transposes), and `C` is
+//! computed in register tiles of up to [`avx512::MR`] rows × 32 columns with AVX-512 (24
+//! of its 32 registers accumulate), or [`avx2::MR`] rows × 16 columns with AVX2 (12 of
+//! 16), each step of the sum broadcasting one element of `A` per row (any strides, so
+//! `Aᵀ` costs nothing) against one contiguous row of the strip.
 //!
-//! Results differ from the `gemm` crate's in rounding only (FMA, the sum in order of
-//! `k`); they do not depend on the thread count. Without AVX2 and FMA the crate is used.
+//! Every element of `C` is one sum in order of `k` with FMA, then scaled: the results
+//! are the same bit for bit with AVX-512 and AVX2, and whatever the thread count; they
+//! differ from the `gemm` crate's in rounding only. Without AVX2 and FMA the crate is
+//! used.
 
 use crate::gemm::View;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Whether AVX-512 may be used where the CPU has it (`BMC_TILES_AVX512=0`, or
+/// [`set_avx512`], keeps AVX2: for A/B measurements).
+static AVX512: AtomicBool = AtomicBool::new(true);
+
+/// Lets (or stops) the register tiles use AVX-512 on a CPU that has it. A packing
+/// records the width it was made for, so switching between products is safe.
+pub fn set_avx512(on: bool) {
+    AVX512.store(on, Ordering::Relaxed);
+}
+
+/// The register tiles' vector width on this CPU, in floats: 16 with AVX-512F (unless
+/// switched off), 8 with AVX2 and FMA, `None` without (the `gemm` crate then).
+fn lanes() -> Option<usize> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static ENV: std::sync::Once = std::sync::Once::new();
+        ENV.call_once(|| {
+            if std::env::var("BMC_TILES_AVX512").is_ok_and(|v| v == "0") {
+                set_avx512(false);
+            }
+        });
+        if AVX512.load(Ordering::Relaxed) && std::is_x86_feature_detected!("avx512f") {
+            return Some(16);
+        }
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            return Some(8);
+        }
+    }
+    None
+}
+
+/// Every width this CPU can run, widest first (for tests and timing).
+#[cfg(test)]
+fn available() -> Vec<Option<usize>> {
+    let mut v = vec![];
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx512f") {
+            v.push(Some(16));
+        }
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            v.push(Some(8));
+        }
+    }
+    v.push(None);
+    v
+}
+
+/// `b` packed into strips for [`product_packed`] (by [`pack`]), and the vector width
+/// the strips were made for.
+#[derive(Default)]
+pub(crate) struct Packed {
+    strips: Vec<f32>,
+    lanes: usize,
+}
 
 /// `c = alpha · a @ b`, or `c += alpha · a @ b` with `accumulate` (`a`: m × k, `b`:
 /// k × n, `c`: m × n with row stride `ldc` and contiguous rows), on this thread.
@@ -35,7 +95,26 @@ pub(crate) unsafe fn product(
     a: View,
     b: View,
     alpha: f32,
-    pack: &mut Vec<f32>,
+    pack: &mut Packed,
+) {
+    // SAFETY: forwarded from the caller.
+    unsafe { product_in(m, n, k, c, ldc, accumulate, a, b, alpha, pack, lanes()) }
+}
+
+/// [`product`] with tiles of `lanes` (a width [`available`] lists; `None`: the `gemm` crate).
+#[allow(clippy::too_many_arguments)]
+unsafe fn product_in(
+    m: usize,
+    n: usize,
+    k: usize,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+    a: View,
+    b: View,
+    alpha: f32,
+    pack: &mut Packed,
+    lanes: Option<usize>,
 ) {
     if m == 0 || n == 0 {
         return;
@@ -49,19 +128,17 @@ pub(crate) unsafe fn product(
         }
         return;
     }
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-        let packed = b.cs != 1;
-        if packed {
+    if let Some(l) = lanes {
+        // A `b` with contiguous rows is read in place, any other is packed first.
+        let direct = b.cs == 1;
+        if !direct {
             // SAFETY: b covers k × n.
-            unsafe { self::pack(k, n, b, pack, false) };
+            unsafe { pack_in(k, n, b, pack, false, l) };
         }
-        // SAFETY: forwarded from the caller; a packed b is in `pack`; AVX2 and FMA were
-        // detected.
-        unsafe { avx2::product(m, n, k, c, ldc, accumulate, a, if packed { None } else { Some(b) }, pack.as_ptr(), alpha) };
+        // SAFETY: forwarded from the caller; a packed b is in `pack`, for width `l`.
+        unsafe { run(m, n, k, c, ldc, accumulate, a, direct.then_some(b), pack, if direct { l } else { pack.lanes }, alpha) };
         return;
     }
-    let _ = pack;
     // SAFETY: forwarded from the caller.
     unsafe { crate::gemm::product(m, n, k, View::dense(c, ldc), accumulate, a, b, alpha, ::gemm::Parallelism::None) }
 }
@@ -73,35 +150,65 @@ pub(crate) unsafe fn product(
 ///
 /// # Safety
 /// `b` must cover k × n.
-pub(crate) unsafe fn pack(k: usize, n: usize, b: View, dst: &mut Vec<f32>, parallel: bool) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-        use rayon::prelude::*;
-        dst.clear();
-        dst.resize(k * n.next_multiple_of(8), 0.0);
-        // Column ranges of whole strips (a multiple of 16 wide, the last takes the rest),
-        // packed in parallel when large: strip j lies at j · k whichever range packs it.
-        let pieces = if parallel && k * n >= 1 << 16 { rayon::current_num_threads() * 2 } else { 1 };
-        if pieces == 1 {
-            // On this thread: a parallel iterator, even over one piece, hands the work to
-            // a rayon pool (the global one outside the executor's, e.g. with one thread).
-            // SAFETY: b covers k × n; dst holds every strip; AVX2 was detected.
-            unsafe { avx2::pack(k, n, b, dst.as_mut_ptr()) };
-            return true;
-        }
-        let width = n.div_ceil(pieces).next_multiple_of(16);
-        let (d, bp) = (dst.as_mut_ptr() as usize, b.ptr as usize);
-        (0..n.div_ceil(width)).into_par_iter().for_each(|i| {
-            let (j0, j1) = (i * width, ((i + 1) * width).min(n));
-            let sub = View { ptr: (bp as *const f32).wrapping_add(j0 * b.cs), ..b };
-            // SAFETY: b covers k × n, so columns j0..j1 too; the range's strips lie in
-            // dst from j0 · k on, disjoint from the other ranges'; AVX2 was detected.
-            unsafe { avx2::pack(k, j1 - j0, sub, (d as *mut f32).add(j0 * k)) };
-        });
-        return true;
+pub(crate) unsafe fn pack(k: usize, n: usize, b: View, dst: &mut Packed, parallel: bool) -> bool {
+    let Some(l) = lanes() else { return false };
+    // SAFETY: forwarded from the caller.
+    unsafe { pack_in(k, n, b, dst, parallel, l) };
+    true
+}
+
+/// [`pack`] for tiles of `l` lanes (a width [`available`] lists).
+///
+/// # Safety
+/// `b` must cover k × n.
+unsafe fn pack_in(k: usize, n: usize, b: View, dst: &mut Packed, parallel: bool, l: usize) {
+    use rayon::prelude::*;
+    dst.lanes = l;
+    let strips = &mut dst.strips;
+    strips.clear();
+    strips.resize(k * n.next_multiple_of(l), 0.0);
+    // Column ranges of whole wide strips (the last takes the rest), packed in parallel
+    // when large: strip j lies at j · k whichever range packs it.
+    let pieces = if parallel && k * n >= 1 << 16 { rayon::current_num_threads() * 2 } else { 1 };
+    if pieces == 1 {
+        // On this thread: a parallel iterator, even over one piece, hands the work to a
+        // rayon pool (the global one outside the executor's, e.g. with one thread).
+        // SAFETY: b covers k × n; strips holds every strip.
+        unsafe { pack_range(k, n, b, strips.as_mut_ptr(), l) };
+        return;
     }
-    let _ = (k, n, b, dst);
-    false
+    let width = n.div_ceil(pieces).next_multiple_of(2 * l);
+    let (d, bp) = (strips.as_mut_ptr() as usize, b.ptr as usize);
+    (0..n.div_ceil(width)).into_par_iter().for_each(|i| {
+        let (j0, j1) = (i * width, ((i + 1) * width).min(n));
+        let sub = View { ptr: (bp as *const f32).wrapping_add(j0 * b.cs), ..b };
+        // SAFETY: b covers k × n, so columns j0..j1 too; the range's strips lie in dst
+        // from j0 · k on, disjoint from the other ranges'.
+        unsafe { pack_range(k, j1 - j0, sub, (d as *mut f32).add(j0 * k), l) };
+    });
+}
+
+/// Packs `b` (k × n) into the strips of width `l` at `dst`: with AVX2 8 × 8 blocks of a
+/// transposed `b` go through registers, else (and for the last columns) element by
+/// element.
+///
+/// # Safety
+/// `b` covers k × n; `dst` holds `k · n.next_multiple_of(l)` floats, zeroed.
+unsafe fn pack_range(k: usize, n: usize, b: View, dst: *mut f32, l: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        // SAFETY: forwarded; AVX2 was detected.
+        unsafe { avx2::pack(k, n, b, dst, l) };
+        return;
+    }
+    for (j, w, used) in strips(n, l) {
+        for t in 0..k {
+            for c in 0..used {
+                // SAFETY: inside k × n and inside strip j.
+                unsafe { *dst.add(j * k + t * w + c) = *b.ptr.add(t * b.rs + (j + c) * b.cs) };
+            }
+        }
+    }
 }
 
 /// `c (+)= a @ b` with `b` already packed by [`pack`] (which returned `true`).
@@ -109,30 +216,258 @@ pub(crate) unsafe fn pack(k: usize, n: usize, b: View, dst: &mut Vec<f32>, paral
 /// # Safety
 /// As [`product`]; `packed` holds `b` (k × n) packed by [`pack`].
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn product_packed(m: usize, n: usize, k: usize, c: *mut f32, ldc: usize, accumulate: bool, a: View, packed: &[f32]) {
+pub(crate) unsafe fn product_packed(m: usize, n: usize, k: usize, c: *mut f32, ldc: usize, accumulate: bool, a: View, packed: &Packed) {
     if m == 0 || n == 0 || k == 0 {
         return;
     }
-    assert!(packed.len() >= k * n.next_multiple_of(8), "product_packed: `b` is not packed");
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: forwarded from the caller; `pack` ran, so AVX2 and FMA are present.
-    unsafe {
-        avx2::product(m, n, k, c, ldc, accumulate, a, None, packed.as_ptr(), 1.0)
-    };
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (c, ldc, accumulate, a);
+    assert!(packed.lanes > 0 && packed.strips.len() >= k * n.next_multiple_of(packed.lanes), "product_packed: `b` is not packed");
+    // SAFETY: forwarded from the caller; `pack` ran, so the width's instructions exist.
+    unsafe { run(m, n, k, c, ldc, accumulate, a, None, packed, packed.lanes, 1.0) };
 }
 
-/// The strips of `n` columns: `(first column, width in the packing, columns used)` —
-/// 16 wide, then one of 8, then the last `n % 8` columns padded to 8. Strip `j`'s `k`
-/// rows of `width` start at `j · k` in the packing.
-fn strips(n: usize) -> impl Iterator<Item = (usize, usize, usize)> {
-    let n16 = n - n % 16;
-    let full = (0..n16).step_by(16).map(|j| (j, 16, 16));
-    let eight = (n % 16 >= 8).then_some((n16, 8, 8));
-    let j = n - n % 8;
-    let tail = (!n.is_multiple_of(8)).then_some((j, 8, n - j));
-    full.chain(eight).chain(tail)
+/// The register tiles of width `l` (16: AVX-512, 8: AVX2) over `b` read in place
+/// (`direct`) or from `packed`.
+///
+/// # Safety
+/// As [`product`]; `packed` holds `b` packed for width `l` unless `direct`, and the
+/// CPU has the width's instructions.
+#[allow(clippy::too_many_arguments)]
+unsafe fn run(
+    m: usize,
+    n: usize,
+    k: usize,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+    a: View,
+    direct: Option<View>,
+    packed: &Packed,
+    l: usize,
+    alpha: f32,
+) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: forwarded; `l` is a width `lanes` detected.
+    unsafe {
+        let p = packed.strips.as_ptr();
+        match l {
+            16 => avx512::product(m, n, k, c, ldc, accumulate, a, direct, p, alpha),
+            8 => avx2::product(m, n, k, c, ldc, accumulate, a, direct, p, alpha),
+            _ => unreachable!("register tiles of {l} lanes"),
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (m, n, k, c, ldc, accumulate, a, direct, packed, l, alpha);
+}
+
+/// The strips of `n` columns for vectors of `l` floats: `(first column, width in the
+/// packing, columns used)` — `2l` wide, then one of `l`, then the last `n % l` columns
+/// padded to `l`. Strip `j`'s `k` rows of `width` start at `j · k` in the packing.
+fn strips(n: usize, l: usize) -> impl Iterator<Item = (usize, usize, usize)> {
+    let nw = n - n % (2 * l);
+    let full = (0..nw).step_by(2 * l).map(move |j| (j, 2 * l, 2 * l));
+    let one = (n % (2 * l) >= l).then_some((nw, l, l));
+    let j = n - n % l;
+    let tail = (!n.is_multiple_of(l)).then_some((j, l, n - j));
+    full.chain(one).chain(tail)
+}
+
+/// The register-tile kernel, written once for both vector widths: the vector and mask
+/// types, the lanes per vector, and the operations it needs (zero, load, masked load,
+/// broadcast, FMA, multiply, add, store, masked store). Expands, in the module of one
+/// width, to `Strip` and `product_body`; that module provides `MR`, `lane_mask` and
+/// `Strip::rest` (the tiles of fewer than `MR` rows).
+macro_rules! tile_kernel {
+    ($vec:ty, $mask:ty, $lanes:expr, $zero:expr, $load:expr, $mload:expr, $set1:expr, $fma:expr, $mul:expr, $add:expr, $store:expr, $mstore:expr) => {
+        /// One strip of `c`'s columns and what its tiles share.
+        struct Strip {
+            c: *mut f32,
+            ldc: usize,
+            accumulate: bool,
+            a: View,
+            /// The strip of `b`: `k` rows of `LANES·V` floats, `brs` apart.
+            b: *const f32,
+            brs: usize,
+            k: usize,
+            alpha: f32,
+            /// The lanes of the strip's last vector that are columns (of `b` and `c`).
+            mask: $mask,
+        }
+
+        /// `c (+)= alpha · a @ b`, `b` read in place when its rows are contiguous
+        /// (`direct`), else from its strips in `packed`: in each strip, tiles of [`MR`]
+        /// rows; the last strip's unused columns are neither read from `b` nor read or
+        /// written in `c`.
+        ///
+        /// # Safety
+        /// As [`super::product`]; `direct` has `cs == 1`, else `packed` holds `b` packed
+        /// for this width; the width's instructions present.
+        #[allow(clippy::too_many_arguments)]
+        #[inline(always)]
+        unsafe fn product_body(
+            m: usize,
+            n: usize,
+            k: usize,
+            c: *mut f32,
+            ldc: usize,
+            accumulate: bool,
+            a: View,
+            direct: Option<View>,
+            packed: *const f32,
+            alpha: f32,
+        ) {
+            for (j, w, used) in strips(n, $lanes) {
+                let (b, brs) = match direct {
+                    Some(b) => (b.ptr.wrapping_add(j), b.rs),
+                    None => (packed.wrapping_add(j * k), w),
+                };
+                // SAFETY: the tiles stay inside m × n and the strip (the mask limits the
+                // last columns).
+                unsafe {
+                    let strip = Strip { c: c.add(j), ldc, accumulate, a, b, brs, k, alpha, mask: lane_mask(used % $lanes) };
+                    match (w, used) {
+                        (w, _) if w == 2 * $lanes => strip.rows::<2, false>(m),
+                        (_, u) if u == $lanes => strip.rows::<1, false>(m),
+                        _ => strip.rows::<1, true>(m),
+                    }
+                }
+            }
+        }
+
+        impl Strip {
+            #[inline(always)]
+            unsafe fn rows<const V: usize, const MASKED: bool>(&self, m: usize) {
+                let mut i = 0;
+                // SAFETY (every call): rows i .. i + R exist.
+                while i + MR <= m {
+                    unsafe { self.tile::<MR, V, MASKED>(i) };
+                    i += MR;
+                }
+                unsafe { self.rest::<V, MASKED>(i, m - i) };
+            }
+
+            /// Rows `i .. i + R` of the strip: `R·V` accumulators over the whole sum, then
+            /// scaled by `alpha` and stored (added to `c` with `accumulate`). With
+            /// `MASKED` the strip's single vector is cut to the mask's lanes, in `b` and
+            /// `c`.
+            #[inline(always)]
+            unsafe fn tile<const R: usize, const V: usize, const MASKED: bool>(&self, i: usize) {
+                let a = self.a;
+                // SAFETY: the caller's rows exist; the strip holds k rows of LANES·V (of
+                // which the mask's lanes when MASKED).
+                unsafe {
+                    let mut acc: [[$vec; V]; R] = [[$zero; V]; R];
+                    let mut ap = a.ptr.add(i * a.rs);
+                    let mut bp = self.b;
+                    for _ in 0..self.k {
+                        let bv: [$vec; V] = std::array::from_fn(|v| if MASKED { $mload(bp, self.mask) } else { $load(bp.add($lanes * v)) });
+                        for (r, acc) in acc.iter_mut().enumerate() {
+                            let av = $set1(*ap.add(r * a.rs));
+                            for v in 0..V {
+                                acc[v] = $fma(av, bv[v], acc[v]);
+                            }
+                        }
+                        ap = ap.add(a.cs);
+                        bp = bp.add(self.brs);
+                    }
+                    let scale = $set1(self.alpha);
+                    for (r, acc) in acc.iter().enumerate() {
+                        let cp = self.c.add((i + r) * self.ldc);
+                        for (v, &sum) in acc.iter().enumerate() {
+                            let mut x = $mul(sum, scale);
+                            let at = cp.add($lanes * v);
+                            if MASKED {
+                                if self.accumulate {
+                                    x = $add(x, $mload(at, self.mask));
+                                }
+                                $mstore(at, self.mask, x);
+                            } else {
+                                if self.accumulate {
+                                    x = $add(x, $load(at));
+                                }
+                                $store(at, x);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::strips;
+    use crate::gemm::View;
+    use std::arch::x86_64::*;
+
+    /// Rows of a register tile: 12 × 2 accumulators of the 32 registers, two for the
+    /// strip's row and one for the broadcast.
+    pub(super) const MR: usize = 12;
+
+    fn lane_mask(used: usize) -> __mmask16 {
+        if used == 0 { !0 } else { ((1u32 << used) - 1) as __mmask16 }
+    }
+
+    tile_kernel!(
+        __m512,
+        __mmask16,
+        16,
+        _mm512_setzero_ps(),
+        |p: *const f32| _mm512_loadu_ps(p),
+        |p: *const f32, m: __mmask16| _mm512_maskz_loadu_ps(m, p),
+        _mm512_set1_ps,
+        _mm512_fmadd_ps,
+        _mm512_mul_ps,
+        _mm512_add_ps,
+        |p: *mut f32, x: __m512| _mm512_storeu_ps(p, x),
+        |p: *mut f32, m: __mmask16, x: __m512| _mm512_mask_storeu_ps(p, m, x)
+    );
+
+    impl Strip {
+        /// The last `left` (< [`MR`]) rows from row `i`.
+        #[inline(always)]
+        unsafe fn rest<const V: usize, const MASKED: bool>(&self, i: usize, left: usize) {
+            // SAFETY: rows i .. i + left exist.
+            unsafe {
+                match left {
+                    0 => {}
+                    1 => self.tile::<1, V, MASKED>(i),
+                    2 => self.tile::<2, V, MASKED>(i),
+                    3 => self.tile::<3, V, MASKED>(i),
+                    4 => self.tile::<4, V, MASKED>(i),
+                    5 => self.tile::<5, V, MASKED>(i),
+                    6 => self.tile::<6, V, MASKED>(i),
+                    7 => self.tile::<7, V, MASKED>(i),
+                    8 => self.tile::<8, V, MASKED>(i),
+                    9 => self.tile::<9, V, MASKED>(i),
+                    10 => self.tile::<10, V, MASKED>(i),
+                    _ => self.tile::<11, V, MASKED>(i),
+                }
+            }
+        }
+    }
+
+    /// See `product_body`.
+    ///
+    /// # Safety
+    /// As `product_body`; AVX-512F present.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub(super) unsafe fn product(
+        m: usize,
+        n: usize,
+        k: usize,
+        c: *mut f32,
+        ldc: usize,
+        accumulate: bool,
+        a: View,
+        direct: Option<View>,
+        packed: *const f32,
+        alpha: f32,
+    ) {
+        // SAFETY: forwarded; AVX-512F present.
+        unsafe { product_body(m, n, k, c, ldc, accumulate, a, direct, packed, alpha) }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -141,21 +476,82 @@ mod avx2 {
     use crate::gemm::View;
     use std::arch::x86_64::*;
 
-    /// Rows of a register tile.
-    const MR: usize = 6;
+    /// Rows of a register tile: 6 × 2 accumulators of the 16 registers.
+    pub(super) const MR: usize = 6;
 
-    /// Copies `b` (k × n, any strides) into its strips (see [`strips`]; `dst` zeroed).
-    /// A transposed `b` (`b.rs == 1`) goes through 8 × 8 blocks: eight contiguous reads
-    /// of 8, transposed in registers, eight contiguous writes of 8.
+    fn lane_mask(used: usize) -> __m256i {
+        let lanes: [i32; 8] = std::array::from_fn(|l| if l < used || used == 0 { -1 } else { 0 });
+        // SAFETY: an unaligned load of 8 lanes from an array of 8.
+        unsafe { _mm256_loadu_si256(lanes.as_ptr() as *const __m256i) }
+    }
+
+    tile_kernel!(
+        __m256,
+        __m256i,
+        8,
+        _mm256_setzero_ps(),
+        |p: *const f32| _mm256_loadu_ps(p),
+        |p: *const f32, m: __m256i| _mm256_maskload_ps(p, m),
+        _mm256_set1_ps,
+        _mm256_fmadd_ps,
+        _mm256_mul_ps,
+        _mm256_add_ps,
+        |p: *mut f32, x: __m256| _mm256_storeu_ps(p, x),
+        |p: *mut f32, m: __m256i, x: __m256| _mm256_maskstore_ps(p, m, x)
+    );
+
+    impl Strip {
+        /// The last `left` (< [`MR`]) rows from row `i`.
+        #[inline(always)]
+        unsafe fn rest<const V: usize, const MASKED: bool>(&self, i: usize, left: usize) {
+            // SAFETY: rows i .. i + left exist.
+            unsafe {
+                match left {
+                    0 => {}
+                    1 => self.tile::<1, V, MASKED>(i),
+                    2 => self.tile::<2, V, MASKED>(i),
+                    3 => self.tile::<3, V, MASKED>(i),
+                    4 => self.tile::<4, V, MASKED>(i),
+                    _ => self.tile::<5, V, MASKED>(i),
+                }
+            }
+        }
+    }
+
+    /// See `product_body`.
     ///
     /// # Safety
-    /// `b` covers k × n; `dst` holds `k · n.next_multiple_of(8)` floats; AVX2 present.
+    /// As `product_body`; AVX2 and FMA present.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn product(
+        m: usize,
+        n: usize,
+        k: usize,
+        c: *mut f32,
+        ldc: usize,
+        accumulate: bool,
+        a: View,
+        direct: Option<View>,
+        packed: *const f32,
+        alpha: f32,
+    ) {
+        // SAFETY: forwarded; AVX2 and FMA present.
+        unsafe { product_body(m, n, k, c, ldc, accumulate, a, direct, packed, alpha) }
+    }
+
+    /// Copies `b` (k × n, any strides) into its strips for vectors of `lanes` (see [`strips`];
+    /// `dst` zeroed). A transposed `b` (`b.rs == 1`) goes through 8 × 8 blocks: eight
+    /// contiguous reads of 8, transposed in registers, eight contiguous writes of 8.
+    ///
+    /// # Safety
+    /// `b` covers k × n; `dst` holds `k · n.next_multiple_of(lanes)` floats; AVX2 present.
     #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn pack(k: usize, n: usize, b: View, dst: *mut f32) {
+    pub(super) unsafe fn pack(k: usize, n: usize, b: View, dst: *mut f32, lanes: usize) {
         let k8 = k - k % 8;
         // SAFETY: every index below is inside k × n and inside its strip.
         unsafe {
-            for (j, w, used) in strips(n) {
+            for (j, w, used) in strips(n, lanes) {
                 let strip = dst.add(j * k);
                 let mut t0 = 0;
                 if b.rs == 1 && used % 8 == 0 {
@@ -212,139 +608,16 @@ mod avx2 {
             ]
         }
     }
-
-    /// `c (+)= alpha · a @ b`, `b` read in place when its rows are contiguous (`direct`),
-    /// else from its strips in `packed`: in each strip, tiles of [`MR`] rows; the last
-    /// strip's unused columns are neither read from `b` nor read or written in `c`.
-    ///
-    /// # Safety
-    /// As [`super::product`]; `direct` has `cs == 1`, else `packed` holds `b` packed by
-    /// [`pack`]; AVX2 and FMA present.
-    #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn product(
-        m: usize,
-        n: usize,
-        k: usize,
-        c: *mut f32,
-        ldc: usize,
-        accumulate: bool,
-        a: View,
-        direct: Option<View>,
-        packed: *const f32,
-        alpha: f32,
-    ) {
-        for (j, w, used) in strips(n) {
-            let lanes: [i32; 8] = std::array::from_fn(|l| if l < used % 8 || used % 8 == 0 { -1 } else { 0 });
-            let (b, brs) = match direct {
-                Some(b) => (b.ptr.wrapping_add(j), b.rs),
-                None => (packed.wrapping_add(j * k), w),
-            };
-            // SAFETY: the tiles stay inside m × n and the strip (the mask limits the
-            // last columns).
-            unsafe {
-                let mask = _mm256_loadu_si256(lanes.as_ptr() as *const __m256i);
-                let strip = Strip { c: c.add(j), ldc, accumulate, a, b, brs, k, alpha, mask };
-                match (w, used) {
-                    (16, _) => strip.rows::<2, false>(m),
-                    (_, 8) => strip.rows::<1, false>(m),
-                    _ => strip.rows::<1, true>(m),
-                }
-            }
-        }
-    }
-
-    /// One strip of `c`'s columns and what its tiles share.
-    struct Strip {
-        c: *mut f32,
-        ldc: usize,
-        accumulate: bool,
-        a: View,
-        /// The strip of `b`: `k` rows of `8·V` floats, `brs` apart.
-        b: *const f32,
-        brs: usize,
-        k: usize,
-        alpha: f32,
-        /// The lanes of the strip's last vector that are columns (of `b` and `c`).
-        mask: __m256i,
-    }
-
-    impl Strip {
-        #[inline(always)]
-        unsafe fn rows<const V: usize, const MASKED: bool>(&self, m: usize) {
-            let mut i = 0;
-            // SAFETY (every call): rows i .. i + R exist.
-            while i + MR <= m {
-                unsafe { self.tile::<MR, V, MASKED>(i) };
-                i += MR;
-            }
-            unsafe {
-                match m - i {
-                    0 => {}
-                    1 => self.tile::<1, V, MASKED>(i),
-                    2 => self.tile::<2, V, MASKED>(i),
-                    3 => self.tile::<3, V, MASKED>(i),
-                    4 => self.tile::<4, V, MASKED>(i),
-                    _ => self.tile::<5, V, MASKED>(i),
-                }
-            }
-        }
-
-        /// Rows `i .. i + R` of the strip: `R·V` accumulators over the whole sum, then
-        /// scaled by `alpha` and stored (added to `c` with `accumulate`). With `MASKED`
-        /// the strip's single vector is cut to the mask's lanes, in `b` and `c`.
-        #[inline(always)]
-        unsafe fn tile<const R: usize, const V: usize, const MASKED: bool>(&self, i: usize) {
-            let a = self.a;
-            // SAFETY: the caller's rows exist; the strip holds k rows of 8·V (of which the
-            // mask's lanes when MASKED).
-            unsafe {
-                let mut acc = [[_mm256_setzero_ps(); V]; R];
-                let mut ap = a.ptr.add(i * a.rs);
-                let mut bp = self.b;
-                for _ in 0..self.k {
-                    let bv: [__m256; V] =
-                        std::array::from_fn(|v| if MASKED { _mm256_maskload_ps(bp, self.mask) } else { _mm256_loadu_ps(bp.add(8 * v)) });
-                    for (r, acc) in acc.iter_mut().enumerate() {
-                        let av = _mm256_broadcast_ss(&*ap.add(r * a.rs));
-                        for v in 0..V {
-                            acc[v] = _mm256_fmadd_ps(av, bv[v], acc[v]);
-                        }
-                    }
-                    ap = ap.add(a.cs);
-                    bp = bp.add(self.brs);
-                }
-                let scale = _mm256_set1_ps(self.alpha);
-                for (r, acc) in acc.iter().enumerate() {
-                    let cp = self.c.add((i + r) * self.ldc);
-                    for (v, &sum) in acc.iter().enumerate() {
-                        let mut x = _mm256_mul_ps(sum, scale);
-                        let at = cp.add(8 * v);
-                        if MASKED {
-                            if self.accumulate {
-                                x = _mm256_add_ps(x, _mm256_maskload_ps(at, self.mask));
-                            }
-                            _mm256_maskstore_ps(at, self.mask, x);
-                        } else {
-                            if self.accumulate {
-                                x = _mm256_add_ps(x, _mm256_loadu_ps(at));
-                            }
-                            _mm256_storeu_ps(at, x);
-                        }
-                    }
-                }
-            }
-        }
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// Every shape class (full strips, the 8-wide strip, masked tails, every row
+    /// Every shape class (full strips, the one-vector strip, masked tails, every row
     /// remainder), transposed and strided operands, accumulation and scaling, against a
-    /// naive f64 product.
+    /// naive f64 product, with every vector width this CPU has; the widths agree bit for
+    /// bit.
     #[test]
     fn products_match_a_naive_sum() {
         sweep(false, false);
@@ -360,8 +633,22 @@ mod tests {
     }
 
     fn sweep(packed_once: bool, parallel: bool) {
-        let (mut strips, mut pack_b) = (vec![], vec![]);
-        let shapes = [(1, 1, 1), (6, 16, 3), (7, 17, 5), (13, 40, 32), (64, 37, 9), (5, 8, 64), (64, 128, 32), (3, 3, 200), (9, 300, 250)];
+        let (mut strips, mut pack_b) = (Packed::default(), Packed::default());
+        let shapes = [
+            (1, 1, 1),
+            (6, 16, 3),
+            (7, 17, 5),
+            (13, 40, 32),
+            (64, 37, 9),
+            (5, 8, 64),
+            (64, 128, 32),
+            (3, 3, 200),
+            (9, 300, 250),
+            (25, 48, 7),
+            (23, 31, 17),
+            (12, 79, 40),
+        ];
+        let widths: Vec<usize> = available().into_iter().flatten().collect();
         for (m, n, k) in shapes {
             for (ta, tb, accumulate) in [(false, false, false), (true, false, true), (false, true, false), (true, true, true)] {
                 let val = |s: usize, i: usize| ((i * 7919 + s * 104729) % 1000) as f32 / 500.0 - 1.0;
@@ -371,31 +658,39 @@ mod tests {
                 let av: Vec<f32> = (0..alen).map(|i| val(1, i)).collect();
                 let bv: Vec<f32> = (0..blen).map(|i| val(2, i)).collect();
                 let ldc = n + 4;
-                let mut cv: Vec<f32> = (0..m * ldc).map(|i| val(3, i)).collect();
-                let before = cv.clone();
+                let before: Vec<f32> = (0..m * ldc).map(|i| val(3, i)).collect();
                 let alpha = if packed_once { 1.0 } else { 0.75 };
                 let (a, b) = (View { ptr: av.as_ptr(), rs: ars, cs: acs }, View { ptr: bv.as_ptr(), rs: brs, cs: bcs });
-                // SAFETY: the views cover their matrices; c is distinct.
-                if packed_once && unsafe { pack(k, n, b, &mut pack_b, parallel) } {
-                    unsafe { product_packed(m, n, k, cv.as_mut_ptr(), ldc, accumulate, a, &pack_b) };
-                } else if packed_once {
-                    continue;
-                } else {
-                    unsafe { product(m, n, k, cv.as_mut_ptr(), ldc, accumulate, a, b, alpha, &mut strips) };
-                }
-                for r in 0..m {
-                    for col in 0..ldc {
-                        let got = cv[r * ldc + col];
-                        if col >= n {
-                            assert_eq!(got.to_bits(), before[r * ldc + col].to_bits(), "wrote past column {n}");
-                            continue;
+                let mut first: Option<Vec<f32>> = None;
+                for &l in &widths {
+                    let mut cv = before.clone();
+                    // SAFETY: the views cover their matrices; c is distinct.
+                    unsafe {
+                        if packed_once {
+                            pack_in(k, n, b, &mut pack_b, parallel, l);
+                            product_packed(m, n, k, cv.as_mut_ptr(), ldc, accumulate, a, &pack_b);
+                        } else {
+                            product_in(m, n, k, cv.as_mut_ptr(), ldc, accumulate, a, b, alpha, &mut strips, Some(l));
                         }
-                        let dot: f64 = (0..k).map(|t| av[r * ars + t * acs] as f64 * bv[t * brs + col * bcs] as f64).sum();
-                        let want = alpha as f64 * dot + if accumulate { before[r * ldc + col] as f64 } else { 0.0 };
-                        assert!(
-                            (got as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()),
-                            "{m}x{n}x{k} ta {ta} tb {tb}: ({r}, {col}) {got} vs {want}"
-                        );
+                    }
+                    let case = format!("{m}x{n}x{k} ta {ta} tb {tb}, {l} lanes");
+                    for r in 0..m {
+                        for col in 0..ldc {
+                            let got = cv[r * ldc + col];
+                            if col >= n {
+                                assert_eq!(got.to_bits(), before[r * ldc + col].to_bits(), "{case}: wrote past column {n}");
+                                continue;
+                            }
+                            let dot: f64 = (0..k).map(|t| av[r * ars + t * acs] as f64 * bv[t * brs + col * bcs] as f64).sum();
+                            let want = alpha as f64 * dot + if accumulate { before[r * ldc + col] as f64 } else { 0.0 };
+                            assert!((got as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()), "{case}: ({r}, {col}) {got} vs {want}");
+                        }
+                    }
+                    match &first {
+                        None => first = Some(cv),
+                        Some(f) => {
+                            assert!(f.iter().zip(&cv).all(|(x, y)| x.to_bits() == y.to_bits()), "{case}: differs from the widest tiles")
+                        }
                     }
                 }
             }
@@ -449,41 +744,51 @@ mod timing {
             let mut c = vec![0.0f32; m * n];
             let av = if ta { View { ptr: a.as_ptr(), rs: 1, cs: m } } else { View::dense(a.as_ptr(), k) };
             let bv = if tb { View { ptr: b.as_ptr(), rs: 1, cs: k } } else { View::dense(b.as_ptr(), n) };
-            let mut pack = vec![];
-            // `b` packed once, outside the timing (a row group's weight).
-            let mut once = vec![];
-            // SAFETY: bv covers k × n.
-            let packed_once = unsafe { super::pack(k, n, bv, &mut once, false) };
+            // Per width: tiles packing `b` per call, and tiles with `b` packed once outside
+            // the timing (a row group's weight); `None`: the `gemm` crate.
+            let mut variants: Vec<(String, Option<usize>, bool, Packed, Vec<f64>)> = vec![];
+            for l in available() {
+                let name = match l {
+                    Some(l) => format!("{l} lanes"),
+                    None => "gemm crate".into(),
+                };
+                variants.push((name.clone(), l, false, Packed::default(), vec![]));
+                if let Some(l) = l {
+                    let mut once = Packed::default();
+                    // SAFETY: bv covers k × n.
+                    unsafe { pack_in(k, n, bv, &mut once, false, l) };
+                    variants.push((format!("{name}, b packed once"), Some(l), true, once, vec![]));
+                }
+            }
             let cp = c.as_mut_ptr();
             // About 50 MFLOP a round (200 of attention's 64 × 128 × 32 blocks).
             let reps = (200 * 64 * 128 * 32 / (m * n * k)).max(2);
             // Alternating rounds, so that all see the same load on a shared host.
-            let (mut ours, mut theirs, mut prepacked) = (vec![], vec![], vec![]);
             for _ in 0..31 {
-                for (times, variant) in [(&mut ours, 0), (&mut theirs, 1), (&mut prepacked, 2)] {
+                for (_, l, once, pack, times) in variants.iter_mut() {
                     let t0 = std::time::Instant::now();
                     for _ in 0..reps {
-                        // SAFETY: the views cover their matrices; `once` holds b packed.
+                        // SAFETY: the views cover their matrices; a packed-once `pack`
+                        // holds b.
                         unsafe {
-                            match variant {
-                                0 => product(m, n, k, cp, n, false, av, bv, 1.0, &mut pack),
-                                1 => crate::gemm::product(m, n, k, View::dense(cp, n), false, av, bv, 1.0, ::gemm::Parallelism::None),
-                                _ if packed_once => product_packed(m, n, k, cp, n, false, av, &once),
-                                _ => {}
+                            if *once {
+                                product_packed(m, n, k, cp, n, false, av, pack);
+                            } else {
+                                product_in(m, n, k, cp, n, false, av, bv, 1.0, pack, *l);
                             }
                         }
                     }
                     times.push(2.0 * (m * n * k) as f64 * reps as f64 / t0.elapsed().as_secs_f64() / 1e9);
                 }
             }
-            let median = |v: &mut Vec<f64>| {
-                v.sort_by(f64::total_cmp);
-                v[v.len() / 2]
-            };
-            let (tiles, krate, once) = (median(&mut ours), median(&mut theirs), median(&mut prepacked));
-            println!(
-                "{m}x{n}x{k} ta={ta} tb={tb}: tiles {tiles:.1} GFLOP/s, with b packed once {once:.1}, gemm crate {krate:.1} (medians of 31 alternating rounds)"
-            );
+            let line: Vec<String> = variants
+                .iter_mut()
+                .map(|(name, _, _, _, times)| {
+                    times.sort_by(f64::total_cmp);
+                    format!("{name} {:.1}", times[times.len() / 2])
+                })
+                .collect();
+            println!("{m}x{n}x{k} ta={ta} tb={tb}: GFLOP/s {} (medians of 31 alternating rounds)", line.join(", "));
         }
     }
 }
