@@ -208,12 +208,12 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 );
                 if !r.profile.is_empty() {
                     println!("slowest kernels (ms per step, share of kernel time; GFLOP/s of matrix products):");
-                    for k in r.profile.iter().take(25) {
+                    for k in r.profile.iter().take(profile_rows()) {
                         let rate = k.gflops.map(|g| format!("  {g:.1} GFLOP/s")).unwrap_or_default();
                         println!("  {:8.3} ms {:5.1}%  {}{rate}", k.ms_per_step, k.percent, k.kernel);
                     }
-                    let rest: f64 = r.profile.iter().skip(25).map(|k| k.ms_per_step).sum();
-                    println!("  {rest:8.3} ms in the other {} kernels", r.profile.len().saturating_sub(25));
+                    let rest: f64 = r.profile.iter().skip(profile_rows()).map(|k| k.ms_per_step).sum();
+                    println!("  {rest:8.3} ms in the other {} kernels", r.profile.len().saturating_sub(profile_rows()));
                     // By kind: the word after `k<i>: ` (matmul, loop, attention, ...).
                     let mut kinds: Vec<(String, f64, usize)> = vec![];
                     for k in &r.profile {
@@ -275,4 +275,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
 
 fn display_cmd(out: &std::path::Path) -> String {
     if out.components().count() == 1 { format!("./{}", out.display()) } else { out.display().to_string() }
+}
+
+/// How many kernels `bmc bench --profile` lists (`BMC_PROFILE_ROWS`, default 25).
+fn profile_rows() -> usize {
+    std::env::var("BMC_PROFILE_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(25)
 }

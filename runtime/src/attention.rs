@@ -159,17 +159,25 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     lanes(&acc, 0.0, |s, x| s + x)
 }
 
-/// Whether the AVX2 copies of the per-block bodies can run. They compute exactly the
-/// same operations in the same order (no FMA contraction), only wider.
-fn has_avx2() -> bool {
+/// The widest copies of the per-block bodies this CPU runs. They compute exactly the
+/// same operations in the same order (no FMA contraction; reductions in eight lanes
+/// whatever the width), only wider.
+#[derive(Clone, Copy, PartialEq)]
+enum Width {
+    Avx512,
+    Avx2,
+    Scalar,
+}
+
+fn width() -> Width {
+    if crate::cpu::avx512() {
+        return Width::Avx512;
+    }
     #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx2")
+    if std::is_x86_feature_detected!("avx2") {
+        return Width::Avx2;
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    Width::Scalar
 }
 
 /// Shared, read-only state of one kernel run.
@@ -304,6 +312,18 @@ unsafe fn backward_avx2(r: &Run, sc: &mut Scratch, b: usize) {
     unsafe { r.backward(sc, b) }
 }
 
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2")]
+unsafe fn forward_avx512(r: &Run, sc: &mut Scratch, b: usize, i0: usize, i1: usize) {
+    unsafe { r.forward(sc, b, i0, i1) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2")]
+unsafe fn backward_avx512(r: &Run, sc: &mut Scratch, b: usize) {
+    unsafe { r.backward(sc, b) }
+}
+
 fn ptrs(a: &AttentionKernel, dout: Option<&MatOperand>, bufs: &mut Buffers) -> Result<Ptrs> {
     Ok(Ptrs {
         q: bufs.f32(a.q.buf)?.as_ptr() as usize,
@@ -339,20 +359,22 @@ fn for_tasks(a: &AttentionKernel, n: usize, backward: bool, threads: usize, f: i
 pub fn forward(a: &AttentionKernel, bufs: &mut Buffers, threads: usize) -> Result<()> {
     check(a, None, a.out_len(), |b| bufs.f32(b).ok().map(|x| x.len()))?;
     let r = Run { a, dout: None, p: ptrs(a, None, bufs)?, offs: Offsets::new(a, None) };
-    let avx2 = has_avx2();
+    let width = width();
     let blocks = a.tq.div_ceil(QB);
     for_tasks(a, a.batch_count() * blocks, false, threads, |sc, t| {
         let (b, i0) = (t / blocks, t % blocks * QB);
         let i1 = (i0 + QB).min(a.tq);
         // SAFETY: every operand was checked in bounds above; the output is a distinct
-        // buffer and each task writes only its own rows; AVX2 was detected.
-        #[cfg(target_arch = "x86_64")]
-        if avx2 {
-            unsafe { forward_avx2(&r, sc, b, i0, i1) };
-            return;
+        // buffer and each task writes only its own rows; the width was detected.
+        unsafe {
+            match width {
+                #[cfg(target_arch = "x86_64")]
+                Width::Avx512 => forward_avx512(&r, sc, b, i0, i1),
+                #[cfg(target_arch = "x86_64")]
+                Width::Avx2 => forward_avx2(&r, sc, b, i0, i1),
+                _ => r.forward(sc, b, i0, i1),
+            }
         }
-        let _ = avx2;
-        unsafe { r.forward(sc, b, i0, i1) }
     });
     Ok(())
 }
@@ -364,16 +386,18 @@ pub fn backward(bk: &AttentionBackwardKernel, bufs: &mut Buffers, threads: usize
     let (nq, nk, nv) = a.grad_lens();
     check(a, Some(&bk.dout), nq + nk + nv, |b| bufs.f32(b).ok().map(|x| x.len()))?;
     let r = Run { a, dout: Some(&bk.dout), p: ptrs(a, Some(&bk.dout), bufs)?, offs: Offsets::new(a, Some(&bk.dout)) };
-    let avx2 = has_avx2();
+    let width = width();
     for_tasks(a, a.batch_count(), true, threads, |sc, b| {
         // SAFETY: as in `forward`.
-        #[cfg(target_arch = "x86_64")]
-        if avx2 {
-            unsafe { backward_avx2(&r, sc, b) };
-            return;
+        unsafe {
+            match width {
+                #[cfg(target_arch = "x86_64")]
+                Width::Avx512 => backward_avx512(&r, sc, b),
+                #[cfg(target_arch = "x86_64")]
+                Width::Avx2 => backward_avx2(&r, sc, b),
+                _ => r.backward(sc, b),
+            }
         }
-        let _ = avx2;
-        unsafe { r.backward(sc, b) }
     });
     Ok(())
 }

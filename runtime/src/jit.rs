@@ -505,8 +505,9 @@ impl<'k> Gen<'_, 'k> {
     /// vector lanes along the innermost axis): `op(load)` with an f32 load contiguous
     /// along the innermost axis, read in place; or `op(expression)` whose loads move
     /// contiguously or not at all along that axis and read nothing this kernel writes
-    /// (except each point's own output element, which is read before it is written in
-    /// either order), evaluated over the row first.
+    /// (except each point's own element of the output or of a side store, moving along
+    /// the row: read before it is written in either order; e.g. the bias add stored
+    /// beside the GELU after it), evaluated over the row first.
     fn plan_rows(&mut self) -> Result<()> {
         let k = self.k;
         let rank = k.shape.len();
@@ -526,7 +527,9 @@ impl<'k> Gen<'_, 'k> {
                 let mut loads = vec![];
                 collect(e, &mut loads);
                 loads.iter().all(|l| {
-                    l.strides[inner] <= 1 && !sums.contains(&l.buf) && stores.iter().all(|s| s.buf != l.buf || (s == l && **s == k.out))
+                    l.strides[inner] <= 1
+                        && !sums.contains(&l.buf)
+                        && stores.iter().all(|s| s.buf != l.buf || (s == l && l.strides[inner] == 1))
                 })
             }
         };
@@ -1670,13 +1673,18 @@ mod tests {
         let (r, n) = (6usize, MIN_COMPUTED_ROW + 11);
         for op in [UnaryOp::Exp, UnaryOp::GeluTanh, UnaryOp::GeluTanhGrad] {
             let pre = bin(BinaryOp::Add, load(0, 0, &[n, 1]), load(1, 0, &[0, 1]));
-            for (transposed, in_place) in [(false, false), (true, false), (false, true)] {
+            // (transposed, output in place, side store in place: `x = x + b` beside
+            // `o = gelu(x + b)`, as the MLP's forward kernel stores its pre-activation).
+            for (transposed, in_place, side_in_place) in
+                [(false, false, false), (true, false, false), (false, true, false), (false, false, true)]
+            {
                 // A transposed load elsewhere in the body makes the kernel scalar.
                 let other = if transposed { load(0, 0, &[1, r]) } else { ScalarExpr::Const(0.5) };
                 let body = bin(BinaryOp::Mul, un(op, pre.clone()), other);
                 let out = Access { buf: if in_place { 0 } else { 2 }, offset: 0, strides: vec![n, 1] };
                 let Kernel::Loop(mut k) = lp(&[r, n], None, body, out, false) else { unreachable!() };
-                k.side = vec![SideStore { value: pre.clone(), into: Access { buf: 3, offset: 0, strides: vec![n, 1] } }];
+                let side = Access { buf: if side_in_place { 0 } else { 3 }, offset: 0, strides: vec![n, 1] };
+                k.side = vec![SideStore { value: pre.clone(), into: side }];
                 let len = r * n;
                 let p = program(
                     vec![buf("x", DType::F32, len), buf("b", DType::F32, n), buf("o", DType::F32, len), buf("s", DType::F32, len)],

@@ -5,7 +5,7 @@
 //!   [`jit`] (Cranelift) for loop kernels and [`gemm`] for matrix products;
 //!   [`interp`] is the slow reference interpreter the JIT is tested against;
 //!   [`attention`] holds the fused attention kernels, whose small per-block products
-//!   are [`tiles`]'s.
+//!   are [`tiles`]'s; [`cpu`] picks the vector width of these hand-written kernels.
 //!   [`groups`] schedules runs of row-local kernels (and matrix products) chunk by chunk.
 //! - [`rng`] and [`init`]: deterministic random numbers and parameter initialisers.
 //! - [`data`]: data sources (csv, safetensors, text, tokens) and batching.
@@ -19,6 +19,7 @@ pub mod bench;
 pub mod bundle;
 pub mod checkpoint;
 pub mod cli;
+pub mod cpu;
 pub mod cuda;
 pub mod data;
 pub mod engine;

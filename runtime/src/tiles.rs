@@ -19,37 +19,17 @@
 //! used.
 
 use crate::gemm::View;
-use std::sync::atomic::{AtomicBool, Ordering};
-
-/// Whether AVX-512 may be used where the CPU has it (`BMC_TILES_AVX512=0`, or
-/// [`set_avx512`], keeps AVX2: for A/B measurements).
-static AVX512: AtomicBool = AtomicBool::new(true);
-
-/// Lets (or stops) the register tiles use AVX-512 on a CPU that has it. A packing
-/// records the width it was made for, so switching between products is safe.
-pub fn set_avx512(on: bool) {
-    AVX512.store(on, Ordering::Relaxed);
-}
-
 /// The register tiles' vector width on this CPU, in floats: 16 with AVX-512F (unless
-/// switched off), 8 with AVX2 and FMA, `None` without (the `gemm` crate then).
+/// switched off, `crate::cpu`), 8 with AVX2 and FMA, `None` without (the `gemm` crate
+/// then).
 fn lanes() -> Option<usize> {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static ENV: std::sync::Once = std::sync::Once::new();
-        ENV.call_once(|| {
-            if std::env::var("BMC_TILES_AVX512").is_ok_and(|v| v == "0") {
-                set_avx512(false);
-            }
-        });
-        if AVX512.load(Ordering::Relaxed) && std::is_x86_feature_detected!("avx512f") {
-            return Some(16);
-        }
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            return Some(8);
-        }
+    if crate::cpu::avx512() {
+        Some(16)
+    } else if crate::cpu::avx2_fma() {
+        Some(8)
+    } else {
+        None
     }
-    None
 }
 
 /// Every width this CPU can run, widest first (for tests and timing).
@@ -57,13 +37,11 @@ fn lanes() -> Option<usize> {
 fn available() -> Vec<Option<usize>> {
     let mut v = vec![];
     #[cfg(target_arch = "x86_64")]
-    {
-        if std::is_x86_feature_detected!("avx512f") {
-            v.push(Some(16));
-        }
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            v.push(Some(8));
-        }
+    if std::is_x86_feature_detected!("avx512f") {
+        v.push(Some(16));
+    }
+    if crate::cpu::avx2_fma() {
+        v.push(Some(8));
     }
     v.push(None);
     v
