@@ -76,6 +76,71 @@ pub(crate) unsafe fn product(m: usize, n: usize, k: usize, c: View, accumulate: 
     }
 }
 
+#[cfg(test)]
+thread_local! {
+    /// Each thread's scratch for the strips of `B` in [`tiled`] (kept: a fresh
+    /// allocation per product would fault in new pages every step).
+    static STRIPS: std::cell::RefCell<crate::tiles::Packed> = std::cell::RefCell::new(Default::default());
+}
+
+/// `c = alpha · a @ b` (or `c +=` with `accumulate`; `c` with contiguous rows) through
+/// `tiles`' register tiles, split into blocks of rows and columns that the current
+/// pool's threads take in turn when `parallel` (else on this thread); `false` (nothing
+/// done) where the CPU has no tiles. Each element is one sum in order of `k`, so the
+/// result does not depend on the split or the thread count.
+///
+/// Columns are split first (whole strips; each block reads all of its rows of `a` and
+/// its own columns of `b`), then rows, into about four blocks per thread, so that a
+/// thread slowed by another process leaves its share to the other.
+///
+/// Measured against the crate (`gemm::timing`), not adopted: faster on some W2/W3
+/// shapes, slower on others (the crate packs `a` too); a row group's panels use the
+/// tiles, with their weight packed once.
+///
+/// # Safety
+/// As [`product`]; `c.cs == 1`.
+#[cfg(test)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn tiled(m: usize, n: usize, k: usize, c: View, accumulate: bool, a: View, b: View, alpha: f32, parallel: bool) -> bool {
+    let Some(strip) = crate::tiles::strip_width() else { return false };
+    let (cp, ap, bp) = (c.ptr as usize, a.ptr as usize, b.ptr as usize);
+    let block = |(r0, r1): (usize, usize), (j0, j1): (usize, usize)| {
+        STRIPS.with(|s| {
+            let mut fresh = Default::default();
+            let mut mine = s.try_borrow_mut().ok();
+            let pack = mine.as_deref_mut().unwrap_or(&mut fresh);
+            // SAFETY: the block's rows and columns lie inside the matrices the caller's
+            // views cover; blocks write disjoint parts of c.
+            unsafe {
+                let cb = (cp as *mut f32).add(r0 * c.rs + j0);
+                let ab = View { ptr: (ap as *const f32).add(r0 * a.rs), ..a };
+                let bb = View { ptr: (bp as *const f32).add(j0 * b.cs), ..b };
+                crate::tiles::product(r1 - r0, j1 - j0, k, cb, c.rs, accumulate, ab, bb, alpha, pack);
+            }
+        })
+    };
+    let threads = if parallel { rayon::current_num_threads() } else { 1 };
+    if threads <= 1 {
+        block((0, m), (0, n));
+        return true;
+    }
+    let want = 4 * threads;
+    let strips = n.div_ceil(strip);
+    let cols = strips.min(want);
+    let rows = want.div_ceil(cols).min(m.div_ceil(crate::tiles::ROWS)).max(1);
+    // Column ranges of whole strips, row ranges of whole tiles where they divide evenly.
+    let col = |i: usize| ((strips * i / cols) * strip).min(n);
+    let row = |i: usize| if i == rows { m } else { (m * i / rows) / crate::tiles::ROWS * crate::tiles::ROWS };
+    (0..rows * cols).into_par_iter().for_each(|t| {
+        let (r, j) = (t / cols, t % cols);
+        let (r0, r1, j0, j1) = (row(r), row(r + 1), col(j), col(j + 1));
+        if r0 < r1 && j0 < j1 {
+            block((r0, r1), (j0, j1));
+        }
+    });
+    true
+}
+
 #[derive(Clone, Copy)]
 struct Ptrs {
     a: usize,
@@ -383,34 +448,35 @@ mod timing {
                 let (ars, acs) = if ta { (1, m) } else { (k, 1) };
                 let (brs, bcs) = if tb { (1, k) } else { (n, 1) };
                 let par = if threads > 1 { ::gemm::Parallelism::Rayon(threads) } else { ::gemm::Parallelism::None };
-                let mut times = vec![];
+                // Alternating: the crate, then the register tiles split among threads.
+                let mut times = [vec![], vec![]];
                 for _ in 0..20 {
-                    let t0 = std::time::Instant::now();
-                    pool.install(|| unsafe {
-                        super::product(
-                            m,
-                            n,
-                            k,
-                            super::View { ptr: c.as_mut_ptr() as *const f32, rs: n, cs: 1 },
-                            false,
-                            super::View { ptr: a.as_ptr(), rs: ars, cs: acs },
-                            super::View { ptr: b.as_ptr(), rs: brs, cs: bcs },
-                            1.0,
-                            par,
-                        )
-                    });
-                    times.push(t0.elapsed().as_secs_f64());
+                    for (v, t) in times.iter_mut().enumerate() {
+                        let (cp, ap, bp) = (c.as_mut_ptr() as usize, a.as_ptr() as usize, b.as_ptr() as usize);
+                        let t0 = std::time::Instant::now();
+                        pool.install(|| unsafe {
+                            let cv = super::View { ptr: cp as *const f32, rs: n, cs: 1 };
+                            let av = super::View { ptr: ap as *const f32, rs: ars, cs: acs };
+                            let bv = super::View { ptr: bp as *const f32, rs: brs, cs: bcs };
+                            if v == 0 {
+                                super::product(m, n, k, cv, false, av, bv, 1.0, par)
+                            } else {
+                                assert!(super::tiled(m, n, k, cv, false, av, bv, 1.0, threads > 1));
+                            }
+                        });
+                        t.push(t0.elapsed().as_secs_f64());
+                    }
                 }
-                times.sort_by(f64::total_cmp);
-                let (best, median) = (times[0], times[times.len() / 2]);
                 let gflops = |t: f64| 2.0 * (m * n * k) as f64 / t / 1e9;
-                println!(
-                    "{threads}t {m}x{n}x{k} ta={ta} tb={tb}: best {:.3} ms {:.1} GFLOP/s, median {:.3} ms {:.1} GFLOP/s",
-                    best * 1e3,
-                    gflops(best),
-                    median * 1e3,
-                    gflops(median)
-                );
+                let line: Vec<String> = times
+                    .iter_mut()
+                    .zip(["crate", "tiles"])
+                    .map(|(t, name)| {
+                        t.sort_by(f64::total_cmp);
+                        format!("{name} median {:.1} best {:.1} GFLOP/s", gflops(t[t.len() / 2]), gflops(t[0]))
+                    })
+                    .collect();
+                println!("{threads}t {m}x{n}x{k} ta={ta} tb={tb}: {}", line.join("; "));
             }
         }
     }

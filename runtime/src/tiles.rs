@@ -32,6 +32,23 @@ fn lanes() -> Option<usize> {
     }
 }
 
+/// The width of a full strip of columns on this CPU (two vectors), `None` without
+/// tiles: products split among threads at multiples of it.
+#[cfg(test)]
+pub(crate) fn strip_width() -> Option<usize> {
+    lanes().map(|l| 2 * l)
+}
+
+/// Rows of the widest register tile: products split among threads at multiples of it.
+#[cfg(test)]
+pub(crate) const ROWS: usize = 12;
+
+/// Steps of the sum per block (`KC`) and rows per block (`MC`, a multiple of both
+/// widths' tile rows): a block of `a` (`MC × KC`, 96 KiB) stays in L2 across the strips,
+/// a strip's block of `b` (`KC` × 32, 32 KiB) in L1 across the block's tiles.
+const KC: usize = 256;
+const MC: usize = 192;
+
 /// Every width this CPU can run, widest first (for tests and timing).
 #[cfg(test)]
 fn available() -> Vec<Option<usize>> {
@@ -261,6 +278,8 @@ macro_rules! tile_kernel {
             c: *mut f32,
             ldc: usize,
             accumulate: bool,
+            /// Whether the sums start from `c` (a later block of the sum) instead of 0.
+            resume: bool,
             a: View,
             /// The strip of `b`: `k` rows of `LANES·V` floats, `brs` apart.
             b: *const f32,
@@ -293,19 +312,33 @@ macro_rules! tile_kernel {
             packed: *const f32,
             alpha: f32,
         ) {
-            for (j, w, used) in strips(n, $lanes) {
-                let (b, brs) = match direct {
-                    Some(b) => (b.ptr.wrapping_add(j), b.rs),
-                    None => (packed.wrapping_add(j * k), w),
-                };
-                // SAFETY: the tiles stay inside m × n and the strip (the mask limits the
-                // last columns).
-                unsafe {
-                    let strip = Strip { c: c.add(j), ldc, accumulate, a, b, brs, k, alpha, mask: lane_mask(used % $lanes) };
-                    match (w, used) {
-                        (w, _) if w == 2 * $lanes => strip.rows::<2, false>(m),
-                        (_, u) if u == $lanes => strip.rows::<1, false>(m),
-                        _ => strip.rows::<1, true>(m),
+            // Blocks of MC rows, and within a strip of them, of at most KC steps of the
+            // sum: a block's rows of `a` stay in L2 across the strips, a strip's rows of
+            // `b` for one block of the sum in L1 across the tiles, the strip's `c` in L1
+            // or L2 across the blocks of the sum. A block after the first resumes each
+            // element's sum from `c`, which holds exactly the sum so far when nothing is
+            // scaled or added; else the sum runs in one block.
+            let kc = if !accumulate && alpha == 1.0 { KC } else { k.max(1) };
+            for i0 in (0..m).step_by(MC) {
+                let i1 = (i0 + MC).min(m);
+                for (j, w, used) in strips(n, $lanes) {
+                    for k0 in (0..k).step_by(kc) {
+                        let (b, brs) = match direct {
+                            Some(b) => (b.ptr.wrapping_add(j + k0 * b.rs), b.rs),
+                            None => (packed.wrapping_add(j * k + k0 * w), w),
+                        };
+                        let a = View { ptr: a.ptr.wrapping_add(k0 * a.cs), ..a };
+                        let (resume, k) = (k0 > 0, kc.min(k - k0));
+                        // SAFETY: the tiles stay inside m × n and the strip (the mask
+                        // limits the last columns), and the block inside the sum.
+                        unsafe {
+                            let strip = Strip { c: c.add(j), ldc, accumulate, resume, a, b, brs, k, alpha, mask: lane_mask(used % $lanes) };
+                            match (w, used) {
+                                (w, _) if w == 2 * $lanes => strip.rows::<2, false>(i0, i1),
+                                (_, u) if u == $lanes => strip.rows::<1, false>(i0, i1),
+                                _ => strip.rows::<1, true>(i0, i1),
+                            }
+                        }
                     }
                 }
             }
@@ -313,14 +346,14 @@ macro_rules! tile_kernel {
 
         impl Strip {
             #[inline(always)]
-            unsafe fn rows<const V: usize, const MASKED: bool>(&self, m: usize) {
-                let mut i = 0;
+            unsafe fn rows<const V: usize, const MASKED: bool>(&self, i0: usize, i1: usize) {
+                let mut i = i0;
                 // SAFETY (every call): rows i .. i + R exist.
-                while i + MR <= m {
+                while i + MR <= i1 {
                     unsafe { self.tile::<MR, V, MASKED>(i) };
                     i += MR;
                 }
-                unsafe { self.rest::<V, MASKED>(i, m - i) };
+                unsafe { self.rest::<V, MASKED>(i, i1 - i) };
             }
 
             /// Rows `i .. i + R` of the strip: `R·V` accumulators over the whole sum, then
@@ -334,6 +367,14 @@ macro_rules! tile_kernel {
                 // which the mask's lanes when MASKED).
                 unsafe {
                     let mut acc: [[$vec; V]; R] = [[$zero; V]; R];
+                    if self.resume {
+                        for (r, acc) in acc.iter_mut().enumerate() {
+                            let cp = self.c.add((i + r) * self.ldc);
+                            for (v, acc) in acc.iter_mut().enumerate() {
+                                *acc = if MASKED { $mload(cp, self.mask) } else { $load(cp.add($lanes * v)) };
+                            }
+                        }
+                    }
                     let mut ap = a.ptr.add(i * a.rs);
                     let mut bp = self.b;
                     for _ in 0..self.k {
@@ -374,7 +415,7 @@ macro_rules! tile_kernel {
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::strips;
+    use super::{KC, MC, strips};
     use crate::gemm::View;
     use std::arch::x86_64::*;
 
@@ -450,7 +491,7 @@ mod avx512 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::strips;
+    use super::{KC, MC, strips};
     use crate::gemm::View;
     use std::arch::x86_64::*;
 
@@ -625,6 +666,9 @@ mod tests {
             (25, 48, 7),
             (23, 31, 17),
             (12, 79, 40),
+            // Several blocks of the sum (KC) and of rows (MC).
+            (30, 70, 600),
+            (200, 33, 520),
         ];
         let widths: Vec<usize> = available().into_iter().flatten().collect();
         for (m, n, k) in shapes {
@@ -659,9 +703,18 @@ mod tests {
                                 assert_eq!(got.to_bits(), before[r * ldc + col].to_bits(), "{case}: wrote past column {n}");
                                 continue;
                             }
-                            let dot: f64 = (0..k).map(|t| av[r * ars + t * acs] as f64 * bv[t * brs + col * bcs] as f64).sum();
+                            let term = |t: usize| (av[r * ars + t * acs], bv[t * brs + col * bcs]);
+                            let dot: f64 = (0..k).map(|t| term(t).0 as f64 * term(t).1 as f64).sum();
+                            let size: f64 = (0..k).map(|t| (term(t).0 as f64 * term(t).1 as f64).abs()).sum();
                             let want = alpha as f64 * dot + if accumulate { before[r * ldc + col] as f64 } else { 0.0 };
-                            assert!((got as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()), "{case}: ({r}, {col}) {got} vs {want}");
+                            // f32 rounding of a sum of k terms: k ulps of the terms' size.
+                            let tol = 1e-6 * (1.0 + want.abs()) + k as f64 * f32::EPSILON as f64 * size;
+                            assert!((got as f64 - want).abs() <= tol, "{case}: ({r}, {col}) {got} vs {want}");
+                            if alpha == 1.0 && !accumulate {
+                                // One FMA chain in order of k, however the sum is blocked.
+                                let chain = (0..k).fold(0.0f32, |s, t| term(t).0.mul_add(term(t).1, s));
+                                assert_eq!(got.to_bits(), chain.to_bits(), "{case}: ({r}, {col}) is not the sum in order of k");
+                            }
                         }
                     }
                     match &first {
@@ -697,7 +750,8 @@ mod timing {
         ]);
     }
 
-    /// Row-group panels of W1 (64 rows) and W2 (128 rows): `x Wᵀ` forward, `dy W` backward.
+    /// Row-group panels of W1 (64 rows), W2 and W3 (128 rows): `x Wᵀ` forward, `dy W`
+    /// backward.
     #[test]
     #[ignore]
     fn row_panels() {
@@ -712,6 +766,11 @@ mod timing {
             (128, 128, 512, false, false),
             (128, 512, 128, false, false),
             (128, 384, 128, false, true),
+            // W3 (128-row panels): the MLP's two products, forward and backward.
+            (128, 1536, 384, false, true),
+            (128, 384, 1536, false, true),
+            (128, 384, 1536, false, false),
+            (128, 1536, 384, false, false),
         ]);
     }
 
@@ -724,7 +783,9 @@ mod timing {
             let bv = if tb { View { ptr: b.as_ptr(), rs: 1, cs: k } } else { View::dense(b.as_ptr(), n) };
             // Per width: tiles packing `b` per call, and tiles with `b` packed once outside
             // the timing (a row group's weight); `None`: the `gemm` crate.
-            let mut variants: Vec<(String, Option<usize>, bool, Packed, Vec<f64>)> = vec![];
+            // (name, width, b packed once, the packing, GFLOP/s per round)
+            type Variant = (String, Option<usize>, bool, Packed, Vec<f64>);
+            let mut variants: Vec<Variant> = vec![];
             for l in available() {
                 let name = match l {
                     Some(l) => format!("{l} lanes"),
