@@ -701,7 +701,9 @@ pub struct Executor {
     /// Per entry: its kernels as run, one by one or in row groups (see [`groups`]).
     schedules: Vec<Vec<Step>>,
     threads: usize,
-    /// Whether a row group packs each product's `B` once for all its panels.
+    /// Whether a row group's products run through `tiles`' register tiles, with each
+    /// `B` packed once for all its panels where there are enough of them (else the
+    /// `gemm` crate, per panel).
     packed_panels: bool,
     pool: rayon::ThreadPool,
     /// With profiling on: per kernel, its runs and seconds (see [`Executor::profile`]).
@@ -781,7 +783,8 @@ impl Executor {
             entries,
             schedules,
             threads,
-            // `BMC_PACKED_PANELS=0`: the `gemm` crate packs `B` per panel (for A/B).
+            // `BMC_PACKED_PANELS=0`: a group's products through the `gemm` crate, which
+            // packs `B` per panel (for A/B).
             packed_panels: std::env::var("BMC_PACKED_PANELS").map_or(true, |v| v != "0"),
             pool: build_pool(threads)?,
             profile: None,
@@ -796,8 +799,9 @@ impl Executor {
         self.schedules = schedules(&self.program, on && self._jit.is_some());
     }
 
-    /// Whether a row group packs each product's `B` once for all its panels (the
-    /// default) or leaves it to the `gemm` crate per panel.
+    /// Whether a row group's products run through `tiles`' register tiles, packing
+    /// each `B` once for all its panels where there are enough of them (the default),
+    /// or through the `gemm` crate per panel.
     pub fn set_packed_panels(&mut self, on: bool) {
         self.packed_panels = on;
     }
@@ -992,7 +996,7 @@ impl Ctx<'_> {
             }
         }
         let (p, tables) = (ptrs.as_ptr() as usize, scratch.tables.as_ptr() as usize);
-        let packed = &scratch.packed;
+        let (packed, tiles) = (&scratch.packed, self.packed_panels);
         let block = |b: usize| {
             let (c0, c1) = g.block(b);
             for m in &members {
@@ -1019,7 +1023,7 @@ impl Ctx<'_> {
                         unsafe {
                             match b {
                                 Some(i) => crate::gemm::panel_packed(k, p as *const *mut u8, lo * r, hi * r, &packed[i]),
-                                None => crate::gemm::panel(k, p as *const *mut u8, lo * r, hi * r),
+                                None => crate::gemm::panel(k, p as *const *mut u8, lo * r, hi * r, tiles),
                             }
                         }
                     }

@@ -76,9 +76,8 @@ pub(crate) unsafe fn product(m: usize, n: usize, k: usize, c: View, accumulate: 
     }
 }
 
-#[cfg(test)]
 thread_local! {
-    /// Each thread's scratch for the strips of `B` in [`tiled`] (kept: a fresh
+    /// Each thread's scratch for the strips of `B` in [`panel`] and [`tiled`] (kept: a fresh
     /// allocation per product would fault in new pages every step).
     static STRIPS: std::cell::RefCell<crate::tiles::Packed> = std::cell::RefCell::new(Default::default());
 }
@@ -174,17 +173,29 @@ unsafe fn one(k: &MatMulKernel, p: Ptrs, (ao, bo, co): (usize, usize, usize), pa
 
 /// Output rows `r0..r1` of product `k` (f32, no batch axes, `k.k > 0`) on this thread:
 /// one panel of a row group (see `crate::groups`). `bufs` are the buffers' base
-/// addresses.
+/// addresses. Through `tiles`' register tiles with `tiles` where the CPU has them and
+/// the output's rows are contiguous (faster than the crate on every panel shape
+/// measured, `tiles::timing::row_panels`), else the crate.
 ///
 /// # Safety
 /// `k` must have been validated against these buffers, and rows `r0..r1` of its output
 /// must be written by this call only.
-pub(crate) unsafe fn panel(k: &MatMulKernel, bufs: *const *mut u8, r0: usize, r1: usize) {
+pub(crate) unsafe fn panel(k: &MatMulKernel, bufs: *const *mut u8, r0: usize, r1: usize, tiles: bool) {
     // SAFETY: the buffers cover the validated operands; the panel's rows are in range.
     unsafe {
         let base = |b: usize| *bufs.add(b) as usize;
         let at = |o: &MatOperand, row: usize| View::of(base(o.buf), o.offset, o, row);
-        product(r1 - r0, k.n, k.k, at(&k.c, r0), k.accumulate, at(&k.a, r0), at(&k.b, 0), 1.0, Parallelism::None);
+        let (c, a, b) = (at(&k.c, r0), at(&k.a, r0), at(&k.b, 0));
+        if tiles && k.c.col_stride == 1 && crate::tiles::usable() {
+            STRIPS.with(|s| {
+                let mut fresh = Default::default();
+                let mut mine = s.try_borrow_mut().ok();
+                let pack = mine.as_deref_mut().unwrap_or(&mut fresh);
+                crate::tiles::product(r1 - r0, k.n, k.k, c.ptr as *mut f32, c.rs, k.accumulate, a, b, 1.0, pack);
+            });
+            return;
+        }
+        product(r1 - r0, k.n, k.k, c, k.accumulate, a, b, 1.0, Parallelism::None);
     }
 }
 

@@ -32,6 +32,11 @@ fn lanes() -> Option<usize> {
     }
 }
 
+/// Whether this CPU has register tiles (else [`product`] calls the `gemm` crate).
+pub(crate) fn usable() -> bool {
+    lanes().is_some()
+}
+
 /// The width of a full strip of columns on this CPU (two vectors), `None` without
 /// tiles: products split among threads at multiples of it.
 #[cfg(test)]
