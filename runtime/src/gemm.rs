@@ -440,6 +440,10 @@ mod timing {
     fn w2_w3_shapes() {
         // (m, n, k, a transposed, b transposed): forward x @ Wᵀ, input grads, weight grads.
         let shapes = [
+            // W1's weight gradients, then W2's and W3's products.
+            (256, 256, 128, true, false),
+            (64, 256, 128, true, false),
+            (256, 10, 128, true, false),
             (2048, 384, 128, false, true),
             (2048, 512, 128, false, true),
             (2048, 128, 512, false, true),
@@ -461,7 +465,8 @@ mod timing {
                 let par = if threads > 1 { ::gemm::Parallelism::Rayon(threads) } else { ::gemm::Parallelism::None };
                 // Alternating: the crate, then the register tiles split among threads.
                 let mut times = [vec![], vec![]];
-                for _ in 0..20 {
+                let rounds = if m * n * k < 1 << 24 { 400 } else { 20 };
+                for _ in 0..rounds {
                     for (v, t) in times.iter_mut().enumerate() {
                         let (cp, ap, bp) = (c.as_mut_ptr() as usize, a.as_ptr() as usize, b.as_ptr() as usize);
                         let t0 = std::time::Instant::now();

@@ -779,6 +779,75 @@ mod timing {
         ]);
     }
 
+    /// The machine's FMA ceiling on one thread and on two at once: 12 independent
+    /// vector FMA chains, 16 lanes with AVX-512 and 8 with AVX2, operands in registers.
+    #[test]
+    #[ignore]
+    fn fma_peak() {
+        #[cfg(target_arch = "x86_64")]
+        {
+            // Twelve chains in named registers (an array of them invited LLVM to rotate
+            // and spill), each 4 FMAs of latency deep: enough to fill two FMA pipes.
+            macro_rules! chains {
+                ($name:ident, $feat:literal, $vec:ty, $set1:ident, $fma:ident, $add:ident, $store:ident, $lanes:literal) => {
+                    #[target_feature(enable = $feat)]
+                    fn $name(steps: usize) -> f32 {
+                        use std::arch::x86_64::*;
+                        let (x, y) = ($set1(0.999_999), $set1(1e-7));
+                        let [mut a0, mut a1, mut a2, mut a3, mut a4, mut a5, mut a6, mut a7, mut a8, mut a9, mut a10, mut a11]: [$vec; 12] =
+                            std::array::from_fn(|i| $set1(i as f32));
+                        for _ in 0..steps {
+                            a0 = $fma(a0, x, y);
+                            a1 = $fma(a1, x, y);
+                            a2 = $fma(a2, x, y);
+                            a3 = $fma(a3, x, y);
+                            a4 = $fma(a4, x, y);
+                            a5 = $fma(a5, x, y);
+                            a6 = $fma(a6, x, y);
+                            a7 = $fma(a7, x, y);
+                            a8 = $fma(a8, x, y);
+                            a9 = $fma(a9, x, y);
+                            a10 = $fma(a10, x, y);
+                            a11 = $fma(a11, x, y);
+                        }
+                        let sum = [a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11].iter().fold(a0, |s, &a| $add(s, a));
+                        let mut out = [0.0f32; $lanes];
+                        // SAFETY: out holds a vector's floats.
+                        unsafe { $store(out.as_mut_ptr(), sum) };
+                        out.iter().sum()
+                    }
+                };
+            }
+            chains!(chains512, "avx512f", __m512, _mm512_set1_ps, _mm512_fmadd_ps, _mm512_add_ps, _mm512_storeu_ps, 16);
+            chains!(chains256, "avx2,fma", __m256, _mm256_set1_ps, _mm256_fmadd_ps, _mm256_add_ps, _mm256_storeu_ps, 8);
+            let steps = 10_000_000;
+            let run = |lanes: usize| -> f64 {
+                let t0 = std::time::Instant::now();
+                // SAFETY: the features are checked below before each width runs.
+                let r = unsafe { if lanes == 16 { chains512(steps) } else { chains256(steps) } };
+                std::hint::black_box(r);
+                2.0 * (lanes * 12 * steps) as f64 / t0.elapsed().as_secs_f64() / 1e9
+            };
+            for lanes in [16, 8] {
+                if (lanes == 16 && !std::is_x86_feature_detected!("avx512f")) || !crate::cpu::avx2_fma() {
+                    continue;
+                }
+                let one: Vec<f64> = (0..5).map(|_| run(lanes)).collect();
+                let two: Vec<f64> = (0..5)
+                    .map(|_| {
+                        // Two OS threads (rayon's join may run both halves on one).
+                        std::thread::scope(|sc| {
+                            let other = sc.spawn(|| run(lanes));
+                            run(lanes) + other.join().unwrap()
+                        })
+                    })
+                    .collect();
+                let best = |v: &[f64]| v.iter().cloned().fold(0.0, f64::max);
+                println!("{lanes} lanes: FMA peak one thread {:.1} GFLOP/s, two threads {:.1} GFLOP/s (best of 5)", best(&one), best(&two));
+            }
+        }
+    }
+
     fn compare(shapes: &[(usize, usize, usize, bool, bool)]) {
         for &(m, n, k, ta, tb) in shapes {
             let a = vec![0.5f32; m * k];
