@@ -274,10 +274,10 @@ fn strips(n: usize, l: usize) -> impl Iterator<Item = (usize, usize, usize)> {
 /// The register-tile kernel, written once for both vector widths: the vector and mask
 /// types, the lanes per vector, and the operations it needs (zero, load, masked load,
 /// broadcast, FMA, multiply, add, store, masked store). Expands, in the module of one
-/// width, to `Strip` and `product_body`; that module provides `MR`, `lane_mask` and
+/// width, to `Strip` and `product` (compiled for the width's features, `$feat`); that module provides `MR`, `lane_mask` and
 /// `Strip::rest` (the tiles of fewer than `MR` rows).
 macro_rules! tile_kernel {
-    ($vec:ty, $mask:ty, $lanes:expr, $zero:expr, $load:expr, $mload:expr, $set1:expr, $fma:expr, $mul:expr, $add:expr, $store:expr, $mstore:expr) => {
+    ($feat:literal, $vec:ty, $mask:ty, $lanes:expr, $zero:expr, $load:expr, $mload:expr, $set1:expr, $fma:expr, $mul:expr, $add:expr, $store:expr, $mstore:expr) => {
         /// One strip of `c`'s columns and what its tiles share.
         struct Strip {
             c: *mut f32,
@@ -304,8 +304,8 @@ macro_rules! tile_kernel {
         /// As [`super::product`]; `direct` has `cs == 1`, else `packed` holds `b` packed
         /// for this width; the width's instructions present.
         #[allow(clippy::too_many_arguments)]
-        #[inline(always)]
-        unsafe fn product_body(
+        #[target_feature(enable = $feat)]
+        pub(super) unsafe fn product(
             m: usize,
             n: usize,
             k: usize,
@@ -433,6 +433,7 @@ mod avx512 {
     }
 
     tile_kernel!(
+        "avx512f,avx2,fma",
         __m512,
         __mmask16,
         16,
@@ -470,28 +471,6 @@ mod avx512 {
             }
         }
     }
-
-    /// See `product_body`.
-    ///
-    /// # Safety
-    /// As `product_body`; AVX-512F present.
-    #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx512f,avx2,fma")]
-    pub(super) unsafe fn product(
-        m: usize,
-        n: usize,
-        k: usize,
-        c: *mut f32,
-        ldc: usize,
-        accumulate: bool,
-        a: View,
-        direct: Option<View>,
-        packed: *const f32,
-        alpha: f32,
-    ) {
-        // SAFETY: forwarded; AVX-512F present.
-        unsafe { product_body(m, n, k, c, ldc, accumulate, a, direct, packed, alpha) }
-    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -510,6 +489,7 @@ mod avx2 {
     }
 
     tile_kernel!(
+        "avx2,fma",
         __m256,
         __m256i,
         8,
@@ -540,28 +520,6 @@ mod avx2 {
                 }
             }
         }
-    }
-
-    /// See `product_body`.
-    ///
-    /// # Safety
-    /// As `product_body`; AVX2 and FMA present.
-    #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn product(
-        m: usize,
-        n: usize,
-        k: usize,
-        c: *mut f32,
-        ldc: usize,
-        accumulate: bool,
-        a: View,
-        direct: Option<View>,
-        packed: *const f32,
-        alpha: f32,
-    ) {
-        // SAFETY: forwarded; AVX2 and FMA present.
-        unsafe { product_body(m, n, k, c, ldc, accumulate, a, direct, packed, alpha) }
     }
 
     /// Copies `b` (k × n, any strides) into its strips for vectors of `lanes` (see [`strips`];
