@@ -85,8 +85,8 @@ pub fn run(bundle: Bundle, opts: &BenchOptions) -> Result<BenchResult> {
     let mut times = vec![];
     let mut first_losses = vec![];
     // `BMC_BENCH_AB=row-groups` (or `packed-panels`, `avx512`): steps alternate without
-    // and with row groups (or a group's weights packed once for all its panels, or AVX-512 in
-    // the hand-written kernels), so that both see the same load on a shared host
+    // and with row groups (or a group's products through the register tiles, or AVX-512
+    // in the hand-written kernels), so that both see the same load on a shared host
     // (compared across processes minutes apart, this host's drift hides differences of
     // 10%).
     let ab = std::env::var("BMC_BENCH_AB").ok().filter(|v| ["row-groups", "packed-panels", "avx512"].contains(&v.as_str()));

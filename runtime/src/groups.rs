@@ -26,8 +26,8 @@
 //! member finishes before the next member starts (a loop kernel chunk by chunk, with
 //! each chunk's own partial sums; a matrix product as one panel of the block's rows).
 //! Blocks are the chunks themselves unless a product would get panels of fewer than
-//! [`MIN_PANEL_ROWS`] rows: a small batch (W1's 128 rows, 16 chunks) runs as two
-//! blocks of 64 rows, so W1's products join the bias and ReLU kernels around them.
+//! [`MIN_PANEL_ROWS`] rows: a small batch (W1's 128 rows, 16 chunks) runs as four
+//! blocks of 32 rows, so W1's products join the bias and ReLU kernels around them.
 //!
 //! The schedule is a run-time decision over the final kernel IR (after memory
 //! planning, so reused buffers are checked as they really are); the compiler and the
@@ -35,9 +35,14 @@
 
 use crate::kir::{Access, BufId, FusedSum, Kernel, LoopKernel, MatMulKernel, Program};
 
-/// Fewest output rows of a matrix product per block: smaller panels lose more to the
-/// per-call overhead of the `gemm` crate than the group saves (`gemm::panel_timing`).
-pub const MIN_PANEL_ROWS: usize = 64;
+/// Fewest output rows of a matrix product per block. Panels run through `tiles`' 12-row
+/// register tiles with `B` packed once for the group when there are at least two
+/// blocks a thread, so 32-row panels lose little to their remainder strip (8 of 36 rows)
+/// and give each thread two blocks to take on W1's 128 rows: the threads of a virtual
+/// machine run at unequal, drifting speeds, and with one block each the step waits for
+/// the slower (W1 0.30 → 0.27 ms on two threads, alternating steps; the same on one).
+/// Below 32 the remainder strips cost more than the balance gains.
+pub const MIN_PANEL_ROWS: usize = 32;
 
 /// Fewest outermost indices of a group, so that its chunks balance across threads.
 pub const MIN_OUTER: usize = 8;
@@ -494,8 +499,8 @@ mod tests {
 
     #[test]
     fn a_matrix_product_stays_out_when_its_panels_are_small_or_its_weights_are_written() {
-        // Two blocks of 2 · 4 rows: still too short.
-        let small = gemm_program(4, false);
+        // At most two blocks of 8 indices · 2 rows: 16-row panels, too short.
+        let small = gemm_program(2, false);
         assert_eq!(steps_of(&small), vec![Step::One(0), Step::One(1), Step::One(2)]);
         let written = gemm_program(MIN_PANEL_ROWS, true);
         let steps = steps_of(&written);
