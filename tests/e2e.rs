@@ -786,7 +786,11 @@ fn bench_profile_lists_kernels() {
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{}", show(&o));
     let kinds = out.lines().find(|l| l.starts_with("by kind: ")).unwrap_or_default();
-    assert!(out.contains("slowest kernels") && out.contains("GFLOP/s") && kinds.contains("matmul") && kinds.contains("group"), "{}", show(&o));
+    assert!(
+        out.contains("slowest kernels") && out.contains("GFLOP/s") && kinds.contains("matmul") && kinds.contains("group"),
+        "{}",
+        show(&o)
+    );
     let o = bmc(&root, &["bench", "models/mlp.bm", "--steps", "2", "--profile", "--json"]);
     let json: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}\n{}", show(&o)));
     let kernels = json["profile"].as_array().expect("a profile array");

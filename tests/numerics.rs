@@ -368,6 +368,55 @@ train {{
     }
 }
 
+/// The update the test above checks against PyTorch runs, on the CPU, through the wide
+/// code of a recognised formula (`runtime/src/formulas.rs`) rather than the JIT: one
+/// per parameter for every model in models/ and for Adam's variants (coupled decay,
+/// clipping, no decay).
+#[test]
+fn every_adam_update_runs_as_a_formula() {
+    let mut programs = vec![];
+    let mut models: Vec<PathBuf> = std::fs::read_dir(repo().join("models"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "bm"))
+        .collect();
+    models.sort();
+    for path in models {
+        let loaded = driver::load(path.to_str().unwrap(), &FileSource::Disk).unwrap_or_else(|d| panic!("{d}"));
+        let c = driver::compile(&loaded, &Options::default(), Stage::Kernels).unwrap_or_else(|d| panic!("{d}"));
+        programs.push((path.display().to_string(), c.program));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = repo().join("tests/fixtures/opt_data.safetensors");
+    for (optimizer, clip) in [("Adam(lr = 1e-2, weight_decay = 0.1)", "1.0"), ("Adam(lr = 1e-2)", "none"), ("AdamW(lr = 1e-2)", "0.5")] {
+        let src = format!(
+            r#"
+model Reg {{
+  fc1 = Linear(3, 4)
+  fc2 = Linear(4, 2)
+  input x: f32[B, 3]
+  input y: f32[B, 2]
+  forward {{ loss mse(fc2(tanh(fc1(x))), y) }}
+}}
+train {{
+  data = safetensors("{}", split = 1.0, shuffle = false)
+  batch = 8
+  optimizer = {optimizer}
+  clip_grad = {clip}
+}}
+"#,
+            data.display()
+        );
+        programs.push((format!("{optimizer}, clip {clip}"), compile(&src, dir.path()).program));
+    }
+    for (name, program) in programs {
+        let params = program.buffers.iter().filter(|b| b.kind == bm_runtime::kir::BufKind::Param).count();
+        let e = bm_runtime::exec::Executor::new(&program, 1).unwrap();
+        let formulas = (0..program.kernels.len()).filter(|&k| e.formula(k).is_some()).count();
+        assert_eq!(formulas, params, "{name}: {params} parameters, {formulas} updates recognised");
+    }
+}
+
 // ---------------------------------------------------------------------------------
 // W2 "gpt-tiny": from its bit-exact initial parameters and batches, five AdamW steps
 // reproduce PyTorch's losses (models.md "Cross-check values").

@@ -84,18 +84,19 @@ pub fn run(bundle: Bundle, opts: &BenchOptions) -> Result<BenchResult> {
     let total = (warmup + opts.steps) as u64;
     let mut times = vec![];
     let mut first_losses = vec![];
-    // `BMC_BENCH_AB=row-groups` (or `packed-panels`, `avx512`): steps alternate without
-    // and with row groups (or a group's products through the register tiles, or AVX-512
-    // in the hand-written kernels), so that both see the same load on a shared host
+    // `BMC_BENCH_AB=row-groups` (or `packed-panels`, `avx512`, `formulas`): steps
+    // alternate without and with row groups (or a group's products through the register
+    // tiles, AVX-512 in the hand-written kernels, known formulas' wide code), so that both see the same load on a shared host
     // (compared across processes minutes apart, this host's drift hides differences of
     // 10%).
-    let ab = std::env::var("BMC_BENCH_AB").ok().filter(|v| ["row-groups", "packed-panels", "avx512"].contains(&v.as_str()));
+    let ab = std::env::var("BMC_BENCH_AB").ok().filter(|v| ["row-groups", "packed-panels", "avx512", "formulas"].contains(&v.as_str()));
     for step in 0..total {
         let b = &batches[step as usize % batches.len()];
         if let (Some(what), Some(e)) = (&ab, s.exec.cpu()) {
             match what.as_str() {
                 "row-groups" => e.set_row_groups(step % 2 == 1),
                 "avx512" => crate::cpu::set_avx512(step % 2 == 1),
+                "formulas" => e.set_formulas(step % 2 == 1),
                 _ => e.set_packed_panels(step % 2 == 1),
             }
         }
@@ -167,7 +168,13 @@ fn kernel_times(e: &crate::exec::Executor, steps: usize) -> Vec<KernelTime> {
     let total: f64 = p.iter().map(|x| x.1).sum::<f64>().max(1e-12);
     // A row group's time is its first kernel's: list the group once, under that kernel.
     let followers: std::collections::HashSet<usize> = e.groups().flat_map(|g| g.kernels[1..].iter().copied()).collect();
-    let head = |k: usize| crate::kir::kernel_text(&e.program().kernels[k]).lines().next().unwrap_or("").to_string();
+    let head = |k: usize| {
+        let line = crate::kir::kernel_text(&e.program().kernels[k]).lines().next().unwrap_or("").to_string();
+        match e.formula(k) {
+            Some(f) => format!("{line} ({})", f.describe()),
+            None => line,
+        }
+    };
     let mut v: Vec<KernelTime> = p
         .iter()
         .enumerate()

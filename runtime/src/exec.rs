@@ -14,6 +14,7 @@
 //! the non-reduced axes and every load of the output buffer must use the output's view.
 
 use crate::error::{Error, Result};
+use crate::formulas::Formula;
 use crate::groups::{self, Group, Step};
 use crate::interp;
 use crate::jit::{self, JitProgram, KernelFn};
@@ -528,10 +529,10 @@ const PARALLEL_POINTS: usize = 1 << 13;
 enum Plan {
     /// Through the interpreter.
     Interp,
-    /// A compiled loop kernel: the function, the outermost extent (of the normalised
+    /// A compiled loop kernel: its code, the outermost extent (of the normalised
     /// kernel, see [`jit::normalize`]) and whether splitting it across threads is safe.
     Jit {
-        f: KernelFn,
+        f: LoopFn,
         outer: usize,
         points: usize,
         splittable: bool,
@@ -543,6 +544,31 @@ enum Plan {
     ScatterAdd,
     Attention,
     AttentionBackward,
+}
+
+/// A loop kernel's code: its JIT function, and the wide code of the known formula it
+/// computes, if any ([`crate::formulas`]).
+struct LoopFn {
+    jit: KernelFn,
+    formula: Option<Box<Formula>>,
+}
+
+impl LoopFn {
+    /// Runs outermost indices `lo..hi` through the formula's code where there is one
+    /// and `formulas` allows it, else through the JIT function.
+    ///
+    /// # Safety
+    /// As for a [`KernelFn`]: `bufs` points at the buffers (or a fused-sum table) the
+    /// kernel was validated against, and no other thread touches what `lo..hi` writes.
+    unsafe fn call(&self, formulas: bool, bufs: *const *mut u8, lo: i64, hi: i64) {
+        // SAFETY: the caller's promise (a formula touches exactly the kernel's points).
+        unsafe {
+            match &self.formula {
+                Some(f) if formulas => f.run(bufs, lo, hi),
+                _ => (self.jit)(bufs, lo, hi),
+            }
+        }
+    }
 }
 
 /// How a kernel's [`FusedSum`]s run: every chunk of the outermost axis sums into its
@@ -705,6 +731,9 @@ pub struct Executor {
     /// `B` packed once for all its panels where there are enough of them (else the
     /// `gemm` crate, per panel).
     packed_panels: bool,
+    /// Whether loop kernels recognised as a known formula run its wide code
+    /// ([`crate::formulas`]) instead of their JIT function.
+    formulas: bool,
     pool: rayon::ThreadPool,
     /// With profiling on: per kernel, its runs and seconds (see [`Executor::profile`]).
     profile: Option<Vec<(u64, f64)>>,
@@ -745,9 +774,10 @@ impl Executor {
             .map(|(i, k)| match k {
                 Kernel::Loop(l) => {
                     let n = jit::normalize(l);
-                    let f = jit.function(i).ok_or_else(|| Error::internal(format!("kernel k{i} was not compiled")))?;
+                    let jit = jit.function(i).ok_or_else(|| Error::internal(format!("kernel k{i} was not compiled")))?;
+                    let formula = Formula::recognise(&n, &|b| program.buffers[b].dtype == DType::F32).map(Box::new);
                     Ok(Plan::Jit {
-                        f,
+                        f: LoopFn { jit, formula },
                         outer: n.shape[0],
                         points: n.shape.iter().product(),
                         splittable: splittable(&n),
@@ -786,6 +816,8 @@ impl Executor {
             // `BMC_PACKED_PANELS=0`: a group's products through the `gemm` crate, which
             // packs `B` per panel (for A/B).
             packed_panels: std::env::var("BMC_PACKED_PANELS").map_or(true, |v| v != "0"),
+            // `BMC_FORMULAS=0`: every loop kernel through its JIT function (for A/B).
+            formulas: std::env::var("BMC_FORMULAS").map_or(true, |v| v != "0"),
             pool: build_pool(threads)?,
             profile: None,
             scratch: Scratch::default(),
@@ -804,6 +836,20 @@ impl Executor {
     /// or through the `gemm` crate per panel.
     pub fn set_packed_panels(&mut self, on: bool) {
         self.packed_panels = on;
+    }
+
+    /// Whether loop kernels that compute a known formula run its wide code (the
+    /// default) or their JIT function.
+    pub fn set_formulas(&mut self, on: bool) {
+        self.formulas = on;
+    }
+
+    /// The known formula loop kernel `k` computes, if it is recognised as one.
+    pub fn formula(&self, k: usize) -> Option<&Formula> {
+        match self.plans.get(k) {
+            Some(Plan::Jit { f, .. }) => f.formula.as_deref(),
+            _ => None,
+        }
     }
 
     /// Starts (or restarts) timing every kernel `run` runs; `false` stops it.
@@ -914,6 +960,7 @@ impl Executor {
             scratch: &mut self.scratch,
             threads: self.threads,
             packed_panels: self.packed_panels,
+            formulas: self.formulas,
             pool: &self.pool,
         };
         (ctx, &mut self.profile)
@@ -929,6 +976,7 @@ struct Ctx<'a> {
     scratch: &'a mut Scratch,
     threads: usize,
     packed_panels: bool,
+    formulas: bool,
     pool: &'a rayon::ThreadPool,
 }
 
@@ -946,7 +994,7 @@ impl Ctx<'_> {
     fn run_group(&mut self, g: &Group) -> Result<()> {
         enum Member<'k> {
             /// A loop kernel and where its per-chunk pointer tables start (fused sums).
-            Loop(KernelFn, Option<usize>),
+            Loop(&'k LoopFn, Option<usize>),
             /// A matrix product, its output rows per outermost index, and its `B` packed
             /// for all panels (an index into `scratch.packed`) or not.
             MatMul(&'k crate::kir::MatMulKernel, usize, Option<usize>),
@@ -965,7 +1013,8 @@ impl Ctx<'_> {
         let mut at = 0;
         for &k in &g.kernels {
             match (&self.plans[k], &self.program.kernels[k]) {
-                (&Plan::Jit { f, points, ref sums, .. }, _) => {
+                (Plan::Jit { f, points, sums, .. }, _) => {
+                    let points = *points;
                     big |= points > PARALLEL_POINTS;
                     let tables = sums.as_ref().map(|plan| {
                         let start = scratch.tables.len();
@@ -996,7 +1045,7 @@ impl Ctx<'_> {
             }
         }
         let (p, tables) = (ptrs.as_ptr() as usize, scratch.tables.as_ptr() as usize);
-        let (packed, tiles) = (&scratch.packed, self.packed_panels);
+        let (packed, tiles, formulas) = (&scratch.packed, self.packed_panels, self.formulas);
         let block = |b: usize| {
             let (c0, c1) = g.block(b);
             for m in &members {
@@ -1013,7 +1062,7 @@ impl Ctx<'_> {
                                 None => p as *const *mut u8,
                                 Some(start) => (tables as *const *mut u8).wrapping_add(start + c * nb),
                             };
-                            unsafe { f(bufs, lo as i64, hi as i64) }
+                            unsafe { f.call(formulas, bufs, lo as i64, hi as i64) }
                         }
                     }
                     Member::MatMul(k, r, b) => {
@@ -1048,15 +1097,16 @@ impl Ctx<'_> {
     fn run_kernel(&mut self, k: usize) -> Result<()> {
         let plan = self.plans.get(k).ok_or_else(|| Error::internal(format!("kernel k{k} does not exist")))?;
         let kernel = &self.program.kernels[k];
-        let (threads, pool) = (self.threads, self.pool);
+        let (threads, pool, formulas) = (self.threads, self.pool, self.formulas);
         match (plan, kernel) {
             (Plan::Interp, k) => interp::run_kernel(k, self.bufs),
-            (&Plan::Jit { f, outer, points, splittable, sums: Some(ref sums) }, _) => {
+            (&Plan::Jit { ref f, outer, points, splittable, sums: Some(ref sums) }, _) => {
                 let parallel = splittable && threads > 1 && points > PARALLEL_POINTS;
-                sums.run(f, outer, parallel, self.bufs, self.scratch, pool);
+                // A kernel with fused sums is never a formula.
+                sums.run(f.jit, outer, parallel, self.bufs, self.scratch, pool);
                 Ok(())
             }
-            (&Plan::Jit { f, outer, points, splittable, sums: None }, _) => {
+            (&Plan::Jit { ref f, outer, points, splittable, sums: None }, _) => {
                 let ptrs = self.bufs.base_ptrs();
                 let p = ptrs.as_ptr() as usize;
                 if splittable && threads > 1 && points > PARALLEL_POINTS && outer > 1 {
@@ -1066,12 +1116,12 @@ impl Ctx<'_> {
                             let lo = outer * c / chunks;
                             let hi = outer * (c + 1) / chunks;
                             // SAFETY: validated in bounds; chunks write disjoint elements (`splittable`).
-                            unsafe { f(p as *const *mut u8, lo as i64, hi as i64) }
+                            unsafe { f.call(formulas, p as *const *mut u8, lo as i64, hi as i64) }
                         })
                     });
                 } else {
                     // SAFETY: the kernel was validated to stay inside its buffers.
-                    unsafe { f(ptrs.as_ptr(), 0, outer as i64) }
+                    unsafe { f.call(formulas, ptrs.as_ptr(), 0, outer as i64) }
                 }
                 Ok(())
             }

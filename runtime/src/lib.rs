@@ -25,6 +25,7 @@ pub mod data;
 pub mod engine;
 pub mod error;
 pub mod exec;
+pub mod formulas;
 pub mod gemm;
 pub mod groups;
 pub mod init;
