@@ -713,12 +713,16 @@ mod timing {
         ]);
     }
 
-    /// Row-group panels of W1 (64 rows), W2 and W3 (128 rows): `x Wᵀ` forward, `dy W`
+    /// Row-group panels of W1 (32 rows; 64 before session 15), W2 and W3 (128 rows): `x Wᵀ` forward, `dy W`
     /// backward.
     #[test]
     #[ignore]
     fn row_panels() {
         compare(&[
+            (32, 256, 64, false, true),
+            (32, 256, 256, false, true),
+            (32, 10, 256, false, true),
+            (32, 256, 256, false, false),
             (64, 256, 64, false, true),
             (64, 256, 256, false, true),
             (64, 10, 256, false, true),
