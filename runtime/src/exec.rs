@@ -158,9 +158,11 @@ impl Buffers {
             Ok((&mut hi[0], &lo[src]))
         }
     }
-    /// The base pointer of every buffer, in [`BufId`] order (what JIT kernels take).
-    pub(crate) fn base_ptrs(&mut self) -> Vec<*mut u8> {
-        self.0.iter_mut().map(|b| b.as_mut_ptr()).collect()
+    /// The base pointer of every buffer, in [`BufId`] order (what JIT kernels take),
+    /// into `out` (reused: a step allocates nothing). Valid until a buffer is replaced.
+    pub(crate) fn base_ptrs_into(&mut self, out: &mut Vec<*mut u8>) {
+        out.clear();
+        out.extend(self.0.iter_mut().map(|b| b.as_mut_ptr()));
     }
 }
 
@@ -658,12 +660,12 @@ impl SumPlan {
     /// Runs kernel `f` over `0..outer` chunk by chunk (in parallel when `parallel`),
     /// then combines the partial sums into their buffers.
     fn run(&self, f: KernelFn, outer: usize, parallel: bool, bufs: &mut Buffers, scratch: &mut Scratch, pool: &rayon::ThreadPool) {
-        let ptrs = bufs.base_ptrs();
+        let ptrs = &scratch.ptrs;
         let nb = ptrs.len();
         scratch.sums.clear();
         scratch.sums.resize(self.need, 0.0);
         scratch.tables.clear();
-        self.tables(&ptrs, scratch.sums.as_mut_ptr(), &mut scratch.tables);
+        self.tables(ptrs, scratch.sums.as_mut_ptr(), &mut scratch.tables);
         let tables = scratch.tables.as_ptr() as usize;
         let chunk = |c: usize| {
             let (lo, hi) = (outer * c / self.chunks, outer * (c + 1) / self.chunks);
@@ -685,6 +687,8 @@ impl SumPlan {
 /// Reused memory for fused sums (so a step allocates nothing).
 #[derive(Default)]
 struct Scratch {
+    /// Every buffer's base pointer, filled before each run ([`Buffers::base_ptrs_into`]).
+    ptrs: Vec<*mut u8>,
     sums: Vec<f32>,
     tables: Vec<*mut u8>,
     /// Per matrix product of a row group, its `B` packed once for all panels.
@@ -952,6 +956,7 @@ impl Executor {
 
     /// What running kernels needs, and the profile they add to (disjoint borrows).
     fn parts(&mut self) -> (Ctx<'_>, &mut Option<Vec<(u64, f64)>>) {
+        self.bufs.base_ptrs_into(&mut self.scratch.ptrs);
         let ctx = Ctx {
             plans: &self.plans,
             schedules: &self.schedules,
@@ -999,10 +1004,10 @@ impl Ctx<'_> {
             /// for all panels (an index into `scratch.packed`) or not.
             MatMul(&'k crate::kir::MatMulKernel, usize, Option<usize>),
         }
-        let ptrs = self.bufs.base_ptrs();
+        let scratch = &mut *self.scratch;
+        let ptrs = &scratch.ptrs;
         let nb = ptrs.len();
         let need: usize = g.kernels.iter().map(|&k| if let Plan::Jit { sums: Some(sp), .. } = &self.plans[k] { sp.need } else { 0 }).sum();
-        let scratch = &mut *self.scratch;
         scratch.sums.clear();
         scratch.sums.resize(need, 0.0);
         scratch.tables.clear();
@@ -1018,7 +1023,7 @@ impl Ctx<'_> {
                     big |= points > PARALLEL_POINTS;
                     let tables = sums.as_ref().map(|plan| {
                         let start = scratch.tables.len();
-                        plan.tables(&ptrs, sp.wrapping_add(at), &mut scratch.tables);
+                        plan.tables(ptrs, sp.wrapping_add(at), &mut scratch.tables);
                         at += plan.need;
                         start
                     });
@@ -1107,7 +1112,7 @@ impl Ctx<'_> {
                 Ok(())
             }
             (&Plan::Jit { ref f, outer, points, splittable, sums: None }, _) => {
-                let ptrs = self.bufs.base_ptrs();
+                let ptrs = &self.scratch.ptrs;
                 let p = ptrs.as_ptr() as usize;
                 if splittable && threads > 1 && points > PARALLEL_POINTS && outer > 1 {
                     let chunks = outer.min(threads * 4);
