@@ -225,7 +225,11 @@ fn vjp(g: &mut Graph, id: NodeId, operands: &[NodeId], needs: &[bool], gy: NodeI
                     ops::mul(g, gy1, d).map_err(err)?
                 }
                 UnaryOp::Relu => {
-                    let s = ops::unary(g, UnaryOp::Step, a);
+                    // From the output, as PyTorch's `threshold_backward(gy, y, 0)`:
+                    // relu(x) > 0 exactly where x > 0 (NaN and ±0 give 0 either way),
+                    // and the next layer keeps `y` anyway, so the forward need not
+                    // store its input too.
+                    let s = ops::unary(g, UnaryOp::Step, y);
                     ops::mul(g, gy, s).map_err(err)?
                 }
                 UnaryOp::Sin => {
