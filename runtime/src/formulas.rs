@@ -538,7 +538,8 @@ mod tests {
     #[test]
     fn adam_updates_match_the_interpreter_bit_for_bit() {
         for (i, v) in variants().into_iter().enumerate() {
-            for shape in [vec![3, 37], vec![300], vec![2, 5, 16], vec![1]] {
+            // [64, 300]: enough points that two threads split it (chunk boundaries).
+            for shape in [vec![3, 37], vec![300], vec![2, 5, 16], vec![1], vec![64, 300]] {
                 let p = adam_program(&shape, v);
                 let e = Executor::new(&p, 1).unwrap();
                 let f = e.formula(0).unwrap_or_else(|| panic!("{v:?} {shape:?} not recognised:\n{}", p.to_text()));
