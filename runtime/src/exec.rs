@@ -1055,18 +1055,20 @@ impl Ctx<'_> {
             let (c0, c1) = g.block(b);
             for m in &members {
                 match *m {
-                    Member::Loop(f, tables_at) => {
+                    // SAFETY (both arms): validated in bounds; the group's members touch
+                    // the buffers they write only in the chunk's own rows
+                    // (`groups::schedule`), so chunks write disjoint elements and read
+                    // only what earlier members wrote for the same chunk; fused sums go
+                    // to per-chunk spans.
+                    Member::Loop(f, None) => {
+                        // No partial sums: the block's chunks are one range of rows, one call.
+                        let (lo, hi) = (g.chunk(c0).0, g.chunk(c1 - 1).1);
+                        unsafe { f.call(formulas, p as *const *mut u8, lo as i64, hi as i64) }
+                    }
+                    Member::Loop(f, Some(start)) => {
                         for c in c0..c1 {
                             let (lo, hi) = g.chunk(c);
-                            // SAFETY: validated in bounds; the group's members touch the
-                            // buffers they write only in the chunk's own rows
-                            // (`groups::schedule`), so chunks write disjoint elements and
-                            // read only what earlier members wrote for the same chunk; fused
-                            // sums go to per-chunk spans.
-                            let bufs = match tables_at {
-                                None => p as *const *mut u8,
-                                Some(start) => (tables as *const *mut u8).wrapping_add(start + c * nb),
-                            };
+                            let bufs = (tables as *const *mut u8).wrapping_add(start + c * nb);
                             unsafe { f.call(formulas, bufs, lo as i64, hi as i64) }
                         }
                     }
