@@ -29,11 +29,19 @@ pub fn report(c: &Compiled) -> String {
     let _ = writeln!(s, "parameter memory: {:.2} MiB (f32)", (st.param_count * 4) as f64 / (1 << 20) as f64);
     let _ = writeln!(s, "kernels per training step: {}", st.kernels);
     if let Some(steps) = bm_runtime::groups::schedule_entry(&c.program, "train_step") {
-        let groups: Vec<usize> =
-            steps.iter().filter_map(|s| if let bm_runtime::groups::Step::Group(g) = s { Some(g.kernels.len()) } else { None }).collect();
+        use bm_runtime::groups::Step;
+        fn group(s: &Step) -> Option<usize> {
+            match s {
+                Step::Group(g) => Some(g.kernels.len()),
+                Step::Beside(s, _) => group(s),
+                Step::One(_) => None,
+            }
+        }
+        let groups: Vec<usize> = steps.iter().filter_map(group).collect();
+        let beside = steps.iter().filter(|s| matches!(s, Step::Beside(..))).count();
         let _ = writeln!(
             s,
-            "row groups on the CPU: {} groups run {} of those kernels chunk by chunk ({} steps in all)",
+            "row groups on the CPU: {} groups run {} of those kernels chunk by chunk ({} steps in all; {beside} matrix products beside the step before them)",
             groups.len(),
             groups.iter().sum::<usize>(),
             steps.len()

@@ -84,12 +84,15 @@ pub fn run(bundle: Bundle, opts: &BenchOptions) -> Result<BenchResult> {
     let total = (warmup + opts.steps) as u64;
     let mut times = vec![];
     let mut first_losses = vec![];
-    // `BMC_BENCH_AB=row-groups` (or `packed-panels`, `avx512`, `formulas`): steps
-    // alternate without and with row groups (or a group's products through the register
-    // tiles, AVX-512 in the hand-written kernels, known formulas' wide code), so that both see the same load on a shared host
+    // `BMC_BENCH_AB=row-groups` (or `packed-panels`, `avx512`, `formulas`, `beside`):
+    // steps alternate without and with row groups (or a group's products through the
+    // register tiles, AVX-512 in the hand-written kernels, known formulas' wide code,
+    // products beside the step before them), so that both see the same load on a shared host
     // (compared across processes minutes apart, this host's drift hides differences of
     // 10%).
-    let ab = std::env::var("BMC_BENCH_AB").ok().filter(|v| ["row-groups", "packed-panels", "avx512", "formulas"].contains(&v.as_str()));
+    let ab = std::env::var("BMC_BENCH_AB")
+        .ok()
+        .filter(|v| ["row-groups", "packed-panels", "avx512", "formulas", "beside"].contains(&v.as_str()));
     for step in 0..total {
         let b = &batches[step as usize % batches.len()];
         if let (Some(what), Some(e)) = (&ab, s.exec.cpu()) {
@@ -97,6 +100,7 @@ pub fn run(bundle: Bundle, opts: &BenchOptions) -> Result<BenchResult> {
                 "row-groups" => e.set_row_groups(step % 2 == 1),
                 "avx512" => crate::cpu::set_avx512(step % 2 == 1),
                 "formulas" => e.set_formulas(step % 2 == 1),
+                "beside" => e.set_beside(step % 2 == 1),
                 _ => e.set_packed_panels(step % 2 == 1),
             }
         }
@@ -167,7 +171,10 @@ fn kernel_times(e: &crate::exec::Executor, steps: usize) -> Vec<KernelTime> {
     let Some(p) = e.profile() else { return vec![] };
     let total: f64 = p.iter().map(|x| x.1).sum::<f64>().max(1e-12);
     // A row group's time is its first kernel's: list the group once, under that kernel.
-    let followers: std::collections::HashSet<usize> = e.groups().flat_map(|g| g.kernels[1..].iter().copied()).collect();
+    // A step of several kernels (a row group, a product beside a step) is timed as a
+    // whole: list it once, under its first kernel.
+    let followers: std::collections::HashSet<usize> =
+        e.program().kernels.iter().enumerate().filter_map(|(k, _)| e.step_led_by(k)).flat_map(|s| s.kernels()[1..].to_vec()).collect();
     let head = |k: usize| {
         let line = crate::kir::kernel_text(&e.program().kernels[k]).lines().next().unwrap_or("").to_string();
         match e.formula(k) {
@@ -181,11 +188,8 @@ fn kernel_times(e: &crate::exec::Executor, steps: usize) -> Vec<KernelTime> {
         .filter(|(k, (n, _))| *n > 0 && !followers.contains(k))
         .map(|(k, &(_, secs))| {
             let kernel = &e.program().kernels[k];
-            let (head, gflops) = match (e.group_led_by(k), kernel) {
-                (Some(g), _) => {
-                    let heads: Vec<String> = g.kernels.iter().map(|&k| format!("k{k} {}", head(k))).collect();
-                    (format!("group of {}: {}", g.kernels.len(), heads.join("; ")), None)
-                }
+            let (head, gflops) = match (e.step_led_by(k), kernel) {
+                (Some(step), _) => (describe(step, &head, true), None),
                 (None, crate::kir::Kernel::MatMul(m)) => (head(k), Some(m.flop() as f64 * steps as f64 / secs.max(1e-12) / 1e9)),
                 (None, _) => (head(k), None),
             };
@@ -199,6 +203,21 @@ fn kernel_times(e: &crate::exec::Executor, steps: usize) -> Vec<KernelTime> {
         .collect();
     v.sort_by(|a, b| b.ms_per_step.total_cmp(&a.ms_per_step));
     v
+}
+
+/// A step as the profile lists it; `lead`: without its first kernel's `k<i>` (the
+/// listing puts it in front).
+fn describe(step: &crate::groups::Step, head: &dyn Fn(usize) -> String, lead: bool) -> String {
+    use crate::groups::Step;
+    match step {
+        Step::One(k) if lead => head(*k),
+        Step::One(k) => format!("k{k} {}", head(*k)),
+        Step::Group(g) => {
+            let heads: Vec<String> = g.kernels.iter().map(|&k| format!("k{k} {}", head(k))).collect();
+            format!("group of {}: {}", g.kernels.len(), heads.join("; "))
+        }
+        Step::Beside(s, k) => format!("{} ‖ beside it: k{k} {}", describe(s, head, lead), head(*k)),
+    }
 }
 
 fn matmul_flops(b: &Bundle) -> f64 {

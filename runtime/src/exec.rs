@@ -730,6 +730,9 @@ pub struct Executor {
     entries: HashMap<String, usize>,
     /// Per entry: its kernels as run, one by one or in row groups (see [`groups`]).
     schedules: Vec<Vec<Step>>,
+    /// What the schedules were made with: row groups, products beside other steps.
+    grouping: bool,
+    beside: bool,
     threads: usize,
     /// Whether a row group's products run through `tiles`' register tiles, with each
     /// `B` packed once for all its panels where there are enough of them (else the
@@ -747,10 +750,18 @@ pub struct Executor {
 }
 
 /// Every entry's schedule: row groups where `grouping` (see [`groups`]), else one
-/// kernel at a time.
-fn schedules(program: &Program, grouping: bool) -> Vec<Vec<Step>> {
+/// kernel at a time; with `beside`, products run beside the independent step before
+/// them ([`groups::beside`]).
+fn schedules(program: &Program, grouping: bool, beside: bool) -> Vec<Vec<Step>> {
     let one_by_one = |e: &crate::kir::Entry| e.kernels.iter().map(|&k| Step::One(k)).collect();
-    program.entries.iter().map(|e| if grouping { groups::schedule(program, &e.kernels) } else { one_by_one(e) }).collect()
+    program
+        .entries
+        .iter()
+        .map(|e| {
+            let steps = if grouping { groups::schedule(program, &e.kernels) } else { one_by_one(e) };
+            if beside { groups::beside(program, steps, |k| groups::worth_beside(program, k)) } else { steps }
+        })
+        .collect()
 }
 
 fn build_pool(threads: usize) -> Result<rayon::ThreadPool> {
@@ -809,13 +820,17 @@ impl Executor {
         let entries = program.entries.iter().enumerate().map(|(i, e)| (e.name.clone(), i)).collect();
         // `BMC_ROW_GROUPS=0` turns row groups off (for measuring what they do).
         let grouping = jit.is_some() && std::env::var("BMC_ROW_GROUPS").map_or(true, |v| v != "0");
-        let schedules = schedules(program, grouping);
+        // `BMC_BESIDE=0`: every step on its own (for A/B).
+        let beside = jit.is_some() && std::env::var("BMC_BESIDE").map_or(true, |v| v != "0");
+        let schedules = schedules(program, grouping, beside);
         Ok(Executor {
             program: program.clone(),
             bufs: Buffers::new(program),
             plans,
             entries,
             schedules,
+            grouping,
+            beside,
             threads,
             // `BMC_PACKED_PANELS=0`: a group's products through the `gemm` crate, which
             // packs `B` per panel (for A/B).
@@ -832,7 +847,16 @@ impl Executor {
     /// Runs consecutive row-local kernels as row groups (the default with compiled
     /// kernels) or every kernel on its own.
     pub fn set_row_groups(&mut self, on: bool) {
-        self.schedules = schedules(&self.program, on && self._jit.is_some());
+        self.grouping = on && self._jit.is_some();
+        self.schedules = schedules(&self.program, self.grouping, self.beside);
+    }
+
+    /// Runs matrix products beside the independent step before them (the default with
+    /// compiled kernels, [`groups::beside`]; one thread runs them one after the other) or
+    /// after it.
+    pub fn set_beside(&mut self, on: bool) {
+        self.beside = on && self._jit.is_some();
+        self.schedules = schedules(&self.program, self.grouping, self.beside);
     }
 
     /// Whether a row group's products run through `tiles`' register tiles, packing
@@ -868,20 +892,23 @@ impl Executor {
         self.profile.as_deref()
     }
 
-    /// The row group whose first kernel is `k`, if any.
-    pub fn group_led_by(&self, k: usize) -> Option<&Group> {
-        self.schedules.iter().flatten().find_map(|s| match s {
-            Step::Group(g) if g.kernels[0] == k => Some(g),
-            _ => None,
-        })
+    /// The step of a schedule whose first kernel is `k` and that runs more than `k`
+    /// (a row group, or a step with a product beside it), if any: profiles time it as a
+    /// whole, under `k`.
+    pub fn step_led_by(&self, k: usize) -> Option<&Step> {
+        self.schedules.iter().flatten().find(|s| !matches!(s, Step::One(_)) && s.kernels()[0] == k)
     }
 
     /// Every row group of every entry.
     pub fn groups(&self) -> impl Iterator<Item = &Group> {
-        self.schedules.iter().flatten().filter_map(|s| match s {
-            Step::Group(g) => Some(g),
-            Step::One(_) => None,
-        })
+        fn group(s: &Step) -> Option<&Group> {
+            match s {
+                Step::Group(g) => Some(g),
+                Step::Beside(s, _) => group(s),
+                Step::One(_) => None,
+            }
+        }
+        self.schedules.iter().flatten().filter_map(group)
     }
 
     pub fn program(&self) -> &Program {
@@ -934,11 +961,7 @@ impl Executor {
                 let t = std::time::Instant::now();
                 let r = ctx.run_step(s);
                 let secs = t.elapsed().as_secs_f64();
-                let kernels = match s {
-                    Step::One(k) => std::slice::from_ref(k),
-                    Step::Group(g) => &g.kernels[..],
-                };
-                for (i, &k) in kernels.iter().enumerate() {
+                for (i, &k) in s.kernels().iter().enumerate() {
                     p[k].0 += 1;
                     if i == 0 {
                         p[k].1 += secs;
@@ -990,6 +1013,24 @@ impl Ctx<'_> {
         match s {
             Step::One(k) => self.run_kernel(*k),
             Step::Group(g) => self.run_group(g),
+            Step::Beside(first, k) => {
+                let program = self.program;
+                let Kernel::MatMul(m) = &program.kernels[*k] else {
+                    return Err(Error::internal(format!("kernel k{k} runs beside a step but is not a matrix product")));
+                };
+                if self.threads <= 1 {
+                    self.run_step(first)?;
+                    return self.run_kernel(*k);
+                }
+                let (p, pool) = (self.scratch.ptrs.as_ptr() as usize, self.pool);
+                // The product on one thread, as one job: the other thread takes it while
+                // this one starts the step, whose blocks either thread takes in turn.
+                // SAFETY: the product was validated; `groups::beside` paired it with a step
+                // that neither writes what it reads nor touches what it writes, and it
+                // touches its buffers through these pointers only.
+                let product = || unsafe { crate::gemm::matmul_at(m, p as *const *mut u8, 1) };
+                pool.install(|| rayon::join(|| self.run_step(first), product)).0
+            }
         }
     }
 

@@ -282,14 +282,35 @@ pub fn matmul(k: &MatMulKernel, bufs: &mut Buffers, threads: usize) -> Result<()
     })
 }
 
+/// [`matmul`] of an f32 product (not `bf16`) from the buffers' base pointers, without
+/// checks: what a product run beside another step (`groups::Step::Beside`) uses, since it
+/// cannot borrow the buffers.
+///
+/// # Safety
+/// `k` was validated against these buffers (`exec::validate`), and nothing else touches
+/// its output or writes its operands meanwhile.
+pub(crate) unsafe fn matmul_at(k: &MatMulKernel, bufs: *const *mut u8, threads: usize) {
+    debug_assert!(!k.bf16);
+    if k.batch.contains(&0) || k.m == 0 || k.n == 0 {
+        return;
+    }
+    // SAFETY: the caller's promise.
+    let at = |b: usize| unsafe { *bufs.add(b) as usize };
+    run_products(k, Ptrs { a: at(k.a.buf), b: at(k.b.buf), c: at(k.c.buf) }, threads);
+}
+
 /// The products of `k` with its operands at addresses `a` and `b` (checked in bounds)
 /// into `c` of `bufs`.
 fn products(k: &MatMulKernel, a: usize, b: usize, bufs: &mut Buffers, threads: usize) -> Result<()> {
     let c = bufs.f32_mut(k.c.buf)?;
     check(&k.c, &k.batch, k.m, k.n, c.len())?;
     let c = c.as_mut_ptr() as usize;
-    let p = Ptrs { a, b, c };
+    run_products(k, Ptrs { a, b, c }, threads);
+    Ok(())
+}
 
+/// The products of `k` at `p` (operands in bounds, `c` written by nothing else).
+fn run_products(k: &MatMulKernel, p: Ptrs, threads: usize) {
     let offs: Vec<(usize, usize, usize)> =
         k.a.batch_offsets(&k.batch)
             .into_iter()
@@ -301,7 +322,8 @@ fn products(k: &MatMulKernel, a: usize, b: usize, bufs: &mut Buffers, threads: u
     let total = flops * offs.len();
     if threads <= 1 || total < PARALLEL_FLOPS {
         for &o in &offs {
-            // SAFETY: bounds checked above; c is a distinct buffer whose batches do not overlap.
+            // SAFETY: in bounds (the caller's promise); c is a distinct buffer whose
+            // batches do not overlap.
             unsafe { one(k, p, o, Parallelism::None) };
         }
     } else if offs.len() >= threads && flops < PARALLEL_FLOPS * 4 {
@@ -314,7 +336,6 @@ fn products(k: &MatMulKernel, a: usize, b: usize, bufs: &mut Buffers, threads: u
             unsafe { one(k, p, o, par) };
         }
     }
-    Ok(())
 }
 
 #[cfg(test)]

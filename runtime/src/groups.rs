@@ -54,6 +54,21 @@ pub enum Step {
     One(usize),
     /// Kernels run together, chunk by chunk.
     Group(Group),
+    /// A step and, at the same time, a matrix product independent of it (neither writes
+    /// what the other reads or writes): the two share the threads (`rayon::join`), so
+    /// neither waits at its own join for the slower thread (see [`beside`]).
+    Beside(Box<Step>, usize),
+}
+
+impl Step {
+    /// The kernels the step runs, in order (a product run beside last).
+    pub fn kernels(&self) -> Vec<usize> {
+        match self {
+            Step::One(k) => vec![*k],
+            Step::Group(g) => g.kernels.clone(),
+            Step::Beside(s, k) => s.kernels().into_iter().chain([*k]).collect(),
+        }
+    }
 }
 
 /// Kernels (in entry order) that run chunk by chunk over `outer` outermost indices,
@@ -292,10 +307,52 @@ pub fn schedule(program: &Program, kernels: &[usize]) -> Vec<Step> {
     steps
 }
 
+/// `steps` with each matrix product that `beside(k)` allows and that is independent of
+/// the step before it run beside that step ([`Step::Beside`]): a weight gradient
+/// `dW = xᵀ dy` beside the input gradient `dx = dy Wᵀ` (and the kernels grouped with it)
+/// that precedes it. Only adjacent steps pair, so the order of everything else stays.
+pub fn beside(program: &Program, steps: Vec<Step>, allowed: impl Fn(usize) -> bool) -> Vec<Step> {
+    let touches = |s: &Step| {
+        let ks = s.kernels();
+        let reads: Vec<BufId> = ks.iter().flat_map(|&k| program.kernels[k].reads()).collect();
+        let writes: Vec<BufId> = ks.iter().flat_map(|&k| program.kernels[k].writes()).collect();
+        (reads, writes)
+    };
+    let mut out: Vec<Step> = Vec::with_capacity(steps.len());
+    for s in steps {
+        if let (Step::One(k), Some(prev)) = (&s, out.last())
+            && matches!(program.kernels[*k], Kernel::MatMul(_))
+            && !matches!(prev, Step::Beside(..))
+            && allowed(*k)
+        {
+            let ((r1, w1), (r2, w2)) = (touches(prev), touches(&s));
+            if !w1.iter().any(|b| r2.contains(b) || w2.contains(b)) && !w2.iter().any(|b| r1.contains(b)) {
+                let k = *k;
+                let prev = out.pop().expect("a step before");
+                out.push(Step::Beside(Box::new(prev), k));
+                continue;
+            }
+        }
+        out.push(s);
+    }
+    out
+}
+
+/// Whether product `k` of `program` may run beside another step: an f32 product (a
+/// `bf16` one reads rounded copies of its operands through the buffers) large enough to
+/// use the threads.
+pub fn worth_beside(program: &Program, k: usize) -> bool {
+    match &program.kernels[k] {
+        Kernel::MatMul(m) => !m.bf16 && m.m * m.n * m.k * m.batch.iter().product::<usize>() >= crate::gemm::PARALLEL_FLOPS,
+        _ => false,
+    }
+}
+
 /// The schedule the CPU executor runs entry `entry` of `program` with (`None` if there
 /// is no such entry): what `bmc info` reports.
 pub fn schedule_entry(program: &Program, entry: &str) -> Option<Vec<Step>> {
-    Some(schedule(program, &program.entry(entry)?.kernels))
+    let steps = schedule(program, &program.entry(entry)?.kernels);
+    Some(beside(program, steps, |k| worth_beside(program, k)))
 }
 
 #[cfg(test)]
@@ -448,6 +505,53 @@ mod tests {
             buf("w", DType::F32, (m * k).max(k * n)),
         ];
         program(bufs, vec![Kernel::Loop(k0), Kernel::MatMul(mm), Kernel::Loop(k2)])
+    }
+
+    /// The chain above, then a weight gradient `xᵀ y` (x: b0 as B·T rows of D, its
+    /// first 60 columns, y: b4), or `b3ᵀ y` of the chain's output (`reads_chain`). Its
+    /// 60 rows do not split into the group's 16 blocks, so it cannot join the group.
+    fn chain_then_product(reads_chain: bool) -> Program {
+        let mut ks = chain(0);
+        let (m, n) = (60, 2 * D);
+        ks.push(Kernel::MatMul(crate::kir::MatMulKernel {
+            batch: vec![],
+            m,
+            n,
+            k: B * T,
+            a: MatOperand { buf: if reads_chain { 3 } else { 0 }, offset: 0, batch_strides: vec![], row_stride: 1, col_stride: D },
+            b: MatOperand { buf: 4, offset: 0, batch_strides: vec![], row_stride: n, col_stride: 1 },
+            c: MatOperand { buf: 5, offset: 0, batch_strides: vec![], row_stride: n, col_stride: 1 },
+            accumulate: false,
+            bf16: false,
+        }));
+        let mut bufs = buffers();
+        bufs.extend([buf("y", DType::F32, B * T * n), buf("dw", DType::F32, m * n)]);
+        program(bufs, ks)
+    }
+
+    /// A product independent of the group before it runs beside it (and the results are
+    /// the same as one after the other, on one thread and on two); one that reads the
+    /// group's output waits for it.
+    #[test]
+    fn an_independent_product_runs_beside_the_step_before_it() {
+        let group = Step::Group(Group { kernels: vec![0, 1, 2], outer: B, chunks: 16, blocks: 16 });
+        let p = chain_then_product(false);
+        let paired = schedule_entry(&p, "main").unwrap();
+        assert_eq!(paired, vec![Step::Beside(Box::new(group.clone()), 3)]);
+        assert_eq!(paired[0].kernels(), [0, 1, 2, 3]);
+        for threads in [1, 2] {
+            let run = |beside: bool| {
+                let mut e = Executor::new(&p, threads).unwrap();
+                e.set_beside(beside);
+                assert_eq!(e.step_led_by(0).is_some_and(|s| matches!(s, Step::Beside(..))), beside);
+                fill(e.buffers_mut(), 5, false);
+                e.run("main").unwrap();
+                e.buffers().clone()
+            };
+            assert_same(&run(false), &run(true), 1e-5, &p.to_text());
+        }
+        let dependent = chain_then_product(true);
+        assert_eq!(schedule_entry(&dependent, "main").unwrap(), vec![group, Step::One(3)]);
     }
 
     #[test]
