@@ -312,19 +312,11 @@ fn mlp_forward_and_gradients_match_pytorch() {
 // Optimisers, schedules and gradient clipping against PyTorch: six full-batch steps of
 // a tiny regression per configuration (tests/fixtures/torch_optim.json).
 
-#[test]
-fn optimisers_schedules_and_clipping_match_pytorch() {
-    let fx: Json = serde_json::from_str(&std::fs::read_to_string(repo().join("tests/fixtures/torch_optim.json")).unwrap()).unwrap();
-    let steps = fx["steps"].as_u64().unwrap();
+/// The optimiser fixtures' model: a tiny regression on tests/fixtures/opt_data.
+fn regression_source(steps: u64, optimizer: &str, schedule: &str, clip: &str) -> String {
     let data = repo().join("tests/fixtures/opt_data.safetensors");
-    let init = repo().join("tests/fixtures/opt_init.safetensors");
-    for case in fx["cases"].as_array().unwrap() {
-        let clip = match case["clip"].as_f64() {
-            Some(c) => format!("{c}"),
-            None => "none".into(),
-        };
-        let src = format!(
-            r#"
+    format!(
+        r#"
 model Reg {{
   fc1 = Linear(3, 4)
   fc2 = Linear(4, 2)
@@ -336,16 +328,27 @@ train {{
   data = safetensors("{}", split = 1.0, shuffle = false)
   batch = 8
   steps = {steps}
-  optimizer = {}
-  schedule = {}
+  optimizer = {optimizer}
+  schedule = {schedule}
   clip_grad = {clip}
   eval = every(1000)
 }}
 "#,
-            data.display(),
-            case["optimizer"].as_str().unwrap(),
-            case["schedule"].as_str().unwrap()
-        );
+        data.display()
+    )
+}
+
+#[test]
+fn optimisers_schedules_and_clipping_match_pytorch() {
+    let fx: Json = serde_json::from_str(&std::fs::read_to_string(repo().join("tests/fixtures/torch_optim.json")).unwrap()).unwrap();
+    let steps = fx["steps"].as_u64().unwrap();
+    let init = repo().join("tests/fixtures/opt_init.safetensors");
+    for case in fx["cases"].as_array().unwrap() {
+        let clip = match case["clip"].as_f64() {
+            Some(c) => format!("{c}"),
+            None => "none".into(),
+        };
+        let src = regression_source(steps, case["optimizer"].as_str().unwrap(), case["schedule"].as_str().unwrap(), &clip);
         let dir = tempfile::tempdir().unwrap();
         let bundle = compile(&src, dir.path());
         let out = dir.path().join("run");
@@ -387,26 +390,8 @@ fn every_adam_update_runs_as_a_formula() {
         programs.push((path.display().to_string(), c.program));
     }
     let dir = tempfile::tempdir().unwrap();
-    let data = repo().join("tests/fixtures/opt_data.safetensors");
     for (optimizer, clip) in [("Adam(lr = 1e-2, weight_decay = 0.1)", "1.0"), ("Adam(lr = 1e-2)", "none"), ("AdamW(lr = 1e-2)", "0.5")] {
-        let src = format!(
-            r#"
-model Reg {{
-  fc1 = Linear(3, 4)
-  fc2 = Linear(4, 2)
-  input x: f32[B, 3]
-  input y: f32[B, 2]
-  forward {{ loss mse(fc2(tanh(fc1(x))), y) }}
-}}
-train {{
-  data = safetensors("{}", split = 1.0, shuffle = false)
-  batch = 8
-  optimizer = {optimizer}
-  clip_grad = {clip}
-}}
-"#,
-            data.display()
-        );
+        let src = regression_source(1, optimizer, "constant()", clip);
         programs.push((format!("{optimizer}, clip {clip}"), compile(&src, dir.path()).program));
     }
     for (name, program) in programs {

@@ -1225,6 +1225,26 @@ pub(crate) mod test_support {
         }
     }
 
+    pub fn load(buf: BufId, offset: usize, strides: &[usize]) -> ScalarExpr {
+        ScalarExpr::Load(Access { buf, offset, strides: strides.to_vec() })
+    }
+    pub fn un(op: crate::kir::UnaryOp, a: ScalarExpr) -> ScalarExpr {
+        ScalarExpr::Unary(op, Box::new(a))
+    }
+    pub fn bin(op: crate::kir::BinaryOp, a: ScalarExpr, b: ScalarExpr) -> ScalarExpr {
+        ScalarExpr::Binary(op, Box::new(a), Box::new(b))
+    }
+    /// Row-major strides of `shape` (an axis of extent 0 counts as 1).
+    pub fn contiguous(shape: &[usize]) -> Vec<usize> {
+        let mut s = vec![0; shape.len()];
+        let mut acc = 1;
+        for d in (0..shape.len()).rev() {
+            s[d] = acc;
+            acc *= shape[d].max(1);
+        }
+        s
+    }
+
     pub fn buf(name: &str, dtype: DType, len: usize) -> Buffer {
         Buffer { name: name.into(), dtype, shape: vec![len], kind: BufKind::Temp }
     }

@@ -411,28 +411,9 @@ impl Formula {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::exec::test_support::{Rng, assert_same, buf, fill, program};
+    use crate::exec::test_support::{Rng, assert_same, bin, buf, contiguous, fill, load, program, un};
     use crate::exec::{Buffers, Executor};
     use crate::kir::{DType, Kernel, Program, SideStore};
-
-    fn load(buf: BufId, offset: usize, strides: &[usize]) -> ScalarExpr {
-        ScalarExpr::Load(Access { buf, offset, strides: strides.to_vec() })
-    }
-    fn un(op: UnaryOp, a: ScalarExpr) -> ScalarExpr {
-        ScalarExpr::Unary(op, Box::new(a))
-    }
-    fn bin(op: BinaryOp, a: ScalarExpr, b: ScalarExpr) -> ScalarExpr {
-        ScalarExpr::Binary(op, Box::new(a), Box::new(b))
-    }
-    fn contiguous(shape: &[usize]) -> Vec<usize> {
-        let mut s = vec![0; shape.len()];
-        let mut acc = 1;
-        for d in (0..shape.len()).rev() {
-            s[d] = acc;
-            acc *= shape[d];
-        }
-        s
-    }
 
     /// Which of the optimiser's variants a test kernel computes.
     #[derive(Clone, Copy, Debug)]

@@ -1336,24 +1336,6 @@ mod tests {
     ];
     const REDUCE: [ReduceOp; 3] = [ReduceOp::Sum, ReduceOp::Max, ReduceOp::Min];
 
-    fn load(buf: BufId, offset: usize, strides: &[usize]) -> ScalarExpr {
-        ScalarExpr::Load(Access { buf, offset, strides: strides.to_vec() })
-    }
-    fn un(op: UnaryOp, a: ScalarExpr) -> ScalarExpr {
-        ScalarExpr::Unary(op, Box::new(a))
-    }
-    fn bin(op: BinaryOp, a: ScalarExpr, b: ScalarExpr) -> ScalarExpr {
-        ScalarExpr::Binary(op, Box::new(a), Box::new(b))
-    }
-    fn contiguous(shape: &[usize]) -> Vec<usize> {
-        let mut s = vec![0; shape.len()];
-        let mut acc = 1;
-        for d in (0..shape.len()).rev() {
-            s[d] = acc;
-            acc *= shape[d].max(1);
-        }
-        s
-    }
     fn lp(shape: &[usize], reduce: Option<(ReduceOp, usize)>, body: ScalarExpr, out: Access, accumulate: bool) -> Kernel {
         Kernel::Loop(LoopKernel {
             shape: shape.to_vec(),
