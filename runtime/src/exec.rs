@@ -886,8 +886,9 @@ impl Executor {
     }
 
     /// Per kernel of the program: how many times `run` ran it and for how many seconds
-    /// in all, since profiling started. A row group's time is its first kernel's (see
-    /// [`Executor::group_led_by`]); its other kernels count runs but no time.
+    /// in all, since profiling started. A step of several kernels (a row group, a product
+    /// beside a step) is timed under its first kernel (see
+    /// [`Executor::step_led_by`]); its other kernels count runs but no time.
     pub fn profile(&self) -> Option<&[(u64, f64)]> {
         self.profile.as_deref()
     }

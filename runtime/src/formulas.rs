@@ -12,9 +12,9 @@
 //! Adam update the patterns do not cover (say, a parameter stored in another dtype),
 //! keeps its JIT function.
 //!
-//! A pattern ([`Pat`]) is an expression with holes: a load at the kernel's point from
+//! A pattern (`Pat`) is an expression with holes: a load at the kernel's point from
 //! a contiguous buffer, a load of one element (a scalar every point reads), a constant.
-//! A hole used twice must bind the same thing. Alternatives ([`Pat::Any`]) cover the
+//! A hole used twice must bind the same thing. Alternatives (`Pat::Any`) cover the
 //! optimiser's variants: decoupled decay or none, Adam's L2 term or none, a clipped
 //! gradient or not.
 
