@@ -1081,8 +1081,14 @@ impl Ctx<'_> {
                         scratch.packed.push(Default::default());
                     }
                     // With fewer blocks than twice the threads the per-panel packs run in
-                    // parallel anyway, and one pack ahead of them would cost more.
-                    let worth = self.packed_panels && g.blocks >= 2 * self.threads.max(2);
+                    // parallel anyway, and one pack ahead of them would cost more. A
+                    // row-major `B` the tiles read in place as fast as packed (32–128-row
+                    // panels, `tiles::timing::row_panels`), so it is packed only for more
+                    // than two blocks a thread: W1's backward groups (four blocks) skip the
+                    // pack (0.263 → 0.256, 0.271 → 0.263 ms, 365 and 357 of 500 pairs);
+                    // W2's sixteen blocks keep it (skipping it: 57.9 → 63.0 ms, 6/20).
+                    let threads = self.threads.max(2);
+                    let worth = self.packed_panels && if m.b.col_stride == 1 { g.blocks > 2 * threads } else { g.blocks >= 2 * threads };
                     // SAFETY: the kernel was validated against these buffers.
                     let packed =
                         worth && unsafe { crate::gemm::pack_panels_b(m, ptrs.as_ptr(), &mut scratch.packed[slot], self.threads > 1) };
