@@ -30,14 +30,7 @@ pub fn report(c: &Compiled) -> String {
     let _ = writeln!(s, "kernels per training step: {}", st.kernels);
     if let Some(steps) = bm_runtime::groups::schedule_entry(&c.program, "train_step") {
         use bm_runtime::groups::Step;
-        fn group(s: &Step) -> Option<usize> {
-            match s {
-                Step::Group(g) => Some(g.kernels.len()),
-                Step::Beside(s, _) => group(s),
-                Step::One(_) => None,
-            }
-        }
-        let groups: Vec<usize> = steps.iter().filter_map(group).collect();
+        let groups: Vec<usize> = steps.iter().filter_map(|s| s.group().map(|g| g.kernels.len())).collect();
         let beside = steps.iter().filter(|s| matches!(s, Step::Beside(..))).count();
         let _ = writeln!(
             s,

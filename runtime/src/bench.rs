@@ -170,11 +170,9 @@ fn ab_summary(what: &str, times: &[f64], warmup: usize) -> String {
 fn kernel_times(e: &crate::exec::Executor, steps: usize) -> Vec<KernelTime> {
     let Some(p) = e.profile() else { return vec![] };
     let total: f64 = p.iter().map(|x| x.1).sum::<f64>().max(1e-12);
-    // A row group's time is its first kernel's: list the group once, under that kernel.
     // A step of several kernels (a row group, a product beside a step) is timed as a
     // whole: list it once, under its first kernel.
-    let followers: std::collections::HashSet<usize> =
-        e.program().kernels.iter().enumerate().filter_map(|(k, _)| e.step_led_by(k)).flat_map(|s| s.kernels()[1..].to_vec()).collect();
+    let followers: std::collections::HashSet<usize> = e.steps().flat_map(|s| s.kernels().into_iter().skip(1)).collect();
     let head = |k: usize| {
         let line = crate::kir::kernel_text(&e.program().kernels[k]).lines().next().unwrap_or("").to_string();
         match e.formula(k) {

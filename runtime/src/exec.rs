@@ -759,7 +759,7 @@ fn schedules(program: &Program, grouping: bool, beside: bool) -> Vec<Vec<Step>> 
         .iter()
         .map(|e| {
             let steps = if grouping { groups::schedule(program, &e.kernels) } else { one_by_one(e) };
-            if beside { groups::beside(program, steps, |k| groups::worth_beside(program, k)) } else { steps }
+            if beside { groups::beside(program, steps) } else { steps }
         })
         .collect()
 }
@@ -897,19 +897,17 @@ impl Executor {
     /// (a row group, or a step with a product beside it), if any: profiles time it as a
     /// whole, under `k`.
     pub fn step_led_by(&self, k: usize) -> Option<&Step> {
-        self.schedules.iter().flatten().find(|s| !matches!(s, Step::One(_)) && s.kernels()[0] == k)
+        self.steps().find(|s| !matches!(s, Step::One(_)) && s.first() == k)
+    }
+
+    /// Every step of every entry's schedule.
+    pub fn steps(&self) -> impl Iterator<Item = &Step> {
+        self.schedules.iter().flatten()
     }
 
     /// Every row group of every entry.
     pub fn groups(&self) -> impl Iterator<Item = &Group> {
-        fn group(s: &Step) -> Option<&Group> {
-            match s {
-                Step::Group(g) => Some(g),
-                Step::Beside(s, _) => group(s),
-                Step::One(_) => None,
-            }
-        }
-        self.schedules.iter().flatten().filter_map(group)
+        self.steps().filter_map(Step::group)
     }
 
     pub fn program(&self) -> &Program {

@@ -307,21 +307,32 @@ unsafe fn update_avx2<const L2: bool>(c: &Coefs, r: Rows, lo: usize, hi: usize) 
     unsafe { update::<8, L2>(c, r, lo, hi) }
 }
 
-/// Runs `update` at the widest width this CPU has.
-unsafe fn update_widest<const L2: bool>(c: &Coefs, r: Rows, lo: usize, hi: usize) {
+/// The lanes of the widest code this CPU runs: 16 (AVX-512), 8 (AVX2) or 4.
+fn widest_lanes() -> usize {
     #[cfg(target_arch = "x86_64")]
     {
         if crate::cpu::avx512() {
-            // SAFETY: AVX-512F was detected; the rest is the caller's promise.
-            return unsafe { update_avx512::<L2>(c, r, lo, hi) };
+            return 16;
         }
         if std::is_x86_feature_detected!("avx2") {
-            // SAFETY: AVX2 was detected.
-            return unsafe { update_avx2::<L2>(c, r, lo, hi) };
+            return 8;
         }
     }
-    // SAFETY: the caller's promise.
-    unsafe { update::<4, L2>(c, r, lo, hi) }
+    4
+}
+
+/// Runs `update` at the widest width this CPU has.
+unsafe fn update_widest<const L2: bool>(c: &Coefs, r: Rows, lo: usize, hi: usize) {
+    // SAFETY: the width's instructions were detected; the rest is the caller's promise.
+    unsafe {
+        match widest_lanes() {
+            #[cfg(target_arch = "x86_64")]
+            16 => update_avx512::<L2>(c, r, lo, hi),
+            #[cfg(target_arch = "x86_64")]
+            8 => update_avx2::<L2>(c, r, lo, hi),
+            _ => update::<4, L2>(c, r, lo, hi),
+        }
+    }
 }
 
 impl Formula {
@@ -361,14 +372,8 @@ impl Formula {
 
     /// A name for profiles: what it computes and how wide.
     pub fn describe(&self) -> String {
-        let lanes = match () {
-            _ if crate::cpu::avx512() => 16,
-            #[cfg(target_arch = "x86_64")]
-            _ if std::is_x86_feature_detected!("avx2") => 8,
-            _ => 4,
-        };
         let name = if self.decay.is_some() { "AdamW" } else { "Adam" };
-        format!("{name} update, {lanes} lanes")
+        format!("{name} update, {} lanes", widest_lanes())
     }
 
     /// Runs outermost indices `lo..hi`, like the kernel's JIT function.

@@ -69,6 +69,42 @@ impl Step {
             Step::Beside(s, k) => s.kernels().into_iter().chain([*k]).collect(),
         }
     }
+
+    /// The first kernel the step runs (profiles time a step under it).
+    pub fn first(&self) -> usize {
+        match self {
+            Step::One(k) => *k,
+            Step::Group(g) => g.kernels[0],
+            Step::Beside(s, _) => s.first(),
+        }
+    }
+
+    /// The row group the step runs, if any (beside a product or not).
+    pub fn group(&self) -> Option<&Group> {
+        match self {
+            Step::Group(g) => Some(g),
+            Step::Beside(s, _) => s.group(),
+            Step::One(_) => None,
+        }
+    }
+}
+
+/// The buffers some kernels read and the buffers they write.
+type Touches = (Vec<BufId>, Vec<BufId>);
+
+fn touches(program: &Program, kernels: impl IntoIterator<Item = usize>) -> Touches {
+    let mut t: Touches = (vec![], vec![]);
+    for k in kernels {
+        t.0.extend(program.kernels[k].reads());
+        t.1.extend(program.kernels[k].writes());
+    }
+    t
+}
+
+/// Whether kernels touching `a` and kernels touching `b` may run in either order, or
+/// at once: neither writes what the other reads or writes.
+fn commute((ra, wa): &Touches, (rb, wb): &Touches) -> bool {
+    !wa.iter().any(|x| rb.contains(x) || wb.contains(x)) && !wb.iter().any(|x| ra.contains(x))
 }
 
 /// Kernels (in entry order) that run chunk by chunk over `outer` outermost indices,
@@ -256,13 +292,9 @@ pub const MAX_DEFERRED: usize = 2;
 pub fn schedule(program: &Program, kernels: &[usize]) -> Vec<Step> {
     let n = kernels.len();
     let cands: Vec<Candidate> = kernels.iter().map(|&k| candidate(&program.kernels[k])).collect();
-    let access: Vec<(Vec<BufId>, Vec<BufId>)> =
-        kernels.iter().map(|&k| (program.kernels[k].reads(), program.kernels[k].writes())).collect();
+    let access: Vec<Touches> = kernels.iter().map(|&k| touches(program, [k])).collect();
     // Whether entry positions `a` and `b` may run in either order.
-    let commute = |a: usize, b: usize| {
-        let ((ra, wa), (rb, wb)) = (&access[a], &access[b]);
-        !wa.iter().any(|x| rb.contains(x) || wb.contains(x)) && !wb.iter().any(|x| ra.contains(x))
-    };
+    let commute = |a: usize, b: usize| commute(&access[a], &access[b]);
     let mut steps = vec![];
     let mut i = 0;
     while i < n {
@@ -307,41 +339,32 @@ pub fn schedule(program: &Program, kernels: &[usize]) -> Vec<Step> {
     steps
 }
 
-/// `steps` with each matrix product that `beside(k)` allows and that is independent of
-/// the step before it run beside that step ([`Step::Beside`]): a weight gradient
-/// `dW = xᵀ dy` beside the input gradient `dx = dy Wᵀ` (and the kernels grouped with it)
-/// that precedes it. Only adjacent steps pair, so the order of everything else stays.
-pub fn beside(program: &Program, steps: Vec<Step>, allowed: impl Fn(usize) -> bool) -> Vec<Step> {
-    let touches = |s: &Step| {
-        let ks = s.kernels();
-        let reads: Vec<BufId> = ks.iter().flat_map(|&k| program.kernels[k].reads()).collect();
-        let writes: Vec<BufId> = ks.iter().flat_map(|&k| program.kernels[k].writes()).collect();
-        (reads, writes)
-    };
+/// `steps` with each matrix product that may run beside another step ([`worth_beside`])
+/// and is independent of the step before it run beside that step ([`Step::Beside`]): a
+/// weight gradient `dW = xᵀ dy` beside the input gradient `dx = dy Wᵀ` (and the kernels
+/// grouped with it) that precedes it. Only adjacent steps pair, so the order of
+/// everything else stays.
+pub fn beside(program: &Program, steps: Vec<Step>) -> Vec<Step> {
     let mut out: Vec<Step> = Vec::with_capacity(steps.len());
     for s in steps {
-        if let (Step::One(k), Some(prev)) = (&s, out.last())
-            && matches!(program.kernels[*k], Kernel::MatMul(_))
+        if let (&Step::One(k), Some(prev)) = (&s, out.last())
             && !matches!(prev, Step::Beside(..))
-            && allowed(*k)
+            && worth_beside(program, k)
+            && commute(&touches(program, prev.kernels()), &touches(program, [k]))
         {
-            let ((r1, w1), (r2, w2)) = (touches(prev), touches(&s));
-            if !w1.iter().any(|b| r2.contains(b) || w2.contains(b)) && !w2.iter().any(|b| r1.contains(b)) {
-                let k = *k;
-                let prev = out.pop().expect("a step before");
-                out.push(Step::Beside(Box::new(prev), k));
-                continue;
-            }
+            let prev = out.pop().expect("a step before");
+            out.push(Step::Beside(Box::new(prev), k));
+            continue;
         }
         out.push(s);
     }
     out
 }
 
-/// Whether product `k` of `program` may run beside another step: an f32 product (a
+/// Whether kernel `k` of `program` may run beside another step: an f32 product (a
 /// `bf16` one reads rounded copies of its operands through the buffers) large enough to
 /// use the threads.
-pub fn worth_beside(program: &Program, k: usize) -> bool {
+fn worth_beside(program: &Program, k: usize) -> bool {
     match &program.kernels[k] {
         Kernel::MatMul(m) => !m.bf16 && m.m * m.n * m.k * m.batch.iter().product::<usize>() >= crate::gemm::PARALLEL_FLOPS,
         _ => false,
@@ -352,7 +375,7 @@ pub fn worth_beside(program: &Program, k: usize) -> bool {
 /// is no such entry): what `bmc info` reports.
 pub fn schedule_entry(program: &Program, entry: &str) -> Option<Vec<Step>> {
     let steps = schedule(program, &program.entry(entry)?.kernels);
-    Some(beside(program, steps, |k| worth_beside(program, k)))
+    Some(beside(program, steps))
 }
 
 #[cfg(test)]
