@@ -84,15 +84,17 @@ pub fn run(bundle: Bundle, opts: &BenchOptions) -> Result<BenchResult> {
     let total = (warmup + opts.steps) as u64;
     let mut times = vec![];
     let mut first_losses = vec![];
-    // `BMC_BENCH_AB=row-groups` (or `packed-panels`, `avx512`, `formulas`, `beside`):
+    // `BMC_BENCH_AB=row-groups` (or `packed-panels`, `avx512`, `formulas`, `beside`,
+    // `tiled-products`):
     // steps alternate without and with row groups (or a group's products through the
     // register tiles, AVX-512 in the hand-written kernels, known formulas' wide code,
-    // products beside the step before them), so that both see the same load on a shared host
+    // products beside the step before them, standalone products through the register
+    // tiles), so that both see the same load on a shared host
     // (compared across processes minutes apart, this host's drift hides differences of
     // 10%).
     let ab = std::env::var("BMC_BENCH_AB")
         .ok()
-        .filter(|v| ["row-groups", "packed-panels", "avx512", "formulas", "beside"].contains(&v.as_str()));
+        .filter(|v| ["row-groups", "packed-panels", "avx512", "formulas", "beside", "tiled-products"].contains(&v.as_str()));
     for step in 0..total {
         let b = &batches[step as usize % batches.len()];
         if let (Some(what), Some(e)) = (&ab, s.exec.cpu()) {
@@ -101,6 +103,7 @@ pub fn run(bundle: Bundle, opts: &BenchOptions) -> Result<BenchResult> {
                 "avx512" => crate::cpu::set_avx512(step % 2 == 1),
                 "formulas" => e.set_formulas(step % 2 == 1),
                 "beside" => e.set_beside(step % 2 == 1),
+                "tiled-products" => crate::gemm::set_tiled_products(step % 2 == 1),
                 _ => e.set_packed_panels(step % 2 == 1),
             }
         }

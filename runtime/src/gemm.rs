@@ -9,6 +9,7 @@ use crate::exec::Buffers;
 use crate::kir::{MatMulKernel, MatOperand};
 use ::gemm::Parallelism;
 use rayon::prelude::*;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Products with at least this many multiply-adds use several threads.
 pub(crate) const PARALLEL_FLOPS: usize = 1 << 18;
@@ -88,17 +89,14 @@ thread_local! {
 /// done) where the CPU has no tiles. Each element is one sum in order of `k`, so the
 /// result does not depend on the split or the thread count.
 ///
-/// Columns are split first (whole strips; each block reads all of its rows of `a` and
-/// its own columns of `b`), then rows, into about four blocks per thread, so that a
-/// thread slowed by another process leaves its share to the other.
+/// Split into blocks of whole strips of columns and whole tiles of rows, about four
+/// per thread (so that a thread slowed by another process leaves its share to the
+/// other), shaped to read the operands the fewest times.
 ///
-/// Measured against the crate (`gemm::timing`), not adopted: faster on some W2/W3
-/// shapes, slower on others (the crate packs `a` too); a row group's panels use the
-/// tiles, with their weight packed once.
+/// Standalone products use it where it measured faster than the crate ([`one`]).
 ///
 /// # Safety
 /// As [`product`]; `c.cs == 1`.
-#[cfg(test)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn tiled(m: usize, n: usize, k: usize, c: View, accumulate: bool, a: View, b: View, alpha: f32, parallel: bool) -> bool {
     let Some(strip) = crate::tiles::strip_width() else { return false };
@@ -125,8 +123,13 @@ pub(crate) unsafe fn tiled(m: usize, n: usize, k: usize, c: View, accumulate: bo
     }
     let want = 4 * threads;
     let strips = n.div_ceil(strip);
-    let cols = strips.min(want);
-    let rows = want.div_ceil(cols).min(m.div_ceil(crate::tiles::ROWS)).max(1);
+    let tiles = m.div_ceil(crate::tiles::ROWS);
+    // Each block reads its rows of `a` and its columns of `b`: with `cols` column blocks
+    // `a` is read `cols` times, with `rows` row blocks `b` `rows` times; the split reads
+    // the least (W3's 1536 × 384 × 2048 weight gradient: 8 row blocks, `a` read once,
+    // instead of 8 column blocks that read its 12 MiB 8 times).
+    let split = |cols: usize| (cols, want.div_ceil(cols).min(tiles).max(1));
+    let (cols, rows) = (1..=strips.min(want)).map(split).min_by_key(|&(cols, rows)| m * cols + n * rows).unwrap_or((1, 1));
     // Column ranges of whole strips, row ranges of whole tiles where they divide evenly.
     let col = |i: usize| ((strips * i / cols) * strip).min(n);
     let row = |i: usize| if i == rows { m } else { (m * i / rows) / crate::tiles::ROWS * crate::tiles::ROWS };
@@ -138,6 +141,31 @@ pub(crate) unsafe fn tiled(m: usize, n: usize, k: usize, c: View, accumulate: bo
         }
     });
     true
+}
+
+static TILED_PRODUCTS: AtomicBool = AtomicBool::new(true);
+
+/// Lets (or stops) standalone products use `tiles`' register tiles ([`tiled`]) where
+/// they measured faster than the crate (`BMC_TILED_PRODUCTS=0`, or
+/// `BMC_BENCH_AB=tiled-products`, to compare in one process).
+pub fn set_tiled_products(on: bool) {
+    TILED_PRODUCTS.store(on, Ordering::Relaxed);
+}
+
+/// Whether a product into `c` runs through [`tiled`]: wherever `c`'s rows are
+/// contiguous (and not switched off). Measured against the crate (`gemm::timing`, timed
+/// inside the pool, one thread and two, on W1–W3's shapes): faster or equal on all but
+/// a few weight gradients with long sums (W3's 384 × 1536 × 2048: 0.9×), 2.4× on W1's
+/// 256 × 10 × 128; W3's step 487 → 459 ms, W1's faster in 642 and 775 of 1000 pairs,
+/// W2 even (`BMC_BENCH_AB=tiled-products`).
+fn tiles_win(c: View) -> bool {
+    static ENV: std::sync::Once = std::sync::Once::new();
+    ENV.call_once(|| {
+        if std::env::var("BMC_TILED_PRODUCTS").is_ok_and(|v| v == "0") {
+            set_tiled_products(false);
+        }
+    });
+    TILED_PRODUCTS.load(Ordering::Relaxed) && c.cs == 1
 }
 
 #[derive(Clone, Copy)]
@@ -167,6 +195,14 @@ unsafe fn one(k: &MatMulKernel, p: Ptrs, (ao, bo, co): (usize, usize, usize), pa
             return;
         }
         let (av, bv, cv) = (View::of(a as usize, ao, &k.a, 0), View::of(b as usize, bo, &k.b, 0), View::of(c as usize, 0, &k.c, 0));
+        let parallel = matches!(par, Parallelism::Rayon(_));
+        if tiles_win(cv) && tiled(k.m, k.n, k.k, cv, k.accumulate, av, bv, 1.0, parallel) {
+            return;
+        }
+        // A column-major `c` is the row-major `cᵀ = bᵀ aᵀ`.
+        if tiles_win(cv.t()) && tiled(k.n, k.m, k.k, cv.t(), k.accumulate, bv.t(), av.t(), 1.0, parallel) {
+            return;
+        }
         product(k.m, k.n, k.k, cv, k.accumulate, av, bv, 1.0, par);
     }
 }
@@ -426,6 +462,45 @@ mod tests {
         case(&[2], 96, 128, 70, true, true, false, true, true, 3);
     }
 
+    /// Standalone products through the register tiles split among threads (`tiled`):
+    /// splits into more column blocks and into more row blocks, a narrow output (`cᵀ`
+    /// computed), a column-major output (`one` takes `cᵀ = bᵀ aᵀ`), sums of several
+    /// blocks; against the interpreter, and the same bits on 1, 2 and 3 threads.
+    #[test]
+    fn tiled_products_split_among_threads() {
+        let shapes = [(300, 40, 600, true), (40, 300, 300, false), (256, 10, 128, true), (64, 600, 280, false), (33, 7, 50, false)];
+        for &(m, n, k, ta) in &shapes {
+            for tc in [false, true] {
+                // Against the interpreter's sums in f32 (at 1e-5: short sums; the tiles'
+                // own tests check long ones against f64 and their order of `k`).
+                case(&[], m, n, k.min(64), ta, false, tc, false, tc, 2);
+            }
+            let val = |s: usize, i: usize| ((i * 7919 + s * 104729) % 1000) as f32 / 500.0 - 1.0;
+            let a: Vec<f32> = (0..m * k).map(|i| val(1, i)).collect();
+            let b: Vec<f32> = (0..k * n).map(|i| val(2, i)).collect();
+            let (ars, acs) = if ta { (1, m) } else { (k, 1) };
+            let mut first: Option<Vec<f32>> = None;
+            for threads in [1, 2, 3] {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                let mut c = vec![0.0f32; m * n];
+                let cp = c.as_mut_ptr() as usize;
+                let (ap, bp) = (a.as_ptr() as usize, b.as_ptr() as usize);
+                // SAFETY: the views cover a (m × k), b (k × n) and c (m × n).
+                let done = pool.install(|| unsafe {
+                    let v = |p: usize, rs: usize, cs: usize| super::View { ptr: p as *const f32, rs, cs };
+                    super::tiled(m, n, k, v(cp, n, 1), false, v(ap, ars, acs), v(bp, n, 1), 1.0, true)
+                });
+                if !done {
+                    return; // no register tiles on this CPU
+                }
+                match &first {
+                    None => first = Some(c),
+                    Some(f) => assert!(f.iter().zip(&c).all(|(x, y)| x.to_bits() == y.to_bits()), "{m}x{n}x{k}: {threads} threads differ"),
+                }
+            }
+        }
+    }
+
     #[test]
     fn hand_computed_2x2() {
         let p = program(
@@ -465,6 +540,8 @@ mod timing {
             (256, 256, 128, true, false),
             (64, 256, 128, true, false),
             (256, 10, 128, true, false),
+            (128, 10, 256, false, false),
+            (128, 256, 10, false, true),
             (2048, 384, 128, false, true),
             (2048, 512, 128, false, true),
             (2048, 128, 512, false, true),
@@ -474,6 +551,13 @@ mod timing {
             (2048, 1536, 384, false, true),
             (2048, 384, 1536, false, true),
             (1536, 384, 2048, true, false),
+            // W2's and W3's other weight gradients (a single thread beside a group).
+            (512, 128, 2048, true, false),
+            (128, 512, 2048, true, false),
+            (128, 128, 2048, true, false),
+            (1152, 384, 2048, true, false),
+            (384, 384, 2048, true, false),
+            (384, 1536, 2048, true, false),
         ];
         for threads in [1, 2] {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
@@ -485,29 +569,43 @@ mod timing {
                 let (brs, bcs) = if tb { (1, k) } else { (n, 1) };
                 let par = if threads > 1 { ::gemm::Parallelism::Rayon(threads) } else { ::gemm::Parallelism::None };
                 // Alternating: the crate, then the register tiles split among threads.
-                let mut times = [vec![], vec![]];
+                let mut times = [vec![], vec![], vec![]];
                 let rounds = if m * n * k < 1 << 24 { 400 } else { 20 };
-                for _ in 0..rounds {
-                    for (v, t) in times.iter_mut().enumerate() {
-                        let (cp, ap, bp) = (c.as_mut_ptr() as usize, a.as_ptr() as usize, b.as_ptr() as usize);
-                        let t0 = std::time::Instant::now();
-                        pool.install(|| unsafe {
-                            let cv = super::View { ptr: cp as *const f32, rs: n, cs: 1 };
-                            let av = super::View { ptr: ap as *const f32, rs: ars, cs: acs };
-                            let bv = super::View { ptr: bp as *const f32, rs: brs, cs: bcs };
-                            if v == 0 {
-                                super::product(m, n, k, cv, false, av, bv, 1.0, par)
-                            } else {
-                                assert!(super::tiled(m, n, k, cv, false, av, bv, 1.0, threads > 1));
+                let mut ct = vec![0.0f32; m * n];
+                let (cp, ap, bp, ctp) = (c.as_mut_ptr() as usize, a.as_ptr() as usize, b.as_ptr() as usize, ct.as_mut_ptr() as usize);
+                // Timed inside the pool: a pool's sleeping worker takes ~20 µs to wake.
+                pool.install(|| {
+                    for _ in 0..rounds {
+                        for (v, t) in times.iter_mut().enumerate() {
+                            let t0 = std::time::Instant::now();
+                            unsafe {
+                                let cv = super::View { ptr: cp as *const f32, rs: n, cs: 1 };
+                                let av = super::View { ptr: ap as *const f32, rs: ars, cs: acs };
+                                let bv = super::View { ptr: bp as *const f32, rs: brs, cs: bcs };
+                                match v {
+                                    0 => super::product(m, n, k, cv, false, av, bv, 1.0, par),
+                                    1 => assert!(super::tiled(m, n, k, cv, false, av, bv, 1.0, threads > 1)),
+                                    _ => {
+                                        let ctv = super::View { ptr: ctp as *const f32, rs: m, cs: 1 };
+                                        assert!(super::tiled(n, m, k, ctv, false, bv.t(), av.t(), 1.0, threads > 1));
+                                        let (c, ct) = (std::slice::from_raw_parts_mut(cp as *mut f32, m * n), std::slice::from_raw_parts(ctp as *const f32, m * n));
+                                        for i in 0..m {
+                                            for j in 0..n {
+                                                c[i * n + j] = ct[j * m + i];
+                                            }
+                                        }
+                                    }
+                                }
                             }
-                        });
-                        t.push(t0.elapsed().as_secs_f64());
+                            t.push(t0.elapsed().as_secs_f64());
+                        }
                     }
-                }
+                });
+                let _ = (&mut c, &mut ct);
                 let gflops = |t: f64| 2.0 * (m * n * k) as f64 / t / 1e9;
                 let line: Vec<String> = times
                     .iter_mut()
-                    .zip(["crate", "tiles"])
+                    .zip(["crate", "tiles", "tiles on Cᵀ"])
                     .map(|(t, name)| {
                         t.sort_by(f64::total_cmp);
                         format!("{name} median {:.1} best {:.1} GFLOP/s", gflops(t[t.len() / 2]), gflops(t[0]))

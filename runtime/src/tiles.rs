@@ -39,20 +39,31 @@ pub(crate) fn usable() -> bool {
 
 /// The width of a full strip of columns on this CPU (two vectors), `None` without
 /// tiles: products split among threads at multiples of it.
-#[cfg(test)]
 pub(crate) fn strip_width() -> Option<usize> {
     lanes().map(|l| 2 * l)
 }
 
 /// Rows of the widest register tile: products split among threads at multiples of it.
-#[cfg(test)]
 pub(crate) const ROWS: usize = 12;
 
-/// Steps of the sum per block (`KC`) and rows per block (`MC`, a multiple of both
-/// widths' tile rows): a block of `a` (`MC × KC`, 96 KiB) stays in L2 across the strips,
-/// a strip's block of `b` (`KC` × 32, 32 KiB) in L1 across the block's tiles.
+/// Steps of the sum per block (`KC`), rows per block (`MC`, a multiple of both widths'
+/// tile rows) and columns per block (`NC`, whole strips of both widths): a block of `a`
+/// (`MC × KC`, 192 KiB) stays in L2 across the block's strips, a strip's block of `b`
+/// (`KC` × 32, 32 KiB) in L1 across its tiles, the block of `c` (`MC × NC`, 384 KiB) in
+/// L2 across the blocks of the sum. (With the blocks of the sum inside the strips
+/// instead, W3's long sums ran at 78–82% of the FMA peak on two threads: a block's rows
+/// of `a` over the whole sum, 1.1 MiB, did not fit in L2; now 90%, `gemm::timing`.)
 const KC: usize = 256;
 const MC: usize = 192;
+const NC: usize = 512;
+
+/// Rows per block for a sum of `k` that runs in one block (a product that adds to `c`
+/// or scales): [`MC`], fewer for long sums, so that the block's `a` stays within half
+/// of a 1 MiB L2.
+fn rows_per_block(k: usize) -> usize {
+    const FLOATS: usize = (512 << 10) / 4;
+    (FLOATS / k.max(1) / 24 * 24).clamp(24, MC)
+}
 
 /// Every width this CPU can run, widest first (for tests and timing).
 #[cfg(test)]
@@ -70,11 +81,13 @@ fn available() -> Vec<Option<usize>> {
 }
 
 /// `b` packed into strips for [`product_packed`] (by [`pack`]), and the vector width
-/// the strips were made for.
+/// the strips were made for; and room for a narrow product's transposed result
+/// ([`product`]).
 #[derive(Default)]
 pub(crate) struct Packed {
     strips: Vec<f32>,
     lanes: usize,
+    transposed: Vec<f32>,
 }
 
 /// `c = alpha · a @ b`, or `c += alpha · a @ b` with `accumulate` (`a`: m × k, `b`:
@@ -129,6 +142,29 @@ unsafe fn product_in(
         return;
     }
     if let Some(l) = lanes {
+        if n < l && m >= 2 * l {
+            // Fewer columns than a vector (a classifier's 10 outputs): a tile here would
+            // broadcast one element of `a` per multiply-add into a vector mostly unused.
+            // `cᵀ = bᵀ aᵀ` has `m` columns instead, in full strips; each element is the
+            // same sum in the same order (scaled the same way, then added), so the result
+            // is the same bit for bit. Measured (`gemm::timing`, one thread) on W1's
+            // 256 × 10 × 128 weight gradient: 72 → 171 GFLOP/s.
+            let mut t = std::mem::take(&mut pack.transposed);
+            t.clear();
+            t.resize(n * m, 0.0);
+            // SAFETY: forwarded; `t` holds the n × m transpose, distinct from a, b and c.
+            unsafe { product_in(n, m, k, t.as_mut_ptr(), m, false, b.t(), a.t(), alpha, pack, lanes) };
+            for i in 0..m {
+                // SAFETY: c covers m rows of n at stride ldc.
+                let row = unsafe { std::slice::from_raw_parts_mut(c.add(i * ldc), n) };
+                for (j, x) in row.iter_mut().enumerate() {
+                    let v = t[j * m + i];
+                    *x = if accumulate { *x + v } else { v };
+                }
+            }
+            pack.transposed = t;
+            return;
+        }
         // A `b` with contiguous rows is read in place, any other is packed first.
         let direct = b.cs == 1;
         if !direct {
@@ -317,31 +353,34 @@ macro_rules! tile_kernel {
             packed: *const f32,
             alpha: f32,
         ) {
-            // Blocks of MC rows, and within a strip of them, of at most KC steps of the
-            // sum: a block's rows of `a` stay in L2 across the strips, a strip's rows of
-            // `b` for one block of the sum in L1 across the tiles, the strip's `c` in L1
-            // or L2 across the blocks of the sum. A block after the first resumes each
-            // element's sum from `c`, which holds exactly the sum so far when nothing is
-            // scaled or added; else the sum runs in one block.
+            // Blocks of MC rows, of NC columns, then of at most KC steps of the sum, and
+            // the strips of such a block (sizes at `KC`). A block after the first of the
+            // sum resumes each element's sum from `c`, which holds exactly the sum so far
+            // when nothing is scaled or added; else the sum runs in one block.
             let kc = if !accumulate && alpha == 1.0 { KC } else { k.max(1) };
-            for i0 in (0..m).step_by(MC) {
-                let i1 = (i0 + MC).min(m);
-                for (j, w, used) in strips(n, $lanes) {
+            let mc = if kc < k { MC } else { rows_per_block(k) };
+            for i0 in (0..m).step_by(mc) {
+                let i1 = (i0 + mc).min(m);
+                for jc in (0..n).step_by(NC) {
                     for k0 in (0..k).step_by(kc) {
-                        let (b, brs) = match direct {
-                            Some(b) => (b.ptr.wrapping_add(j + k0 * b.rs), b.rs),
-                            None => (packed.wrapping_add(j * k + k0 * w), w),
-                        };
+                        let (resume, kb) = (k0 > 0, kc.min(k - k0));
                         let a = View { ptr: a.ptr.wrapping_add(k0 * a.cs), ..a };
-                        let (resume, k) = (k0 > 0, kc.min(k - k0));
-                        // SAFETY: the tiles stay inside m × n and the strip (the mask
-                        // limits the last columns), and the block inside the sum.
-                        unsafe {
-                            let strip = Strip { c: c.add(j), ldc, accumulate, resume, a, b, brs, k, alpha, mask: lane_mask(used % $lanes) };
-                            match (w, used) {
-                                (w, _) if w == 2 * $lanes => strip.rows::<2, false>(i0, i1),
-                                (_, u) if u == $lanes => strip.rows::<1, false>(i0, i1),
-                                _ => strip.rows::<1, true>(i0, i1),
+                        for (j, w, used) in strips(NC.min(n - jc), $lanes) {
+                            // Strip `j` of the whole product (blocks of NC are whole strips).
+                            let j = jc + j;
+                            let (b, brs) = match direct {
+                                Some(b) => (b.ptr.wrapping_add(j + k0 * b.rs), b.rs),
+                                None => (packed.wrapping_add(j * k + k0 * w), w),
+                            };
+                            // SAFETY: the tiles stay inside m × n and the strip (the mask
+                            // limits the last columns), and the block inside the sum.
+                            unsafe {
+                                let strip = Strip { c: c.add(j), ldc, accumulate, resume, a, b, brs, k: kb, alpha, mask: lane_mask(used % $lanes) };
+                                match (w, used) {
+                                    (w, _) if w == 2 * $lanes => strip.rows::<2, false>(i0, i1),
+                                    (_, u) if u == $lanes => strip.rows::<1, false>(i0, i1),
+                                    _ => strip.rows::<1, true>(i0, i1),
+                                }
                             }
                         }
                     }
@@ -420,7 +459,7 @@ macro_rules! tile_kernel {
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{KC, MC, strips};
+    use super::{KC, MC, NC, rows_per_block, strips};
     use crate::gemm::View;
     use std::arch::x86_64::*;
 
@@ -475,7 +514,7 @@ mod avx512 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{KC, MC, strips};
+    use super::{KC, MC, NC, rows_per_block, strips};
     use crate::gemm::View;
     use std::arch::x86_64::*;
 
@@ -632,6 +671,12 @@ mod tests {
             // Several blocks of the sum (KC) and of rows (MC).
             (30, 70, 600),
             (200, 33, 520),
+            // Narrow outputs (computed as `cᵀ = bᵀ aᵀ`), several blocks of columns (NC),
+            // a long sum in one block (rows per block below MC).
+            (64, 10, 300),
+            (40, 5, 70),
+            (20, 600, 300),
+            (50, 20, 3000),
         ];
         let widths: Vec<usize> = available().into_iter().flatten().collect();
         for (m, n, k) in shapes {
