@@ -117,11 +117,15 @@ pub(crate) unsafe fn tiled(m: usize, n: usize, k: usize, c: View, accumulate: bo
         })
     };
     let threads = if parallel { rayon::current_num_threads() } else { 1 };
-    if threads <= 1 {
+    // About four blocks a thread, none under BLOCK_FLOPS multiply-adds (a block is then
+    // ~1 µs: finer, taking and waiting cost more than they balance; W1's 128 × 256 × 10
+    // in eight blocks ran at a third of the crate's rate).
+    const BLOCK_FLOPS: usize = 1 << 17;
+    let want = (4 * threads).min(m * n * k / BLOCK_FLOPS);
+    if want <= 1 {
         block((0, m), (0, n));
         return true;
     }
-    let want = 4 * threads;
     let strips = n.div_ceil(strip);
     let tiles = m.div_ceil(crate::tiles::ROWS);
     // Each block reads its rows of `a` and its columns of `b`: with `cols` column blocks
