@@ -591,7 +591,10 @@ mod timing {
                                     _ => {
                                         let ctv = super::View { ptr: ctp as *const f32, rs: m, cs: 1 };
                                         assert!(super::tiled(n, m, k, ctv, false, bv.t(), av.t(), 1.0, threads > 1));
-                                        let (c, ct) = (std::slice::from_raw_parts_mut(cp as *mut f32, m * n), std::slice::from_raw_parts(ctp as *const f32, m * n));
+                                        let (c, ct) = (
+                                            std::slice::from_raw_parts_mut(cp as *mut f32, m * n),
+                                            std::slice::from_raw_parts(ctp as *const f32, m * n),
+                                        );
                                         for i in 0..m {
                                             for j in 0..n {
                                                 c[i * n + j] = ct[j * m + i];

@@ -375,7 +375,8 @@ macro_rules! tile_kernel {
                             // SAFETY: the tiles stay inside m × n and the strip (the mask
                             // limits the last columns), and the block inside the sum.
                             unsafe {
-                                let strip = Strip { c: c.add(j), ldc, accumulate, resume, a, b, brs, k: kb, alpha, mask: lane_mask(used % $lanes) };
+                                let strip =
+                                    Strip { c: c.add(j), ldc, accumulate, resume, a, b, brs, k: kb, alpha, mask: lane_mask(used % $lanes) };
                                 match (w, used) {
                                     (w, _) if w == 2 * $lanes => strip.rows::<2, false>(i0, i1),
                                     (_, u) if u == $lanes => strip.rows::<1, false>(i0, i1),
