@@ -93,7 +93,7 @@ thread_local! {
 /// per thread (so that a thread slowed by another process leaves its share to the
 /// other), shaped to read the operands the fewest times.
 ///
-/// Standalone products use it where it measured faster than the crate ([`one`]).
+/// Every standalone product uses it where the CPU has the tiles ([`one`]).
 ///
 /// # Safety
 /// As [`product`]; `c.cs == 1`.
@@ -161,7 +161,7 @@ pub fn set_tiled_products(on: bool) {
 /// a few weight gradients with long sums (W3's 384 × 1536 × 2048: 0.9×), 2.4× on W1's
 /// 256 × 10 × 128; W3's step 487 → 459 ms, W1's faster in 642 and 775 of 1000 pairs,
 /// W2 even (`BMC_BENCH_AB=tiled-products`).
-fn tiles_win(c: View) -> bool {
+fn through_tiles(c: View) -> bool {
     static ENV: std::sync::Once = std::sync::Once::new();
     ENV.call_once(|| {
         if std::env::var("BMC_TILED_PRODUCTS").is_ok_and(|v| v == "0") {
@@ -199,12 +199,11 @@ unsafe fn one(k: &MatMulKernel, p: Ptrs, (ao, bo, co): (usize, usize, usize), pa
         }
         let (av, bv, cv) = (View::of(a as usize, ao, &k.a, 0), View::of(b as usize, bo, &k.b, 0), View::of(c as usize, 0, &k.c, 0));
         let parallel = matches!(par, Parallelism::Rayon(_));
-        if tiles_win(cv) && tiled(k.m, k.n, k.k, cv, k.accumulate, av, bv, 1.0, parallel) {
-            return;
-        }
-        // A column-major `c` is the row-major `cᵀ = bᵀ aᵀ`.
-        if tiles_win(cv.t()) && tiled(k.n, k.m, k.k, cv.t(), k.accumulate, bv.t(), av.t(), 1.0, parallel) {
-            return;
+        // As it is, or a column-major `c` as the row-major `cᵀ = bᵀ aᵀ`.
+        for (m, n, c, a, b) in [(k.m, k.n, cv, av, bv), (k.n, k.m, cv.t(), bv.t(), av.t())] {
+            if through_tiles(c) && tiled(m, n, k.k, c, k.accumulate, a, b, 1.0, parallel) {
+                return;
+            }
         }
         product(k.m, k.n, k.k, cv, k.accumulate, av, bv, 1.0, par);
     }
