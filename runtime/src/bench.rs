@@ -95,33 +95,36 @@ pub fn run(bundle: Bundle, opts: &BenchOptions) -> Result<BenchResult> {
     let ab = std::env::var("BMC_BENCH_AB")
         .ok()
         .filter(|v| ["row-groups", "packed-panels", "avx512", "formulas", "beside", "tiled-products"].contains(&v.as_str()));
-    for step in 0..total {
-        let b = &batches[step as usize % batches.len()];
-        if let (Some(what), Some(e)) = (&ab, s.exec.cpu()) {
-            match what.as_str() {
-                "row-groups" => e.set_row_groups(step % 2 == 1),
-                "avx512" => crate::cpu::set_avx512(step % 2 == 1),
-                "formulas" => e.set_formulas(step % 2 == 1),
-                "beside" => e.set_beside(step % 2 == 1),
-                "tiled-products" => crate::gemm::set_tiled_products(step % 2 == 1),
-                _ => e.set_packed_panels(step % 2 == 1),
+    s.on_workers(|s| -> Result<()> {
+        for step in 0..total {
+            let b = &batches[step as usize % batches.len()];
+            if let (Some(what), Some(e)) = (&ab, s.exec.cpu()) {
+                match what.as_str() {
+                    "row-groups" => e.set_row_groups(step % 2 == 1),
+                    "avx512" => crate::cpu::set_avx512(step % 2 == 1),
+                    "formulas" => e.set_formulas(step % 2 == 1),
+                    "beside" => e.set_beside(step % 2 == 1),
+                    "tiled-products" => crate::gemm::set_tiled_products(step % 2 == 1),
+                    _ => e.set_packed_panels(step % 2 == 1),
+                }
+            }
+            let t0 = Instant::now();
+            s.feed(b, "the benchmark data")?;
+            s.set_hypers(step, total, true, &mut rng)?;
+            s.run("train_step")?;
+            let dt = t0.elapsed().as_secs_f64() * 1e3;
+            if first_losses.len() < 5 {
+                first_losses.push(s.scalar("train_step", "loss")?);
+            }
+            if step as usize >= warmup {
+                times.push(dt);
+            }
+            if opts.profile && step as usize + 1 == warmup {
+                s.exec.cpu().ok_or_else(|| Error::user("--profile times kernels on the CPU only"))?.set_profiling(true);
             }
         }
-        let t0 = Instant::now();
-        s.feed(b, "the benchmark data")?;
-        s.set_hypers(step, total, true, &mut rng)?;
-        s.run("train_step")?;
-        let dt = t0.elapsed().as_secs_f64() * 1e3;
-        if first_losses.len() < 5 {
-            first_losses.push(s.scalar("train_step", "loss")?);
-        }
-        if step as usize >= warmup {
-            times.push(dt);
-        }
-        if opts.profile && step as usize + 1 == warmup {
-            s.exec.cpu().ok_or_else(|| Error::user("--profile times kernels on the CPU only"))?.set_profiling(true);
-        }
-    }
+        Ok(())
+    })?;
     let profile = match (opts.profile, s.exec.cpu()) {
         (true, Some(e)) => kernel_times(e, opts.steps),
         (true, None) => return Err(Error::user("--profile times kernels on the CPU only; drop it or use --device cpu")),

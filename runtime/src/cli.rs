@@ -372,68 +372,84 @@ pub fn train(mut bundle: Bundle, args: &TrainArgs, respec: Respecialise) -> Resu
     let codec_meta: Vec<(String, String)> = ds.codec().map(|c| c.to_metadata()).unwrap_or_default();
     let mut last_eval: Option<Evaluation> = None;
     eprintln!("training {model} for {steps} steps (batch {}, {threads} threads) into {}", cfg.batch, out.display());
-    for step in start..steps {
-        let ts = Instant::now();
-        let b: Batch = batcher.next_batch();
-        session.feed(&b, "the training data")?;
-        session.set_hypers(step, steps, true, &mut rng)?;
-        session.run("train_step")?;
-        let loss = session.scalar("train_step", "loss")?;
-        let lr = session.scalar("train_step", "lr")?;
-        let grad_norm = session.scalar("train_step", "grad_norm")?;
-        if !loss.is_finite() || !grad_norm.is_finite() {
-            let what = session.first_non_finite_param().map(|p| format!("; parameter `{p}` is no longer finite")).unwrap_or_default();
-            return Err(Error::user(format!(
-                "training stopped: the loss became {loss} (gradient norm {grad_norm}) at step {}{what}; the last good checkpoint in `{}` is kept. Try a lower learning rate or clip_grad.",
-                step + 1,
-                out.display()
-            )));
-        }
-        let dt = ts.elapsed().as_secs_f64();
-        let done = step + 1;
-        let mut m = StepMetrics {
-            step: done,
-            loss,
-            lr,
-            grad_norm,
-            throughput: items as f64 / dt.max(1e-9),
-            elapsed_s: t0.elapsed().as_secs_f64(),
-            ..Default::default()
+    // On the executor's workers: each step starts on a running worker rather than
+    // waking one and sleeping until it ends (`Session::on_workers`).
+    /// The evaluator, lent to the pool's worker with the training session.
+    struct Lent<'a>(&'a mut Option<Evaluator>);
+    // SAFETY: `on_workers` moves its closure to another thread only for a CPU session;
+    // the evaluator's session is on the same device, and everything in a CPU session is
+    // `Send` (only the GPU engine's CUDA handles are not). This thread waits meanwhile.
+    unsafe impl Send for Lent<'_> {}
+    let lent = Lent(&mut evaluator);
+    session.on_workers(|session| -> Result<()> {
+        let evaluator = {
+            let lent = lent;
+            lent.0
         };
-        if (done % eval_every == 0 || done == steps)
-            && let Some(ev) = evaluator.as_mut().map(|e| e.run(&mut session, step, steps, &mut rng)).transpose()?
-        {
-            m.eval_loss = Some(ev.loss);
-            m.eval_accuracy = ev.accuracy;
-            let acc = ev.accuracy.map(|a| format!(" eval_accuracy {a:.4}")).unwrap_or_default();
-            let line = format!("step {done}/{steps} eval_loss {:.4}{acc}", ev.loss);
+        for step in start..steps {
+            let ts = Instant::now();
+            let b: Batch = batcher.next_batch();
+            session.feed(&b, "the training data")?;
+            session.set_hypers(step, steps, true, &mut rng)?;
+            session.run("train_step")?;
+            let loss = session.scalar("train_step", "loss")?;
+            let lr = session.scalar("train_step", "lr")?;
+            let grad_norm = session.scalar("train_step", "grad_norm")?;
+            if !loss.is_finite() || !grad_norm.is_finite() {
+                let what = session.first_non_finite_param().map(|p| format!("; parameter `{p}` is no longer finite")).unwrap_or_default();
+                return Err(Error::user(format!(
+                    "training stopped: the loss became {loss} (gradient norm {grad_norm}) at step {}{what}; the last good checkpoint in `{}` is kept. Try a lower learning rate or clip_grad.",
+                    step + 1,
+                    out.display()
+                )));
+            }
+            let dt = ts.elapsed().as_secs_f64();
+            let done = step + 1;
+            let mut m = StepMetrics {
+                step: done,
+                loss,
+                lr,
+                grad_norm,
+                throughput: items as f64 / dt.max(1e-9),
+                elapsed_s: t0.elapsed().as_secs_f64(),
+                ..Default::default()
+            };
+            if (done % eval_every == 0 || done == steps)
+                && let Some(ev) = evaluator.as_mut().map(|e| e.run(session, step, steps, &mut rng)).transpose()?
+            {
+                m.eval_loss = Some(ev.loss);
+                m.eval_accuracy = ev.accuracy;
+                let acc = ev.accuracy.map(|a| format!(" eval_accuracy {a:.4}")).unwrap_or_default();
+                let line = format!("step {done}/{steps} eval_loss {:.4}{acc}", ev.loss);
+                match &bar {
+                    Some(b) => b.println(line),
+                    None => eprintln!("{line}"),
+                }
+                last_eval = Some(ev);
+            }
+            metrics.log(&m)?;
             match &bar {
-                Some(b) => b.println(line),
-                None => eprintln!("{line}"),
+                Some(b) => {
+                    b.set_position(done);
+                    b.set_message(format!(
+                        "loss {loss:.4} lr {lr:.2e} {:.0} {}/s",
+                        m.throughput,
+                        if ds.is_stream() { "tok" } else { "samples" }
+                    ));
+                }
+                None if done % log_every == 0 || done == steps || done == start + 1 => {
+                    eprintln!("step {done}/{steps} loss {loss:.4} lr {lr:.3e} grad_norm {grad_norm:.3} {:.0} items/s", m.throughput);
+                }
+                None => {}
             }
-            last_eval = Some(ev);
-        }
-        metrics.log(&m)?;
-        match &bar {
-            Some(b) => {
-                b.set_position(done);
-                b.set_message(format!(
-                    "loss {loss:.4} lr {lr:.2e} {:.0} {}/s",
-                    m.throughput,
-                    if ds.is_stream() { "tok" } else { "samples" }
-                ));
+            let ckpt_due = (cfg.checkpoint_every > 0 && done % cfg.checkpoint_every == 0) || done == steps;
+            if ckpt_due {
+                save_checkpoint(session, &out, done, &batcher, &rng, &codec_meta)?;
+                metrics.write_svg()?;
             }
-            None if done % log_every == 0 || done == steps || done == start + 1 => {
-                eprintln!("step {done}/{steps} loss {loss:.4} lr {lr:.3e} grad_norm {grad_norm:.3} {:.0} items/s", m.throughput);
-            }
-            None => {}
         }
-        let ckpt_due = (cfg.checkpoint_every > 0 && done % cfg.checkpoint_every == 0) || done == steps;
-        if ckpt_due {
-            save_checkpoint(&session, &out, done, &batcher, &rng, &codec_meta)?;
-            metrics.write_svg()?;
-        }
-    }
+        Ok(())
+    })?;
     if let Some(b) = &bar {
         b.finish_and_clear();
     }

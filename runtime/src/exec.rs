@@ -741,7 +741,7 @@ pub struct Executor {
     /// Whether loop kernels recognised as a known formula run its wide code
     /// ([`crate::formulas`]) instead of their JIT function.
     formulas: bool,
-    pool: rayon::ThreadPool,
+    pool: std::sync::Arc<rayon::ThreadPool>,
     /// With profiling on: per kernel, its runs and seconds (see [`Executor::profile`]).
     profile: Option<Vec<(u64, f64)>>,
     scratch: Scratch,
@@ -764,11 +764,12 @@ fn schedules(program: &Program, grouping: bool, beside: bool) -> Vec<Vec<Step>> 
         .collect()
 }
 
-fn build_pool(threads: usize) -> Result<rayon::ThreadPool> {
+fn build_pool(threads: usize) -> Result<std::sync::Arc<rayon::ThreadPool>> {
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .thread_name(|i| format!("bm-worker-{i}"))
         .build()
+        .map(std::sync::Arc::new)
         .map_err(|e| Error::internal(format!("cannot start the thread pool: {e}")))
 }
 
@@ -921,6 +922,12 @@ impl Executor {
     }
     pub fn threads(&self) -> usize {
         self.threads
+    }
+
+    /// The thread pool, where it has more than one thread: a caller that runs many steps
+    /// runs its loop on it ([`crate::session::Session::on_workers`]).
+    pub fn workers(&self) -> Option<std::sync::Arc<rayon::ThreadPool>> {
+        (self.threads > 1).then(|| self.pool.clone())
     }
 
     /// Resizes the thread pool (0: one thread per CPU).

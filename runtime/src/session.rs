@@ -28,6 +28,25 @@ impl Session {
         Ok(Session { bundle, exec })
     }
 
+    /// Runs `f` on this session from a worker of the CPU executor's thread pool (here
+    /// on the GPU or with one thread), for a loop of many steps: each step's
+    /// [`Executor::run`](crate::exec::Executor::run) then starts on a worker that is
+    /// already running instead of handing the step to the pool and sleeping until it
+    /// ends (a futex wake-up of the calling thread per step).
+    pub fn on_workers<R: Send>(&mut self, f: impl FnOnce(&mut Session) -> R + Send) -> R {
+        let Some(pool) = self.exec.cpu().and_then(|e| e.workers()) else { return f(self) };
+        /// The session, sent to the pool's worker while this thread waits for it.
+        struct Lent<'a>(&'a mut Session);
+        // SAFETY: a session is `Send` but for the GPU engine's CUDA handles; this one
+        // runs on the CPU, and this thread blocks in `install` until `f` is done with it.
+        unsafe impl Send for Lent<'_> {}
+        let lent = Lent(self);
+        pool.install(move || {
+            let lent = lent;
+            f(lent.0)
+        })
+    }
+
     fn buffers_of(&self, kind: BufKind) -> Vec<(usize, String, Vec<usize>, DType)> {
         self.bundle
             .program

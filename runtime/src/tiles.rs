@@ -201,8 +201,13 @@ unsafe fn pack_in(k: usize, n: usize, b: View, dst: &mut Packed, parallel: bool,
     use rayon::prelude::*;
     dst.lanes = l;
     let strips = &mut dst.strips;
-    strips.clear();
-    strips.resize(k * n.next_multiple_of(l), 0.0);
+    // Grown, not cleared: every lane a strip's tiles read is written below (the last
+    // strip's unused lanes are masked off in `b` as in `c`), and zeroing the whole
+    // packing first cost a write pass over it per product (W1's forward, every step).
+    let len = k * n.next_multiple_of(l);
+    if strips.len() < len {
+        strips.resize(len, 0.0);
+    }
     // Column ranges of whole wide strips (the last takes the rest), packed in parallel
     // when large: strip j lies at j · k whichever range packs it.
     let pieces = if parallel && k * n >= 1 << 16 { rayon::current_num_threads() * 2 } else { 1 };
@@ -224,12 +229,13 @@ unsafe fn pack_in(k: usize, n: usize, b: View, dst: &mut Packed, parallel: bool,
     });
 }
 
-/// Packs `b` (k × n) into the strips of width `l` at `dst`: with AVX2 8 × 8 blocks of a
-/// transposed `b` go through registers, else (and for the last columns) element by
-/// element.
+/// Packs `b` (k × n) into the strips of width `l` at `dst` (the used columns of each;
+/// the last strip's padding is left as it was): with AVX2 rows of a row-major `b` are
+/// copied whole and 8 × 8 blocks of a transposed `b` go through registers, else
+/// element by element.
 ///
 /// # Safety
-/// `b` covers k × n; `dst` holds `k · n.next_multiple_of(l)` floats, zeroed.
+/// `b` covers k × n; `dst` holds `k · n.next_multiple_of(l)` floats.
 unsafe fn pack_range(k: usize, n: usize, b: View, dst: *mut f32, l: usize) {
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") {
@@ -562,34 +568,41 @@ mod avx2 {
         }
     }
 
-    /// Copies `b` (k × n, any strides) into its strips for vectors of `lanes` (see [`strips`];
-    /// `dst` zeroed). A transposed `b` (`b.rs == 1`) goes through 8 × 8 blocks: eight
+    /// Copies `b` (k × n, any strides) into its strips for vectors of `lanes` (see
+    /// [`strips`]; the used columns only). A row-major `b` (`b.cs == 1`) is copied a row
+    /// at a time; a transposed one (`b.rs == 1`) goes through 8 × 8 blocks: eight
     /// contiguous reads of 8, transposed in registers, eight contiguous writes of 8.
     ///
     /// # Safety
     /// `b` covers k × n; `dst` holds `k · n.next_multiple_of(lanes)` floats; AVX2 present.
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn pack(k: usize, n: usize, b: View, dst: *mut f32, lanes: usize) {
-        let k8 = k - k % 8;
         // SAFETY: every index below is inside k × n and inside its strip.
         unsafe {
             for (j, w, used) in strips(n, lanes) {
                 let strip = dst.add(j * k);
-                let mut t0 = 0;
-                if b.rs == 1 && used % 8 == 0 {
-                    for c in (0..used).step_by(8) {
-                        for t in (0..k8).step_by(8) {
-                            // Column j + c + l of b (contiguous along t) is row l here.
-                            let r: [__m256; 8] = std::array::from_fn(|l| _mm256_loadu_ps(b.ptr.add((j + c + l) * b.cs + t)));
-                            for (l, row) in transpose8(r).iter().enumerate() {
-                                _mm256_storeu_ps(strip.add((t + l) * w + c), *row);
-                            }
+                if b.cs == 1 {
+                    // Rows of b are contiguous: each row of the strip is one copy.
+                    for t in 0..k {
+                        std::ptr::copy_nonoverlapping(b.ptr.add(t * b.rs + j), strip.add(t * w), used);
+                    }
+                    continue;
+                }
+                // Columns of b contiguous along t (a transposed weight): 8 × 8 blocks of
+                // the first `c8` columns and `k8` rows through registers, the rest (the
+                // last rows of those columns, every row of the last columns) one by one.
+                let (c8, k8) = if b.rs == 1 { (used - used % 8, k - k % 8) } else { (0, 0) };
+                for c in (0..c8).step_by(8) {
+                    for t in (0..k8).step_by(8) {
+                        // Column j + c + l of b (contiguous along t) is row l here.
+                        let r: [__m256; 8] = std::array::from_fn(|l| _mm256_loadu_ps(b.ptr.add((j + c + l) * b.cs + t)));
+                        for (l, row) in transpose8(r).iter().enumerate() {
+                            _mm256_storeu_ps(strip.add((t + l) * w + c), *row);
                         }
                     }
-                    t0 = k8;
                 }
-                for t in t0..k {
-                    for c in 0..used {
+                for t in 0..k {
+                    for c in if t < k8 { c8 } else { 0 }..used {
                         *strip.add(t * w + c) = *b.ptr.add(t * b.rs + (j + c) * b.cs);
                     }
                 }
