@@ -374,18 +374,10 @@ pub fn train(mut bundle: Bundle, args: &TrainArgs, respec: Respecialise) -> Resu
     eprintln!("training {model} for {steps} steps (batch {}, {threads} threads) into {}", cfg.batch, out.display());
     // On the executor's workers: each step starts on a running worker rather than
     // waking one and sleeping until it ends (`Session::on_workers`).
-    /// The evaluator, lent to the pool's worker with the training session.
-    struct Lent<'a>(&'a mut Option<Evaluator>);
-    // SAFETY: `on_workers` moves its closure to another thread only for a CPU session;
-    // the evaluator's session is on the same device, and everything in a CPU session is
-    // `Send` (only the GPU engine's CUDA handles are not). This thread waits meanwhile.
-    unsafe impl Send for Lent<'_> {}
-    let lent = Lent(&mut evaluator);
+    // The evaluator's session is on the training session's device (see `OnCpu`).
+    let lent = crate::session::OnCpu(&mut evaluator);
     session.on_workers(|session| -> Result<()> {
-        let evaluator = {
-            let lent = lent;
-            lent.0
-        };
+        let evaluator = lent.into_inner();
         for step in start..steps {
             let ts = Instant::now();
             let b: Batch = batcher.next_batch();

@@ -12,6 +12,24 @@ use crate::rng::Rng;
 use std::collections::BTreeMap;
 use std::path::Path;
 
+/// Something holding CPU sessions (a `&mut Session`, an evaluator's session), lent to
+/// the pool's worker by [`Session::on_workers`] while the lending thread waits for it.
+pub(crate) struct OnCpu<T>(pub(crate) T);
+
+// SAFETY: a session is `Send` but for the GPU engine's CUDA handles, and `on_workers`
+// moves its closure (and the `OnCpu` values it holds) to another thread only for a CPU
+// session, whose companions (an evaluator's session) run on the same device; the lending
+// thread blocks in `install` until the closure is done with them.
+unsafe impl<T> Send for OnCpu<T> {}
+
+impl<T> OnCpu<T> {
+    /// The value; taking it by value makes a closure capture the whole wrapper (not
+    /// just its field, which is not `Send`).
+    pub(crate) fn into_inner(self) -> T {
+        self.0
+    }
+}
+
 pub struct Session {
     pub bundle: Bundle,
     pub exec: Engine,
@@ -35,16 +53,8 @@ impl Session {
     /// ends (a futex wake-up of the calling thread per step).
     pub fn on_workers<R: Send>(&mut self, f: impl FnOnce(&mut Session) -> R + Send) -> R {
         let Some(pool) = self.exec.cpu().and_then(|e| e.workers()) else { return f(self) };
-        /// The session, sent to the pool's worker while this thread waits for it.
-        struct Lent<'a>(&'a mut Session);
-        // SAFETY: a session is `Send` but for the GPU engine's CUDA handles; this one
-        // runs on the CPU, and this thread blocks in `install` until `f` is done with it.
-        unsafe impl Send for Lent<'_> {}
-        let lent = Lent(self);
-        pool.install(move || {
-            let lent = lent;
-            f(lent.0)
-        })
+        let lent = OnCpu(self);
+        pool.install(move || f(lent.into_inner()))
     }
 
     fn buffers_of(&self, kind: BufKind) -> Vec<(usize, String, Vec<usize>, DType)> {
