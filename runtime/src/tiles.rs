@@ -429,9 +429,12 @@ macro_rules! tile_kernel {
                     // A pointer to every third row of the tile (four cover `MR` = 12),
                     // each advanced by one step of the sum, the rows between one and two
                     // row strides from it. With one pointer for all rows, the compiler
-                    // carried it from step to step through `R` dependent adds: 13 cycles
-                    // a step against the 12 of its 24 FMAs (measured on one thread, a
-                    // transposed `a` and long sums: 162 → 193 GFLOP/s).
+                    // carried it from step to step through `R` dependent adds, 13 cycles
+                    // a step against the 12 of its 24 FMAs; now one add is carried.
+                    // (Measured, old and new binaries alternating, one thread, W2/W3's
+                    // weight gradients: tiles ÷ crate 0.96–0.97 → 0.99–1.03 on
+                    // 384 × 384 × 2048, the other shapes within the noise: the tiles are
+                    // mostly bound by memory there, not by this chain.)
                     let mut ap: [*const f32; 4] = std::array::from_fn(|g| a.ptr.wrapping_add((i + 3 * g) * a.rs));
                     let mut bp = self.b;
                     for _ in 0..self.k {
