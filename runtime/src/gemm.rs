@@ -116,11 +116,12 @@ pub(crate) unsafe fn tiled(m: usize, n: usize, k: usize, c: View, accumulate: bo
             }
         })
     };
-    let threads = if parallel { rayon::current_num_threads() } else { 1 };
     // About four blocks a thread, none under PARALLEL_FLOPS multiply-adds (~1–2 µs:
     // finer, taking and waiting cost more than they balance; W1's 128 × 256 × 10 in
-    // eight blocks ran at 52 GFLOP/s, in two at 50–81, on one thread at 130).
-    let want = (4 * threads).min(m * n * k / PARALLEL_FLOPS);
+    // eight blocks ran at 52 GFLOP/s, in two at 50–81, on one thread at 130). Not
+    // `parallel`: one block, on this thread (split, its blocks went to whatever pool
+    // was current: rayon's global one, both cores, under `--threads 1`).
+    let want = if parallel { (4 * rayon::current_num_threads()).min(m * n * k / PARALLEL_FLOPS) } else { 1 };
     if want <= 1 {
         block((0, m), (0, n));
         return true;
