@@ -6,14 +6,14 @@
 //! (`BMC_AVX512=0`, or [`set_avx512`]) to measure what it gains on the same machine in
 //! the same process (`BMC_BENCH_AB=avx512 bmc bench …`).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use crate::switch::Switch;
 
-static AVX512_ALLOWED: AtomicBool = AtomicBool::new(true);
+static AVX512: Switch = Switch::new("BMC_AVX512");
 
 /// Lets (or stops) the kernels use AVX-512 on a CPU that has it. Takes effect at the
 /// next kernel; a packing made for one width records it (`tiles::Packed`).
 pub fn set_avx512(on: bool) {
-    AVX512_ALLOWED.store(on, Ordering::Relaxed);
+    AVX512.set(on);
 }
 
 /// Whether AVX-512F may be used: the CPU has it, and it was not switched off.
@@ -21,13 +21,7 @@ pub fn set_avx512(on: bool) {
 pub fn avx512() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        static ENV: std::sync::Once = std::sync::Once::new();
-        ENV.call_once(|| {
-            if std::env::var("BMC_AVX512").is_ok_and(|v| v == "0") {
-                set_avx512(false);
-            }
-        });
-        AVX512_ALLOWED.load(Ordering::Relaxed) && std::is_x86_feature_detected!("avx512f")
+        AVX512.on() && std::is_x86_feature_detected!("avx512f")
     }
     #[cfg(not(target_arch = "x86_64"))]
     false

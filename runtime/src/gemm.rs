@@ -9,7 +9,6 @@ use crate::exec::Buffers;
 use crate::kir::{MatMulKernel, MatOperand};
 use ::gemm::Parallelism;
 use rayon::prelude::*;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Products with at least this many multiply-adds use several threads.
 pub(crate) const PARALLEL_FLOPS: usize = 1 << 18;
@@ -147,13 +146,13 @@ pub(crate) unsafe fn tiled(m: usize, n: usize, k: usize, c: View, accumulate: bo
     true
 }
 
-static TILED_PRODUCTS: AtomicBool = AtomicBool::new(true);
+static TILED_PRODUCTS: crate::switch::Switch = crate::switch::Switch::new("BMC_TILED_PRODUCTS");
 
 /// Lets (or stops) standalone products use `tiles`' register tiles ([`tiled`]) where
 /// they measured faster than the crate (`BMC_TILED_PRODUCTS=0`, or
 /// `BMC_BENCH_AB=tiled-products`, to compare in one process).
 pub fn set_tiled_products(on: bool) {
-    TILED_PRODUCTS.store(on, Ordering::Relaxed);
+    TILED_PRODUCTS.set(on);
 }
 
 /// Whether a product into `c` runs through [`tiled`]: wherever `c`'s rows are
@@ -163,13 +162,7 @@ pub fn set_tiled_products(on: bool) {
 /// 256 × 10 × 128; W3's step 487 → 459 ms, W1's faster in 642 and 775 of 1000 pairs,
 /// W2 even (`BMC_BENCH_AB=tiled-products`).
 fn through_tiles(c: View) -> bool {
-    static ENV: std::sync::Once = std::sync::Once::new();
-    ENV.call_once(|| {
-        if std::env::var("BMC_TILED_PRODUCTS").is_ok_and(|v| v == "0") {
-            set_tiled_products(false);
-        }
-    });
-    TILED_PRODUCTS.load(Ordering::Relaxed) && c.cs == 1
+    TILED_PRODUCTS.on() && c.cs == 1
 }
 
 #[derive(Clone, Copy)]

@@ -37,6 +37,7 @@ pub mod rng;
 pub mod rows;
 pub mod sample;
 pub mod session;
+mod switch;
 pub mod tiles;
 
 pub use error::{Error, Result};
