@@ -64,7 +64,22 @@ def main():
             h.kill()
 
 
+def cpu():
+    """The CPU, as far as /proc/cpuinfo tells: machines of one kind differ between sessions
+    (AMD Zen 4 runs AVX-512 at half the width of Zen 5, so bmc's kernels there have
+    PyTorch's AVX2 FMA rate), and ratios are only comparable on the same CPU."""
+    try:
+        info = open("/proc/cpuinfo").read().split("\n\n")[0]
+    except OSError:
+        return "unknown"
+    field = {k.strip(): v for k, v in (l.split(":", 1) for l in info.splitlines() if ":" in l)}
+    get = lambda k: field.get(k, "?").strip()
+    avx512 = "avx512f" in get("flags").split()
+    return f"{get('model name')}, family {get('cpu family')} model {get('model')}, avx512f {'yes' if avx512 else 'no'}, {os.cpu_count()} CPUs"
+
+
 def compare(a):
+    print(json.dumps({"cpu": cpu()}), flush=True)
     tagged = []  # (workload, round, result)
     for w in a.workloads:
         model, peer, warmup, steps, batches = WORKLOADS[w]
