@@ -462,6 +462,40 @@ mod tests {
     /// splits into more column blocks and into more row blocks, a narrow output (`cᵀ`
     /// computed), a column-major output (`one` takes `cᵀ = bᵀ aᵀ`), sums of several
     /// blocks; against the interpreter, and the same bits on 1, 2 and 3 threads.
+    /// A product not run in parallel stays on the calling thread, also outside any
+    /// pool (`--threads 1`), where a split would hand its blocks to rayon's global
+    /// pool: the packing of its transposed `b` is this thread's.
+    #[test]
+    fn products_not_in_parallel_run_on_the_calling_thread() {
+        let (m, n, k) = (256, 256, 256);
+        assert!(m * n * k / super::PARALLEL_FLOPS >= 8, "large enough to have been split");
+        let a = vec![0.5f32; m * k];
+        let b = vec![0.25f32; k * n];
+        let mut c = vec![0.0f32; m * n];
+        std::thread::spawn(move || {
+            // SAFETY: the views cover a (m × k), b (transposed, k × n) and c (m × n).
+            let done = unsafe {
+                super::tiled(
+                    m,
+                    n,
+                    k,
+                    super::View::dense(c.as_mut_ptr(), n),
+                    false,
+                    super::View::dense(a.as_ptr(), k),
+                    super::View::dense(b.as_ptr(), k).t(),
+                    1.0,
+                    false,
+                )
+            };
+            if done {
+                assert!(super::STRIPS.with(|s| !s.borrow().is_empty()), "the product's blocks ran on other threads");
+                assert!(c.iter().all(|&x| x == 0.5 * 0.25 * k as f32));
+            }
+        })
+        .join()
+        .unwrap();
+    }
+
     #[test]
     fn tiled_products_split_among_threads() {
         let shapes = [(300, 40, 600, true), (40, 300, 300, false), (256, 10, 128, true), (64, 600, 280, false), (33, 7, 50, false)];

@@ -90,6 +90,14 @@ pub(crate) struct Packed {
     transposed: Vec<f32>,
 }
 
+#[cfg(test)]
+impl Packed {
+    /// Whether nothing was ever packed here.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.strips.is_empty()
+    }
+}
+
 /// `c = alpha · a @ b`, or `c += alpha · a @ b` with `accumulate` (`a`: m × k, `b`:
 /// k × n, `c`: m × n with row stride `ldc` and contiguous rows), on this thread.
 /// `pack` is scratch for `b`'s strips.
