@@ -109,9 +109,7 @@ pub fn run(bundle: Bundle, opts: &BenchOptions) -> Result<BenchResult> {
                 }
             }
             let t0 = Instant::now();
-            s.feed(b, "the benchmark data")?;
-            s.set_hypers(step, total, true, &mut rng)?;
-            s.run("train_step")?;
+            s.train_step(b, "the benchmark data", step, total, &mut rng)?;
             let dt = t0.elapsed().as_secs_f64() * 1e3;
             if first_losses.len() < 5 {
                 first_losses.push(s.scalar("train_step", "loss")?);

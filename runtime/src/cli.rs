@@ -381,9 +381,7 @@ pub fn train(mut bundle: Bundle, args: &TrainArgs, respec: Respecialise) -> Resu
         for step in start..steps {
             let ts = Instant::now();
             let b: Batch = batcher.next_batch();
-            session.feed(&b, "the training data")?;
-            session.set_hypers(step, steps, true, &mut rng)?;
-            session.run("train_step")?;
+            session.train_step(&b, "the training data", step, steps, &mut rng)?;
             let loss = session.scalar("train_step", "loss")?;
             let lr = session.scalar("train_step", "lr")?;
             let grad_norm = session.scalar("train_step", "grad_norm")?;

@@ -178,6 +178,14 @@ impl Session {
         Ok(())
     }
 
+    /// One training step on `batch` (read from `source`, for errors): the inputs, the
+    /// runtime scalars of step `step` of `total`, then the `train_step` entry.
+    pub fn train_step(&mut self, batch: &Batch, source: &str, step: u64, total: u64, rng: &mut Rng) -> Result<()> {
+        self.feed(batch, source)?;
+        self.set_hypers(step, total, true, rng)?;
+        self.run("train_step")
+    }
+
     /// Runs an entry and returns its named scalar results' first elements.
     pub fn run(&mut self, entry: &str) -> Result<()> {
         self.exec.run(entry)
