@@ -7,6 +7,7 @@
 use crate::error::{Error, Result};
 use crate::exec::Buffers;
 use crate::kir::{MatMulKernel, MatOperand};
+use crate::switch::Switch;
 use ::gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -146,7 +147,7 @@ pub(crate) unsafe fn tiled(m: usize, n: usize, k: usize, c: View, accumulate: bo
     true
 }
 
-static TILED_PRODUCTS: crate::switch::Switch = crate::switch::Switch::new("BMC_TILED_PRODUCTS");
+static TILED_PRODUCTS: Switch = Switch::new("BMC_TILED_PRODUCTS");
 
 /// Lets (or stops) standalone products use `tiles`' register tiles ([`tiled`]) where
 /// they measured faster than the crate (`BMC_TILED_PRODUCTS=0`, or
@@ -458,37 +459,23 @@ mod tests {
         case(&[2], 96, 128, 70, true, true, false, true, true, 3);
     }
 
-    /// Standalone products through the register tiles split among threads (`tiled`):
-    /// splits into more column blocks and into more row blocks, a narrow output (`cᵀ`
-    /// computed), a column-major output (`one` takes `cᵀ = bᵀ aᵀ`), sums of several
-    /// blocks; against the interpreter, and the same bits on 1, 2 and 3 threads.
     /// A product not run in parallel stays on the calling thread, also outside any
     /// pool (`--threads 1`), where a split would hand its blocks to rayon's global
     /// pool: the packing of its transposed `b` is this thread's.
     #[test]
     fn products_not_in_parallel_run_on_the_calling_thread() {
+        use super::{PARALLEL_FLOPS, STRIPS, View, tiled};
         let (m, n, k) = (256, 256, 256);
-        assert!(m * n * k / super::PARALLEL_FLOPS >= 8, "large enough to have been split");
+        assert!(m * n * k / PARALLEL_FLOPS >= 8, "large enough to have been split");
         let a = vec![0.5f32; m * k];
         let b = vec![0.25f32; k * n];
         let mut c = vec![0.0f32; m * n];
         std::thread::spawn(move || {
+            let (cv, av, bv) = (View::dense(c.as_mut_ptr(), n), View::dense(a.as_ptr(), k), View::dense(b.as_ptr(), k).t());
             // SAFETY: the views cover a (m × k), b (transposed, k × n) and c (m × n).
-            let done = unsafe {
-                super::tiled(
-                    m,
-                    n,
-                    k,
-                    super::View::dense(c.as_mut_ptr(), n),
-                    false,
-                    super::View::dense(a.as_ptr(), k),
-                    super::View::dense(b.as_ptr(), k).t(),
-                    1.0,
-                    false,
-                )
-            };
+            let done = unsafe { tiled(m, n, k, cv, false, av, bv, 1.0, false) };
             if done {
-                assert!(super::STRIPS.with(|s| !s.borrow().is_empty()), "the product's blocks ran on other threads");
+                assert!(STRIPS.with(|s| !s.borrow().is_empty()), "the product's blocks ran on other threads");
                 assert!(c.iter().all(|&x| x == 0.5 * 0.25 * k as f32));
             }
         })
@@ -496,6 +483,10 @@ mod tests {
         .unwrap();
     }
 
+    /// Standalone products through the register tiles split among threads (`tiled`):
+    /// splits into more column blocks and into more row blocks, a narrow output (`cᵀ`
+    /// computed), a column-major output (`one` takes `cᵀ = bᵀ aᵀ`), sums of several
+    /// blocks; against the interpreter, and the same bits on 1, 2 and 3 threads.
     #[test]
     fn tiled_products_split_among_threads() {
         let shapes = [(300, 40, 600, true), (40, 300, 300, false), (256, 10, 128, true), (64, 600, 280, false), (33, 7, 50, false)];
