@@ -23,9 +23,12 @@ use crate::tiles::product as mm;
 use rayon::prelude::*;
 
 /// Query rows per block: the scratch is `QB × tk` scores (and as many score gradients).
-/// Smaller blocks skip more of the causal mask's zeros; larger ones make longer
-/// products.
-pub const QB: usize = 64;
+/// Smaller blocks skip more of the causal mask's zeros (W2's 128 rows: 62.5% of the
+/// full products computed with 32, 75% with 64); larger ones make longer products and pack
+/// `kᵀ` and `vᵀ` fewer times. Measured in W2's step on Zen 4 (`bmc bench --profile`,
+/// binaries alternating, three pairs): backward 9.5–10.1 ms (64) → 8.7–9.2 (32), forward
+/// 3.8–4.0 → 3.4–3.9; 16 the same as 32; W3 even.
+pub const QB: usize = 32;
 
 /// Whether operand `o` stays inside a buffer of `len` elements over `batch × rows × cols`.
 pub(crate) fn operand_in_bounds(o: &MatOperand, batch: &[usize], rows: usize, cols: usize, len: usize) -> Result<()> {

@@ -94,7 +94,7 @@ pub fn run(bundle: Bundle, opts: &BenchOptions) -> Result<BenchResult> {
     // 10%).
     let ab = std::env::var("BMC_BENCH_AB")
         .ok()
-        .filter(|v| ["row-groups", "packed-panels", "avx512", "formulas", "beside", "tiled-products"].contains(&v.as_str()));
+        .filter(|v| ["row-groups", "packed-panels", "avx512", "formulas", "beside", "tiled-products", "long-sums"].contains(&v.as_str()));
     s.on_workers(|s| -> Result<()> {
         for step in 0..total {
             let b = &batches[step as usize % batches.len()];
@@ -105,6 +105,7 @@ pub fn run(bundle: Bundle, opts: &BenchOptions) -> Result<BenchResult> {
                     "formulas" => e.set_formulas(step % 2 == 1),
                     "beside" => e.set_beside(step % 2 == 1),
                     "tiled-products" => crate::gemm::set_tiled_products(step % 2 == 1),
+                    "long-sums" => crate::gemm::set_long_sums_to_crate(step % 2 == 1),
                     _ => e.set_packed_panels(step % 2 == 1),
                 }
             }
