@@ -9,8 +9,9 @@
 //! - backward: the block's `p` is recomputed, then `dp = dO vᵀ`,
 //!   `ds = scale · p (dp − Σ p·dp)`, `dq = ds k`, `dk += dsᵀ q`, `dv += pᵀ dO`.
 //!
-//! Work is split on the current rayon pool: forward tasks are (batch index, query
-//! block), backward tasks batch indices (their dk and dv sum over every query row);
+//! Work is split on the current rayon pool: tasks are batch indices (the backward's dk
+//! and dv sum over every query row; a forward task's blocks share one packing of `kᵀ`),
+//! or (batch index, query block) for a forward with few batch indices;
 //! each writes only its own part of the output and is computed the same way whatever
 //! the thread count, so results are bit-identical across thread counts. All arithmetic
 //! is f32.
@@ -19,7 +20,7 @@ use crate::error::{Error, Result};
 use crate::exec::Buffers;
 use crate::gemm::View;
 use crate::kir::{AttentionBackwardKernel, AttentionKernel, BufId, MatOperand};
-use crate::tiles::product as mm;
+use crate::tiles::{Packed, product as mm};
 use rayon::prelude::*;
 
 /// Query rows per block: the scratch is `QB × tk` scores (and as many score gradients).
@@ -79,14 +80,74 @@ struct Ptrs {
 struct Scratch {
     p: Vec<f32>,
     dp: Vec<f32>,
-    /// `kᵀ` or `vᵀ` of a block, copied into [`mm`]'s column strips.
-    pack: crate::tiles::Packed,
+    /// `kᵀ` and `vᵀ` of a batch index packed once for all its blocks (`tiles::pack`, as
+    /// many keys as the task's last block sees), and whether they are.
+    kt: Packed,
+    vt: Packed,
+    packed: bool,
+    /// Scratch for the strips of any other operand [`mm`] packs.
+    pack: Packed,
 }
 
 impl Scratch {
     fn new(a: &AttentionKernel, backward: bool) -> Scratch {
         let len = a.tq.min(QB) * a.tk;
-        Scratch { p: vec![0.0; len], dp: vec![0.0; if backward { len } else { 0 }], pack: Default::default() }
+        Scratch {
+            p: vec![0.0; len],
+            dp: vec![0.0; if backward { len } else { 0 }],
+            kt: Default::default(),
+            vt: Default::default(),
+            packed: false,
+            pack: Default::default(),
+        }
+    }
+
+    /// Packs `kᵀ` (and `vᵀ` for the backward) over the first `n` keys of batch `b`, once
+    /// for the blocks of a task: per block, the causal blocks' growing key ranges had
+    /// packed them again and again (W2's four blocks: 320 keys packed instead of 128).
+    ///
+    /// # Safety
+    /// The operands were checked in bounds.
+    unsafe fn pack_keys(&mut self, r: &Run, b: usize, n: usize, backward: bool) {
+        let (a, p) = (r.a, r.p);
+        let kt = View::of(p.k, r.offs.k[b], &a.k, 0).t();
+        // SAFETY: k (and v) cover tk ≥ n keys.
+        unsafe {
+            self.packed = crate::tiles::pack(a.d, n, kt, &mut self.kt, false);
+            if backward && self.packed {
+                let vt = View::of(p.v, r.offs.v[b], &a.v, 0).t();
+                crate::tiles::pack(a.dv, n, vt, &mut self.vt, false);
+            }
+        }
+    }
+}
+
+/// `c = alpha · a @ bᵀ` over the first `n` of the `all` keys whose `bᵀ` is in `packed`
+/// (when `sc.packed`; else `bt` is packed here), into rows of stride `ldc ≥ all`.
+///
+/// # Safety
+/// As [`mm`].
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn mm_keys(
+    m: usize,
+    n: usize,
+    k: usize,
+    c: *mut f32,
+    ldc: usize,
+    a: View,
+    bt: View,
+    alpha: f32,
+    packed: Option<&Packed>,
+    all: usize,
+    pack: &mut Packed,
+) {
+    // SAFETY: forwarded; columns up to the packed prefix lie inside rows of ldc ≥ all.
+    unsafe {
+        match packed {
+            Some(pk) => crate::tiles::product_packed(m, crate::tiles::packed_prefix(pk, n, all), k, c, ldc, false, a, pk, alpha),
+            None => mm(m, n, k, c, ldc, false, a, bt, alpha, pack),
+        }
     }
 }
 
@@ -204,13 +265,16 @@ impl Run<'_> {
     /// # Safety
     /// Every operand must have been checked in bounds.
     #[inline(always)]
-    unsafe fn probabilities(&self, sc: &mut Scratch, b: usize, i0: usize, i1: usize) {
+    unsafe fn probabilities(&self, sc: &mut Scratch, b: usize, i0: usize, i1: usize, all: usize) {
         let (a, p, offs) = (self.a, self.p, &self.offs);
         let (tk, n) = (a.tk, self.keys(i1 - 1));
         let q = View::of(p.q, offs.q[b], &a.q, i0);
         let kt = View::of(p.k, offs.k[b], &a.k, 0).t();
-        // SAFETY: q and k are in bounds; p holds (i1 - i0) rows of tk.
-        unsafe { mm(i1 - i0, n, a.d, sc.p.as_mut_ptr(), tk, false, q, kt, a.scale as f32, &mut sc.pack) };
+        // SAFETY: q and k are in bounds; p holds (i1 - i0) rows of tk ≥ all.
+        unsafe {
+            let packed = sc.packed.then_some(&sc.kt);
+            mm_keys(i1 - i0, n, a.d, sc.p.as_mut_ptr(), tk, q, kt, a.scale as f32, packed, all, &mut sc.pack)
+        };
         for i in i0..i1 {
             let row = &mut sc.p[(i - i0) * tk..(i - i0) * tk + n];
             let (seen, unseen) = row.split_at_mut(self.keys(i));
@@ -231,27 +295,35 @@ impl Run<'_> {
             for x in seen.iter_mut() {
                 *x = exp(*x - mx);
             }
-            let l = lanes(seen, 0.0, |s, x| s + x);
+            // One division a row, then products: a division an element cost as much
+            // as its exp (Zen 4's divider at half width).
+            let inv = 1.0 / lanes(seen, 0.0, |s, x| s + x);
             for x in seen.iter_mut() {
-                *x /= l;
+                *x *= inv;
             }
         }
     }
 
-    /// The forward of query rows `i0..i1` of batch `b`.
+    /// The forward of query rows `r0..r1` of batch `b`, a block of [`QB`] at a time
+    /// over one packing of `kᵀ`.
     ///
     /// # Safety
     /// Every operand must have been checked in bounds; the output must be a distinct
     /// buffer (these rows of it are written by this call only).
     #[inline(always)]
-    unsafe fn forward(&self, sc: &mut Scratch, b: usize, i0: usize, i1: usize) {
+    unsafe fn forward(&self, sc: &mut Scratch, b: usize, r0: usize, r1: usize) {
         let (a, p) = (self.a, self.p);
-        let out = (p.out as *mut f32).wrapping_add((b * a.tq + i0) * a.dv);
         let v = View::of(p.v, self.offs.v[b], &a.v, 0);
-        // SAFETY: as documented; the output block is (i1 - i0) × dv, dense.
+        let all = self.keys(r1 - 1);
+        // SAFETY: as documented; each output block is (i1 - i0) × dv, dense.
         unsafe {
-            self.probabilities(sc, b, i0, i1);
-            mm(i1 - i0, a.dv, self.keys(i1 - 1), out, a.dv, false, View::dense(sc.p.as_ptr(), a.tk), v, 1.0, &mut sc.pack);
+            sc.pack_keys(self, b, all, false);
+            for i0 in (r0..r1).step_by(QB) {
+                let i1 = (i0 + QB).min(r1);
+                let out = (p.out as *mut f32).wrapping_add((b * a.tq + i0) * a.dv);
+                self.probabilities(sc, b, i0, i1, all);
+                mm(i1 - i0, a.dv, self.keys(i1 - 1), out, a.dv, false, View::dense(sc.p.as_ptr(), a.tk), v, 1.0, &mut sc.pack);
+            }
         }
     }
 
@@ -277,12 +349,15 @@ impl Run<'_> {
         unsafe {
             std::slice::from_raw_parts_mut(dk, tk * d).fill(0.0);
             std::slice::from_raw_parts_mut(dvv, tk * dv).fill(0.0);
+            let all = self.keys(tq - 1);
+            sc.pack_keys(self, b, all, true);
             for i0 in (0..tq).step_by(QB) {
                 let i1 = (i0 + QB).min(tq);
                 let (m, n) = (i1 - i0, self.keys(i1 - 1));
-                self.probabilities(sc, b, i0, i1);
+                self.probabilities(sc, b, i0, i1, all);
                 let go = View::of(p.dout, offs.dout[b], dout, i0);
-                mm(m, n, dv, sc.dp.as_mut_ptr(), tk, false, go, v.t(), 1.0, &mut sc.pack);
+                let packed = sc.packed.then_some(&sc.vt);
+                mm_keys(m, n, dv, sc.dp.as_mut_ptr(), tk, go, v.t(), 1.0, packed, all, &mut sc.pack);
                 for r in 0..m {
                     let pr = &sc.p[r * tk..r * tk + n];
                     let dr = &mut sc.dp[r * tk..r * tk + n];
@@ -358,15 +433,20 @@ fn for_tasks(a: &AttentionKernel, n: usize, backward: bool, threads: usize, f: i
 }
 
 /// The forward kernel. Call inside the executor's pool (`pool.install`) so that its
-/// parallelism uses that pool. A task is one block of query rows of one batch index.
+/// parallelism uses that pool. A task is one batch index, or one block of its query
+/// rows when there are few batch indices.
 pub fn forward(a: &AttentionKernel, bufs: &mut Buffers, threads: usize) -> Result<()> {
     check(a, None, a.out_len(), |b| bufs.f32(b).ok().map(|x| x.len()))?;
     let r = Run { a, dout: None, p: ptrs(a, None, bufs)?, offs: Offsets::new(a, None) };
     let width = width();
-    let blocks = a.tq.div_ceil(QB);
+    // A task is a batch index (its blocks share one packing of `kᵀ`), or one block of
+    // it when there are too few batch indices to share among the threads.
+    let blocks = if a.batch_count() >= 4 * threads { 1 } else { a.tq.div_ceil(QB) };
+    // Blocks start at multiples of QB either way: results do not depend on the split.
+    let rows = if blocks == 1 { a.tq } else { QB };
     for_tasks(a, a.batch_count() * blocks, false, threads, |sc, t| {
-        let (b, i0) = (t / blocks, t % blocks * QB);
-        let i1 = (i0 + QB).min(a.tq);
+        let (b, i0) = (t / blocks, t % blocks * rows);
+        let i1 = (i0 + rows).min(a.tq);
         // SAFETY: every operand was checked in bounds above; the output is a distinct
         // buffer and each task writes only its own rows; the width was detected.
         unsafe {

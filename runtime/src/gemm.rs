@@ -278,7 +278,7 @@ pub(crate) unsafe fn panel_packed(k: &MatMulKernel, bufs: *const *mut u8, r0: us
     unsafe {
         let base = |b: usize| *bufs.add(b) as usize;
         let (c, a) = (View::of(base(k.c.buf), k.c.offset, &k.c, r0), View::of(base(k.a.buf), k.a.offset, &k.a, r0));
-        crate::tiles::product_packed(r1 - r0, k.n, k.k, c.ptr as *mut f32, c.rs, k.accumulate, a, packed);
+        crate::tiles::product_packed(r1 - r0, k.n, k.k, c.ptr as *mut f32, c.rs, k.accumulate, a, packed, 1.0);
     }
 }
 

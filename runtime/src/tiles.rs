@@ -261,18 +261,40 @@ unsafe fn pack_range(k: usize, n: usize, b: View, dst: *mut f32, l: usize) {
     }
 }
 
-/// `c (+)= a @ b` with `b` already packed by [`pack`] (which returned `true`).
+/// `c (+)= alpha · a @ b` with `b` already packed by [`pack`] (which returned `true`).
 ///
 /// # Safety
-/// As [`product`]; `packed` holds `b` (k × n) packed by [`pack`].
+/// As [`product`]; `packed` holds `b` (k × n) packed by [`pack`], or more columns of
+/// it when `n` is a [`packed_prefix`] of them.
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn product_packed(m: usize, n: usize, k: usize, c: *mut f32, ldc: usize, accumulate: bool, a: View, packed: &Packed) {
+pub(crate) unsafe fn product_packed(
+    m: usize,
+    n: usize,
+    k: usize,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+    a: View,
+    packed: &Packed,
+    alpha: f32,
+) {
     if m == 0 || n == 0 || k == 0 {
         return;
     }
     assert!(packed.lanes > 0 && packed.strips.len() >= k * n.next_multiple_of(packed.lanes), "product_packed: `b` is not packed");
     // SAFETY: forwarded from the caller; `pack` ran, so the width's instructions exist.
-    unsafe { run(m, n, k, c, ldc, accumulate, a, None, packed, packed.lanes, 1.0) };
+    unsafe { run(m, n, k, c, ldc, accumulate, a, None, packed, packed.lanes, alpha) };
+}
+
+/// The columns to multiply so that a product over the first `n` of the `all` columns
+/// packed in `packed` reads the packing as it lies: `n` rounded up to whole wide strips
+/// (at most `all`), since the strips of fewer columns than were packed end in a
+/// narrower one, laid out differently. The columns past `n` are computed too (each
+/// element the same sum whatever the columns around it), so `c` must have room for them.
+/// For attention's causal blocks, whose keys grow block by block over one packing of
+/// `kᵀ`.
+pub(crate) fn packed_prefix(packed: &Packed, n: usize, all: usize) -> usize {
+    n.next_multiple_of(2 * packed.lanes.max(1)).min(all)
 }
 
 /// The register tiles of width `l` (16: AVX-512, 8: AVX2) over `b` read in place
@@ -686,6 +708,40 @@ mod tests {
         pool.install(|| sweep(true, true));
     }
 
+    /// A product over the first columns of a packing (`packed_prefix`: attention's causal
+    /// blocks over one packing of `kᵀ`) equals, on those columns, the product of just
+    /// them, bit for bit, for every width and every prefix length.
+    #[test]
+    fn products_over_a_prefix_of_a_packing_match_the_prefix_alone() {
+        let (m, k, all) = (13, 9, 75);
+        let val = |s: usize, i: usize| ((i * 7919 + s * 104729) % 1000) as f32 / 500.0 - 1.0;
+        let av: Vec<f32> = (0..m * k).map(|i| val(1, i)).collect();
+        // bᵀ stored row-major (all × k): b = its transpose, packed as attention packs kᵀ.
+        let bt: Vec<f32> = (0..all * k).map(|i| val(2, i)).collect();
+        let a = View::dense(av.as_ptr(), k);
+        let b = View { ptr: bt.as_ptr(), rs: 1, cs: k };
+        for l in available().into_iter().flatten() {
+            let (mut packed, mut scratch) = (Packed::default(), Packed::default());
+            // SAFETY: b covers k × all.
+            unsafe { pack_in(k, all, b, &mut packed, false, l) };
+            for n in 1..=all {
+                let cols = packed_prefix(&packed, n, all);
+                assert!(cols >= n && cols <= all);
+                let (mut got, mut want) = (vec![f32::NAN; m * all], vec![f32::NAN; m * all]);
+                // SAFETY: the views cover their matrices; c holds m rows of `all` ≥ cols.
+                unsafe {
+                    product_packed(m, cols, k, got.as_mut_ptr(), all, false, a, &packed, 0.5);
+                    product_in(m, n, k, want.as_mut_ptr(), all, false, a, b, 0.5, &mut scratch, Some(l));
+                }
+                for r in 0..m {
+                    for j in 0..n {
+                        assert_eq!(got[r * all + j].to_bits(), want[r * all + j].to_bits(), "{l} lanes, n {n}, c[{r}][{j}]");
+                    }
+                }
+            }
+        }
+    }
+
     fn sweep(packed_once: bool, parallel: bool) {
         let (mut strips, mut pack_b) = (Packed::default(), Packed::default());
         let shapes = [
@@ -736,7 +792,7 @@ mod tests {
                             // leaves (the last strip's padding) must never be read.
                             pack_b.strips.iter_mut().for_each(|x| *x = f32::NAN);
                             pack_in(k, n, b, &mut pack_b, parallel, l);
-                            product_packed(m, n, k, cv.as_mut_ptr(), ldc, accumulate, a, &pack_b);
+                            product_packed(m, n, k, cv.as_mut_ptr(), ldc, accumulate, a, &pack_b, 1.0);
                         } else {
                             product_in(m, n, k, cv.as_mut_ptr(), ldc, accumulate, a, b, alpha, &mut strips, Some(l));
                         }
@@ -945,7 +1001,7 @@ mod timing {
                         // holds b.
                         unsafe {
                             if *once {
-                                product_packed(m, n, k, cp, n, false, av, pack);
+                                product_packed(m, n, k, cp, n, false, av, pack, 1.0);
                             } else {
                                 product_in(m, n, k, cp, n, false, av, bv, 1.0, pack, *l);
                             }
