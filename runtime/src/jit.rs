@@ -597,7 +597,7 @@ impl<'k> Gen<'_, 'k> {
             let v = g.expr(e)?;
             let off = g.b.ins().imul_imm_s(g.idx[d], 4);
             let addr = g.b.ins().iadd(base, off);
-            g.b.ins().store(vflags(), v, addr, 0);
+            g.b.ins().store(vflags(), v, addr, g.lane_off as i32);
             Ok(())
         };
         self.lanes_then_tail(d, zero, end, point)?;
@@ -605,13 +605,24 @@ impl<'k> Gen<'_, 'k> {
         Ok(base)
     }
 
-    /// The loop of level `d` over `start..end` in vector lanes along `d` (4 points per
-    /// iteration), then a scalar tail; `body` emits one iteration.
+    /// The loop of level `d` over `start..end` in vector lanes along `d`, 8 points per
+    /// iteration (`body` twice, the second [`LANES`] points on through `lane_off`), then
+    /// 4, then a scalar tail; `body` emits one vector or scalar step. Two steps an
+    /// iteration halve the loop's own instructions (an add per moving pointer, the
+    /// index, compare and branch: as many as a bias add's load, add and store).
     fn lanes_then_tail(&mut self, d: usize, start: Value, end: Value, body: impl Fn(&mut Self) -> Result<()>) -> Result<()> {
         self.vaxis = Some(d);
-        let (i, addrs) = self.emit_loop(d, start, end, LANES, &body)?;
-        self.vaxis = None;
+        let (i, addrs) = self.emit_loop(d, start, end, 2 * LANES, |g| {
+            body(g)?;
+            g.lane_off = 4 * LANES;
+            let r = body(g);
+            g.lane_off = 0;
+            r
+        })?;
         let saved = std::mem::replace(&mut self.addrs, addrs);
+        let (i, addrs) = self.emit_loop(d, i, end, LANES, &body)?;
+        self.vaxis = None;
+        self.addrs = addrs;
         self.emit_loop(d, i, end, 1, &body)?;
         self.addrs = saved;
         Ok(())
