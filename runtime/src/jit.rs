@@ -788,29 +788,34 @@ impl<'k> Gen<'_, 'k> {
         Ok(())
     }
 
-    /// The innermost, reduced level with vector accumulators: 8 points per iteration
-    /// into two accumulators, then 4, then a horizontal combine and a scalar tail.
+    /// The innermost, reduced level with vector accumulators: 16 points per iteration
+    /// into four accumulators (four chains of adds: an add's latency is three or four
+    /// cycles, so two chains left a row's sum bound by it), then 4 into the first, then
+    /// a combine (`(a + b) + (c + d)`, then horizontally) and a scalar tail.
     fn reduce_inner(&mut self, d: usize, start: Value, end: Value) -> Result<()> {
+        const ACCS: usize = 4;
         let (op, _) = self.reduce_start().expect("a reduction");
         let sacc = self.acc.expect("an accumulator");
         self.vaxis = Some(d);
-        let va = self.b.declare_var(types::F32X4);
-        let vb = self.b.declare_var(types::F32X4);
         let id = self.f32c(interp::reduce_identity(op));
-        self.b.def_var(va, id);
-        self.b.def_var(vb, id);
-        let (i1, a1) = self.emit_loop(d, start, end, 2 * LANES, |g| {
-            g.acc = Some(va);
-            g.point()?;
-            g.acc = Some(vb);
-            g.lane_off = 4 * LANES;
-            let r = g.point();
+        let vs: Vec<Variable> = (0..ACCS).map(|_| self.b.declare_var(types::F32X4)).collect();
+        for &v in &vs {
+            self.b.def_var(v, id);
+        }
+        let va = vs[0];
+        let (i1, a1) = self.emit_loop(d, start, end, ACCS as i64 * LANES, |g| {
+            for (n, &v) in vs.iter().enumerate() {
+                g.acc = Some(v);
+                g.lane_off = 4 * LANES * n as i64;
+                g.point()?;
+            }
             g.lane_off = 0;
-            r
+            Ok(())
         })?;
-        let x = self.b.use_var(va);
-        let y = self.b.use_var(vb);
-        let r = self.combine(op, x, y);
+        let x: Vec<Value> = vs.iter().map(|&v| self.b.use_var(v)).collect();
+        let ab = self.combine(op, x[0], x[1]);
+        let cd = self.combine(op, x[2], x[3]);
+        let r = self.combine(op, ab, cd);
         self.b.def_var(va, r);
         let saved = std::mem::replace(&mut self.addrs, a1);
         let (i2, a2) = self.emit_loop(d, i1, end, LANES, |g| {
