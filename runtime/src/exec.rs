@@ -940,6 +940,12 @@ impl Executor {
         self.threads
     }
 
+    /// Runs `f` on the executor's pool (one thread with `--threads 1`), so that a
+    /// parallel iterator inside it uses this executor's threads, not rayon's global pool.
+    pub fn on_pool<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        self.pool.install(f)
+    }
+
     /// The thread pool, where it has more than one thread: a caller that runs many steps
     /// runs its loop on it ([`crate::session::Session::on_workers`]).
     pub fn workers(&self) -> Option<std::sync::Arc<rayon::ThreadPool>> {
@@ -1354,6 +1360,17 @@ mod tests {
     use super::test_support::*;
     use super::*;
     use crate::kir::{MatMulKernel, ReduceOp, UnaryOp};
+
+    /// Work run on the executor's pool (parameter initialisation) sees the executor's
+    /// thread count, one included, not rayon's global pool.
+    #[test]
+    fn work_on_the_pool_sees_its_threads() {
+        let p = program(vec![], vec![]);
+        for threads in [1, 3] {
+            let e = Executor::new(&p, threads).unwrap();
+            assert_eq!(e.on_pool(rayon::current_num_threads), threads);
+        }
+    }
 
     #[test]
     fn an_empty_space_is_injective() {

@@ -73,7 +73,13 @@ impl Session {
         let specs = self.bundle.program.params.clone();
         for p in specs {
             let shape = self.bundle.program.buffers[p.buf].shape.clone();
-            let v = crate::init::init_param(&p.init, &shape, &p.name, seed);
+            // On the executor's threads: drawn in parallel on rayon's global pool, the
+            // parameters used every core whatever `--threads` said.
+            let draw = || crate::init::init_param(&p.init, &shape, &p.name, seed);
+            let v = match self.exec.cpu() {
+                Some(e) => e.on_pool(draw),
+                None => draw(),
+            };
             self.exec.write_f32(p.buf, 0, &v)?;
         }
         Ok(())
