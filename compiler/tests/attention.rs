@@ -148,14 +148,21 @@ fn results_f64(b: &Built) -> HashMap<String, Vec<f64>> {
 }
 
 /// Every element within `rel` of the reference, relative to the larger of the element
-/// and the reference tensor's largest magnitude times 1e-3 (so values that cancel to
-/// near zero are not held to a relative bound they cannot meet).
+/// and the reference tensor's largest magnitude times 1e-2 (so values that cancel to
+/// near zero are not held to a relative bound they cannot meet: with `rel` = 1e-4 in
+/// f32, 1e-3 of the largest magnitude allowed about one ulp of it, and a 33-term sum's
+/// rounding in another order of additions (the JIT's four accumulators) was 1.007 of
+/// that on one of the 990 elements of a `[2, 3] × 33 × 5` query gradient).
 fn assert_close(got: &[f64], want: &[f64], rel: f64, what: &str) {
     assert_eq!(got.len(), want.len(), "{what}: lengths");
     let scale = want.iter().fold(0f64, |m, x| m.max(x.abs()));
     for (i, (a, b)) in got.iter().zip(want).enumerate() {
-        let tol = rel * b.abs().max(a.abs()).max(1e-3 * scale).max(1e-12);
-        assert!((a - b).abs() <= tol, "{what}[{i}]: {a} vs {b}");
+        let tol = rel * b.abs().max(a.abs()).max(1e-2 * scale).max(1e-12);
+        assert!(
+            (a - b).abs() <= tol,
+            "{what}[{i}]: {a} vs {b} (off by {:e}, tolerance {tol:e}, largest magnitude {scale:e})",
+            (a - b).abs()
+        );
     }
 }
 

@@ -122,8 +122,10 @@ impl Scratch {
     }
 }
 
-/// `c = alpha · a @ bᵀ` over the first `n` of the `all` keys whose `bᵀ` is in `packed`
-/// (when `sc.packed`; else `bt` is packed here), into rows of stride `ldc ≥ all`.
+/// `c = alpha · a @ bt` (`bt`: `kᵀ` or `vᵀ`, one column a key) over the first `n` of
+/// `all` keys: from `packed`, the task's packing of `bt`, when there is one (computing
+/// up to its [`crate::tiles::packed_prefix`], so `c`'s rows of stride `ldc ≥ all` get a
+/// few more columns), else packing `bt` here.
 ///
 /// # Safety
 /// As [`mm`].

@@ -641,14 +641,12 @@ impl SumPlan {
         }
     }
 
-    /// Adds the chunks' partial sums (`part`, the kernel's scratch) into their buffers,
-    /// chunk by chunk in order.
-    /// Adds the chunks' partial sums into the sums' buffers, every element in chunk
-    /// order (from 0, or from the buffer's value with `accumulate`). Chunk by chunk over
-    /// all the elements, so that a sum written densely (a bias or embedding gradient)
-    /// adds whole rows in vector lanes; element by element, each element had read its 16
-    /// partial sums 16 spans apart (W2's `[128, 128]` position-embedding gradient: 0.4
-    /// ms a step).
+    /// Adds the chunks' partial sums (`part`, the kernel's scratch) into the sums'
+    /// buffers, every element in chunk order (from 0, or from the buffer's value with
+    /// `accumulate`). Chunk by chunk over all the elements, so that a sum written densely
+    /// (a bias or embedding gradient) adds whole rows in vector lanes; element by
+    /// element, each element had read its 16 partial sums 16 spans apart (W2's
+    /// `[128, 128]` position-embedding gradient: 0.4 ms a step).
     fn combine(&self, bufs: &mut Buffers, part: &[f32]) {
         for s in self.sums.iter().filter(|s| s.span > 0) {
             let out = bufs.f32_mut(s.buf).expect("validated f32");

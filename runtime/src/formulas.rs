@@ -96,7 +96,8 @@ const P1: Pat = Bin(
 /// Adam's outputs: (where it is stored, what is stored).
 const ADAM: [(Slot, &Pat); 3] = [(OUT_M, &M1), (OUT_V, &V1), (OUT_PARAM, &P1)];
 
-// Point holes of a bias and GELU (`exec::LoopFn`'s other formula; Adam's slots reused).
+// Point holes of a bias and GELU (the other formula; numbered apart from Adam's, as
+// each pattern is matched on its own).
 const X: Slot = 0;
 const OUT_PRE: Slot = 1;
 const OUT_ACT: Slot = 2;
