@@ -641,6 +641,22 @@ mod tests {
     const B_SCALARS: BufId = 4; // decay, √bc2, step size, clip at 1, 2, 3, 4
     const B_OUT: BufId = 5; // out of place: the parameter, m, v at 5, 6, 7
 
+    /// An elementwise kernel over `shape` storing `outs` (where, what): output `body` as
+    /// its body, the others as side stores.
+    fn elementwise(shape: &[usize], mut outs: Vec<(Access, ScalarExpr)>, body: usize) -> LoopKernel {
+        let (out, body) = outs.remove(body);
+        LoopKernel {
+            shape: shape.to_vec(),
+            reduce: None,
+            reduced_dims: 0,
+            body,
+            out,
+            accumulate: false,
+            side: outs.into_iter().map(|(into, value)| SideStore { value, into }).collect(),
+            sums: vec![],
+        }
+    }
+
     /// Adam's update of one parameter of `shape`, as the optimiser pass and fusion
     /// write it (the gradient at offset 3 of its buffer, the scalars at offsets 1–4).
     fn adam_program(shape: &[usize], v: Variant) -> Program {
@@ -663,18 +679,7 @@ mod tests {
         let denom = bin(BinaryOp::Add, bin(BinaryOp::Div, un(UnaryOp::Sqrt, v1.clone()), sc(2)), c(1e-8));
         let p1 = bin(BinaryOp::Sub, p0, bin(BinaryOp::Mul, bin(BinaryOp::Div, m1.clone(), denom), sc(3)));
         let into = |b: BufId, i: usize| Access { buf: if v.in_place { b } else { B_OUT + i }, offset: 0, strides: st.clone() };
-        let mut outs = vec![(into(B_PARAM, 0), p1), (into(B_M, 1), m1), (into(B_V, 2), v1)];
-        let (out, body) = outs.remove(v.body);
-        let k = LoopKernel {
-            shape: shape.to_vec(),
-            reduce: None,
-            reduced_dims: 0,
-            body,
-            out,
-            accumulate: false,
-            side: outs.into_iter().map(|(into, value)| SideStore { value, into }).collect(),
-            sums: vec![],
-        };
+        let k = elementwise(shape, vec![(into(B_PARAM, 0), p1), (into(B_M, 1), m1), (into(B_V, 2), v1)], v.body);
         let bufs = vec![
             buf("p", DType::F32, n),
             buf("m", DType::F32, n),
@@ -762,17 +767,7 @@ mod tests {
         if let Some(b) = pre {
             outs.insert(if pre_is_body { 0 } else { 1 }, (at(b), z));
         }
-        let (out, body) = outs.remove(0);
-        let k = LoopKernel {
-            shape: shape.to_vec(),
-            reduce: None,
-            reduced_dims: 0,
-            body,
-            out,
-            accumulate: false,
-            side: outs.into_iter().map(|(into, value)| SideStore { value, into }).collect(),
-            sums: vec![],
-        };
+        let k = elementwise(shape, outs, 0);
         let row_len = *shape.last().unwrap();
         program(
             vec![buf("x", DType::F32, n), buf("b", DType::F32, row_len + 2), buf("pre", DType::F32, n), buf("act", DType::F32, n)],
