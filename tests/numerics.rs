@@ -402,6 +402,32 @@ fn every_adam_update_runs_as_a_formula() {
     }
 }
 
+/// Every GELU after a bias in the models' training steps (the MLP's forward epilogue)
+/// runs through the bias-and-GELU formula's wide code, not its JIT function: a change
+/// in how the compiler writes that kernel would otherwise fall back silently.
+#[test]
+fn every_bias_gelu_runs_as_a_formula() {
+    let mut models: Vec<PathBuf> = std::fs::read_dir(repo().join("models"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "bm"))
+        .collect();
+    models.sort();
+    let mut seen = 0;
+    for path in models {
+        let loaded = driver::load(path.to_str().unwrap(), &FileSource::Disk).unwrap_or_else(|d| panic!("{d}"));
+        let program = driver::compile(&loaded, &Options::default(), Stage::Kernels).unwrap_or_else(|d| panic!("{d}")).program;
+        let e = bm_runtime::exec::Executor::new(&program, 1).unwrap();
+        let gelus: Vec<usize> = (0..program.kernels.len())
+            .filter(|&k| matches!(&program.kernels[k], bm_runtime::kir::Kernel::Loop(l) if format!("{l:?}").contains("Unary(GeluTanh,")))
+            .collect();
+        let formulas = gelus.iter().filter(|&&k| e.formula(k).is_some_and(|f| !f.is_update())).count();
+        assert_eq!(formulas, gelus.len(), "{}: GELU kernels {gelus:?}, {formulas} through the formula", path.display());
+        seen += gelus.len();
+    }
+    assert!(seen > 0, "no model has a GELU");
+}
+
 // ---------------------------------------------------------------------------------
 // W2 "gpt-tiny": from its bit-exact initial parameters and batches, five AdamW steps
 // reproduce PyTorch's losses (models.md "Cross-check values").
