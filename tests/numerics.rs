@@ -371,24 +371,31 @@ fn optimisers_schedules_and_clipping_match_pytorch() {
     }
 }
 
-/// The update the test above checks against PyTorch runs, on the CPU, through the wide
-/// code of a recognised formula (`runtime/src/formulas.rs`) rather than the JIT: one
-/// per parameter for every model in models/ and for Adam's variants (coupled decay,
-/// clipping, no decay).
-#[test]
-fn every_adam_update_runs_as_a_formula() {
-    let mut programs = vec![];
+/// Every model in models/ compiled to kernels, by path, in path order.
+fn model_programs() -> Vec<(String, bm_runtime::kir::Program)> {
     let mut models: Vec<PathBuf> = std::fs::read_dir(repo().join("models"))
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "bm"))
         .collect();
     models.sort();
-    for path in models {
-        let loaded = driver::load(path.to_str().unwrap(), &FileSource::Disk).unwrap_or_else(|d| panic!("{d}"));
-        let c = driver::compile(&loaded, &Options::default(), Stage::Kernels).unwrap_or_else(|d| panic!("{d}"));
-        programs.push((path.display().to_string(), c.program));
-    }
+    models
+        .into_iter()
+        .map(|path| {
+            let loaded = driver::load(path.to_str().unwrap(), &FileSource::Disk).unwrap_or_else(|d| panic!("{d}"));
+            let c = driver::compile(&loaded, &Options::default(), Stage::Kernels).unwrap_or_else(|d| panic!("{d}"));
+            (path.display().to_string(), c.program)
+        })
+        .collect()
+}
+
+/// The update the test above checks against PyTorch runs, on the CPU, through the wide
+/// code of a recognised formula (`runtime/src/formulas.rs`) rather than the JIT: one
+/// per parameter for every model in models/ and for Adam's variants (coupled decay,
+/// clipping, no decay).
+#[test]
+fn every_adam_update_runs_as_a_formula() {
+    let mut programs = model_programs();
     let dir = tempfile::tempdir().unwrap();
     for (optimizer, clip) in [("Adam(lr = 1e-2, weight_decay = 0.1)", "1.0"), ("Adam(lr = 1e-2)", "none"), ("AdamW(lr = 1e-2)", "0.5")] {
         let src = regression_source(1, optimizer, "constant()", clip);
@@ -407,22 +414,14 @@ fn every_adam_update_runs_as_a_formula() {
 /// in how the compiler writes that kernel would otherwise fall back silently.
 #[test]
 fn every_bias_gelu_runs_as_a_formula() {
-    let mut models: Vec<PathBuf> = std::fs::read_dir(repo().join("models"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "bm"))
-        .collect();
-    models.sort();
     let mut seen = 0;
-    for path in models {
-        let loaded = driver::load(path.to_str().unwrap(), &FileSource::Disk).unwrap_or_else(|d| panic!("{d}"));
-        let program = driver::compile(&loaded, &Options::default(), Stage::Kernels).unwrap_or_else(|d| panic!("{d}")).program;
+    for (name, program) in model_programs() {
         let e = bm_runtime::exec::Executor::new(&program, 1).unwrap();
         let gelus: Vec<usize> = (0..program.kernels.len())
             .filter(|&k| matches!(&program.kernels[k], bm_runtime::kir::Kernel::Loop(l) if format!("{l:?}").contains("Unary(GeluTanh,")))
             .collect();
         let formulas = gelus.iter().filter(|&&k| e.formula(k).is_some_and(|f| !f.is_update())).count();
-        assert_eq!(formulas, gelus.len(), "{}: GELU kernels {gelus:?}, {formulas} through the formula", path.display());
+        assert_eq!(formulas, gelus.len(), "{name}: GELU kernels {gelus:?}, {formulas} through the formula");
         seen += gelus.len();
     }
     assert!(seen > 0, "no model has a GELU");
