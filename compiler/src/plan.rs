@@ -144,6 +144,71 @@ impl Slot {
     }
 }
 
+/// Per temporary, the temporary written over it where it dies, if one is to share its
+/// buffer: the kernel that last touches `src` writes `dst` over it ([`writes_over`]),
+/// `dst` is born there, has the same length and dtype, and in no entry meets `src`
+/// otherwise. Placed together, a product's output and the bias add or residual add
+/// that consumes it share one buffer, so the add runs in place on rows still in cache;
+/// placed one by one, first fit put the short-lived product output in the first slot
+/// it fitted, which the long-lived sum then did not fit (W2's `qkv + b`: a second 3 MiB
+/// stream written every layer). Each temporary has at most one successor and one
+/// predecessor, so the pairs form chains.
+fn handovers(
+    p: &Program,
+    lifetimes: &[Vec<Option<(usize, usize)>>],
+    is_temp: &impl Fn(BufId) -> bool,
+    overlap_in: &impl Fn(usize, BufId, BufId) -> bool,
+) -> Vec<Option<BufId>> {
+    let n = p.buffers.len();
+    let mut next: Vec<Option<BufId>> = vec![None; n];
+    let mut taken = vec![false; n];
+    for (e, entry) in p.entries.iter().enumerate() {
+        // Temporaries by the position of their last kernel in this entry.
+        let mut ending: Vec<Vec<BufId>> = vec![vec![]; entry.kernels.len()];
+        for b in (0..n).filter(|&b| is_temp(b)) {
+            if let Some((_, t1)) = lifetimes[e][b] {
+                ending[t1].push(b);
+            }
+        }
+        for (pos, &k) in entry.kernels.iter().enumerate() {
+            let Kernel::Loop(l) = &p.kernels[k] else { continue };
+            let stores = std::iter::once(&l.out).chain(l.side.iter().map(|s| &s.into));
+            for dst in stores.map(|a| a.buf) {
+                if !is_temp(dst) || taken[dst] || lifetimes[e][dst].is_none_or(|(t0, _)| t0 != pos) {
+                    continue;
+                }
+                let partner = ending[pos].iter().copied().find(|&src| {
+                    src != dst
+                        && next[src].is_none()
+                        && p.buffers[src].len() == p.buffers[dst].len()
+                        && p.buffers[src].dtype == p.buffers[dst].dtype
+                        && writes_over(&p.kernels[k], src, dst)
+                        && (0..p.entries.len()).all(|e2| !overlap_in(e2, src, dst))
+                });
+                if let Some(src) = partner {
+                    next[src] = Some(dst);
+                    taken[dst] = true;
+                }
+            }
+        }
+    }
+    next
+}
+
+/// The chain of handovers through `t` ([`handovers`]), first to last (a cycle, which
+/// lifetimes rule out in any one entry, is cut where it closes).
+fn chain_of(t: BufId, next: &[Option<BufId>], prev: &[Option<BufId>]) -> Vec<BufId> {
+    let mut head = t;
+    while let Some(b) = prev[head].filter(|&b| b != t) {
+        head = b;
+    }
+    let mut chain = vec![head];
+    while let Some(b) = next[*chain.last().expect("not empty")].filter(|b| !chain.contains(b)) {
+        chain.push(b);
+    }
+    chain
+}
+
 /// Shares temporaries' storage where lifetimes allow; returns the bytes saved.
 pub fn share_temporaries(p: &mut Program) -> usize {
     let n = p.buffers.len();
@@ -173,26 +238,51 @@ pub fn share_temporaries(p: &mut Program) -> usize {
         }
         _ => false,
     };
-    let mut temps: Vec<BufId> = (0..n).filter(|&b| p.buffers[b].kind == BufKind::Temp && !pinned.contains(&b)).collect();
+    let is_temp = |b: BufId| p.buffers[b].kind == BufKind::Temp && !pinned.contains(&b);
+    let mut temps: Vec<BufId> = (0..n).filter(|&b| is_temp(b)).collect();
     temps.sort_by_key(|&b| (std::cmp::Reverse(p.buffers[b].len()), b));
-    // First fit: each temporary joins the first slot (in creation order) of its dtype
-    // none of whose members overlaps it; the representative is the largest member.
+    let next = handovers(p, &lifetimes, &is_temp, &overlap_in);
+    let mut prev: Vec<Option<BufId>> = vec![None; n];
+    for (src, dst) in next.iter().enumerate() {
+        if let Some(dst) = *dst {
+            prev[dst] = Some(src);
+        }
+    }
+    // First fit: each temporary, with the temporaries it hands over to or takes over
+    // from ([`handovers`]), joins the first slot (in creation order) of its dtype none
+    // of whose members overlaps any of them; the representative is the largest member.
     let mut slots: Vec<Slot> = vec![];
     let mut rep = (0..n).collect::<Vec<BufId>>();
+    let mut placed = vec![false; n];
     for t in temps {
+        if placed[t] {
+            continue;
+        }
+        let mut chain = chain_of(t, &next, &prev);
+        // Members of a chain touch only where one hands over to the next; should two of
+        // them meet otherwise in some entry, each goes alone.
+        let meet = |a: BufId, b: BufId| (0..p.entries.len()).any(|e| overlap_in(e, a, b));
+        if chain.iter().enumerate().any(|(i, &a)| chain[i + 1..].iter().any(|&b| meet(a, b))) {
+            chain = vec![t];
+        }
         let dtype = p.buffers[t].dtype;
-        let life: Vec<(usize, usize, usize)> = (0..p.entries.len()).filter_map(|e| lifetimes[e][t].map(|(t0, t1)| (e, t0, t1))).collect();
-        let fits = |slot: &Slot| slot.dtype == dtype && life.iter().all(|&(e, t0, t1)| slot.fits_in(e, t0, t1, t, &overlap_in));
-        match slots.iter_mut().find(|s| fits(s)) {
-            Some(slot) => {
-                slot.add(t, &lifetimes);
-                rep[t] = slot.rep;
-            }
+        let fits = |slot: &Slot| {
+            slot.dtype == dtype
+                && chain
+                    .iter()
+                    .all(|&c| (0..p.entries.len()).all(|e| lifetimes[e][c].is_none_or(|(t0, t1)| slot.fits_in(e, t0, t1, c, &overlap_in))))
+        };
+        let at = match slots.iter().position(fits) {
+            Some(i) => i,
             None => {
-                let mut slot = Slot::new(t, dtype, p.entries.len());
-                slot.add(t, &lifetimes);
-                slots.push(slot);
+                slots.push(Slot::new(t, dtype, p.entries.len()));
+                slots.len() - 1
             }
+        };
+        for &c in &chain {
+            slots[at].add(c, &lifetimes);
+            rep[c] = slots[at].rep;
+            placed[c] = true;
         }
     }
     // Rename every use to the representative, then drop unused buffers and renumber.
@@ -233,7 +323,53 @@ pub fn share_temporaries(p: &mut Program) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bm_runtime::kir::{Access, BinaryOp, Buffer, Entry, LoopKernel, MatMulKernel, MatOperand};
     use proptest::prelude::*;
+
+    /// A product's output `t` (alive k0..k1) and the bias add `q = t + b` that consumes
+    /// it (alive k1..k3) share one buffer, the add in place, although a larger
+    /// temporary `big` (k2..k3), placed first, would have taken `t` first fit and left
+    /// `q` a buffer of its own.
+    #[test]
+    fn a_product_output_and_the_add_that_consumes_it_share_a_buffer() {
+        let buf = |name: &str, kind, len| Buffer { name: name.into(), dtype: DType::F32, shape: vec![len], kind };
+        let (x, w, bias, t, q, big, out) = (0, 1, 2, 3, 4, 5, 6);
+        let buffers = vec![
+            buf("x", BufKind::Input, 16),
+            buf("w", BufKind::Param, 16),
+            buf("b", BufKind::Param, 4),
+            buf("t", BufKind::Temp, 16),
+            buf("q", BufKind::Temp, 16),
+            buf("big", BufKind::Temp, 64),
+            buf("out", BufKind::Temp, 16),
+        ];
+        let dense = |buf| MatOperand { buf, offset: 0, batch_strides: vec![], row_stride: 4, col_stride: 1 };
+        let at = |buf, strides: &[usize]| Access { buf, offset: 0, strides: strides.to_vec() };
+        let load = |buf, strides: &[usize]| ScalarExpr::Load(at(buf, strides));
+        let ew = |shape: Vec<usize>, body, out| Kernel::Loop(LoopKernel::elementwise(shape, body, out));
+        let kernels = vec![
+            Kernel::MatMul(MatMulKernel {
+                batch: vec![],
+                m: 4,
+                n: 4,
+                k: 4,
+                a: dense(x),
+                b: dense(w),
+                c: dense(t),
+                accumulate: false,
+                bf16: false,
+            }),
+            ew(vec![4, 4], ScalarExpr::Binary(BinaryOp::Add, Box::new(load(t, &[4, 1])), Box::new(load(bias, &[0, 1]))), at(q, &[4, 1])),
+            ew(vec![64], load(x, &[0]), at(big, &[1])),
+            ew(vec![16], ScalarExpr::Binary(BinaryOp::Add, Box::new(load(q, &[1])), Box::new(load(big, &[1]))), at(out, &[1])),
+        ];
+        let entry = Entry { name: "step".into(), kernels: vec![0, 1, 2, 3], results: vec![("out".into(), out)] };
+        let mut p = Program { buffers, kernels, entries: vec![entry], params: vec![] };
+        share_temporaries(&mut p);
+        let (Kernel::MatMul(m), Kernel::Loop(add)) = (&p.kernels[0], &p.kernels[1]) else { unreachable!() };
+        assert_eq!(add.out.buf, m.c.buf, "the add writes over the product's output: {:?}", p.kernels);
+        assert_eq!(p.buffers[m.c.buf].name, "t");
+    }
 
     proptest! {
         /// A slot's indexed test agrees with comparing the new lifetime against every

@@ -612,13 +612,7 @@ impl<'k> Gen<'_, 'k> {
     /// index, compare and branch: as many as a bias add's load, add and store).
     fn lanes_then_tail(&mut self, d: usize, start: Value, end: Value, body: impl Fn(&mut Self) -> Result<()>) -> Result<()> {
         self.vaxis = Some(d);
-        let (i, addrs) = self.emit_loop(d, start, end, 2 * LANES, |g| {
-            body(g)?;
-            g.lane_off = 4 * LANES;
-            let r = body(g);
-            g.lane_off = 0;
-            r
-        })?;
+        let (i, addrs) = self.emit_loop(d, start, end, 2 * LANES, |g| g.unrolled(2, |g, _| body(g)))?;
         let saved = std::mem::replace(&mut self.addrs, addrs);
         let (i, addrs) = self.emit_loop(d, i, end, LANES, &body)?;
         self.vaxis = None;
@@ -626,6 +620,21 @@ impl<'k> Gen<'_, 'k> {
         self.emit_loop(d, i, end, 1, &body)?;
         self.addrs = saved;
         Ok(())
+    }
+
+    /// `step(n)` for `n < times`, the `n`-th on the points [`LANES`]·`n` further along
+    /// the vector axis (through `lane_off`): one iteration of an unrolled vector loop.
+    fn unrolled(&mut self, times: usize, mut step: impl FnMut(&mut Self, usize) -> Result<()>) -> Result<()> {
+        let mut r = Ok(());
+        for n in 0..times {
+            self.lane_off = 4 * LANES * n as i64;
+            r = step(self, n);
+            if r.is_err() {
+                break;
+            }
+        }
+        self.lane_off = 0;
+        r
     }
 
     /// `op(a)` at the current point from its row function's results, if it has one.
@@ -804,13 +813,10 @@ impl<'k> Gen<'_, 'k> {
         }
         let va = vs[0];
         let (i1, a1) = self.emit_loop(d, start, end, ACCS as i64 * LANES, |g| {
-            for (n, &v) in vs.iter().enumerate() {
-                g.acc = Some(v);
-                g.lane_off = 4 * LANES * n as i64;
-                g.point()?;
-            }
-            g.lane_off = 0;
-            Ok(())
+            g.unrolled(ACCS, |g, n| {
+                g.acc = Some(vs[n]);
+                g.point()
+            })
         })?;
         let x: Vec<Value> = vs.iter().map(|&v| self.b.use_var(v)).collect();
         let ab = self.combine(op, x[0], x[1]);
