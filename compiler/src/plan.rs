@@ -152,16 +152,16 @@ impl Slot {
 /// placed one by one, first fit put the short-lived product output in the first slot
 /// it fitted, which the long-lived sum then did not fit (W2's `qkv + b`: a second 3 MiB
 /// stream written every layer). Each temporary has at most one successor and one
-/// predecessor, so the pairs form chains.
+/// predecessor, so the pairs form chains: returned as each temporary's successor and
+/// predecessor.
 fn handovers(
     p: &Program,
     lifetimes: &[Vec<Option<(usize, usize)>>],
     is_temp: &impl Fn(BufId) -> bool,
     overlap_in: &impl Fn(usize, BufId, BufId) -> bool,
-) -> Vec<Option<BufId>> {
+) -> (Vec<Option<BufId>>, Vec<Option<BufId>>) {
     let n = p.buffers.len();
-    let mut next: Vec<Option<BufId>> = vec![None; n];
-    let mut taken = vec![false; n];
+    let (mut next, mut prev): (Vec<Option<BufId>>, Vec<Option<BufId>>) = (vec![None; n], vec![None; n]);
     for (e, entry) in p.entries.iter().enumerate() {
         // Temporaries by the position of their last kernel in this entry.
         let mut ending: Vec<Vec<BufId>> = vec![vec![]; entry.kernels.len()];
@@ -174,7 +174,7 @@ fn handovers(
             let Kernel::Loop(l) = &p.kernels[k] else { continue };
             let stores = std::iter::once(&l.out).chain(l.side.iter().map(|s| &s.into));
             for dst in stores.map(|a| a.buf) {
-                if !is_temp(dst) || taken[dst] || lifetimes[e][dst].is_none_or(|(t0, _)| t0 != pos) {
+                if !is_temp(dst) || prev[dst].is_some() || lifetimes[e][dst].is_none_or(|(t0, _)| t0 != pos) {
                     continue;
                 }
                 let partner = ending[pos].iter().copied().find(|&src| {
@@ -187,12 +187,12 @@ fn handovers(
                 });
                 if let Some(src) = partner {
                     next[src] = Some(dst);
-                    taken[dst] = true;
+                    prev[dst] = Some(src);
                 }
             }
         }
     }
-    next
+    (next, prev)
 }
 
 /// The chain of handovers through `t` ([`handovers`]), first to last (a cycle, which
@@ -241,13 +241,7 @@ pub fn share_temporaries(p: &mut Program) -> usize {
     let is_temp = |b: BufId| p.buffers[b].kind == BufKind::Temp && !pinned.contains(&b);
     let mut temps: Vec<BufId> = (0..n).filter(|&b| is_temp(b)).collect();
     temps.sort_by_key(|&b| (std::cmp::Reverse(p.buffers[b].len()), b));
-    let next = handovers(p, &lifetimes, &is_temp, &overlap_in);
-    let mut prev: Vec<Option<BufId>> = vec![None; n];
-    for (src, dst) in next.iter().enumerate() {
-        if let Some(dst) = *dst {
-            prev[dst] = Some(src);
-        }
-    }
+    let (next, prev) = handovers(p, &lifetimes, &is_temp, &overlap_in);
     // First fit: each temporary, with the temporaries it hands over to or takes over
     // from ([`handovers`]), joins the first slot (in creation order) of its dtype none
     // of whose members overlaps any of them; the representative is the largest member.
