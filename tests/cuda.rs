@@ -432,6 +432,7 @@ fn generated_cuda_fallback_paths_compute_what_the_cpu_computes() {
         causal: false,
         scale: 0.3,
         out: 11,
+        probs: None,
     };
     let program = Program {
         buffers: vec![
@@ -574,6 +575,7 @@ fn generated_cuda_attention_paths_and_bf16_tiled_gemm() {
             causal,
             scale: 0.25,
             out: base + 3,
+            probs: None,
         };
         kernels.push(Kernel::Attention(att.clone()));
         kernels.push(Kernel::AttentionBackward(AttentionBackwardKernel {

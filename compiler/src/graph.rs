@@ -97,7 +97,8 @@ pub enum Op {
         masked: bool,
     },
     /// The gradient of an `Attention` with the same fields: operands are its operands
-    /// followed by the upstream gradient `[..., Tq, Dv]`; the node is one flat f32 vector
+    /// followed by the upstream gradient `[..., Tq, Dv]` and the `Attention` node itself
+    /// (whose kernel keeps its probabilities for this one); the node is one flat f32 vector
     /// holding dq, dk and dv in that order (autodiff slices them apart). No gradient
     /// flows into the mask.
     AttentionBackward {

@@ -135,6 +135,8 @@ struct Lowering<'g> {
     is_output: Vec<bool>,
     /// Parameter and optimiser-state buffers by name, for `Assign`.
     assignable: HashMap<String, BufId>,
+    /// The buffer where an `Attention` node with a backward keeps its probabilities.
+    attention_probs: HashMap<NodeId, BufId>,
 }
 
 /// Lowers a training graph (or a forward-only graph) to a program.
@@ -154,6 +156,7 @@ pub fn lower(g: &Graph) -> Result<Program, String> {
             o
         },
         assignable: HashMap::new(),
+        attention_probs: HashMap::new(),
     };
     let mut params = vec![];
     timed("lower nodes", || g.node_ids().try_for_each(|id| l.lower_node(id)))?;
@@ -493,11 +496,24 @@ impl Lowering<'_> {
                     None
                 };
                 let (b, out) = self.temp(id);
-                let fwd = AttentionKernel { batch, tq, tk, d, dv, q, k, v, mask, causal: *causal, scale: *scale, out: b };
+                let mut fwd = AttentionKernel { batch, tq, tk, d, dv, q, k, v, mask, causal: *causal, scale: *scale, out: b, probs: None };
+                let dout_at = if *masked { 4 } else { 3 };
                 if matches!(n.op, Op::AttentionBackward { .. }) {
-                    let dout = self.mat_operand(id, ops[if *masked { 4 } else { 3 }])?;
+                    // Its last operand is the forward node, which kept its probabilities.
+                    fwd.probs = self.attention_probs.get(&ops[dout_at + 1]).copied();
+                    let dout = self.mat_operand(id, ops[dout_at])?;
                     self.emit(id, Kernel::AttentionBackward(AttentionBackwardKernel { fwd, dout }));
                 } else {
+                    let differentiated = self
+                        .g
+                        .users(id)
+                        .iter()
+                        .any(|&u| matches!(self.g.node(u).op, Op::AttentionBackward { .. }) && self.g.operands(u).last() == Some(&id));
+                    if differentiated {
+                        let probs = self.new_buffer(format!("t{}.probs", id.index()), kir::DType::F32, &[fwd.probs_len()], BufKind::Temp);
+                        self.attention_probs.insert(id, probs);
+                        fwd.probs = Some(probs);
+                    }
                     self.emit(id, Kernel::Attention(fwd));
                 }
                 out

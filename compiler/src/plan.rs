@@ -74,6 +74,9 @@ pub(crate) fn for_each_buf(k: &mut Kernel, f: &mut impl FnMut(&mut BufId)) {
             f(&mut m.buf);
         }
         f(&mut a.out);
+        if let Some(p) = &mut a.probs {
+            f(p);
+        }
     }
 }
 

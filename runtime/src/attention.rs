@@ -3,11 +3,13 @@
 //! `out[b] = softmax(q[b] @ k[b]ᵀ · scale + mask[b]) @ v[b]` for every batch index `b`
 //! (batch × heads), a block of [`QB`] query rows at a time, as matrix products of small
 //! cache-resident blocks (`crate::tiles`, on one thread each) around a row-wise softmax:
-//! - forward: `p = softmax(scale · q kᵀ + mask)` for the block (`QB × tk` scores, the
-//!   only scratch), then `out = p v`; causal blocks multiply only the keys their last
-//!   row sees;
-//! - backward: the block's `p` is recomputed, then `dp = dO vᵀ`,
-//!   `ds = scale · p (dp − Σ p·dp)`, `dq = ds k`, `dk += dsᵀ q`, `dv += pᵀ dO`.
+//! - forward: `p = softmax(scale · q kᵀ + mask)` for the block (`QB × tk` scores in
+//!   scratch, or straight into the kernel's `probs` buffer when it keeps them for the
+//!   backward), then `out = p v`; causal blocks multiply only the keys their last row
+//!   sees;
+//! - backward: the block's `p` as the forward kept it (else recomputed: a third of W2's
+//!   backward), then `dp = dO vᵀ`, `ds = scale · p (dp − Σ p·dp)`, `dq = ds k`,
+//!   `dk += dsᵀ q`, `dv += pᵀ dO`. The kept `p` are the recomputed ones bit for bit.
 //!
 //! Work is split on the current rayon pool: tasks are batch indices (the backward's dk
 //! and dv sum over every query row; a forward task's blocks share one packing of `kᵀ`),
@@ -29,7 +31,22 @@ use rayon::prelude::*;
 /// `kᵀ` and `vᵀ` fewer times. Measured in W2's step on Zen 4 (`bmc bench --profile`,
 /// binaries alternating, three pairs): backward 9.5–10.1 ms (64) → 8.7–9.2 (32), forward
 /// 3.8–4.0 → 3.4–3.9; 16 the same as 32; W3 even.
-pub const QB: usize = 32;
+pub const QB: usize = crate::kir::ATTENTION_BLOCK_ROWS;
+
+static KEPT_PROBABILITIES: crate::switch::Switch = crate::switch::Switch::new("BMC_KEPT_PROBABILITIES");
+
+/// Lets (or stops) a kernel keep its probabilities in `AttentionKernel::probs` for the
+/// backward, which otherwise recomputes them (`BMC_KEPT_PROBABILITIES=0`,
+/// `BMC_BENCH_AB=kept-probabilities`). Switch it between steps only: a backward reads
+/// what its forward kept.
+pub fn set_kept_probabilities(on: bool) {
+    KEPT_PROBABILITIES.set(on);
+}
+
+/// `a.probs_blocks()` when the kernel keeps its probabilities.
+fn kept(a: &AttentionKernel) -> Option<(Vec<(usize, usize)>, usize)> {
+    a.probs.filter(|_| KEPT_PROBABILITIES.on()).map(|_| a.probs_blocks())
+}
 
 /// Whether operand `o` stays inside a buffer of `len` elements over `batch × rows × cols`.
 pub(crate) fn operand_in_bounds(o: &MatOperand, batch: &[usize], rows: usize, cols: usize, len: usize) -> Result<()> {
@@ -61,6 +78,14 @@ pub(crate) fn check(k: &AttentionKernel, dout: Option<&MatOperand>, out_len: usi
     if inputs.contains(&k.out) {
         return Err(Error::internal(format!("attention output b{} aliases an input", k.out)));
     }
+    if let Some(pb) = k.probs {
+        if get(pb)? < k.probs_len() {
+            return Err(Error::internal(format!("attention probabilities b{pb} hold fewer than {} elements", k.probs_len())));
+        }
+        if inputs.contains(&pb) || pb == k.out {
+            return Err(Error::internal(format!("attention probabilities b{pb} alias an operand")));
+        }
+    }
     Ok(())
 }
 
@@ -73,6 +98,7 @@ struct Ptrs {
     mask: usize,
     dout: usize,
     out: usize,
+    probs: usize,
 }
 
 /// Scores and probabilities of one block of query rows (`qb × n`, row stride `tk`), and
@@ -102,21 +128,25 @@ impl Scratch {
         }
     }
 
-    /// Packs `kᵀ` (and `vᵀ` for the backward) over the first `n` keys of batch `b`, once
-    /// for the blocks of a task: per block, the causal blocks' growing key ranges had
-    /// packed them again and again (W2's four blocks: 320 keys packed instead of 128).
+    /// Packs `kᵀ` (with `keys`) and `vᵀ` (with `values`) over the first `n` keys of
+    /// batch `b`, once for the blocks of a task: per block, the causal blocks' growing key
+    /// ranges had packed them again and again (W2's four blocks: 320 keys packed instead
+    /// of 128).
     ///
     /// # Safety
     /// The operands were checked in bounds.
-    unsafe fn pack_keys(&mut self, r: &Run, b: usize, n: usize, backward: bool) {
+    unsafe fn pack_keys(&mut self, r: &Run, b: usize, n: usize, keys: bool, values: bool) {
         let (a, p) = (r.a, r.p);
-        let kt = View::of(p.k, r.offs.k[b], &a.k, 0).t();
-        // SAFETY: k (and v) cover tk ≥ n keys.
+        self.packed = true;
+        // SAFETY: k and v cover tk ≥ n keys.
         unsafe {
-            self.packed = crate::tiles::pack(a.d, n, kt, &mut self.kt, false);
-            if backward && self.packed {
+            if keys {
+                let kt = View::of(p.k, r.offs.k[b], &a.k, 0).t();
+                self.packed = crate::tiles::pack(a.d, n, kt, &mut self.kt, false);
+            }
+            if values && self.packed {
                 let vt = View::of(p.v, r.offs.v[b], &a.v, 0).t();
-                crate::tiles::pack(a.dv, n, vt, &mut self.vt, false);
+                self.packed = crate::tiles::pack(a.dv, n, vt, &mut self.vt, false);
             }
         }
     }
@@ -252,33 +282,50 @@ struct Run<'a> {
     dout: Option<&'a MatOperand>,
     p: Ptrs,
     offs: Offsets,
+    /// `a.probs_blocks()` when the kernel keeps its probabilities.
+    probs: Option<(Vec<(usize, usize)>, usize)>,
 }
 
 impl Run<'_> {
-    /// Keys that query row `i` sees (a prefix: causal attention sees `0..=i`).
     fn keys(&self, i: usize) -> usize {
-        if self.a.causal { (i + 1).min(self.a.tk) } else { self.a.tk }
+        self.a.keys(i)
     }
 
-    /// The softmax probabilities of query rows `i0..i1` of batch `b` into `sc.p`
-    /// (row `r` at `r·tk`, keys `0..keys(i1 - 1)`; keys a row does not see are 0). A row
-    /// whose every score is -inf (or any is NaN) is NaN, as the unfused softmax gives.
+    /// Where the probabilities of the block of query rows starting at `i0` of batch `b`
+    /// live, and their row stride: the kernel's `probs` block when it keeps them, else
+    /// the scratch (rows of `tk`).
+    fn block_probs(&self, sc: &mut Scratch, b: usize, i0: usize) -> (*mut f32, usize) {
+        match self.probs {
+            Some((ref blocks, per_batch)) => {
+                let (at, width) = blocks[i0 / QB];
+                ((self.p.probs as *mut f32).wrapping_add(b * per_batch + at), width)
+            }
+            None => (sc.p.as_mut_ptr(), self.a.tk),
+        }
+    }
+
+    /// The softmax probabilities of query rows `i0..i1` of batch `b` into `dst`, rows
+    /// `ld` apart (keys `0..keys(i1 - 1)`; keys a row does not see are 0; `ld` leaves
+    /// room for the columns [`mm_keys`] computes past them). A row whose every score is
+    /// -inf (or any is NaN) is NaN, as the unfused softmax gives.
     ///
     /// # Safety
-    /// Every operand must have been checked in bounds.
+    /// Every operand must have been checked in bounds; `dst` holds `i1 - i0` rows of `ld`.
     #[inline(always)]
-    unsafe fn probabilities(&self, sc: &mut Scratch, b: usize, i0: usize, i1: usize, all: usize) {
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn probabilities(&self, sc: &mut Scratch, dst: *mut f32, ld: usize, b: usize, i0: usize, i1: usize, all: usize) {
         let (a, p, offs) = (self.a, self.p, &self.offs);
-        let (tk, n) = (a.tk, self.keys(i1 - 1));
+        let n = self.keys(i1 - 1);
         let q = View::of(p.q, offs.q[b], &a.q, i0);
         let kt = View::of(p.k, offs.k[b], &a.k, 0).t();
-        // SAFETY: q and k are in bounds; p holds (i1 - i0) rows of tk ≥ all.
+        // SAFETY: q and k are in bounds; dst holds (i1 - i0) rows of ld.
         unsafe {
             let packed = sc.packed.then_some(&sc.kt);
-            mm_keys(i1 - i0, n, a.d, sc.p.as_mut_ptr(), tk, q, kt, a.scale as f32, packed, all, &mut sc.pack)
+            mm_keys(i1 - i0, n, a.d, dst, ld, q, kt, a.scale as f32, packed, all, &mut sc.pack)
         };
         for i in i0..i1 {
-            let row = &mut sc.p[(i - i0) * tk..(i - i0) * tk + n];
+            // SAFETY: row i - i0 of dst, n ≤ ld elements.
+            let row = unsafe { std::slice::from_raw_parts_mut(dst.add((i - i0) * ld), n) };
             let (seen, unseen) = row.split_at_mut(self.keys(i));
             unseen.fill(0.0);
             if let Some(m) = &a.mask {
@@ -319,19 +366,28 @@ impl Run<'_> {
         let all = self.keys(r1 - 1);
         // SAFETY: as documented; each output block is (i1 - i0) × dv, dense.
         unsafe {
-            sc.pack_keys(self, b, all, false);
+            sc.pack_keys(self, b, all, true, false);
             for i0 in (r0..r1).step_by(QB) {
                 let i1 = (i0 + QB).min(r1);
                 let out = (p.out as *mut f32).wrapping_add((b * a.tq + i0) * a.dv);
-                self.probabilities(sc, b, i0, i1, all);
-                mm(i1 - i0, a.dv, self.keys(i1 - 1), out, a.dv, false, View::dense(sc.p.as_ptr(), a.tk), v, 1.0, &mut sc.pack);
+                let (probs, ld) = self.block_probs(sc, b, i0);
+                self.probabilities(sc, probs, ld, b, i0, i1, all);
+                if self.probs.is_some() {
+                    // Kept probabilities are 0 past the block's keys too (the product
+                    // computed some of those columns, as many as the task's packing gave).
+                    let n = self.keys(i1 - 1);
+                    for r in 0..i1 - i0 {
+                        std::slice::from_raw_parts_mut(probs.add(r * ld + n), ld - n).fill(0.0);
+                    }
+                }
+                mm(i1 - i0, a.dv, self.keys(i1 - 1), out, a.dv, false, View::dense(probs, ld), v, 1.0, &mut sc.pack);
             }
         }
     }
 
     /// The backward of batch `b`: its blocks of dq, dk and dv, a block of query rows at
-    /// a time (`dp = dO vᵀ`, `ds = scale · p (dp − Σ p·dp)`, `dq = ds k`, `dk += dsᵀ q`,
-    /// `dv += pᵀ dO`).
+    /// a time (`p` as the forward kept it, or recomputed; `dp = dO vᵀ`,
+    /// `ds = scale · p (dp − Σ p·dp)`, `dq = ds k`, `dk += dsᵀ q`, `dv += pᵀ dO`).
     ///
     /// # Safety
     /// As for [`Run::forward`] (batch `b`'s gradient blocks are written by this call only).
@@ -352,16 +408,19 @@ impl Run<'_> {
             std::slice::from_raw_parts_mut(dk, tk * d).fill(0.0);
             std::slice::from_raw_parts_mut(dvv, tk * dv).fill(0.0);
             let all = self.keys(tq - 1);
-            sc.pack_keys(self, b, all, true);
+            sc.pack_keys(self, b, all, self.probs.is_none(), true);
             for i0 in (0..tq).step_by(QB) {
                 let i1 = (i0 + QB).min(tq);
                 let (m, n) = (i1 - i0, self.keys(i1 - 1));
-                self.probabilities(sc, b, i0, i1, all);
+                let (probs, ld) = self.block_probs(sc, b, i0);
+                if self.probs.is_none() {
+                    self.probabilities(sc, probs, ld, b, i0, i1, all);
+                }
                 let go = View::of(p.dout, offs.dout[b], dout, i0);
                 let packed = sc.packed.then_some(&sc.vt);
                 mm_keys(m, n, dv, sc.dp.as_mut_ptr(), tk, go, v.t(), 1.0, packed, all, &mut sc.pack);
                 for r in 0..m {
-                    let pr = &sc.p[r * tk..r * tk + n];
+                    let pr = std::slice::from_raw_parts(probs.add(r * ld), n);
                     let dr = &mut sc.dp[r * tk..r * tk + n];
                     let dsum = dot(pr, dr);
                     // dp becomes scale · ds (0 where the row sees no key).
@@ -370,7 +429,7 @@ impl Run<'_> {
                     }
                 }
                 let ds = View::dense(sc.dp.as_ptr(), tk);
-                let pm = View::dense(sc.p.as_ptr(), tk);
+                let pm = View::dense(probs, ld);
                 let q = View::of(p.q, offs.q[b], &a.q, i0);
                 mm(m, d, n, dq.add(i0 * d), d, false, ds, k, 1.0, &mut sc.pack);
                 mm(n, d, m, dk, d, true, ds.t(), q, 1.0, &mut sc.pack);
@@ -418,6 +477,10 @@ fn ptrs(a: &AttentionKernel, dout: Option<&MatOperand>, bufs: &mut Buffers) -> R
             None => 0,
         },
         out: bufs.f32_mut(a.out)?.as_mut_ptr() as usize,
+        probs: match a.probs {
+            Some(pb) => bufs.f32_mut(pb)?.as_mut_ptr() as usize,
+            None => 0,
+        },
     })
 }
 
@@ -439,7 +502,7 @@ fn for_tasks(a: &AttentionKernel, n: usize, backward: bool, threads: usize, f: i
 /// rows when there are few batch indices.
 pub fn forward(a: &AttentionKernel, bufs: &mut Buffers, threads: usize) -> Result<()> {
     check(a, None, a.out_len(), |b| bufs.f32(b).ok().map(|x| x.len()))?;
-    let r = Run { a, dout: None, p: ptrs(a, None, bufs)?, offs: Offsets::new(a, None) };
+    let r = Run { a, dout: None, p: ptrs(a, None, bufs)?, offs: Offsets::new(a, None), probs: kept(a) };
     let width = width();
     // A task is a batch index (its blocks share one packing of `kᵀ`), or one block of
     // it when there are too few batch indices to share among the threads.
@@ -470,7 +533,8 @@ pub fn backward(bk: &AttentionBackwardKernel, bufs: &mut Buffers, threads: usize
     let a = &bk.fwd;
     let (nq, nk, nv) = a.grad_lens();
     check(a, Some(&bk.dout), nq + nk + nv, |b| bufs.f32(b).ok().map(|x| x.len()))?;
-    let r = Run { a, dout: Some(&bk.dout), p: ptrs(a, Some(&bk.dout), bufs)?, offs: Offsets::new(a, Some(&bk.dout)) };
+    let probs = kept(a);
+    let r = Run { a, dout: Some(&bk.dout), p: ptrs(a, Some(&bk.dout), bufs)?, offs: Offsets::new(a, Some(&bk.dout)), probs };
     let width = width();
     for_tasks(a, a.batch_count(), true, threads, |sc, b| {
         // SAFETY: as in `forward`.
@@ -569,14 +633,41 @@ mod tests {
         out
     }
 
-    fn case(batch: &[usize], tq: usize, tk: usize, d: usize, dv: usize, causal: bool, masked: bool, transposed: bool) {
+    /// Runs forward and backward (the backward reading the probabilities the forward
+    /// kept, with `keep`), checks them against [`reference`] and returns their bits.
+    fn case(
+        batch: &[usize],
+        tq: usize,
+        tk: usize,
+        d: usize,
+        dv: usize,
+        causal: bool,
+        masked: bool,
+        transposed: bool,
+        keep: bool,
+    ) -> Vec<u32> {
         let (q, lq) = dense(0, batch, tq, d, transposed, false);
         let (k, lk) = dense(1, batch, tk, d, false, true);
         let (v, lv) = dense(2, batch, tk, dv, transposed, false);
         let (m, lm) = dense(3, batch, tq, tk, false, true);
         let (go, lg) = dense(4, batch, tq, dv, false, false);
         let nb: usize = batch.iter().product();
-        let fwd = AttentionKernel { batch: batch.to_vec(), tq, tk, d, dv, q, k, v, mask: masked.then_some(m), causal, scale: 0.37, out: 5 };
+        let probs = keep.then_some(7);
+        let fwd = AttentionKernel {
+            batch: batch.to_vec(),
+            tq,
+            tk,
+            d,
+            dv,
+            q,
+            k,
+            v,
+            mask: masked.then_some(m),
+            causal,
+            scale: 0.37,
+            out: 5,
+            probs,
+        };
         let mut bk = fwd.clone();
         bk.out = 6;
         let (nq, nk, nv) = bk.grad_lens();
@@ -589,6 +680,7 @@ mod tests {
                 buf("go", DType::F32, lg),
                 buf("out", DType::F32, nb * tq * dv),
                 buf("grads", DType::F32, nq + nk + nv),
+                buf("probs", DType::F32, fwd.probs_len().max(1)),
             ],
             vec![Kernel::Attention(fwd.clone()), Kernel::AttentionBackward(AttentionBackwardKernel { fwd: bk.clone(), dout: go.clone() })],
         );
@@ -604,6 +696,7 @@ mod tests {
         };
         close(bufs.f32(5).unwrap(), &reference(&fwd, &bufs, None), "out");
         close(bufs.f32(6).unwrap(), &reference(&bk, &bufs, Some(&go)), "grads");
+        bufs.f32(5).unwrap().iter().chain(bufs.f32(6).unwrap()).map(|x| x.to_bits()).collect()
     }
 
     #[test]
@@ -617,13 +710,18 @@ mod tests {
         ] {
             for causal in [false, true] {
                 for masked in [false, true] {
-                    case(batch, tq, tk, d, dv, causal, masked, tq % 2 == 1);
+                    // The backward gives the same bits from the kept probabilities as
+                    // from recomputed ones.
+                    let kept = case(batch, tq, tk, d, dv, causal, masked, tq % 2 == 1, true);
+                    assert!(kept == case(batch, tq, tk, d, dv, causal, masked, tq % 2 == 1, false), "{batch:?} {tq} {causal} {masked}");
                 }
             }
         }
         // Tq ≠ Tk (not causal), more keys than one tile.
-        case(&[2], 5, 100, 6, 3, false, true, false);
-        case(&[], 9, 2, 6, 3, false, false, true);
+        for keep in [false, true] {
+            case(&[2], 5, 100, 6, 3, false, true, false, keep);
+            case(&[], 9, 2, 6, 3, false, false, true, keep);
+        }
     }
 
     #[test]
@@ -656,6 +754,7 @@ mod tests {
             causal: false,
             scale: 1.0,
             out: 1,
+            probs: None,
         };
         assert!(check(&a, None, 16, |_| Some(16)).is_ok());
         assert!(check(&a, None, 16, |b| Some(if b == 0 { 15 } else { 16 })).is_err());
@@ -667,6 +766,14 @@ mod tests {
         c.causal = true;
         c.tk = 3;
         assert!(check(&c, None, 16, |_| Some(16)).is_err());
+        // Kept probabilities: one block of 4 rows, 4 wide; too short or aliasing is an error.
+        let mut kept = a.clone();
+        kept.probs = Some(2);
+        assert_eq!(kept.probs_len(), 16);
+        assert!(check(&kept, None, 16, |_| Some(16)).is_ok());
+        assert!(check(&kept, None, 16, |b| Some(if b == 2 { 15 } else { 16 })).is_err());
+        kept.probs = Some(1);
+        assert!(check(&kept, None, 16, |_| Some(16)).is_err());
     }
 }
 
@@ -703,6 +810,7 @@ mod timing {
             causal: true,
             scale: 0.17,
             out: 4,
+            probs: None,
         };
         let bk = AttentionBackwardKernel { fwd: AttentionKernel { out: 5, ..a.clone() }, dout: op(3) };
         let n = nb * t * d;

@@ -85,16 +85,17 @@ pub fn run(bundle: Bundle, opts: &BenchOptions) -> Result<BenchResult> {
     let mut times = vec![];
     let mut first_losses = vec![];
     // `BMC_BENCH_AB=row-groups` (or `packed-panels`, `avx512`, `formulas`, `beside`,
-    // `tiled-products`):
+    // `tiled-products`, `long-sums`, `kept-probabilities`):
     // steps alternate without and with row groups (or a group's products through the
     // register tiles, AVX-512 in the hand-written kernels, known formulas' wide code,
     // products beside the step before them, standalone products through the register
     // tiles), so that both see the same load on a shared host
     // (compared across processes minutes apart, this host's drift hides differences of
     // 10%).
-    let ab = std::env::var("BMC_BENCH_AB")
-        .ok()
-        .filter(|v| ["row-groups", "packed-panels", "avx512", "formulas", "beside", "tiled-products", "long-sums"].contains(&v.as_str()));
+    let ab = std::env::var("BMC_BENCH_AB").ok().filter(|v| {
+        ["row-groups", "packed-panels", "avx512", "formulas", "beside", "tiled-products", "long-sums", "kept-probabilities"]
+            .contains(&v.as_str())
+    });
     s.on_workers(|s| -> Result<()> {
         for step in 0..total {
             let b = &batches[step as usize % batches.len()];
@@ -106,6 +107,7 @@ pub fn run(bundle: Bundle, opts: &BenchOptions) -> Result<BenchResult> {
                     "beside" => e.set_beside(step % 2 == 1),
                     "tiled-products" => crate::gemm::set_tiled_products(step % 2 == 1),
                     "long-sums" => crate::gemm::set_long_sums_to_crate(step % 2 == 1),
+                    "kept-probabilities" => crate::attention::set_kept_probabilities(step % 2 == 1),
                     _ => e.set_packed_panels(step % 2 == 1),
                 }
             }

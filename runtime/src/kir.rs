@@ -306,6 +306,16 @@ pub struct ScatterAddKernel {
 /// 0 to broadcast). With `causal`, query row `i` sees keys `j <= i` only (tq = tk). The
 /// CPU runtime never stores a tq×tk matrix: it works a block of query rows at a time
 /// (see `attention.rs`). `out` is a whole contiguous buffer of `batch × tq × dv` elements.
+///
+/// `probs`, when present, is a buffer of [`AttentionKernel::probs_len`] elements in which
+/// the forward keeps its softmax probabilities for the backward of the same inputs, so the
+/// backward need not recompute them (on the CPU that recomputation was a third of W2's
+/// attention backward). Its layout is [`AttentionKernel::probs_blocks`]: per batch index,
+/// blocks of [`ATTENTION_BLOCK_ROWS`] query rows, each as wide as the keys its last row
+/// sees rounded up to 32 (causal blocks skip the keys no row of theirs sees), 0 where a
+/// row does not see a key. A backward
+/// whose `fwd.probs` names it reads it only after that forward; a backend may leave it
+/// unused (the CUDA kernels recompute the probabilities).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AttentionKernel {
     pub batch: Vec<usize>,
@@ -320,7 +330,12 @@ pub struct AttentionKernel {
     pub causal: bool,
     pub scale: f64,
     pub out: BufId,
+    #[serde(default)]
+    pub probs: Option<BufId>,
 }
+
+/// Query rows per block of [`AttentionKernel::probs`] (the CPU's attention block).
+pub const ATTENTION_BLOCK_ROWS: usize = 32;
 
 /// The gradients of [`AttentionKernel`]'s output w.r.t. `q`, `k` and `v` for the
 /// upstream gradient `dout` (batch × tq × dv), written packed into the contiguous buffer
@@ -424,6 +439,35 @@ impl AttentionKernel {
         let b = self.batch_count();
         (b * self.tq * self.d, b * self.tk * self.d, b * self.tk * self.dv)
     }
+
+    /// Keys that query row `i` sees (a prefix: causal attention sees `0..=i`).
+    pub fn keys(&self, i: usize) -> usize {
+        if self.causal { (i + 1).min(self.tk) } else { self.tk }
+    }
+
+    /// The layout of [`AttentionKernel::probs`] within one batch index: for each block of
+    /// [`ATTENTION_BLOCK_ROWS`] query rows `(offset, width)`, its rows stored one after
+    /// another, `width` elements each (row `r`'s probability of key `j` at
+    /// `offset + r·width + j`); and the elements per batch index.
+    pub fn probs_blocks(&self) -> (Vec<(usize, usize)>, usize) {
+        let mut at = 0;
+        let blocks = (0..self.tq)
+            .step_by(ATTENTION_BLOCK_ROWS)
+            .map(|i0| {
+                let i1 = (i0 + ATTENTION_BLOCK_ROWS).min(self.tq);
+                let width = self.keys(i1 - 1).next_multiple_of(32).min(self.tk);
+                let block = (at, width);
+                at += (i1 - i0) * width;
+                block
+            })
+            .collect();
+        (blocks, at)
+    }
+
+    /// Elements of [`AttentionKernel::probs`].
+    pub fn probs_len(&self) -> usize {
+        self.batch_count() * self.probs_blocks().1
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -448,7 +492,7 @@ impl Kernel {
             Kernel::MatMul(m) => vec![m.c.buf],
             Kernel::Gather(g) => vec![g.out],
             Kernel::ScatterAdd(s) => vec![s.out],
-            Kernel::Attention(a) => vec![a.out],
+            Kernel::Attention(a) => std::iter::once(a.out).chain(a.probs).collect(),
             Kernel::AttentionBackward(a) => vec![a.fwd.out],
         }
     }
@@ -484,6 +528,7 @@ impl Kernel {
             Kernel::AttentionBackward(a) => {
                 r.extend(a.fwd.inputs());
                 r.push(a.dout.buf);
+                r.extend(a.fwd.probs);
             }
         }
         r
@@ -631,13 +676,17 @@ pub fn kernel_text(k: &Kernel) -> String {
         Kernel::ScatterAdd(g) => {
             format!("scatter_add b{}[b{}] += b{} n {} rows {} dim {}", g.out, g.ids, g.src, g.n, g.rows, g.dim)
         }
-        Kernel::Attention(a) => format!("attention {}\n    b{} = attention({})", attention_head(a), a.out, attention_args(a)),
+        Kernel::Attention(a) => {
+            let probs = a.probs.map(|p| format!(", b{p} = probabilities")).unwrap_or_default();
+            format!("attention {}\n    b{} = attention({}){probs}", attention_head(a), a.out, attention_args(a))
+        }
         Kernel::AttentionBackward(a) => format!(
-            "attention_backward {}\n    b{} = d attention({}) · {}",
+            "attention_backward {}\n    b{} = d attention({}) · {}{}",
             attention_head(&a.fwd),
             a.fwd.out,
             attention_args(&a.fwd),
-            operand_text(&a.dout)
+            operand_text(&a.dout),
+            a.fwd.probs.map(|p| format!(" from probabilities b{p}")).unwrap_or_default()
         ),
     }
 }

@@ -841,14 +841,16 @@ mod timing {
     #[test]
     #[ignore]
     fn attention_blocks() {
-        // (m, n, k, a transposed, b transposed): q kᵀ, p v, dsᵀ q — W2's head size, then W3's.
+        // (m, n, k, a transposed, b transposed): q kᵀ, p v (and ds k), dsᵀ q (and pᵀ dO) of
+        // one block of `attention::QB` = 32 query rows seeing every key — W2's head size,
+        // then W3's.
         compare(&[
-            (64, 128, 32, false, true),
-            (64, 32, 128, false, false),
-            (128, 32, 64, true, false),
-            (64, 256, 64, false, true),
-            (64, 64, 256, false, false),
-            (256, 64, 64, true, false),
+            (32, 128, 32, false, true),
+            (32, 32, 128, false, false),
+            (128, 32, 32, true, false),
+            (32, 256, 64, false, true),
+            (32, 64, 256, false, false),
+            (256, 64, 32, true, false),
         ]);
     }
 

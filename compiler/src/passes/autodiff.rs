@@ -418,9 +418,11 @@ fn vjp(g: &mut Graph, id: NodeId, operands: &[NodeId], needs: &[bool], gy: NodeI
         }
         Op::Cast(_) => out[0] = Some(gy),
         Op::Attention { causal, scale, masked } => {
-            // One fused kernel gives dq, dk and dv packed; slice them apart.
+            // One fused kernel gives dq, dk and dv packed; slice them apart. Its last
+            // operand is the forward node itself, whose kernel keeps the probabilities
+            // for it (so every entry running the backward runs that forward too).
             let mut args = operands.to_vec();
-            args.push(gy);
+            args.extend([gy, id]);
             let sizes: Vec<usize> = operands[..3].iter().map(|&o| g.shape(o).iter().product()).collect();
             let total: usize = sizes.iter().sum();
             let op = Op::AttentionBackward { causal: *causal, scale: *scale, masked: *masked };

@@ -20,7 +20,8 @@
 //!   words (kernel, position, id) and the runtime reports it like the CPU does.
 //! - `Attention` / `AttentionBackward`: a warp per query row with an online softmax (no
 //!   T×T buffer), the backward recomputing probabilities and accumulating dK, dV with
-//!   atomics after a memset.
+//!   atomics after a memset (the buffer where the CPU keeps the forward's probabilities,
+//!   `AttentionKernel::probs`, stays unused here).
 
 use crate::kir::{
     Access, AttentionBackwardKernel, AttentionKernel, BinaryOp, BufId, DType, GatherKernel, Kernel, LoopKernel, MatMulKernel, MatOperand,
