@@ -409,22 +409,25 @@ fn every_adam_update_runs_as_a_formula() {
     }
 }
 
-/// Every GELU after a bias in the models' training steps (the MLP's forward epilogue)
-/// runs through the bias-and-GELU formula's wide code, not its JIT function: a change
-/// in how the compiler writes that kernel would otherwise fall back silently.
+/// Every GELU after a bias in the models' training steps (the MLP's forward epilogue),
+/// and every GELU backward (with the bias gradient it sums), runs through its formula's
+/// wide code, not its JIT function: a change in how the compiler writes those kernels
+/// would otherwise fall back silently.
 #[test]
-fn every_bias_gelu_runs_as_a_formula() {
-    let mut seen = 0;
-    for (name, program) in model_programs() {
-        let e = bm_runtime::exec::Executor::new(&program, 1).unwrap();
-        let gelus: Vec<usize> = (0..program.kernels.len())
-            .filter(|&k| matches!(&program.kernels[k], bm_runtime::kir::Kernel::Loop(l) if format!("{l:?}").contains("Unary(GeluTanh,")))
-            .collect();
-        let formulas = gelus.iter().filter(|&&k| e.formula(k).is_some_and(|f| !f.is_update())).count();
-        assert_eq!(formulas, gelus.len(), "{name}: GELU kernels {gelus:?}, {formulas} through the formula");
-        seen += gelus.len();
+fn every_gelu_and_gelu_backward_runs_as_a_formula() {
+    for op in ["Unary(GeluTanh,", "Unary(GeluTanhGrad,"] {
+        let mut seen = 0;
+        for (name, program) in model_programs() {
+            let e = bm_runtime::exec::Executor::new(&program, 1).unwrap();
+            let gelus: Vec<usize> = (0..program.kernels.len())
+                .filter(|&k| matches!(&program.kernels[k], bm_runtime::kir::Kernel::Loop(l) if format!("{l:?}").contains(op)))
+                .collect();
+            let formulas = gelus.iter().filter(|&&k| e.formula(k).is_some_and(|f| !f.is_update())).count();
+            assert_eq!(formulas, gelus.len(), "{name}: {op} kernels {gelus:?}, {formulas} through the formula");
+            seen += gelus.len();
+        }
+        assert!(seen > 0, "no model has {op}");
     }
-    assert!(seen > 0, "no model has a GELU");
 }
 
 // ---------------------------------------------------------------------------------

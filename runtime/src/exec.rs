@@ -671,9 +671,20 @@ impl SumPlan {
         }
     }
 
-    /// Runs kernel `f` over `0..outer` chunk by chunk (in parallel when `parallel`),
-    /// then combines the partial sums into their buffers.
-    fn run(&self, f: KernelFn, outer: usize, parallel: bool, bufs: &mut Buffers, scratch: &mut Scratch, pool: &rayon::ThreadPool) {
+    /// Runs kernel `f` (its formula's code where `formulas` allows) over `0..outer`
+    /// chunk by chunk (in parallel when `parallel`), then combines the partial sums into
+    /// their buffers.
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &self,
+        f: &LoopFn,
+        formulas: bool,
+        outer: usize,
+        parallel: bool,
+        bufs: &mut Buffers,
+        scratch: &mut Scratch,
+        pool: &rayon::ThreadPool,
+    ) {
         let ptrs = &scratch.ptrs;
         let nb = ptrs.len();
         scratch.sums.clear();
@@ -687,7 +698,7 @@ impl SumPlan {
             // SAFETY: validated in bounds (each sum's accesses stay in its span); chunks
             // write disjoint output elements (the caller checked `splittable` for
             // `parallel`) and their own spans.
-            unsafe { f(table, lo as i64, hi as i64) }
+            unsafe { f.call(formulas, table, lo as i64, hi as i64) }
         };
         if parallel {
             pool.install(|| (0..self.chunks).into_par_iter().for_each(chunk));
@@ -1182,8 +1193,7 @@ impl Ctx<'_> {
             (Plan::Interp, k) => interp::run_kernel(k, self.bufs),
             (&Plan::Jit { ref f, outer, points, splittable, sums: Some(ref sums) }, _) => {
                 let parallel = splittable && threads > 1 && points > PARALLEL_POINTS;
-                // A kernel with fused sums is never a formula.
-                sums.run(f.jit, outer, parallel, self.bufs, self.scratch, pool);
+                sums.run(f, formulas, outer, parallel, self.bufs, self.scratch, pool);
                 Ok(())
             }
             (&Plan::Jit { ref f, outer, points, splittable, sums: None }, _) => {
