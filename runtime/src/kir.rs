@@ -313,9 +313,8 @@ pub struct ScatterAddKernel {
 /// attention backward). Its layout is [`AttentionKernel::probs_blocks`]: per batch index,
 /// blocks of [`ATTENTION_BLOCK_ROWS`] query rows, each as wide as the keys its last row
 /// sees rounded up to 32 (causal blocks skip the keys no row of theirs sees), 0 where a
-/// row does not see a key. A backward
-/// whose `fwd.probs` names it reads it only after that forward; a backend may leave it
-/// unused (the CUDA kernels recompute the probabilities).
+/// row does not see a key. A backward whose `fwd.probs` names it reads it only after that
+/// forward; a backend may leave it unused (the CUDA kernels recompute the probabilities).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AttentionKernel {
     pub batch: Vec<usize>,
