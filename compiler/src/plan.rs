@@ -150,7 +150,7 @@ impl Slot {
 /// Per temporary, the temporary written over it where it dies, if one is to share its
 /// buffer: the kernel that last touches `src` writes `dst` over it ([`writes_over`]),
 /// `dst` is born there, has the same length and dtype, and in no entry meets `src`
-/// otherwise. Placed together, a product's output and the bias add or residual add
+/// otherwise (`meet`). Placed together, a product's output and the bias add or residual add
 /// that consumes it share one buffer, so the add runs in place on rows still in cache;
 /// placed one by one, first fit put the short-lived product output in the first slot
 /// it fitted, which the long-lived sum then did not fit (W2's `qkv + b`: a second 3 MiB
@@ -161,7 +161,7 @@ fn handovers(
     p: &Program,
     lifetimes: &[Vec<Option<(usize, usize)>>],
     is_temp: &impl Fn(BufId) -> bool,
-    overlap_in: &impl Fn(usize, BufId, BufId) -> bool,
+    meet: &impl Fn(BufId, BufId) -> bool,
 ) -> (Vec<Option<BufId>>, Vec<Option<BufId>>) {
     let n = p.buffers.len();
     let (mut next, mut prev): (Vec<Option<BufId>>, Vec<Option<BufId>>) = (vec![None; n], vec![None; n]);
@@ -186,7 +186,7 @@ fn handovers(
                         && p.buffers[src].len() == p.buffers[dst].len()
                         && p.buffers[src].dtype == p.buffers[dst].dtype
                         && writes_over(&p.kernels[k], src, dst)
-                        && (0..p.entries.len()).all(|e2| !overlap_in(e2, src, dst))
+                        && !meet(src, dst)
                 });
                 if let Some(src) = partner {
                     next[src] = Some(dst);
@@ -244,7 +244,9 @@ pub fn share_temporaries(p: &mut Program) -> usize {
     let is_temp = |b: BufId| p.buffers[b].kind == BufKind::Temp && !pinned.contains(&b);
     let mut temps: Vec<BufId> = (0..n).filter(|&b| is_temp(b)).collect();
     temps.sort_by_key(|&b| (std::cmp::Reverse(p.buffers[b].len()), b));
-    let (next, prev) = handovers(p, &lifetimes, &is_temp, &overlap_in);
+    // Whether two temporaries' lifetimes overlap in some entry.
+    let meet = |a: BufId, b: BufId| (0..p.entries.len()).any(|e| overlap_in(e, a, b));
+    let (next, prev) = handovers(p, &lifetimes, &is_temp, &meet);
     // First fit: each temporary, with the temporaries it hands over to or takes over
     // from ([`handovers`]), joins the first slot (in creation order) of its dtype none
     // of whose members overlaps any of them; the representative is the largest member.
@@ -258,7 +260,6 @@ pub fn share_temporaries(p: &mut Program) -> usize {
         let mut chain = chain_of(t, &next, &prev);
         // Members of a chain touch only where one hands over to the next; should two of
         // them meet otherwise in some entry, each goes alone.
-        let meet = |a: BufId, b: BufId| (0..p.entries.len()).any(|e| overlap_in(e, a, b));
         if chain.iter().enumerate().any(|(i, &a)| chain[i + 1..].iter().any(|&b| meet(a, b))) {
             chain = vec![t];
         }
