@@ -569,7 +569,10 @@ mod tests {
     }
 }
 
-/// Times the `gemm` crate on W2/W3's shapes, one thread and two:
+/// Times the `gemm` crate and the register tiles on W1–W3's shapes, one thread and two,
+/// against the FMA ceiling measured between them (each round: the crate, the tiles, the
+/// tiles on `Cᵀ`, then every thread's FMA rate for as many multiply-adds; this host's
+/// load moves both alike, so the ratio holds where medians across runs drift):
 /// `cargo test --release -p bm-runtime gemm::timing -- --ignored --nocapture`.
 #[cfg(test)]
 mod timing {
@@ -610,8 +613,12 @@ mod timing {
                 let (ars, acs) = if ta { (1, m) } else { (k, 1) };
                 let (brs, bcs) = if tb { (1, k) } else { (n, 1) };
                 let par = if threads > 1 { ::gemm::Parallelism::Rayon(threads) } else { ::gemm::Parallelism::None };
-                // Alternating: the crate, then the register tiles split among threads.
+                // Alternating: the crate, the register tiles split among threads, the tiles
+                // on Cᵀ, and the ceiling: every thread's FMA chains for the same work.
                 let mut times = [vec![], vec![], vec![]];
+                let mut ceiling = vec![];
+                let lanes = if crate::tiles::timing::fma_gflops(16, 1).is_some() { 16 } else { 8 };
+                let fma_steps = (m * n * k / (threads * 12 * lanes)).max(1000);
                 let rounds = if m * n * k < 1 << 24 { 400 } else { 20 };
                 let mut ct = vec![0.0f32; m * n];
                 let (cp, ap, bp, ctp) = (c.as_mut_ptr() as usize, a.as_ptr() as usize, b.as_ptr() as usize, ct.as_mut_ptr() as usize);
@@ -644,6 +651,8 @@ mod timing {
                             }
                             t.push(t0.elapsed().as_secs_f64());
                         }
+                        let rates = rayon::broadcast(|_| crate::tiles::timing::fma_gflops(lanes, fma_steps).unwrap_or(0.0));
+                        ceiling.push(rates.iter().sum::<f64>());
                     }
                 });
                 let _ = (&mut c, &mut ct);
@@ -656,7 +665,14 @@ mod timing {
                         format!("{name} median {:.1} best {:.1} GFLOP/s", gflops(t[t.len() / 2]), gflops(t[0]))
                     })
                     .collect();
-                println!("{threads}t {m}x{n}x{k} ta={ta} tb={tb}: {}", line.join("; "));
+                ceiling.sort_by(f64::total_cmp);
+                let ceiling = ceiling[ceiling.len() / 2];
+                let best = gflops(times[0][times[0].len() / 2].min(times[1][times[1].len() / 2]));
+                println!(
+                    "{threads}t {m}x{n}x{k} ta={ta} tb={tb}: {}; FMA ceiling median {ceiling:.1}: crate or tiles {:.0}% of it",
+                    line.join("; "),
+                    100.0 * best / ceiling
+                );
             }
         }
     }

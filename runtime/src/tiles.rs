@@ -835,7 +835,7 @@ mod tests {
 /// `gemm` crate on attention's block shapes and row-group panels, operands in cache:
 /// `cargo test --release -p bm-runtime tiles::timing -- --ignored --nocapture`.
 #[cfg(test)]
-mod timing {
+pub(crate) mod timing {
     use super::*;
 
     #[test]
@@ -897,11 +897,11 @@ mod timing {
         ]);
     }
 
-    /// The machine's FMA ceiling on one thread and on two at once: 12 independent
-    /// vector FMA chains, 16 lanes with AVX-512 and 8 with AVX2, operands in registers.
-    #[test]
-    #[ignore]
-    fn fma_peak() {
+    /// This thread's FMA rate in GFLOP/s over `steps` steps of 12 independent vector FMA
+    /// chains (operands in registers), `lanes` wide: 16 (AVX-512) or 8 (AVX2); `None`
+    /// where the CPU lacks that width. [`fma_peak`] and `gemm::timing` (the ceiling
+    /// measured between products, so that both see the same load) use it.
+    pub(crate) fn fma_gflops(lanes: usize, steps: usize) -> Option<f64> {
         #[cfg(target_arch = "x86_64")]
         {
             // Twelve chains in named registers (an array of them invited LLVM to rotate
@@ -938,31 +938,45 @@ mod timing {
             }
             chains!(chains512, "avx512f", __m512, _mm512_set1_ps, _mm512_fmadd_ps, _mm512_add_ps, _mm512_storeu_ps, 16);
             chains!(chains256, "avx2,fma", __m256, _mm256_set1_ps, _mm256_fmadd_ps, _mm256_add_ps, _mm256_storeu_ps, 8);
-            let steps = 10_000_000;
-            let run = |lanes: usize| -> f64 {
-                let t0 = std::time::Instant::now();
-                // SAFETY: the features are checked below before each width runs.
-                let r = unsafe { if lanes == 16 { chains512(steps) } else { chains256(steps) } };
-                std::hint::black_box(r);
-                2.0 * (lanes * 12 * steps) as f64 / t0.elapsed().as_secs_f64() / 1e9
-            };
-            for lanes in [16, 8] {
-                if (lanes == 16 && !std::is_x86_feature_detected!("avx512f")) || !crate::cpu::avx2_fma() {
-                    continue;
-                }
-                let one: Vec<f64> = (0..5).map(|_| run(lanes)).collect();
-                let two: Vec<f64> = (0..5)
-                    .map(|_| {
-                        // Two OS threads (rayon's join may run both halves on one).
-                        std::thread::scope(|sc| {
-                            let other = sc.spawn(|| run(lanes));
-                            run(lanes) + other.join().unwrap()
-                        })
-                    })
-                    .collect();
-                let best = |v: &[f64]| v.iter().cloned().fold(0.0, f64::max);
-                println!("{lanes} lanes: FMA peak one thread {:.1} GFLOP/s, two threads {:.1} GFLOP/s (best of 5)", best(&one), best(&two));
+            let usable = if lanes == 16 { std::is_x86_feature_detected!("avx512f") } else { lanes == 8 && crate::cpu::avx2_fma() };
+            if !usable {
+                return None;
             }
+            let t0 = std::time::Instant::now();
+            // SAFETY: the width's features were checked above.
+            let r = unsafe { if lanes == 16 { chains512(steps) } else { chains256(steps) } };
+            std::hint::black_box(r);
+            Some(2.0 * (lanes * 12 * steps) as f64 / t0.elapsed().as_secs_f64() / 1e9)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (lanes, steps);
+            None
+        }
+    }
+
+    /// The machine's FMA ceiling on one thread and on two at once.
+    #[test]
+    #[ignore]
+    fn fma_peak() {
+        let steps = 10_000_000;
+        for lanes in [16, 8] {
+            if fma_gflops(lanes, 1000).is_none() {
+                continue;
+            }
+            let run = || fma_gflops(lanes, steps).unwrap_or(0.0);
+            let one: Vec<f64> = (0..5).map(|_| run()).collect();
+            let two: Vec<f64> = (0..5)
+                .map(|_| {
+                    // Two OS threads (rayon's join may run both halves on one).
+                    std::thread::scope(|sc| {
+                        let other = sc.spawn(run);
+                        run() + other.join().unwrap()
+                    })
+                })
+                .collect();
+            let best = |v: &[f64]| v.iter().cloned().fold(0.0, f64::max);
+            println!("{lanes} lanes: FMA peak one thread {:.1} GFLOP/s, two threads {:.1} GFLOP/s (best of 5)", best(&one), best(&two));
         }
     }
 
