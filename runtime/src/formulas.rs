@@ -744,8 +744,8 @@ unsafe fn gelu_backward_step<const W: usize>(r: GradRows, at: usize, j: usize, w
     let mut d = [0.0f32; W];
     for i in 0..W {
         let g = crate::interp::gelu_tanh_grad(x[i]);
-        // Equal but for a NaN's payload, which x86 takes from the first operand: the
-        // kernel's own order keeps the JIT's bits there too.
+        // The kernel's own order, as the JIT writes it: the two can differ only in a
+        // NaN's payload (x86 returns the first operand's when both are NaN).
         #[allow(clippy::if_same_then_else)]
         let p = if r.grad_first { g * dy[i] } else { dy[i] * g };
         d[i] = p;
