@@ -793,7 +793,7 @@ mod timing {
         let nb: usize = batch.iter().product();
         let h = batch[1];
         let op = |buf| MatOperand { buf, offset: 0, batch_strides: vec![h * t * d, t * d], row_stride: d, col_stride: 1 };
-        let a = AttentionKernel {
+        let recomputing = AttentionKernel {
             batch: batch.clone(),
             tq: t,
             tk: t,
@@ -808,7 +808,6 @@ mod timing {
             out: 4,
             probs: None,
         };
-        let bk = AttentionBackwardKernel { fwd: AttentionKernel { out: 5, ..a.clone() }, dout: op(3) };
         let n = nb * t * d;
         let p = program(
             vec![
@@ -818,26 +817,39 @@ mod timing {
                 buf("go", DType::F32, n),
                 buf("o", DType::F32, n),
                 buf("g", DType::F32, 3 * n),
+                buf("p", DType::F32, recomputing.probs_len()),
             ],
             vec![],
         );
         let mut bufs = Buffers::new(&p);
         fill(&mut bufs, 1, false);
+        // The backward recomputing the probabilities, then reading the ones the forward
+        // kept (as the models' train steps run it).
+        for (a, how) in [(recomputing.clone(), "recomputed"), (AttentionKernel { probs: Some(6), ..recomputing }, "kept")] {
+            timed(&a, op(3), &mut bufs, how);
+        }
+    }
+
+    /// Forward and backward of `a` (its output in buffer 4, the gradients in 5), 21 rounds
+    /// on one thread and on two.
+    fn timed(a: &AttentionKernel, dout: MatOperand, bufs: &mut Buffers, how: &str) {
+        let bk = AttentionBackwardKernel { fwd: AttentionKernel { out: 5, ..a.clone() }, dout };
+        let (batch, t, d) = (&a.batch, a.tq, a.d);
         for threads in [1, 2] {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
             let (mut f, mut b) = (vec![], vec![]);
             for _ in 0..21 {
                 let t0 = std::time::Instant::now();
-                pool.install(|| forward(&a, &mut bufs, threads)).unwrap();
+                pool.install(|| forward(a, bufs, threads)).unwrap();
                 let t1 = std::time::Instant::now();
-                pool.install(|| backward(&bk, &mut bufs, threads)).unwrap();
+                pool.install(|| backward(&bk, bufs, threads)).unwrap();
                 f.push((t1 - t0).as_secs_f64());
                 b.push(t1.elapsed().as_secs_f64());
             }
             f.sort_by(f64::total_cmp);
             b.sort_by(f64::total_cmp);
             println!(
-                "batch {batch:?} t {t} d {d}, {threads} threads: forward {:.2} ms, backward {:.2} ms (medians of 21; best {:.2}, {:.2})",
+                "batch {batch:?} t {t} d {d}, {threads} threads, probabilities {how}: forward {:.2} ms, backward {:.2} ms (medians of 21; best {:.2}, {:.2})",
                 f[10] * 1e3,
                 b[10] * 1e3,
                 f[0] * 1e3,
