@@ -571,8 +571,9 @@ mod tests {
 
 /// Times the `gemm` crate and the register tiles on W1–W3's shapes, one thread and two,
 /// against the FMA ceiling measured between them (each round: the crate, the tiles, the
-/// tiles on `Cᵀ`, then every thread's FMA rate for as many multiply-adds; this host's
-/// load moves both alike, so the ratio holds where medians across runs drift):
+/// tiles on `Cᵀ`, then every thread's FMA rate for as many multiply-adds, so that the
+/// ceiling is the one of that moment; in session 25 it stayed at 440–458 GFLOP/s on two
+/// threads while the products moved by 20 points with the host's load on memory):
 /// `cargo test --release -p bm-runtime gemm::timing -- --ignored --nocapture`.
 #[cfg(test)]
 mod timing {
