@@ -116,10 +116,13 @@ struct Scratch {
 }
 
 impl Scratch {
-    fn new(a: &AttentionKernel, backward: bool) -> Scratch {
+    /// Scratch for `r`'s tasks: `p` only where the probabilities are not kept (else they
+    /// go to the kernel's `probs` buffer, [`Run::block_probs`]), `dp` for a backward.
+    fn new(r: &Run, backward: bool) -> Scratch {
+        let a = r.a;
         let len = a.tq.min(QB) * a.tk;
         Scratch {
-            p: vec![0.0; len],
+            p: if r.probs.is_some() { vec![] } else { vec![0.0; len] },
             dp: vec![0.0; if backward { len } else { 0 }],
             kt: Default::default(),
             vt: Default::default(),
@@ -482,11 +485,11 @@ fn ptrs(a: &AttentionKernel, dout: Option<&MatOperand>, bufs: &mut Buffers) -> R
 
 /// Runs `f(scratch, task)` for tasks `0..n`, in parallel on the current pool when
 /// `threads > 1`.
-fn for_tasks(a: &AttentionKernel, n: usize, backward: bool, threads: usize, f: impl Fn(&mut Scratch, usize) + Sync) {
+fn for_tasks(r: &Run, n: usize, backward: bool, threads: usize, f: impl Fn(&mut Scratch, usize) + Sync) {
     if threads > 1 && n > 1 {
-        (0..n).into_par_iter().for_each_init(|| Scratch::new(a, backward), |s, t| f(s, t));
+        (0..n).into_par_iter().for_each_init(|| Scratch::new(r, backward), |s, t| f(s, t));
     } else {
-        let mut s = Scratch::new(a, backward);
+        let mut s = Scratch::new(r, backward);
         for t in 0..n {
             f(&mut s, t);
         }
@@ -505,7 +508,7 @@ pub fn forward(a: &AttentionKernel, bufs: &mut Buffers, threads: usize) -> Resul
     let blocks = if a.batch_count() >= 4 * threads { 1 } else { a.tq.div_ceil(QB) };
     // Blocks start at multiples of QB either way: results do not depend on the split.
     let rows = if blocks == 1 { a.tq } else { QB };
-    for_tasks(a, a.batch_count() * blocks, false, threads, |sc, t| {
+    for_tasks(&r, a.batch_count() * blocks, false, threads, |sc, t| {
         let (b, i0) = (t / blocks, t % blocks * rows);
         let i1 = (i0 + rows).min(a.tq);
         // SAFETY: every operand was checked in bounds above; the output is a distinct
@@ -532,7 +535,7 @@ pub fn backward(bk: &AttentionBackwardKernel, bufs: &mut Buffers, threads: usize
     let probs = kept(a);
     let r = Run { a, dout: Some(&bk.dout), p: ptrs(a, Some(&bk.dout), bufs)?, offs: Offsets::new(a, Some(&bk.dout)), probs };
     let width = width();
-    for_tasks(a, a.batch_count(), true, threads, |sc, b| {
+    for_tasks(&r, a.batch_count(), true, threads, |sc, b| {
         // SAFETY: as in `forward`.
         unsafe {
             match width {
