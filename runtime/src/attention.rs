@@ -314,7 +314,7 @@ impl Run<'_> {
     #[allow(clippy::too_many_arguments)]
     unsafe fn probabilities(&self, sc: &mut Scratch, dst: *mut f32, ld: usize, b: usize, i0: usize, i1: usize, all: usize) {
         let (a, p, offs) = (self.a, self.p, &self.offs);
-        let n = self.a.keys(i1 - 1);
+        let n = a.keys(i1 - 1);
         let q = View::of(p.q, offs.q[b], &a.q, i0);
         let kt = View::of(p.k, offs.k[b], &a.k, 0).t();
         // SAFETY: q and k are in bounds; dst holds (i1 - i0) rows of ld.
@@ -325,7 +325,7 @@ impl Run<'_> {
         for i in i0..i1 {
             // SAFETY: row i - i0 of dst, n ≤ ld elements.
             let row = unsafe { std::slice::from_raw_parts_mut(dst.add((i - i0) * ld), n) };
-            let (seen, unseen) = row.split_at_mut(self.a.keys(i));
+            let (seen, unseen) = row.split_at_mut(a.keys(i));
             unseen.fill(0.0);
             if let Some(m) = &a.mask {
                 let mp = View::of(p.mask, offs.mask[b], m, i);
@@ -362,24 +362,25 @@ impl Run<'_> {
     unsafe fn forward(&self, sc: &mut Scratch, b: usize, r0: usize, r1: usize) {
         let (a, p) = (self.a, self.p);
         let v = View::of(p.v, self.offs.v[b], &a.v, 0);
-        let all = self.a.keys(r1 - 1);
+        let all = a.keys(r1 - 1);
         // SAFETY: as documented; each output block is (i1 - i0) × dv, dense.
         unsafe {
             sc.pack_keys(self, b, all, true, false);
             for i0 in (r0..r1).step_by(QB) {
                 let i1 = (i0 + QB).min(r1);
+                // The keys the block's last row sees: the sum of `p v`.
+                let n = a.keys(i1 - 1);
                 let out = (p.out as *mut f32).wrapping_add((b * a.tq + i0) * a.dv);
                 let (probs, ld) = self.block_probs(sc, b, i0);
                 self.probabilities(sc, probs, ld, b, i0, i1, all);
                 if self.probs.is_some() {
                     // Kept probabilities are 0 past the block's keys too (the product
                     // computed some of those columns, as many as the task's packing gave).
-                    let n = self.a.keys(i1 - 1);
                     for r in 0..i1 - i0 {
                         std::slice::from_raw_parts_mut(probs.add(r * ld + n), ld - n).fill(0.0);
                     }
                 }
-                mm(i1 - i0, a.dv, self.a.keys(i1 - 1), out, a.dv, false, View::dense(probs, ld), v, 1.0, &mut sc.pack);
+                mm(i1 - i0, a.dv, n, out, a.dv, false, View::dense(probs, ld), v, 1.0, &mut sc.pack);
             }
         }
     }
@@ -406,11 +407,11 @@ impl Run<'_> {
         unsafe {
             std::slice::from_raw_parts_mut(dk, tk * d).fill(0.0);
             std::slice::from_raw_parts_mut(dvv, tk * dv).fill(0.0);
-            let all = self.a.keys(tq - 1);
+            let all = a.keys(tq - 1);
             sc.pack_keys(self, b, all, self.probs.is_none(), true);
             for i0 in (0..tq).step_by(QB) {
                 let i1 = (i0 + QB).min(tq);
-                let (m, n) = (i1 - i0, self.a.keys(i1 - 1));
+                let (m, n) = (i1 - i0, a.keys(i1 - 1));
                 let (probs, ld) = self.block_probs(sc, b, i0);
                 if self.probs.is_none() {
                     self.probabilities(sc, probs, ld, b, i0, i1, all);

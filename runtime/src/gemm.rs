@@ -618,7 +618,8 @@ mod timing {
                 // on Cᵀ, and the ceiling: every thread's FMA chains for the same work.
                 let mut times = [vec![], vec![], vec![]];
                 let mut ceiling = vec![];
-                let lanes = if crate::tiles::timing::fma_gflops(16, 1).is_some() { 16 } else { 8 };
+                // The tiles' vector width (half a strip).
+                let lanes = crate::tiles::strip_width().map_or(8, |w| w / 2);
                 let fma_steps = (m * n * k / (threads * 12 * lanes)).max(1000);
                 let rounds = if m * n * k < 1 << 24 { 400 } else { 20 };
                 let mut ct = vec![0.0f32; m * n];
@@ -658,17 +659,17 @@ mod timing {
                 });
                 let _ = (&mut c, &mut ct);
                 let gflops = |t: f64| 2.0 * (m * n * k) as f64 / t / 1e9;
+                for t in times.iter_mut().chain([&mut ceiling]) {
+                    t.sort_by(f64::total_cmp);
+                }
+                let median = |t: &[f64]| t[t.len() / 2];
                 let line: Vec<String> = times
-                    .iter_mut()
+                    .iter()
                     .zip(["crate", "tiles", "tiles on Cᵀ"])
-                    .map(|(t, name)| {
-                        t.sort_by(f64::total_cmp);
-                        format!("{name} median {:.1} best {:.1} GFLOP/s", gflops(t[t.len() / 2]), gflops(t[0]))
-                    })
+                    .map(|(t, name)| format!("{name} median {:.1} best {:.1} GFLOP/s", gflops(median(t)), gflops(t[0])))
                     .collect();
-                ceiling.sort_by(f64::total_cmp);
-                let ceiling = ceiling[ceiling.len() / 2];
-                let best = gflops(times[0][times[0].len() / 2].min(times[1][times[1].len() / 2]));
+                let ceiling = median(&ceiling);
+                let best = gflops(median(&times[0]).min(median(&times[1])));
                 println!(
                     "{threads}t {m}x{n}x{k} ta={ta} tb={tb}: {}; FMA ceiling median {ceiling:.1}: crate or tiles {:.0}% of it",
                     line.join("; "),

@@ -900,7 +900,7 @@ pub(crate) mod timing {
     /// This thread's FMA rate in GFLOP/s over `steps` steps of 12 independent vector FMA
     /// chains (operands in registers), `lanes` wide: 16 (AVX-512) or 8 (AVX2); `None`
     /// where the CPU lacks that width. [`fma_peak`] and `gemm::timing` (the ceiling
-    /// measured between products, so that both see the same load) use it.
+    /// measured between products, the one of that moment) use it.
     pub(crate) fn fma_gflops(lanes: usize, steps: usize) -> Option<f64> {
         #[cfg(target_arch = "x86_64")]
         {
