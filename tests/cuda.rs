@@ -431,7 +431,7 @@ fn generated_cuda_fallback_paths_compute_what_the_cpu_computes() {
         mask: Some(op(10, 0, vec![0], tk, 1)), // broadcast over the batch
         causal: false,
         scale: 0.3,
-        out: 11,
+        out: op(11, 0, vec![dv], bq * dv, 1), // the batch's rows interleaved, as heads are
         probs: None,
     };
     let program = Program {
@@ -503,7 +503,7 @@ fn generated_cuda_fallback_paths_compute_what_the_cpu_computes() {
             }),
             Kernel::Attention(att.clone()),
             Kernel::AttentionBackward(AttentionBackwardKernel {
-                fwd: AttentionKernel { out: 13, ..att },
+                fwd: AttentionKernel { out: MatOperand::dense(13, &[bq], tq, dv), ..att },
                 dout: op(12, 0, vec![tq * dv], dv, 1),
             }),
         ],
@@ -558,7 +558,7 @@ fn generated_cuda_attention_paths_and_bf16_tiled_gemm() {
             buf(&format!("q{n}"), bq * tq * d),
             buf(&format!("k{n}"), bq * tk * d),
             buf(&format!("v{n}"), bq * tk * dv),
-            buf(&format!("att{n}"), bq * tq * dv),
+            buf(&format!("att{n}"), bq * tq * (dv + 1) + 2),
             buf(&format!("dout{n}"), bq * tq * dv),
             buf(&format!("grads{n}"), bq * (tq * d + tk * d + tk * dv)),
         ]);
@@ -574,12 +574,14 @@ fn generated_cuda_attention_paths_and_bf16_tiled_gemm() {
             mask: None,
             causal,
             scale: 0.25,
-            out: base + 3,
+            // The output laid out for a reader: the batch's rows interleaved (as heads
+            // are), or rows padded apart.
+            out: if n == 0 { op(base + 3, 0, vec![dv], bq * dv, 1) } else { op(base + 3, 2, vec![tq * (dv + 1)], dv + 1, 1) },
             probs: None,
         };
         kernels.push(Kernel::Attention(att.clone()));
         kernels.push(Kernel::AttentionBackward(AttentionBackwardKernel {
-            fwd: AttentionKernel { out: base + 5, ..att },
+            fwd: AttentionKernel { out: MatOperand::dense(base + 5, &[bq], tq, dv), ..att },
             dout: op(base + 4, 0, vec![tq * dv], dv, 1),
         }));
     }

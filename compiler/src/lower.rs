@@ -230,22 +230,51 @@ impl Lowering<'_> {
         (b, View::contiguous(Src::Buf(b), &shape))
     }
 
-    /// A buffer for a rank-2 `node` whose every user transposes it (`permute[1, 0]`: a
-    /// weight gradient in PyTorch's [out, in] layout): the buffer holds the transpose,
-    /// `node`'s view reads it with swapped strides, and the users see it contiguous.
-    /// A GEMM writes either layout at the same cost.
-    fn transposed_temp(&mut self, node: NodeId) -> Option<(BufId, View)> {
+    /// The permutation every user of `node` applies to it (`permute[p]`), if they all
+    /// apply the same one and `node` is no output. An `attention_backward` that takes
+    /// `node` as its forward (its last operand: where the probabilities were kept) reads
+    /// none of its values and does not count.
+    fn common_permutation(&self, node: NodeId) -> Option<Vec<usize>> {
+        if self.is_output[node.index()] {
+            return None;
+        }
+        let mut perm: Option<&Vec<usize>> = None;
+        for &u in self.g.users(node).iter() {
+            match &self.g.node(u).op {
+                Op::Permute(p) if perm.is_none_or(|q| q == p) => perm = Some(p),
+                Op::AttentionBackward { .. }
+                    if self.g.operands(u).iter().position(|&o| o == node) == Some(self.g.operands(u).len() - 1) => {}
+                _ => return None,
+            }
+        }
+        perm.cloned()
+    }
+
+    /// A buffer for `node` laid out as its users read it (`p`, its
+    /// [`common_permutation`](Self::common_permutation)): the buffer holds the permuted
+    /// array row-major, `node`'s view reads it through the matching strides, and the
+    /// users see it contiguous, so a reshape after them copies nothing. For kernels that
+    /// write any strides: a rank-2 GEMM whose users transpose it (a weight gradient in
+    /// PyTorch's [out, in] layout), attention whose user moves the heads back beside each
+    /// other (`[B, H, T, Dv] → [B, T, H, Dv]`, then `[B, T, H·Dv]`).
+    fn permuted_temp(&mut self, node: NodeId, p: &[usize]) -> (BufId, View) {
         let shape = self.g.shape(node).to_vec();
-        if shape.len() != 2 || self.is_output[node.index()] {
-            return None;
+        let permuted: Vec<usize> = p.iter().map(|&a| shape[a]).collect();
+        let b = self.new_buffer(format!("t{}", node.index()), kir::DType::F32, &permuted, BufKind::Temp);
+        let mut strides = vec![0; shape.len()];
+        for (&a, &s) in p.iter().zip(&row_major(&permuted)) {
+            strides[a] = s;
         }
-        let users = self.g.users(node);
-        let all_transpose = !users.is_empty() && users.iter().all(|&u| matches!(&self.g.node(u).op, Op::Permute(p) if p[..] == [1, 0]));
-        if !all_transpose {
-            return None;
+        (b, View { src: Src::Buf(b), offset: 0, shape, strides })
+    }
+
+    /// [`permuted_temp`](Self::permuted_temp) where `node`'s users agree on a
+    /// permutation the writing kernel can take (`fits`), else a plain [`temp`](Self::temp).
+    fn placed_temp(&mut self, node: NodeId, fits: impl Fn(&[usize]) -> bool) -> (BufId, View) {
+        match self.common_permutation(node).filter(|p| fits(p)) {
+            Some(p) => self.permuted_temp(node, &p),
+            None => self.temp(node),
         }
-        let b = self.new_buffer(format!("t{}", node.index()), kir::DType::F32, &[shape[1], shape[0]], BufKind::Temp);
-        Some((b, View { src: Src::Buf(b), offset: 0, shape: shape.clone(), strides: vec![1, shape[0]] }))
     }
 
     fn lower_node(&mut self, id: NodeId) -> Result<(), String> {
@@ -434,7 +463,7 @@ impl Lowering<'_> {
                 if let Some(sum) = self.batch_sum_user(id, r) {
                     let mut folded = kern.clone();
                     if fold_batch_into_k(&mut folded) {
-                        let (sb, sum_view) = self.transposed_temp(sum).unwrap_or_else(|| self.temp(sum));
+                        let (sb, sum_view) = self.placed_temp(sum, |p| p.len() == 2);
                         let (row_stride, col_stride) = (sum_view.strides[0], sum_view.strides[1]);
                         folded.c = MatOperand { buf: sb, offset: 0, batch_strides: vec![], row_stride, col_stride };
                         self.emit(id, Kernel::MatMul(folded));
@@ -443,15 +472,12 @@ impl Lowering<'_> {
                         return Ok(());
                     }
                 }
-                let (b, out) = match self.transposed_temp(id) {
-                    // Rank 2: no batch axes, so C is exactly the view.
-                    Some((b, out)) => {
-                        kern.c.row_stride = out.strides[0];
-                        kern.c.col_stride = out.strides[1];
-                        (b, out)
-                    }
-                    None => self.temp(id),
-                };
+                let (b, out) = self.placed_temp(id, |p| p.len() == 2);
+                if r == 2 {
+                    // No batch axes: C is exactly the view (transposed or not).
+                    kern.c.row_stride = out.strides[0];
+                    kern.c.col_stride = out.strides[1];
+                }
                 kern.c.buf = b;
                 self.emit(id, Kernel::MatMul(kern));
                 out
@@ -495,10 +521,25 @@ impl Lowering<'_> {
                 } else {
                     None
                 };
-                let (b, out) = self.temp(id);
-                let mut fwd = AttentionKernel { batch, tq, tk, d, dv, q, k, v, mask, causal: *causal, scale: *scale, out: b, probs: None };
+                let backward = matches!(n.op, Op::AttentionBackward { .. });
+                // The forward's rows go where its reader wants them, columns contiguous;
+                // the backward's packed gradients stay dense.
+                let (b, out) = self.placed_temp(id, |p| !backward && p.last() == Some(&(r - 1)));
+                let out_operand = if backward {
+                    MatOperand::dense(b, &batch, tq, dv)
+                } else {
+                    MatOperand {
+                        buf: b,
+                        offset: 0,
+                        batch_strides: out.strides[..r - 2].to_vec(),
+                        row_stride: out.strides[r - 2],
+                        col_stride: 1,
+                    }
+                };
+                let mut fwd =
+                    AttentionKernel { batch, tq, tk, d, dv, q, k, v, mask, causal: *causal, scale: *scale, out: out_operand, probs: None };
                 let dout_at = if *masked { 4 } else { 3 };
-                if matches!(n.op, Op::AttentionBackward { .. }) {
+                if backward {
                     // Its last operand is the forward node, which kept its probabilities.
                     fwd.probs = self.attention_probs.get(&ops[dout_at + 1]).copied();
                     let dout = self.mat_operand(id, ops[dout_at])?;

@@ -73,7 +73,7 @@ pub(crate) fn for_each_buf(k: &mut Kernel, f: &mut impl FnMut(&mut BufId)) {
         if let Some(m) = &mut a.mask {
             f(&mut m.buf);
         }
-        f(&mut a.out);
+        f(&mut a.out.buf);
         if let Some(p) = &mut a.probs {
             f(p);
         }

@@ -53,9 +53,16 @@ pub(crate) fn operand_in_bounds(o: &MatOperand, batch: &[usize], rows: usize, co
     o.check_in(batch, rows, cols, len, "attention")
 }
 
-/// Checks every operand of `k` (and `dout`, and the output of `out_len` elements)
-/// against the buffers' lengths (`len(buf)`, `None` for a missing or non-f32 buffer).
-pub(crate) fn check(k: &AttentionKernel, dout: Option<&MatOperand>, out_len: usize, len: impl Fn(BufId) -> Option<usize>) -> Result<()> {
+/// Checks every operand of `k` (and `dout`) against the buffers' lengths (`len(buf)`,
+/// `None` for a missing or non-f32 buffer), and the output: in the forward (`out_len`
+/// `None`) `batch × tq × dv` through `k.out`, columns contiguous and no element written
+/// twice; in the backward `out_len` packed gradients, `k.out` dense.
+pub(crate) fn check(
+    k: &AttentionKernel,
+    dout: Option<&MatOperand>,
+    out_len: Option<usize>,
+    len: impl Fn(BufId) -> Option<usize>,
+) -> Result<()> {
     let get = |b: BufId| len(b).ok_or_else(|| Error::internal(format!("attention: buffer b{b} does not exist or is not f32")));
     if k.causal && k.tq != k.tk {
         return Err(Error::internal(format!("causal attention needs tq = tk, got {} and {}", k.tq, k.tk)));
@@ -72,17 +79,33 @@ pub(crate) fn check(k: &AttentionKernel, dout: Option<&MatOperand>, out_len: usi
         operand_in_bounds(o, &k.batch, k.tq, k.dv, get(o.buf)?)?;
         inputs.push(o.buf);
     }
-    if get(k.out)? < out_len {
-        return Err(Error::internal(format!("attention output b{} holds fewer than {out_len} elements", k.out)));
+    let out = k.out.buf;
+    match out_len {
+        None => {
+            let o = &k.out;
+            operand_in_bounds(o, &k.batch, k.tq, k.dv, get(out)?)?;
+            let dims = k.batch.iter().copied().zip(o.batch_strides.iter().copied()).chain([(k.tq, o.row_stride), (k.dv, o.col_stride)]);
+            if o.col_stride != 1 && k.dv > 1 || o.batch_strides.len() != k.batch.len() || !crate::exec::injective(dims) {
+                return Err(Error::internal(format!("attention output b{out} must have contiguous columns and no element written twice")));
+            }
+        }
+        Some(n) => {
+            if !k.out.is_dense(&k.batch, k.tq, k.dv) {
+                return Err(Error::internal(format!("attention gradients b{out} must be one dense buffer")));
+            }
+            if get(out)? < n {
+                return Err(Error::internal(format!("attention gradients b{out} hold fewer than {n} elements")));
+            }
+        }
     }
-    if inputs.contains(&k.out) {
-        return Err(Error::internal(format!("attention output b{} aliases an input", k.out)));
+    if inputs.contains(&out) {
+        return Err(Error::internal(format!("attention output b{out} aliases an input")));
     }
     if let Some(pb) = k.probs {
         if get(pb)? < k.probs_len() {
             return Err(Error::internal(format!("attention probabilities b{pb} hold fewer than {} elements", k.probs_len())));
         }
-        if inputs.contains(&pb) || pb == k.out {
+        if inputs.contains(&pb) || pb == out {
             return Err(Error::internal(format!("attention probabilities b{pb} alias an operand")));
         }
     }
@@ -192,6 +215,8 @@ struct Offsets {
     v: Vec<usize>,
     mask: Vec<usize>,
     dout: Vec<usize>,
+    /// The forward's output.
+    out: Vec<usize>,
 }
 
 impl Offsets {
@@ -202,6 +227,7 @@ impl Offsets {
             v: a.v.batch_offsets(&a.batch),
             mask: a.mask.as_ref().map(|m| m.batch_offsets(&a.batch)).unwrap_or_default(),
             dout: dout.map(|o| o.batch_offsets(&a.batch)).unwrap_or_default(),
+            out: a.out.batch_offsets(&a.batch),
         }
     }
 }
@@ -370,7 +396,7 @@ impl Run<'_> {
                 let i1 = (i0 + QB).min(r1);
                 // The keys the block's last row sees: the sum of `p v`.
                 let n = a.keys(i1 - 1);
-                let out = (p.out as *mut f32).wrapping_add((b * a.tq + i0) * a.dv);
+                let out = (p.out as *mut f32).wrapping_add(self.offs.out[b] + i0 * a.out.row_stride);
                 let (probs, ld) = self.block_probs(sc, b, i0);
                 self.probabilities(sc, probs, ld, b, i0, i1, all);
                 if self.probs.is_some() {
@@ -380,7 +406,7 @@ impl Run<'_> {
                         std::slice::from_raw_parts_mut(probs.add(r * ld + n), ld - n).fill(0.0);
                     }
                 }
-                mm(i1 - i0, a.dv, n, out, a.dv, false, View::dense(probs, ld), v, 1.0, &mut sc.pack);
+                mm(i1 - i0, a.dv, n, out, a.out.row_stride, false, View::dense(probs, ld), v, 1.0, &mut sc.pack);
             }
         }
     }
@@ -476,7 +502,7 @@ fn ptrs(a: &AttentionKernel, dout: Option<&MatOperand>, bufs: &mut Buffers) -> R
             Some(o) => bufs.f32(o.buf)?.as_ptr() as usize,
             None => 0,
         },
-        out: bufs.f32_mut(a.out)?.as_mut_ptr() as usize,
+        out: bufs.f32_mut(a.out.buf)?.as_mut_ptr() as usize,
         probs: match a.probs {
             Some(pb) => bufs.f32_mut(pb)?.as_mut_ptr() as usize,
             None => 0,
@@ -501,7 +527,7 @@ fn for_tasks(r: &Run, n: usize, backward: bool, threads: usize, f: impl Fn(&mut 
 /// parallelism uses that pool. A task is one batch index, or one block of its query
 /// rows when there are few batch indices.
 pub fn forward(a: &AttentionKernel, bufs: &mut Buffers, threads: usize) -> Result<()> {
-    check(a, None, a.out_len(), |b| bufs.f32(b).ok().map(|x| x.len()))?;
+    check(a, None, None, |b| bufs.f32(b).ok().map(|x| x.len()))?;
     let r = Run { a, dout: None, p: ptrs(a, None, bufs)?, offs: Offsets::new(a, None), probs: kept(a) };
     let width = width();
     // A task is a batch index (its blocks share one packing of `kᵀ`), or one block of
@@ -532,7 +558,7 @@ pub fn forward(a: &AttentionKernel, bufs: &mut Buffers, threads: usize) -> Resul
 pub fn backward(bk: &AttentionBackwardKernel, bufs: &mut Buffers, threads: usize) -> Result<()> {
     let a = &bk.fwd;
     let (nq, nk, nv) = a.grad_lens();
-    check(a, Some(&bk.dout), nq + nk + nv, |b| bufs.f32(b).ok().map(|x| x.len()))?;
+    check(a, Some(&bk.dout), Some(nq + nk + nv), |b| bufs.f32(b).ok().map(|x| x.len()))?;
     let probs = kept(a);
     let r = Run { a, dout: Some(&bk.dout), p: ptrs(a, Some(&bk.dout), bufs)?, offs: Offsets::new(a, Some(&bk.dout)), probs };
     let width = width();
@@ -653,23 +679,26 @@ mod tests {
         let (go, lg) = dense(4, batch, tq, dv, false, false);
         let nb: usize = batch.iter().product();
         let probs = keep.then_some(7);
-        let fwd = AttentionKernel {
-            batch: batch.to_vec(),
-            tq,
-            tk,
-            d,
-            dv,
-            q,
-            k,
-            v,
-            mask: masked.then_some(m),
-            causal,
-            scale: 0.37,
-            out: 5,
-            probs,
+        // The forward's output dense, or (with `transposed`) laid out for a reader: a
+        // head's rows beside the other heads' (`[B, H, T, Dv]` written as `[B, T, H, Dv]`),
+        // or rows padded apart without two batch axes.
+        let out = match (transposed, batch) {
+            (false, _) => MatOperand::dense(5, batch, tq, dv),
+            (true, &[_, h]) => MatOperand { buf: 5, offset: 0, batch_strides: vec![tq * h * dv, dv], row_stride: h * dv, col_stride: 1 },
+            (true, _) => {
+                let mut o = MatOperand::dense(5, batch, tq, dv + 2);
+                o.offset = 1;
+                o
+            }
         };
+        let out_len = match (transposed, batch) {
+            (true, &[_, _]) | (false, _) => nb * tq * dv,
+            _ => nb * tq * (dv + 2) + 1,
+        };
+        let fwd =
+            AttentionKernel { batch: batch.to_vec(), tq, tk, d, dv, q, k, v, mask: masked.then_some(m), causal, scale: 0.37, out, probs };
         let mut bk = fwd.clone();
-        bk.out = 6;
+        bk.out = MatOperand::dense(6, batch, tq, dv);
         let (nq, nk, nv) = bk.grad_lens();
         let p = program(
             vec![
@@ -678,7 +707,7 @@ mod tests {
                 buf("v", DType::F32, lv),
                 buf("m", DType::F32, lm),
                 buf("go", DType::F32, lg),
-                buf("out", DType::F32, nb * tq * dv),
+                buf("out", DType::F32, out_len),
                 buf("grads", DType::F32, nq + nk + nv),
                 buf("probs", DType::F32, fwd.probs_len().max(1)),
             ],
@@ -694,7 +723,11 @@ mod tests {
                 );
             }
         };
-        close(bufs.f32(5).unwrap(), &reference(&fwd, &bufs, None), "out");
+        // The forward's output read back through its layout, row-major.
+        let (outs, o) = (fwd.out.batch_offsets(batch), &fwd.out);
+        let got: Vec<f32> =
+            (0..nb * tq * dv).map(|e| bufs.f32(5).unwrap()[outs[e / (tq * dv)] + e / dv % tq * o.row_stride + e % dv]).collect();
+        close(&got, &reference(&fwd, &bufs, None), "out");
         close(bufs.f32(6).unwrap(), &reference(&bk, &bufs, Some(&go)), "grads");
         bufs.f32(5).unwrap().iter().chain(bufs.f32(6).unwrap()).map(|x| x.to_bits()).collect()
     }
@@ -753,27 +786,40 @@ mod tests {
             mask: None,
             causal: false,
             scale: 1.0,
-            out: 1,
+            out: MatOperand::dense(1, &[], 4, 4),
             probs: None,
         };
-        assert!(check(&a, None, 16, |_| Some(16)).is_ok());
-        assert!(check(&a, None, 16, |b| Some(if b == 0 { 15 } else { 16 })).is_err());
-        assert!(check(&a, None, 17, |_| Some(16)).is_err());
+        assert!(check(&a, None, None, |_| Some(16)).is_ok());
+        assert!(check(&a, None, None, |b| Some(if b == 0 { 15 } else { 16 })).is_err());
+        // The output too short for its rows, written twice, or with strided columns; the
+        // backward's packed gradients too short or not dense.
+        assert!(check(&a, None, None, |b| Some(if b == 1 { 15 } else { 16 })).is_err());
+        let mut twice = a.clone();
+        twice.out.row_stride = 2;
+        assert!(check(&twice, None, None, |_| Some(16)).is_err());
+        let mut columns = a.clone();
+        (columns.out.row_stride, columns.out.col_stride) = (1, 4);
+        assert!(check(&columns, None, None, |_| Some(16)).is_err());
+        assert!(check(&a, None, Some(17), |_| Some(16)).is_err());
+        let mut padded = a.clone();
+        padded.out.row_stride = 5;
+        assert!(check(&padded, None, None, |_| Some(19)).is_ok());
+        assert!(check(&padded, None, Some(16), |_| Some(19)).is_err());
         let mut alias = a.clone();
-        alias.out = 0;
-        assert!(check(&alias, None, 16, |_| Some(16)).is_err());
+        alias.out.buf = 0;
+        assert!(check(&alias, None, None, |_| Some(16)).is_err());
         let mut c = a.clone();
         c.causal = true;
         c.tk = 3;
-        assert!(check(&c, None, 16, |_| Some(16)).is_err());
+        assert!(check(&c, None, None, |_| Some(16)).is_err());
         // Kept probabilities: one block of 4 rows, 4 wide; too short or aliasing is an error.
         let mut kept = a.clone();
         kept.probs = Some(2);
         assert_eq!(kept.probs_len(), 16);
-        assert!(check(&kept, None, 16, |_| Some(16)).is_ok());
-        assert!(check(&kept, None, 16, |b| Some(if b == 2 { 15 } else { 16 })).is_err());
+        assert!(check(&kept, None, None, |_| Some(16)).is_ok());
+        assert!(check(&kept, None, None, |b| Some(if b == 2 { 15 } else { 16 })).is_err());
         kept.probs = Some(1);
-        assert!(check(&kept, None, 16, |_| Some(16)).is_err());
+        assert!(check(&kept, None, None, |_| Some(16)).is_err());
     }
 }
 
@@ -809,7 +855,7 @@ mod timing {
             mask: None,
             causal: true,
             scale: 0.17,
-            out: 4,
+            out: MatOperand::dense(4, &batch, t, d),
             probs: None,
         };
         let n = nb * t * d;
@@ -837,7 +883,7 @@ mod timing {
     /// Forward and backward of `a` (its output in buffer 4, the gradients in 5), 21 rounds
     /// on one thread and on two.
     fn timed(a: &AttentionKernel, dout: MatOperand, bufs: &mut Buffers, how: &str) {
-        let bk = AttentionBackwardKernel { fwd: AttentionKernel { out: 5, ..a.clone() }, dout };
+        let bk = AttentionBackwardKernel { fwd: AttentionKernel { out: MatOperand::dense(5, &a.batch, a.tq, a.dv), ..a.clone() }, dout };
         let (batch, t, d) = (&a.batch, a.tq, a.d);
         for threads in [1, 2] {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();

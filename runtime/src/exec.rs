@@ -415,11 +415,11 @@ fn validate_kernel(program: &Program, i: usize, k: &Kernel) -> Result<()> {
             Ok(())
         }
         Kernel::Attention(a) => {
-            crate::attention::check(a, None, a.out_len(), |b| f32_len(program, b)).map_err(|e| Error::internal(format!("{what}: {e}")))
+            crate::attention::check(a, None, None, |b| f32_len(program, b)).map_err(|e| Error::internal(format!("{what}: {e}")))
         }
         Kernel::AttentionBackward(a) => {
             let (nq, nk, nv) = a.fwd.grad_lens();
-            crate::attention::check(&a.fwd, Some(&a.dout), nq + nk + nv, |b| f32_len(program, b))
+            crate::attention::check(&a.fwd, Some(&a.dout), Some(nq + nk + nv), |b| f32_len(program, b))
                 .map_err(|e| Error::internal(format!("{what}: {e}")))
         }
         Kernel::ScatterAdd(s) => {

@@ -221,6 +221,29 @@ pub struct MatOperand {
 }
 
 impl MatOperand {
+    /// `batch × rows × cols` row-major from element 0 of `buf`.
+    pub fn dense(buf: BufId, batch: &[usize], rows: usize, cols: usize) -> MatOperand {
+        let mut batch_strides = vec![0; batch.len()];
+        let mut s = rows * cols;
+        for d in (0..batch.len()).rev() {
+            batch_strides[d] = s;
+            s *= batch[d];
+        }
+        MatOperand { buf, offset: 0, batch_strides, row_stride: cols, col_stride: 1 }
+    }
+
+    /// Whether this is [`MatOperand::dense`] over `batch × rows × cols` (up to the strides
+    /// of axes of extent 1, which never move).
+    pub fn is_dense(&self, batch: &[usize], rows: usize, cols: usize) -> bool {
+        let d = MatOperand::dense(self.buf, batch, rows, cols);
+        let same = |n: usize, x: usize, y: usize| n <= 1 || x == y;
+        self.offset == 0
+            && self.batch_strides.len() == batch.len()
+            && batch.iter().zip(self.batch_strides.iter().zip(&d.batch_strides)).all(|(&n, (&x, &y))| same(n, x, y))
+            && same(rows, self.row_stride, d.row_stride)
+            && same(cols, self.col_stride, 1)
+    }
+
     /// The offset of every batch matrix, batch indices in row-major order.
     pub fn batch_offsets(&self, batch: &[usize]) -> Vec<usize> {
         let mut offs = vec![self.offset];
@@ -305,7 +328,11 @@ pub struct ScatterAddKernel {
 /// index `b` of `batch` (`q`: tq×d, `k`: tk×d, `v`: tk×dv, `mask`: tq×tk, any strides,
 /// 0 to broadcast). With `causal`, query row `i` sees keys `j <= i` only (tq = tk). The
 /// CPU runtime never stores a tq×tk matrix: it works a block of query rows at a time
-/// (see `attention.rs`). `out` is a whole contiguous buffer of `batch × tq × dv` elements.
+/// (see `attention.rs`). `out` is where the output goes, columns contiguous: dense
+/// (`batch × tq × dv` from element 0, [`MatOperand::dense`]), or laid out for its reader
+/// (the compiler writes a head's rows straight into `[B, T, H·Dv]` when the only reader
+/// permutes the heads back, so no copy runs). The backward's packed gradients need a
+/// dense `fwd.out`.
 ///
 /// `probs`, when present, is a buffer of [`AttentionKernel::probs_len`] elements in which
 /// the forward keeps its softmax probabilities for the backward of the same inputs, so the
@@ -328,7 +355,7 @@ pub struct AttentionKernel {
     pub mask: Option<MatOperand>,
     pub causal: bool,
     pub scale: f64,
-    pub out: BufId,
+    pub out: MatOperand,
     #[serde(default)]
     pub probs: Option<BufId>,
 }
@@ -476,7 +503,7 @@ pub enum Kernel {
     Gather(GatherKernel),
     ScatterAdd(ScatterAddKernel),
     Attention(AttentionKernel),
-    /// `fwd.out` names the packed gradient buffer.
+    /// `fwd.out` names the packed gradient buffer (dense).
     AttentionBackward(AttentionBackwardKernel),
 }
 
@@ -491,8 +518,8 @@ impl Kernel {
             Kernel::MatMul(m) => vec![m.c.buf],
             Kernel::Gather(g) => vec![g.out],
             Kernel::ScatterAdd(s) => vec![s.out],
-            Kernel::Attention(a) => std::iter::once(a.out).chain(a.probs).collect(),
-            Kernel::AttentionBackward(a) => vec![a.fwd.out],
+            Kernel::Attention(a) => std::iter::once(a.out.buf).chain(a.probs).collect(),
+            Kernel::AttentionBackward(a) => vec![a.fwd.out.buf],
         }
     }
 
@@ -677,12 +704,13 @@ pub fn kernel_text(k: &Kernel) -> String {
         }
         Kernel::Attention(a) => {
             let probs = a.probs.map(|p| format!(", b{p} = probabilities")).unwrap_or_default();
-            format!("attention {}\n    b{} = attention({}){probs}", attention_head(a), a.out, attention_args(a))
+            let out = if a.out.is_dense(&a.batch, a.tq, a.dv) { format!("b{}", a.out.buf) } else { operand_text(&a.out) };
+            format!("attention {}\n    {out} = attention({}){probs}", attention_head(a), attention_args(a))
         }
         Kernel::AttentionBackward(a) => format!(
             "attention_backward {}\n    b{} = d attention({}) · {}{}",
             attention_head(&a.fwd),
-            a.fwd.out,
+            a.fwd.out.buf,
             attention_args(&a.fwd),
             operand_text(&a.dout),
             a.fwd.probs.map(|p| format!(" from probabilities b{p}")).unwrap_or_default()

@@ -687,14 +687,16 @@ impl Gen<'_> {
         }
     }
 
-    /// Batch `b`'s operand offsets `oq ok ov (om) (oo)`.
+    /// Batch `b`'s operand offsets `oq ok ov (om)`, then `oo` (the backward's `dout`) or
+    /// `ot` (the forward's output).
     fn attention_offsets(&self, a: &AttentionKernel, dout: Option<&MatOperand>, src: &mut String) {
         let mut ops: Vec<(&str, &MatOperand)> = vec![("oq", &a.q), ("ok", &a.k), ("ov", &a.v)];
         if let Some(m) = &a.mask {
             ops.push(("om", m));
         }
-        if let Some(o) = dout {
-            ops.push(("oo", o));
+        match dout {
+            Some(o) => ops.push(("oo", o)),
+            None => ops.push(("ot", &a.out)),
         }
         let _ = writeln!(src, "  {}", self.batch_offset_code(&a.batch, &ops, "b"));
     }
@@ -785,8 +787,8 @@ impl Gen<'_> {
         let _ = writeln!(src, "  // Every key masked: 0 / 0 = NaN, as the unfused softmax gives.");
         let _ = writeln!(
             src,
-            "  if (live) for (int t = 0; t < {vl}; t++) {{ int c = lane + 32 * t; if (c < {0}) A[{1}LL + (b * {2}LL + i) * {0}LL + c] = acc[t] / l; }}",
-            a.dv, self.layout.offsets[a.out], a.tq
+            "  if (live) for (int t = 0; t < {vl}; t++) {{ int c = lane + 32 * t; if (c < {0}) A[ot + i * {1}LL + c] = acc[t] / l; }}",
+            a.dv, a.out.row_stride
         );
         let _ = writeln!(src, "}}");
         let blocks = a.batch_count() * a.tq.div_ceil(r);
@@ -805,7 +807,7 @@ impl Gen<'_> {
         let (r, kt, threads) = (ATT_ROWS, ATT_KEYS, ATT_ROWS * 32);
         let dl = a.d.div_ceil(32);
         let (lq, lk, _) = a.grad_lens();
-        let g = self.layout.offsets[a.out];
+        let g = self.layout.offsets[a.out.buf];
         let (dq, dk, dv) = (g, g + lq, g + lq + lk);
         let st = self.layout.attention_stats.expect("a tiled attention backward has stats scratch");
         let n = a.batch_count() * a.tq;
@@ -936,8 +938,7 @@ impl Gen<'_> {
 
     fn attention(&self, a: &AttentionKernel, src: &mut String) -> Launch {
         let vl = a.dv.div_ceil(32);
-        self.attention_head(a, &[], src);
-        let out = self.layout.offsets[a.out];
+        self.attention_head(a, &[("ot", &a.out)], src);
         let _ = writeln!(src, "  float m = -BM_INF, l = 0.0f, acc[{vl}];");
         let _ = writeln!(src, "  for (int c = 0; c < {vl}; c++) acc[c] = 0.0f;");
         let _ = writeln!(src, "  for (long long j = 0; j < jend; j++) {{");
@@ -954,8 +955,8 @@ impl Gen<'_> {
         let _ = writeln!(src, "  // Every key masked: 0 / 0 = NaN, as the unfused softmax gives.");
         let _ = writeln!(
             src,
-            "  for (int c = 0; c < {vl}; c++) {{ long long d = lane + 32 * c; if (d < {0}) A[{out}LL + row * {0}LL + d] = acc[c] / l; }}",
-            a.dv
+            "  for (int c = 0; c < {vl}; c++) {{ long long d = lane + 32 * c; if (d < {0}) A[ot + i * {1}LL + d] = acc[c] / l; }}",
+            a.dv, a.out.row_stride
         );
         let _ = writeln!(src, "}}");
         Launch::Grid { name: self.name.clone(), grid: grid1(a.batch_count() * a.tq * 32, 128), block: (128, 1, 1) }
@@ -965,7 +966,7 @@ impl Gen<'_> {
         let a = &ab.fwd;
         let (dl, vl) = (a.d.div_ceil(32), a.dv.div_ceil(32));
         let (lq, lk, _) = a.grad_lens();
-        let g = self.layout.offsets[a.out];
+        let g = self.layout.offsets[a.out.buf];
         let (dq, dk, dv) = (g, g + lq, g + lq + lk);
         self.attention_head(a, &[("oo", &ab.dout)], src);
         let _ = writeln!(src, "  float go[{vl}];");
