@@ -173,10 +173,6 @@ int main(int argc, char** argv) {
         if (std::string(bm_table[i].name) == name) k = bm_table[i].f;
       if (!k) return 3;
       (o == "grid" ? bm_launch : bm_launch_serial)(k, {g[0], g[1], g[2]}, {b[0], b[1], b[2]}, A.data(), E);
-    } else if (o == "zero") {
-      long off, n;
-      std::fscanf(p, "%ld %ld", &off, &n);
-      for (long i = 0; i < n; i++) A[off + i] = 0.0f;
     } else if (o == "gemm") {
       int ta, tb, acc;
       long m, n, k, a, lda, b, ldb, c, ldc;
@@ -217,10 +213,6 @@ fn emulator_plan(module: &CudaModule, program: &Program, entry: &str) -> String 
             Launch::Grid { name, grid: g, block: b } => {
                 let how = if sync_free { "serial" } else { "grid" };
                 let _ = writeln!(s, "{how} {name} {} {} {} {} {} {}", g.0, g.1, g.2, b.0, b.1, b.2);
-            }
-            Launch::ZeroThen { offset, words, name, grid: g, block: b } => {
-                let _ = writeln!(s, "zero {offset} {words}");
-                let _ = writeln!(s, "grid {name} {} {} {} {} {} {}", g.0, g.1, g.2, b.0, b.1, b.2);
             }
             Launch::Seq(grids) => {
                 for gr in grids {
@@ -502,10 +494,7 @@ fn generated_cuda_fallback_paths_compute_what_the_cpu_computes() {
                 sums: vec![],
             }),
             Kernel::Attention(att.clone()),
-            Kernel::AttentionBackward(AttentionBackwardKernel {
-                fwd: AttentionKernel { out: MatOperand::dense(13, &[bq], tq, dv), ..att },
-                dout: op(12, 0, vec![tq * dv], dv, 1),
-            }),
+            Kernel::AttentionBackward(AttentionBackwardKernel::packed(att, op(12, 0, vec![tq * dv], dv, 1), 13)),
         ],
         entries: vec![Entry { name: "main".into(), kernels: vec![0, 1, 2, 3, 4, 5], results: vec![] }],
         params: vec![],
@@ -560,7 +549,7 @@ fn generated_cuda_attention_paths_and_bf16_tiled_gemm() {
             buf(&format!("v{n}"), bq * tk * dv),
             buf(&format!("att{n}"), bq * tq * (dv + 1) + 2),
             buf(&format!("dout{n}"), bq * tq * dv),
-            buf(&format!("grads{n}"), bq * (tq * d + tk * d + tk * dv)),
+            buf(&format!("grads{n}"), bq * (tq * (d + 1) + tk * (d + 1) + tk * (dv + 1)) + 1),
         ]);
         let att = AttentionKernel {
             batch: vec![bq],
@@ -580,10 +569,25 @@ fn generated_cuda_attention_paths_and_bf16_tiled_gemm() {
             probs: None,
         };
         kernels.push(Kernel::Attention(att.clone()));
-        kernels.push(Kernel::AttentionBackward(AttentionBackwardKernel {
-            fwd: AttentionKernel { out: MatOperand::dense(base + 5, &[bq], tq, dv), ..att },
-            dout: op(base + 4, 0, vec![tq * dv], dv, 1),
-        }));
+        // The gradients where a reader wants them: dq, dk and dv rows side by side (as a
+        // fused qkv product's gradient holds them; tq = tk), or each with rows padded.
+        let mut bk = AttentionBackwardKernel::packed(att, op(base + 4, 0, vec![tq * dv], dv, 1), base + 5);
+        if n == 0 {
+            let row = d + d + dv;
+            (bk.dq, bk.dk, bk.dv) = (
+                op(base + 5, 0, vec![tq * row], row, 1),
+                op(base + 5, d, vec![tk * row], row, 1),
+                op(base + 5, 2 * d, vec![tk * row], row, 1),
+            );
+        } else {
+            let (lq, lk) = (bq * tq * (d + 1), bq * tk * (d + 1));
+            (bk.dq, bk.dk, bk.dv) = (
+                op(base + 5, 1, vec![tq * (d + 1)], d + 1, 1),
+                op(base + 5, 1 + lq, vec![tk * (d + 1)], d + 1, 1),
+                op(base + 5, 1 + lq + lk, vec![tk * (dv + 1)], dv + 1, 1),
+            );
+        }
+        kernels.push(Kernel::AttentionBackward(bk));
     }
     // A bf16 product whose operands' columns are 2 apart (no cuBLAS layout).
     let base = buffers.len();
@@ -607,7 +611,10 @@ fn generated_cuda_attention_paths_and_bf16_tiled_gemm() {
     };
     let module = generate(&program);
     assert!(matches!(module.launches[1], Launch::Seq(_)), "causal d = 16 attention backward should be the tiled kernels");
-    assert!(matches!(module.launches[3], Launch::ZeroThen { .. }), "d = 300 should fall back to the warp-per-row kernels");
+    assert!(
+        matches!(&module.launches[3], Launch::Seq(g) if g.len() == 2 && g[0].name.ends_with("_zero")),
+        "d = 300 should fall back to the warp-per-row kernels, dk and dv zeroed first"
+    );
     assert!(matches!(module.launches[4], Launch::Grid { .. }), "the strided bf16 GEMM should use the tiled kernel");
     let dir = tempfile::tempdir().unwrap();
     let exe = build_emulator(&module, "attention paths", dir.path());

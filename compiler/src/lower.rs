@@ -543,7 +543,7 @@ impl Lowering<'_> {
                     // Its last operand is the forward node, which kept its probabilities.
                     fwd.probs = self.attention_probs.get(&ops[dout_at + 1]).copied();
                     let dout = self.mat_operand(id, ops[dout_at])?;
-                    self.emit(id, Kernel::AttentionBackward(AttentionBackwardKernel { fwd, dout }));
+                    self.emit(id, Kernel::AttentionBackward(AttentionBackwardKernel::packed(fwd, dout, b)));
                 } else {
                     let differentiated = self
                         .g

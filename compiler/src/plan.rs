@@ -63,7 +63,9 @@ pub(crate) fn for_each_buf(k: &mut Kernel, f: &mut impl FnMut(&mut BufId)) {
         Kernel::Attention(a) => attention(a, f),
         Kernel::AttentionBackward(b) => {
             attention(&mut b.fwd, f);
-            f(&mut b.dout.buf);
+            for o in [&mut b.dout, &mut b.dq, &mut b.dk, &mut b.dv] {
+                f(&mut o.buf);
+            }
         }
     }
     fn attention(a: &mut bm_runtime::kir::AttentionKernel, f: &mut impl FnMut(&mut BufId)) {

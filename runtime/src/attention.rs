@@ -54,13 +54,14 @@ pub(crate) fn operand_in_bounds(o: &MatOperand, batch: &[usize], rows: usize, co
 }
 
 /// Checks every operand of `k` (and `dout`) against the buffers' lengths (`len(buf)`,
-/// `None` for a missing or non-f32 buffer), and the output: in the forward (`out_len`
-/// `None`) `batch × tq × dv` through `k.out`, columns contiguous and no element written
-/// twice; in the backward `out_len` packed gradients, `k.out` dense.
+/// `None` for a missing or non-f32 buffer), and the outputs (`outs`: the forward's
+/// `out`, or the backward's dq, dk and dv, with their rows and columns): each in bounds,
+/// columns contiguous, no element written twice, no input among their buffers. (That the
+/// backward's three do not overlap each other is [`check_disjoint`]'s, once a program.)
 pub(crate) fn check(
     k: &AttentionKernel,
     dout: Option<&MatOperand>,
-    out_len: Option<usize>,
+    outs: &[(&MatOperand, usize, usize)],
     len: impl Fn(BufId) -> Option<usize>,
 ) -> Result<()> {
     let get = |b: BufId| len(b).ok_or_else(|| Error::internal(format!("attention: buffer b{b} does not exist or is not f32")));
@@ -79,34 +80,52 @@ pub(crate) fn check(
         operand_in_bounds(o, &k.batch, k.tq, k.dv, get(o.buf)?)?;
         inputs.push(o.buf);
     }
-    let out = k.out.buf;
-    match out_len {
-        None => {
-            let o = &k.out;
-            operand_in_bounds(o, &k.batch, k.tq, k.dv, get(out)?)?;
-            let dims = k.batch.iter().copied().zip(o.batch_strides.iter().copied()).chain([(k.tq, o.row_stride), (k.dv, o.col_stride)]);
-            if o.col_stride != 1 && k.dv > 1 || o.batch_strides.len() != k.batch.len() || !crate::exec::injective(dims) {
-                return Err(Error::internal(format!("attention output b{out} must have contiguous columns and no element written twice")));
-            }
+    for &(o, rows, cols) in outs {
+        let out = o.buf;
+        operand_in_bounds(o, &k.batch, rows, cols, get(out)?)?;
+        let dims = k.batch.iter().copied().zip(o.batch_strides.iter().copied()).chain([(rows, o.row_stride), (cols, o.col_stride)]);
+        if o.col_stride != 1 && cols > 1 || o.batch_strides.len() != k.batch.len() || !crate::exec::injective(dims) {
+            return Err(Error::internal(format!("attention output b{out} must have contiguous columns and no element written twice")));
         }
-        Some(n) => {
-            if !k.out.is_dense(&k.batch, k.tq, k.dv) {
-                return Err(Error::internal(format!("attention gradients b{out} must be one dense buffer")));
-            }
-            if get(out)? < n {
-                return Err(Error::internal(format!("attention gradients b{out} hold fewer than {n} elements")));
-            }
+        if inputs.contains(&out) || k.probs == Some(out) {
+            return Err(Error::internal(format!("attention output b{out} aliases an input")));
         }
-    }
-    if inputs.contains(&out) {
-        return Err(Error::internal(format!("attention output b{out} aliases an input")));
     }
     if let Some(pb) = k.probs {
         if get(pb)? < k.probs_len() {
             return Err(Error::internal(format!("attention probabilities b{pb} hold fewer than {} elements", k.probs_len())));
         }
-        if inputs.contains(&pb) || pb == out {
+        if inputs.contains(&pb) {
             return Err(Error::internal(format!("attention probabilities b{pb} alias an operand")));
+        }
+    }
+    Ok(())
+}
+
+/// Whether the backward's dq, dk and dv write no element twice between them (each alone
+/// is [`check`]'s): marks every element they write, in buffers of `len(buf)` elements.
+/// Once a program (a pass over the gradients' elements).
+pub(crate) fn check_disjoint(bk: &AttentionBackwardKernel, len: impl Fn(BufId) -> Option<usize>) -> Result<()> {
+    let mut marked: Vec<(BufId, Vec<bool>)> = vec![];
+    for (name, o, rows, cols) in bk.grads() {
+        let n = len(o.buf).ok_or_else(|| Error::internal(format!("attention: buffer b{} does not exist or is not f32", o.buf)))?;
+        let at = match marked.iter().position(|(b, _)| *b == o.buf) {
+            Some(i) => i,
+            None => {
+                marked.push((o.buf, vec![false; n]));
+                marked.len() - 1
+            }
+        };
+        let seen = &mut marked[at].1;
+        for base in o.batch_offsets(&bk.fwd.batch) {
+            for r in 0..rows {
+                for c in 0..cols {
+                    let e = base + r * o.row_stride + c * o.col_stride;
+                    if e >= seen.len() || std::mem::replace(&mut seen[e], true) {
+                        return Err(Error::internal(format!("attention gradient {name} overlaps another in b{}", o.buf)));
+                    }
+                }
+            }
         }
     }
     Ok(())
@@ -121,6 +140,8 @@ struct Ptrs {
     mask: usize,
     dout: usize,
     out: usize,
+    /// The backward's dq, dk and dv.
+    grads: [usize; 3],
     probs: usize,
 }
 
@@ -217,17 +238,20 @@ struct Offsets {
     dout: Vec<usize>,
     /// The forward's output.
     out: Vec<usize>,
+    /// The backward's dq, dk and dv.
+    grads: [Vec<usize>; 3],
 }
 
 impl Offsets {
-    fn new(a: &AttentionKernel, dout: Option<&MatOperand>) -> Offsets {
+    fn new(a: &AttentionKernel, bk: Option<&AttentionBackwardKernel>) -> Offsets {
         Offsets {
             q: a.q.batch_offsets(&a.batch),
             k: a.k.batch_offsets(&a.batch),
             v: a.v.batch_offsets(&a.batch),
             mask: a.mask.as_ref().map(|m| m.batch_offsets(&a.batch)).unwrap_or_default(),
-            dout: dout.map(|o| o.batch_offsets(&a.batch)).unwrap_or_default(),
-            out: a.out.batch_offsets(&a.batch),
+            dout: bk.map(|bk| bk.dout.batch_offsets(&a.batch)).unwrap_or_default(),
+            out: if bk.is_none() { a.out.batch_offsets(&a.batch) } else { vec![] },
+            grads: bk.map(|bk| bk.grads().map(|(_, o, _, _)| o.batch_offsets(&a.batch))).unwrap_or_default(),
         }
     }
 }
@@ -308,7 +332,8 @@ fn width() -> Width {
 /// Shared, read-only state of one kernel run.
 struct Run<'a> {
     a: &'a AttentionKernel,
-    dout: Option<&'a MatOperand>,
+    /// The backward's kernel (its `dout` and gradients), `None` in the forward.
+    bk: Option<&'a AttentionBackwardKernel>,
     p: Ptrs,
     offs: Offsets,
     /// `a.probs_blocks()` when the kernel keeps its probabilities.
@@ -420,19 +445,22 @@ impl Run<'_> {
     #[inline(always)]
     unsafe fn backward(&self, sc: &mut Scratch, b: usize) {
         let (a, p, offs) = (self.a, self.p, &self.offs);
-        let dout = self.dout.expect("backward has dout");
+        let bk = self.bk.expect("the backward has its kernel");
+        let dout = &bk.dout;
         let (tq, tk, d, dv) = (a.tq, a.tk, a.d, a.dv);
-        let (nq, nk, _) = a.grad_lens();
         let scale = a.scale as f32;
-        let base = p.out as *mut f32;
-        let (dq, dk, dvv) = (base.wrapping_add(b * tq * d), base.wrapping_add(nq + b * tk * d), base.wrapping_add(nq + nk + b * tk * dv));
+        // Batch b's rows of dq, dk and dv, and their row strides.
+        let grad = |g: usize| ((p.grads[g] as *mut f32).wrapping_add(offs.grads[g][b]), bk.grads()[g].1.row_stride);
+        let ((dq, lq), (dk, lk), (dvv, lv)) = (grad(0), grad(1), grad(2));
         let k = View::of(p.k, offs.k[b], &a.k, 0);
         let v = View::of(p.v, offs.v[b], &a.v, 0);
-        // SAFETY: every view was checked in bounds; dq, dk, dv are this batch's dense
-        // blocks of the distinct output buffer.
+        // SAFETY: every view was checked in bounds; dq, dk, dv are this batch's rows of
+        // outputs that overlap nothing else (`check`, `check_disjoint`).
         unsafe {
-            std::slice::from_raw_parts_mut(dk, tk * d).fill(0.0);
-            std::slice::from_raw_parts_mut(dvv, tk * dv).fill(0.0);
+            for j in 0..tk {
+                std::slice::from_raw_parts_mut(dk.add(j * lk), d).fill(0.0);
+                std::slice::from_raw_parts_mut(dvv.add(j * lv), dv).fill(0.0);
+            }
             let all = a.keys(tq - 1);
             sc.pack_keys(self, b, all, self.probs.is_none(), true);
             for i0 in (0..tq).step_by(QB) {
@@ -457,9 +485,9 @@ impl Run<'_> {
                 let ds = View::dense(sc.dp.as_ptr(), tk);
                 let pm = View::dense(probs, ld);
                 let q = View::of(p.q, offs.q[b], &a.q, i0);
-                mm(m, d, n, dq.add(i0 * d), d, false, ds, k, 1.0, &mut sc.pack);
-                mm(n, d, m, dk, d, true, ds.t(), q, 1.0, &mut sc.pack);
-                mm(n, dv, m, dvv, dv, true, pm.t(), go, 1.0, &mut sc.pack);
+                mm(m, d, n, dq.add(i0 * lq), lq, false, ds, k, 1.0, &mut sc.pack);
+                mm(n, d, m, dk, lk, true, ds.t(), q, 1.0, &mut sc.pack);
+                mm(n, dv, m, dvv, lv, true, pm.t(), go, 1.0, &mut sc.pack);
             }
         }
     }
@@ -489,7 +517,13 @@ unsafe fn backward_avx512(r: &Run, sc: &mut Scratch, b: usize) {
     unsafe { r.backward(sc, b) }
 }
 
-fn ptrs(a: &AttentionKernel, dout: Option<&MatOperand>, bufs: &mut Buffers) -> Result<Ptrs> {
+fn ptrs(a: &AttentionKernel, bk: Option<&AttentionBackwardKernel>, bufs: &mut Buffers) -> Result<Ptrs> {
+    let mut grads = [0; 3];
+    if let Some(bk) = bk {
+        for (g, (_, o, _, _)) in grads.iter_mut().zip(bk.grads()) {
+            *g = bufs.f32_mut(o.buf)?.as_mut_ptr() as usize;
+        }
+    }
     Ok(Ptrs {
         q: bufs.f32(a.q.buf)?.as_ptr() as usize,
         k: bufs.f32(a.k.buf)?.as_ptr() as usize,
@@ -498,11 +532,13 @@ fn ptrs(a: &AttentionKernel, dout: Option<&MatOperand>, bufs: &mut Buffers) -> R
             Some(m) => bufs.f32(m.buf)?.as_ptr() as usize,
             None => 0,
         },
-        dout: match dout {
-            Some(o) => bufs.f32(o.buf)?.as_ptr() as usize,
+        dout: match bk {
+            Some(bk) => bufs.f32(bk.dout.buf)?.as_ptr() as usize,
             None => 0,
         },
-        out: bufs.f32_mut(a.out.buf)?.as_mut_ptr() as usize,
+        // The backward writes its gradients, not `out`.
+        out: if bk.is_none() { bufs.f32_mut(a.out.buf)?.as_mut_ptr() as usize } else { 0 },
+        grads,
         probs: match a.probs {
             Some(pb) => bufs.f32_mut(pb)?.as_mut_ptr() as usize,
             None => 0,
@@ -527,8 +563,8 @@ fn for_tasks(r: &Run, n: usize, backward: bool, threads: usize, f: impl Fn(&mut 
 /// parallelism uses that pool. A task is one batch index, or one block of its query
 /// rows when there are few batch indices.
 pub fn forward(a: &AttentionKernel, bufs: &mut Buffers, threads: usize) -> Result<()> {
-    check(a, None, None, |b| bufs.f32(b).ok().map(|x| x.len()))?;
-    let r = Run { a, dout: None, p: ptrs(a, None, bufs)?, offs: Offsets::new(a, None), probs: kept(a) };
+    check(a, None, &[(&a.out, a.tq, a.dv)], |b| bufs.f32(b).ok().map(|x| x.len()))?;
+    let r = Run { a, bk: None, p: ptrs(a, None, bufs)?, offs: Offsets::new(a, None), probs: kept(a) };
     let width = width();
     // A task is a batch index (its blocks share one packing of `kᵀ`), or one block of
     // it when there are too few batch indices to share among the threads.
@@ -557,10 +593,10 @@ pub fn forward(a: &AttentionKernel, bufs: &mut Buffers, threads: usize) -> Resul
 /// one batch index (its dk and dv sum over every query row).
 pub fn backward(bk: &AttentionBackwardKernel, bufs: &mut Buffers, threads: usize) -> Result<()> {
     let a = &bk.fwd;
-    let (nq, nk, nv) = a.grad_lens();
-    check(a, Some(&bk.dout), Some(nq + nk + nv), |b| bufs.f32(b).ok().map(|x| x.len()))?;
+    let outs = bk.grads().map(|(_, o, rows, cols)| (o, rows, cols));
+    check(a, Some(&bk.dout), &outs, |b| bufs.f32(b).ok().map(|x| x.len()))?;
     let probs = kept(a);
-    let r = Run { a, dout: Some(&bk.dout), p: ptrs(a, Some(&bk.dout), bufs)?, offs: Offsets::new(a, Some(&bk.dout)), probs };
+    let r = Run { a, bk: Some(bk), p: ptrs(a, Some(bk), bufs)?, offs: Offsets::new(a, Some(bk)), probs };
     let width = width();
     for_tasks(&r, a.batch_count(), true, threads, |sc, b| {
         // SAFETY: as in `forward`.
@@ -601,10 +637,13 @@ mod tests {
     }
 
     /// A naive reference: the full score matrix, softmax, product (f64).
+    /// The forward's output, or with `dout` the packed gradients (dq, dk, dv dense, one
+    /// after another).
     fn reference(a: &AttentionKernel, bufs: &Buffers, dout: Option<&MatOperand>) -> Vec<f64> {
         let at =
             |o: &MatOperand, off: usize, r: usize, c: usize| bufs.f32(o.buf).unwrap()[off + r * o.row_stride + c * o.col_stride] as f64;
-        let offs = Offsets::new(a, dout);
+        let bk = dout.map(|o| AttentionBackwardKernel::packed(a.clone(), o.clone(), 0));
+        let offs = Offsets::new(a, bk.as_ref());
         let nb = a.batch_count();
         let (nq, nk, _) = a.grad_lens();
         let mut out = vec![0.0; if dout.is_some() { a.grad_lens().0 + nk + a.grad_lens().2 } else { a.out_len() }];
@@ -697,9 +736,36 @@ mod tests {
         };
         let fwd =
             AttentionKernel { batch: batch.to_vec(), tq, tk, d, dv, q, k, v, mask: masked.then_some(m), causal, scale: 0.37, out, probs };
-        let mut bk = fwd.clone();
-        bk.out = MatOperand::dense(6, batch, tq, dv);
-        let (nq, nk, nv) = bk.grad_lens();
+        // The gradients packed, or (with `transposed`) where a reader wants them: with two
+        // batch axes and equal sizes as the heads of one `[B, T, 3, H, D]` buffer (the
+        // gradient of a fused qkv product), else each with its rows padded apart.
+        let mut bk = AttentionBackwardKernel::packed(fwd.clone(), go.clone(), 6);
+        let (nq, nk, nv) = fwd.grad_lens();
+        let mut grads_len = nq + nk + nv;
+        if transposed {
+            match batch {
+                &[b0, h] if tq == tk && d == dv => {
+                    let row = 3 * h * d;
+                    let op = |which: usize| MatOperand {
+                        buf: 6,
+                        offset: which * h * d,
+                        batch_strides: vec![tq * row, d],
+                        row_stride: row,
+                        col_stride: 1,
+                    };
+                    (bk.dq, bk.dk, bk.dv) = (op(0), op(1), op(2));
+                    grads_len = b0 * tq * row;
+                }
+                _ => {
+                    let mut at = 2;
+                    for (o, rows, cols) in [(&mut bk.dq, tq, d), (&mut bk.dk, tk, d), (&mut bk.dv, tk, dv)] {
+                        *o = MatOperand { offset: at, ..MatOperand::dense(6, batch, rows, cols + 1) };
+                        at += nb * rows * (cols + 1);
+                    }
+                    grads_len = at;
+                }
+            }
+        }
         let p = program(
             vec![
                 buf("q", DType::F32, lq),
@@ -708,10 +774,10 @@ mod tests {
                 buf("m", DType::F32, lm),
                 buf("go", DType::F32, lg),
                 buf("out", DType::F32, out_len),
-                buf("grads", DType::F32, nq + nk + nv),
+                buf("grads", DType::F32, grads_len),
                 buf("probs", DType::F32, fwd.probs_len().max(1)),
             ],
-            vec![Kernel::Attention(fwd.clone()), Kernel::AttentionBackward(AttentionBackwardKernel { fwd: bk.clone(), dout: go.clone() })],
+            vec![Kernel::Attention(fwd.clone()), Kernel::AttentionBackward(bk.clone())],
         );
         // Interpreter and JIT executor (threads) agree bit for bit.
         let bufs = check_jit(&p, (tq * 131 + tk * 7 + d) as u64, 3, false, 0.0);
@@ -728,7 +794,14 @@ mod tests {
         let got: Vec<f32> =
             (0..nb * tq * dv).map(|e| bufs.f32(5).unwrap()[outs[e / (tq * dv)] + e / dv % tq * o.row_stride + e % dv]).collect();
         close(&got, &reference(&fwd, &bufs, None), "out");
-        close(bufs.f32(6).unwrap(), &reference(&bk, &bufs, Some(&go)), "grads");
+        // The gradients read back through their operands, packed.
+        let mut got = vec![];
+        for (_, o, rows, cols) in bk.grads() {
+            for base in o.batch_offsets(batch) {
+                got.extend((0..rows * cols).map(|e| bufs.f32(6).unwrap()[base + e / cols * o.row_stride + e % cols]));
+            }
+        }
+        close(&got, &reference(&fwd, &bufs, Some(&go)), "grads");
         bufs.f32(5).unwrap().iter().chain(bufs.f32(6).unwrap()).map(|x| x.to_bits()).collect()
     }
 
@@ -789,37 +862,50 @@ mod tests {
             out: MatOperand::dense(1, &[], 4, 4),
             probs: None,
         };
-        assert!(check(&a, None, None, |_| Some(16)).is_ok());
-        assert!(check(&a, None, None, |b| Some(if b == 0 { 15 } else { 16 })).is_err());
-        // The output too short for its rows, written twice, or with strided columns; the
-        // backward's packed gradients too short or not dense.
-        assert!(check(&a, None, None, |b| Some(if b == 1 { 15 } else { 16 })).is_err());
+        fn fwd(a: &AttentionKernel) -> [(&MatOperand, usize, usize); 1] {
+            [(&a.out, a.tq, a.dv)]
+        }
+        let ok = |a: &AttentionKernel, len: usize| check(a, None, &fwd(a), |_| Some(len)).is_ok();
+        assert!(ok(&a, 16));
+        assert!(check(&a, None, &fwd(&a), |b| Some(if b == 0 { 15 } else { 16 })).is_err());
+        // The output too short for its rows, written twice, or with strided columns.
+        assert!(check(&a, None, &fwd(&a), |b| Some(if b == 1 { 15 } else { 16 })).is_err());
         let mut twice = a.clone();
         twice.out.row_stride = 2;
-        assert!(check(&twice, None, None, |_| Some(16)).is_err());
+        assert!(!ok(&twice, 16));
         let mut columns = a.clone();
         (columns.out.row_stride, columns.out.col_stride) = (1, 4);
-        assert!(check(&columns, None, None, |_| Some(16)).is_err());
-        assert!(check(&a, None, Some(17), |_| Some(16)).is_err());
+        assert!(!ok(&columns, 16));
         let mut padded = a.clone();
         padded.out.row_stride = 5;
-        assert!(check(&padded, None, None, |_| Some(19)).is_ok());
-        assert!(check(&padded, None, Some(16), |_| Some(19)).is_err());
+        assert!(ok(&padded, 19) && !ok(&padded, 18));
         let mut alias = a.clone();
         alias.out.buf = 0;
-        assert!(check(&alias, None, None, |_| Some(16)).is_err());
+        assert!(!ok(&alias, 16));
         let mut c = a.clone();
         c.causal = true;
         c.tk = 3;
-        assert!(check(&c, None, None, |_| Some(16)).is_err());
+        assert!(!ok(&c, 16));
         // Kept probabilities: one block of 4 rows, 4 wide; too short or aliasing is an error.
         let mut kept = a.clone();
         kept.probs = Some(2);
         assert_eq!(kept.probs_len(), 16);
-        assert!(check(&kept, None, None, |_| Some(16)).is_ok());
-        assert!(check(&kept, None, None, |b| Some(if b == 2 { 15 } else { 16 })).is_err());
+        assert!(ok(&kept, 16));
+        assert!(check(&kept, None, &fwd(&kept), |b| Some(if b == 2 { 15 } else { 16 })).is_err());
         kept.probs = Some(1);
-        assert!(check(&kept, None, None, |_| Some(16)).is_err());
+        assert!(!ok(&kept, 16));
+        // The backward's gradients: packed they fit 48 elements, not 47; two overlapping
+        // is an error once a program (`check_disjoint`), each alone is not.
+        let bk = AttentionBackwardKernel::packed(a.clone(), MatOperand::dense(3, &[], 4, 4), 4);
+        let outs = bk.grads().map(|(_, o, r, c)| (o, r, c));
+        assert!(check(&bk.fwd, Some(&bk.dout), &outs, |_| Some(48)).is_ok());
+        assert!(check(&bk.fwd, Some(&bk.dout), &outs, |b| Some(if b == 4 { 47 } else { 48 })).is_err());
+        assert!(check_disjoint(&bk, |_| Some(48)).is_ok());
+        let mut overlapping = bk.clone();
+        overlapping.dv.offset = 20;
+        let outs = overlapping.grads().map(|(_, o, r, c)| (o, r, c));
+        assert!(check(&overlapping.fwd, Some(&overlapping.dout), &outs, |_| Some(48)).is_ok());
+        assert!(check_disjoint(&overlapping, |_| Some(48)).is_err());
     }
 }
 
@@ -883,7 +969,7 @@ mod timing {
     /// Forward and backward of `a` (its output in buffer 4, the gradients in 5), 21 rounds
     /// on one thread and on two.
     fn timed(a: &AttentionKernel, dout: MatOperand, bufs: &mut Buffers, how: &str) {
-        let bk = AttentionBackwardKernel { fwd: AttentionKernel { out: MatOperand::dense(5, &a.batch, a.tq, a.dv), ..a.clone() }, dout };
+        let bk = AttentionBackwardKernel::packed(a.clone(), dout, 5);
         let (batch, t, d) = (&a.batch, a.tq, a.d);
         for threads in [1, 2] {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();

@@ -414,12 +414,12 @@ fn validate_kernel(program: &Program, i: usize, k: &Kernel) -> Result<()> {
             }
             Ok(())
         }
-        Kernel::Attention(a) => {
-            crate::attention::check(a, None, None, |b| f32_len(program, b)).map_err(|e| Error::internal(format!("{what}: {e}")))
-        }
+        Kernel::Attention(a) => crate::attention::check(a, None, &[(&a.out, a.tq, a.dv)], |b| f32_len(program, b))
+            .map_err(|e| Error::internal(format!("{what}: {e}"))),
         Kernel::AttentionBackward(a) => {
-            let (nq, nk, nv) = a.fwd.grad_lens();
-            crate::attention::check(&a.fwd, Some(&a.dout), Some(nq + nk + nv), |b| f32_len(program, b))
+            let outs = a.grads().map(|(_, o, rows, cols)| (o, rows, cols));
+            crate::attention::check(&a.fwd, Some(&a.dout), &outs, |b| f32_len(program, b))
+                .and_then(|()| crate::attention::check_disjoint(a, |b| f32_len(program, b)))
                 .map_err(|e| Error::internal(format!("{what}: {e}")))
         }
         Kernel::ScatterAdd(s) => {

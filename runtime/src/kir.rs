@@ -364,14 +364,43 @@ pub struct AttentionKernel {
 pub const ATTENTION_BLOCK_ROWS: usize = 32;
 
 /// The gradients of [`AttentionKernel`]'s output w.r.t. `q`, `k` and `v` for the
-/// upstream gradient `dout` (batch × tq × dv), written packed into the contiguous buffer
-/// `grads`: dq (batch × tq × d) at 0, dk (batch × tk × d) after it, dv (batch × tk × dv)
-/// last. Each query row's softmax is recomputed from `q` and `k`; no gradient flows
-/// into the mask.
+/// upstream gradient `dout` (batch × tq × dv), written through `dq` (batch × tq × d),
+/// `dk` (batch × tk × d) and `dv` (batch × tk × dv), columns contiguous, no element
+/// written twice: packed one after another in one buffer ([`AttentionBackwardKernel::packed`]),
+/// or straight where their readers want them (the compiler's `place_gradients`: the
+/// heads of q, k and v back into the `[B, T, 3·H·D]` gradient of the product that made
+/// them). The softmax probabilities are the forward's kept ones or recomputed from `q`
+/// and `k`; no gradient flows into the mask. `fwd.out` is not written.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AttentionBackwardKernel {
     pub fwd: AttentionKernel,
     pub dout: MatOperand,
+    pub dq: MatOperand,
+    pub dk: MatOperand,
+    pub dv: MatOperand,
+}
+
+impl AttentionBackwardKernel {
+    /// The gradients packed into `buf` ([`AttentionKernel::grad_lens`] elements): dq at
+    /// 0, dk after it, dv last, each dense.
+    pub fn packed(fwd: AttentionKernel, dout: MatOperand, buf: BufId) -> AttentionBackwardKernel {
+        let (nq, nk, _) = fwd.grad_lens();
+        let dq = MatOperand::dense(buf, &fwd.batch, fwd.tq, fwd.d);
+        let dk = MatOperand { offset: nq, ..MatOperand::dense(buf, &fwd.batch, fwd.tk, fwd.d) };
+        let dv = MatOperand { offset: nq + nk, ..MatOperand::dense(buf, &fwd.batch, fwd.tk, fwd.dv) };
+        AttentionBackwardKernel { fwd, dout, dq, dk, dv }
+    }
+
+    /// Whether the gradients are [`AttentionBackwardKernel::packed`] into one buffer.
+    pub fn is_packed(&self) -> bool {
+        self == &AttentionBackwardKernel::packed(self.fwd.clone(), self.dout.clone(), self.dq.buf)
+    }
+
+    /// The gradients' operands with their rows and columns: `(name, operand, rows, cols)`.
+    pub fn grads(&self) -> [(&'static str, &MatOperand, usize, usize); 3] {
+        let a = &self.fwd;
+        [("dq", &self.dq, a.tq, a.d), ("dk", &self.dk, a.tk, a.d), ("dv", &self.dv, a.tk, a.dv)]
+    }
 }
 
 impl LoopKernel {
@@ -503,7 +532,6 @@ pub enum Kernel {
     Gather(GatherKernel),
     ScatterAdd(ScatterAddKernel),
     Attention(AttentionKernel),
-    /// `fwd.out` names the packed gradient buffer (dense).
     AttentionBackward(AttentionBackwardKernel),
 }
 
@@ -519,7 +547,11 @@ impl Kernel {
             Kernel::Gather(g) => vec![g.out],
             Kernel::ScatterAdd(s) => vec![s.out],
             Kernel::Attention(a) => std::iter::once(a.out.buf).chain(a.probs).collect(),
-            Kernel::AttentionBackward(a) => vec![a.fwd.out.buf],
+            Kernel::AttentionBackward(a) => {
+                let mut w = vec![a.dq.buf, a.dk.buf, a.dv.buf];
+                w.dedup();
+                w
+            }
         }
     }
 
@@ -708,9 +740,13 @@ pub fn kernel_text(k: &Kernel) -> String {
             format!("attention {}\n    {out} = attention({}){probs}", attention_head(a), attention_args(a))
         }
         Kernel::AttentionBackward(a) => format!(
-            "attention_backward {}\n    b{} = d attention({}) · {}{}",
+            "attention_backward {}\n    {} = d attention({}) · {}{}",
             attention_head(&a.fwd),
-            a.fwd.out.buf,
+            if a.is_packed() {
+                format!("b{}", a.dq.buf)
+            } else {
+                a.grads().iter().map(|(n, o, _, _)| format!("{n} {}", operand_text(o))).collect::<Vec<_>>().join(", ")
+            },
             attention_args(&a.fwd),
             operand_text(&a.dout),
             a.fwd.probs.map(|p| format!(" from probabilities b{p}")).unwrap_or_default()

@@ -131,14 +131,6 @@ pub enum Launch {
     Gemm(Gemm),
     /// Kernels `name<<<grid, block>>>(arena, errors)` launched one after another.
     Seq(Vec<Grid>),
-    /// Zero `words` words at `offset`, then launch.
-    ZeroThen {
-        offset: usize,
-        words: usize,
-        name: String,
-        grid: (u32, u32, u32),
-        block: (u32, u32, u32),
-    },
 }
 
 /// One kernel launch of a [`Launch::Seq`].
@@ -154,7 +146,7 @@ impl Launch {
     /// plain GEMM none).
     pub fn kernel_names(&self) -> Vec<&str> {
         match self {
-            Launch::Grid { name, .. } | Launch::ZeroThen { name, .. } => vec![name],
+            Launch::Grid { name, .. } => vec![name],
             Launch::Seq(v) => v.iter().map(|g| g.name.as_str()).collect(),
             Launch::Gemm(g) => g.bf16.iter().map(|c| c.name.as_str()).collect(),
         }
@@ -667,12 +659,12 @@ impl Gen<'_> {
     /// The shared start of the tiled kernels whose block is ATT_ROWS query rows of one
     /// batch index: warp `w` has row `i` (`live` when it exists), its query row in
     /// `qs_[w]` and, with `dout`, its upstream gradient row in `gs_[w]`.
-    fn attention_rows(&self, a: &AttentionKernel, dout: Option<&MatOperand>, src: &mut String) {
+    fn attention_rows(&self, a: &AttentionKernel, dout: Option<&MatOperand>, extra: &[(&str, &MatOperand)], src: &mut String) {
         let (r, qblocks) = (ATT_ROWS, a.tq.div_ceil(ATT_ROWS));
         let _ = writeln!(src, "  int w = threadIdx.x >> 5, lane = threadIdx.x & 31;");
         let _ = writeln!(src, "  long long b = blockIdx.x / {qblocks}LL, i0 = (blockIdx.x % {qblocks}LL) * {r}LL, i = i0 + w;");
         let _ = writeln!(src, "  bool live = i < {}LL;", a.tq);
-        self.attention_offsets(a, dout, src);
+        self.attention_offsets(a, extra, src);
         let _ = writeln!(
             src,
             "  for (int c = lane; c < {}; c += 32) qs_[w][c] = live ? A[oq + i * {}LL + c * {}LL] : 0.0f;",
@@ -687,17 +679,14 @@ impl Gen<'_> {
         }
     }
 
-    /// Batch `b`'s operand offsets `oq ok ov (om)`, then `oo` (the backward's `dout`) or
-    /// `ot` (the forward's output).
-    fn attention_offsets(&self, a: &AttentionKernel, dout: Option<&MatOperand>, src: &mut String) {
+    /// Batch `b`'s operand offsets `oq ok ov (om)`, then those of `extra` (the
+    /// forward's output `ot`; the backward's `dout` `oo` and gradients).
+    fn attention_offsets(&self, a: &AttentionKernel, extra: &[(&str, &MatOperand)], src: &mut String) {
         let mut ops: Vec<(&str, &MatOperand)> = vec![("oq", &a.q), ("ok", &a.k), ("ov", &a.v)];
         if let Some(m) = &a.mask {
             ops.push(("om", m));
         }
-        match dout {
-            Some(o) => ops.push(("oo", o)),
-            None => ops.push(("ot", &a.out)),
-        }
+        ops.extend_from_slice(extra);
         let _ = writeln!(src, "  {}", self.batch_offset_code(&a.batch, &ops, "b"));
     }
 
@@ -768,7 +757,7 @@ impl Gen<'_> {
         let (r, kt, vl) = (ATT_ROWS, ATT_KEYS, a.dv.div_ceil(32));
         self.head(src);
         let _ = writeln!(src, "  __shared__ float ks_[{kt}][{}], vs_[{kt}][{}], qs_[{r}][{}], ps_[{r}][{kt}];", a.d + 1, a.dv + 1, a.d);
-        self.attention_rows(a, None, src);
+        self.attention_rows(a, None, &[("ot", &a.out)], src);
         Self::key_ranges(a, src);
         let _ = writeln!(src, "  float m = -BM_INF, l = 0.0f, acc[{vl}];");
         let _ = writeln!(src, "  for (int t = 0; t < {vl}; t++) acc[t] = 0.0f;");
@@ -806,9 +795,6 @@ impl Gen<'_> {
         let a = &ab.fwd;
         let (r, kt, threads) = (ATT_ROWS, ATT_KEYS, ATT_ROWS * 32);
         let dl = a.d.div_ceil(32);
-        let (lq, lk, _) = a.grad_lens();
-        let g = self.layout.offsets[a.out.buf];
-        let (dq, dk, dv) = (g, g + lq, g + lq + lk);
         let st = self.layout.attention_stats.expect("a tiled attention backward has stats scratch");
         let n = a.batch_count() * a.tq;
         let scale = float_lit(a.scale as f32);
@@ -824,7 +810,7 @@ impl Gen<'_> {
         let k1 = format!("{}_dq", self.name);
         let _ = writeln!(src, "extern \"C\" __global__ void {k1}(float* __restrict__ A, int* __restrict__ E) {{");
         let _ = writeln!(src, "{shared}");
-        self.attention_rows(a, Some(&ab.dout), src);
+        self.attention_rows(a, Some(&ab.dout), &[("oo", &ab.dout), ("odq", &ab.dq)], src);
         Self::key_ranges(a, src);
         let _ = writeln!(src, "  float m = -BM_INF, l = 0.0f, dsum = 0.0f;");
         self.online_tile_step(a, true, src);
@@ -859,8 +845,8 @@ impl Gen<'_> {
         let _ = writeln!(src, "  }}");
         let _ = writeln!(
             src,
-            "  if (live) for (int t = 0; t < {dl}; t++) {{ int c = lane + 32 * t; if (c < {0}) A[{dq}LL + (b * {1}LL + i) * {0}LL + c] = gq[t]; }}",
-            a.d, a.tq
+            "  if (live) for (int t = 0; t < {dl}; t++) {{ int c = lane + 32 * t; if (c < {0}) A[odq + i * {1}LL + c] = gq[t]; }}",
+            a.d, ab.dq.row_stride
         );
         let _ = writeln!(src, "}}");
 
@@ -872,7 +858,7 @@ impl Gen<'_> {
         let _ = writeln!(src, "{shared}");
         let _ = writeln!(src, "  int w = threadIdx.x >> 5, lane = threadIdx.x & 31;");
         let _ = writeln!(src, "  long long b = blockIdx.x / {kblocks}LL, j0 = (blockIdx.x % {kblocks}LL) * {kt}LL;");
-        self.attention_offsets(a, Some(&ab.dout), src);
+        self.attention_offsets(a, &[("oo", &ab.dout), ("odk", &ab.dk), ("odv", &ab.dv)], src);
         self.attention_tile(a, src);
         let _ = writeln!(src, "  float gk[{nk}], gv[{nv}];");
         let _ = writeln!(src, "  for (int u = 0; u < {nk}; u++) gk[u] = 0.0f;");
@@ -919,13 +905,13 @@ impl Gen<'_> {
             );
         }
         let _ = writeln!(src, "  }}");
-        for (acc, count, dim, base) in [("gk", nk, a.d, dk), ("gv", nv, a.dv, dv)] {
+        for (acc, count, dim, base, o) in [("gk", nk, a.d, "odk", &ab.dk), ("gv", nv, a.dv, "odv", &ab.dv)] {
             let _ = writeln!(
                 src,
-                "  for (int u = 0; u < {count}; u++) {{ int e = threadIdx.x + u * {threads}; int jj = e / {dim}, c = e % {dim}; long long j = j0 + jj; if (e < {} && j < {}LL) A[{base}LL + (b * {}LL + j) * {dim}LL + c] = {acc}[u]; }}",
+                "  for (int u = 0; u < {count}; u++) {{ int e = threadIdx.x + u * {threads}; int jj = e / {dim}, c = e % {dim}; long long j = j0 + jj; if (e < {} && j < {}LL) A[{base} + j * {}LL + c] = {acc}[u]; }}",
                 kt * dim,
                 a.tk,
-                a.tk
+                o.row_stride
             );
         }
         let _ = writeln!(src, "}}");
@@ -965,10 +951,22 @@ impl Gen<'_> {
     fn attention_backward(&self, ab: &AttentionBackwardKernel, src: &mut String) -> Launch {
         let a = &ab.fwd;
         let (dl, vl) = (a.d.div_ceil(32), a.dv.div_ceil(32));
-        let (lq, lk, _) = a.grad_lens();
-        let g = self.layout.offsets[a.out.buf];
-        let (dq, dk, dv) = (g, g + lq, g + lq + lk);
-        self.attention_head(a, &[("oo", &ab.dout)], src);
+        // dk and dv accumulate through atomics: zeroed first, by a kernel of their own.
+        let zero = format!("{}_zero", self.name);
+        let (per, row) = (a.tk * (a.d + a.dv), a.d + a.dv);
+        let total = a.batch_count() * per;
+        let _ = writeln!(src, "extern \"C\" __global__ void {zero}(float* __restrict__ A, int* __restrict__ E) {{");
+        let _ = writeln!(src, "  long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x;");
+        let _ = writeln!(src, "  if (e >= {total}LL) return;");
+        let _ = writeln!(src, "  long long b = e / {per}LL, j = e % {per}LL / {row}LL, c = e % {row}LL;");
+        let _ = writeln!(src, "  {}", self.batch_offset_code(&a.batch, &[("odk", &ab.dk), ("odv", &ab.dv)], "b"));
+        let _ = writeln!(
+            src,
+            "  if (c < {0}LL) A[odk + j * {1}LL + c] = 0.0f; else A[odv + j * {2}LL + c - {0}LL] = 0.0f;",
+            a.d, ab.dk.row_stride, ab.dv.row_stride
+        );
+        let _ = writeln!(src, "}}");
+        self.attention_head(a, &[("oo", &ab.dout), ("odq", &ab.dq), ("odk", &ab.dk), ("odv", &ab.dv)], src);
         let _ = writeln!(src, "  float go[{vl}];");
         let _ = writeln!(
             src,
@@ -997,26 +995,27 @@ impl Gen<'_> {
         let _ = writeln!(src, "    if (s == -BM_INF) continue;");
         let _ = writeln!(src, "    {dot_v}");
         let _ = writeln!(src, "    float p = expf(s - m) / l, ds = p * (dp - D) * {};", float_lit(a.scale as f32));
-        let _ = writeln!(src, "    long long kj = b * {}LL + j;", a.tk);
         let _ = writeln!(src, "    for (int c = 0; c < {dl}; c++) {{ long long d = lane + 32 * c; if (d < {}) {{", a.d);
         let _ = writeln!(src, "      gq[c] += ds * A[ok + j * {}LL + d * {}LL];", a.k.row_stride, a.k.col_stride);
-        let _ = writeln!(src, "      atomicAdd(&A[{dk}LL + kj * {0}LL + d], ds * q[c]);", a.d);
+        let _ = writeln!(src, "      atomicAdd(&A[odk + j * {}LL + d], ds * q[c]);", ab.dk.row_stride);
         let _ = writeln!(src, "    }} }}");
         let _ = writeln!(
             src,
-            "    for (int c = 0; c < {vl}; c++) {{ long long d = lane + 32 * c; if (d < {0}) atomicAdd(&A[{dv}LL + kj * {0}LL + d], p * go[c]); }}",
-            a.dv
+            "    for (int c = 0; c < {vl}; c++) {{ long long d = lane + 32 * c; if (d < {}) atomicAdd(&A[odv + j * {}LL + d], p * go[c]); }}",
+            a.dv, ab.dv.row_stride
         );
         let _ = writeln!(src, "  }}");
         let _ = writeln!(
             src,
-            "  for (int c = 0; c < {dl}; c++) {{ long long d = lane + 32 * c; if (d < {0}) A[{dq}LL + row * {0}LL + d] = gq[c]; }}",
-            a.d
+            "  for (int c = 0; c < {dl}; c++) {{ long long d = lane + 32 * c; if (d < {}) A[odq + i * {}LL + d] = gq[c]; }}",
+            a.d, ab.dq.row_stride
         );
         let _ = writeln!(src, "}}");
-        let (grid, block) = (grid1(a.batch_count() * a.tq * 32, 128), (128, 1, 1));
-        let (_, lk, lv) = a.grad_lens();
-        Launch::ZeroThen { offset: dk, words: lk + lv, name: self.name.clone(), grid, block }
+        let block = (128, 1, 1);
+        Launch::Seq(vec![
+            Grid { name: zero, grid: grid1(total, 128), block },
+            Grid { name: self.name.clone(), grid: grid1(a.batch_count() * a.tq * 32, 128), block },
+        ])
     }
 }
 

@@ -209,13 +209,6 @@ impl CudaExecutor {
                 return Ok(());
             }
             Launch::Grid { grid, block, .. } => (*grid, *block),
-            Launch::ZeroThen { offset, words, grid, block, .. } => {
-                let (o, w, g, b) = (*offset, *words, *grid, *block);
-                if w > 0 {
-                    self.stream.memset_zeros(&mut self.arena.slice_mut(o..o + w)).map_err(driver)?;
-                }
-                (g, b)
-            }
         };
         self.launch_function(k, 0, g, b)
     }
