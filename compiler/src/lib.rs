@@ -21,7 +21,6 @@ pub mod inplace;
 pub mod lower;
 pub mod ops;
 pub mod passes;
-pub mod place_gradients;
 pub mod plan;
 pub mod points;
 pub mod precision;

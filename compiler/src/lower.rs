@@ -181,7 +181,6 @@ pub fn lower(g: &Graph) -> Result<Program, String> {
         entries.push(l.entry("train_step", &train, true)?);
     }
     let mut program = Program { buffers: l.buffers, kernels: l.kernels, entries, params };
-    timed("place_gradients", || crate::place_gradients::place_gradients(&mut program));
     timed("fuse_chains", || crate::fuse_chains::fuse_chains(&mut program));
     timed("fuse_sums", || crate::fuse_sums::fuse_sums(&mut program));
     timed("inplace", || crate::inplace::update_in_place(&mut program));

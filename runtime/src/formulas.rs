@@ -249,122 +249,6 @@ pub enum Formula {
     BiasGelu(BiasGelu),
     /// GELU's backward, with the bias gradient summed from it or not.
     GeluBackward(GeluBackward),
-    /// A column sum standing alone: `out[j] = Σ_rows x[row, j]`.
-    ColumnSum(ColumnSum),
-}
-
-/// A loop kernel recognised as a sum over every axis but the outermost, which is
-/// contiguous in both `x` and `out` (after normalisation the reduced axes come last):
-/// the bias gradient of a product whose other readers are all matrix products, which
-/// no elementwise kernel can take as a fused sum (the qkv product's, once attention's
-/// gradients are written straight into its gradient). Its JIT function walks each
-/// column's rows one element at a time, a row stride apart; here each step of the sum
-/// adds a whole row's piece of the columns, `lanes` wide, in the same order per column
-/// (so the same bits).
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct ColumnSum {
-    x: At,
-    out: At,
-    /// The reduced axes: extents and strides in `x`, outermost first, padded with axes
-    /// of extent 1 (normalisation merges what it can; more are not recognised).
-    rows: [(usize, usize); 3],
-}
-
-impl ColumnSum {
-    fn of(k: &LoopKernel, f32: &dyn Fn(BufId) -> bool) -> Option<ColumnSum> {
-        let ScalarExpr::Load(x) = &k.body else { return None };
-        let reduced_all = k.reduce == Some(crate::kir::ReduceOp::Sum) && k.reduced_dims + 1 == k.shape.len();
-        let columns = x.strides[0] == 1 && k.out.strides[0] == 1 && k.out.strides[1..].iter().all(|&s| s == 0);
-        if !reduced_all || !columns || k.accumulate || !k.side.is_empty() || !k.sums.is_empty() || !f32(x.buf) || !f32(k.out.buf) {
-            return None;
-        }
-        if k.shape.len() > 4 {
-            return None;
-        }
-        let mut rows = [(1, 0); 3];
-        for (r, a) in rows.iter_mut().zip(k.shape[1..].iter().copied().zip(x.strides[1..].iter().copied())) {
-            *r = a;
-        }
-        Some(ColumnSum { x: At { buf: x.buf, offset: x.offset }, out: At { buf: k.out.buf, offset: k.out.offset }, rows })
-    }
-
-    /// [`Formula::run`] of a column sum: columns `lo..hi`.
-    ///
-    /// # Safety
-    /// As [`Formula::run`].
-    unsafe fn run(&self, bufs: *const *mut u8, lo: i64, hi: i64) {
-        let (lo, hi) = (lo.max(0) as usize, hi.max(0) as usize);
-        if lo >= hi {
-            return;
-        }
-        // SAFETY: the caller's promise: every row's columns lo..hi and the outputs are in
-        // bounds, and this call alone touches those outputs.
-        unsafe {
-            let out = std::slice::from_raw_parts_mut(self.out.ptr(bufs).add(lo), hi - lo);
-            let x = self.x.ptr(bufs).add(lo) as *const f32;
-            column_sums_widest(out, x, &self.rows);
-        }
-    }
-}
-
-/// `out[j] = Σ x[row + j]` over the rows of `rows` (extents and strides, outermost
-/// first) in row-major order, from 0.
-///
-/// # Safety
-/// Every row's `out.len()` elements from `x` are readable.
-#[inline(always)]
-unsafe fn column_sums(out: &mut [f32], x: *const f32, rows: &[(usize, usize)]) {
-    out.fill(0.0);
-    let n = out.len();
-    let mut index = vec![0usize; rows.len()];
-    let count: usize = rows.iter().map(|r| r.0).product();
-    let mut at = 0usize;
-    for _ in 0..count {
-        // SAFETY: the caller's promise.
-        let row = unsafe { std::slice::from_raw_parts(x.add(at), n) };
-        for (o, &v) in out.iter_mut().zip(row) {
-            *o += v;
-        }
-        // The next row: an odometer over the reduced axes, innermost fastest.
-        for d in (0..rows.len()).rev() {
-            index[d] += 1;
-            at += rows[d].1;
-            if index[d] < rows[d].0 {
-                break;
-            }
-            at -= rows[d].0 * rows[d].1;
-            index[d] = 0;
-        }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn column_sums_avx512(out: &mut [f32], x: *const f32, rows: &[(usize, usize)]) {
-    unsafe { column_sums(out, x, rows) }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn column_sums_avx2(out: &mut [f32], x: *const f32, rows: &[(usize, usize)]) {
-    unsafe { column_sums(out, x, rows) }
-}
-
-/// [`column_sums`] at the widest width this CPU has.
-///
-/// # Safety
-/// As [`column_sums`].
-unsafe fn column_sums_widest(out: &mut [f32], x: *const f32, rows: &[(usize, usize)]) {
-    // SAFETY: the width's instructions were detected; the rest is the caller's promise.
-    unsafe {
-        match widest_lanes() {
-            #[cfg(target_arch = "x86_64")]
-            16 => column_sums_avx512(out, x, rows),
-            #[cfg(target_arch = "x86_64")]
-            8 => column_sums_avx2(out, x, rows),
-            _ => column_sums(out, x, rows),
-        }
-    }
 }
 
 /// A loop kernel recognised as Adam's (or AdamW's) update of one parameter.
@@ -508,9 +392,6 @@ impl Formula {
     /// The formula normalised loop kernel `k` computes, if it is a known one; `f32`
     /// tells which buffers hold f32.
     pub fn recognise(k: &LoopKernel, f32: &dyn Fn(BufId) -> bool) -> Option<Formula> {
-        if k.shape.len() >= 2 && k.reduce.is_some() {
-            return ColumnSum::of(k, f32).map(Formula::ColumnSum);
-        }
         if k.reduce.is_some() || k.accumulate || k.shape.is_empty() {
             return None;
         }
@@ -542,7 +423,6 @@ impl Formula {
             Formula::BiasGelu(_) => "bias and GELU",
             Formula::GeluBackward(g) if g.bias_grad.is_some() => "GELU backward and bias gradient",
             Formula::GeluBackward(_) => "GELU backward",
-            Formula::ColumnSum(_) => "column sums",
         };
         format!("{name}, {} lanes", widest_lanes())
     }
@@ -560,7 +440,6 @@ impl Formula {
                 Formula::Adam(a) => a.run(bufs, lo, hi),
                 Formula::BiasGelu(g) => g.run(bufs, lo, hi),
                 Formula::GeluBackward(g) => g.run(bufs, lo, hi),
-                Formula::ColumnSum(c) => c.run(bufs, lo, hi),
             }
         }
     }
@@ -1142,84 +1021,6 @@ mod tests {
     /// GELU's backward is recognised in each of its forms, and its wide code (each
     /// width, with row tails, one and two threads, the bias gradient's chunks) leaves
     /// every buffer bit for bit as the interpreter does, NaN, ±∞ and ±0 included.
-    /// A column sum over rows of a wider matrix (the qkv bias gradient: 384 of a row's
-    /// columns, rows 2 axes deep) and over a narrow one, matches the interpreter bit for
-    /// bit with 1 and 2 threads and both widths; a row sum is not a column sum.
-    #[test]
-    fn column_sums_match_the_interpreter_bit_for_bit() {
-        let run = |p: &Program, threads: Option<usize>, seed: u64| {
-            let mut e = match threads {
-                Some(t) => Executor::new(p, t).unwrap(),
-                None => Executor::interpreted(p).unwrap(),
-            };
-            fill(e.buffers_mut(), seed, seed.is_multiple_of(2));
-            e.run("main").unwrap();
-            e.buffers().clone()
-        };
-        // (columns, row axes, row stride): rows of `stride` floats, the first `columns` summed.
-        for (cols, rows, stride) in [(384usize, vec![16usize, 128usize], 400usize), (37, vec![5], 37), (3, vec![4, 3], 8)] {
-            let count: usize = rows.iter().product();
-            let mut shape = vec![cols];
-            shape.extend(&rows);
-            let mut strides = vec![1];
-            let mut s = stride;
-            let mut row_strides: Vec<usize> = rows
-                .iter()
-                .rev()
-                .map(|&r| {
-                    let x = s;
-                    s *= r;
-                    x
-                })
-                .collect();
-            row_strides.reverse();
-            strides.extend(row_strides);
-            let x = Access { buf: 0, offset: 2, strides };
-            let mut out_strides = vec![1];
-            out_strides.extend(rows.iter().map(|_| 0));
-            let k = LoopKernel {
-                shape: shape.clone(),
-                reduce: Some(crate::kir::ReduceOp::Sum),
-                reduced_dims: rows.len(),
-                body: ScalarExpr::Load(x),
-                out: Access { buf: 1, offset: 1, strides: out_strides },
-                accumulate: false,
-                side: vec![],
-                sums: vec![],
-            };
-            let p = program(vec![buf("x", DType::F32, count * stride + 2), buf("out", DType::F32, cols + 1)], vec![Kernel::Loop(k)]);
-            let ctx = format!("{shape:?}");
-            let e = Executor::new(&p, 1).unwrap();
-            assert!(matches!(e.formula(0), Some(Formula::ColumnSum(_))), "{ctx} not recognised:\n{}", p.to_text());
-            for seed in [3, 4] {
-                let want = run(&p, None, seed);
-                for threads in [1, 2] {
-                    assert_same(&want, &run(&p, Some(threads), seed), 0.0, &format!("{ctx} {threads} threads"));
-                }
-                #[cfg(target_arch = "x86_64")]
-                for avx512 in [false, true] {
-                    crate::cpu::set_avx512(avx512);
-                    let got = run(&p, Some(1), seed);
-                    crate::cpu::set_avx512(true);
-                    assert_same(&want, &got, 0.0, &format!("{ctx} avx512 {avx512}"));
-                }
-            }
-        }
-        // Sums along the contiguous axis (rows of a softmax) stay the JIT's.
-        let k = LoopKernel {
-            shape: vec![4, 8],
-            reduce: Some(crate::kir::ReduceOp::Sum),
-            reduced_dims: 1,
-            body: ScalarExpr::Load(Access { buf: 0, offset: 0, strides: vec![8, 1] }),
-            out: Access { buf: 1, offset: 0, strides: vec![1, 0] },
-            accumulate: false,
-            side: vec![],
-            sums: vec![],
-        };
-        let p = program(vec![buf("x", DType::F32, 32), buf("out", DType::F32, 4)], vec![Kernel::Loop(k)]);
-        assert!(Executor::new(&p, 1).unwrap().formula(0).is_none());
-    }
-
     #[test]
     fn gelu_backward_matches_the_interpreter_bit_for_bit() {
         let run = |p: &Program, threads: Option<usize>, seed: u64| {
