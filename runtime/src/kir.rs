@@ -366,11 +366,13 @@ pub const ATTENTION_BLOCK_ROWS: usize = 32;
 /// The gradients of [`AttentionKernel`]'s output w.r.t. `q`, `k` and `v` for the
 /// upstream gradient `dout` (batch × tq × dv), written through `dq` (batch × tq × d),
 /// `dk` (batch × tk × d) and `dv` (batch × tk × dv), columns contiguous, no element
-/// written twice: packed one after another in one buffer ([`AttentionBackwardKernel::packed`]),
-/// or straight where their readers want them (the compiler's `place_gradients`: the
-/// heads of q, k and v back into the `[B, T, 3·H·D]` gradient of the product that made
-/// them). The softmax probabilities are the forward's kept ones or recomputed from `q`
-/// and `k`; no gradient flows into the mask. `fwd.out` is not written.
+/// written twice (backends take any such layout). The compiler packs them one after
+/// another in one buffer ([`AttentionBackwardKernel::packed`]): written straight into
+/// the `[B, T, 3·H·D]` gradient of a qkv product instead (a pass measured in session 26,
+/// `docs/PERFORMANCE.md`), the CPU backward lost more to rows 1.5 KiB apart, and the
+/// bias gradient to a separate column sum, than the copies saved. The softmax
+/// probabilities are the forward's kept ones or recomputed from `q` and `k`; no
+/// gradient flows into the mask. `fwd.out` is not written.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AttentionBackwardKernel {
     pub fwd: AttentionKernel,
