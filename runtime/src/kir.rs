@@ -331,8 +331,8 @@ pub struct ScatterAddKernel {
 /// (see `attention.rs`). `out` is where the output goes, columns contiguous: dense
 /// (`batch × tq × dv` from element 0, [`MatOperand::dense`]), or laid out for its reader
 /// (the compiler writes a head's rows straight into `[B, T, H·Dv]` when the only reader
-/// permutes the heads back, so no copy runs). The backward's packed gradients need a
-/// dense `fwd.out`.
+/// permutes the heads back, so no copy runs). The backward writes its gradients through
+/// operands of their own and leaves `fwd.out` alone.
 ///
 /// `probs`, when present, is a buffer of [`AttentionKernel::probs_len`] elements in which
 /// the forward keeps its softmax probabilities for the backward of the same inputs, so the
