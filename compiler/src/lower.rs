@@ -523,8 +523,8 @@ impl Lowering<'_> {
                 };
                 let backward = matches!(n.op, Op::AttentionBackward { .. });
                 // The forward's rows go where its reader wants them, columns contiguous;
-                // the backward's packed gradients stay dense.
-                let (b, out) = self.placed_temp(id, |p| !backward && p.last() == Some(&(r - 1)));
+                // the backward's gradients are packed into a plain buffer.
+                let (b, out) = if backward { self.temp(id) } else { self.placed_temp(id, |p| p.last() == Some(&(r - 1))) };
                 let out_operand = if backward {
                     MatOperand::dense(b, &batch, tq, dv)
                 } else {

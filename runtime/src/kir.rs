@@ -551,6 +551,7 @@ impl Kernel {
             Kernel::Attention(a) => std::iter::once(a.out.buf).chain(a.probs).collect(),
             Kernel::AttentionBackward(a) => {
                 let mut w = vec![a.dq.buf, a.dk.buf, a.dv.buf];
+                w.sort_unstable();
                 w.dedup();
                 w
             }

@@ -658,13 +658,16 @@ impl Gen<'_> {
 
     /// The shared start of the tiled kernels whose block is ATT_ROWS query rows of one
     /// batch index: warp `w` has row `i` (`live` when it exists), its query row in
-    /// `qs_[w]` and, with `dout`, its upstream gradient row in `gs_[w]`.
+    /// `qs_[w]` and, with `dout`, its upstream gradient row in `gs_[w]`; the batch
+    /// index's offsets of the operands, `dout`'s (`oo`) and `extra`'s (the outputs).
     fn attention_rows(&self, a: &AttentionKernel, dout: Option<&MatOperand>, extra: &[(&str, &MatOperand)], src: &mut String) {
         let (r, qblocks) = (ATT_ROWS, a.tq.div_ceil(ATT_ROWS));
         let _ = writeln!(src, "  int w = threadIdx.x >> 5, lane = threadIdx.x & 31;");
         let _ = writeln!(src, "  long long b = blockIdx.x / {qblocks}LL, i0 = (blockIdx.x % {qblocks}LL) * {r}LL, i = i0 + w;");
         let _ = writeln!(src, "  bool live = i < {}LL;", a.tq);
-        self.attention_offsets(a, extra, src);
+        // `dout`'s offset `oo` first, then the callers' outputs.
+        let ops: Vec<(&str, &MatOperand)> = dout.map(|o| ("oo", o)).into_iter().chain(extra.iter().copied()).collect();
+        self.attention_offsets(a, &ops, src);
         let _ = writeln!(
             src,
             "  for (int c = lane; c < {}; c += 32) qs_[w][c] = live ? A[oq + i * {}LL + c * {}LL] : 0.0f;",
@@ -810,7 +813,7 @@ impl Gen<'_> {
         let k1 = format!("{}_dq", self.name);
         let _ = writeln!(src, "extern \"C\" __global__ void {k1}(float* __restrict__ A, int* __restrict__ E) {{");
         let _ = writeln!(src, "{shared}");
-        self.attention_rows(a, Some(&ab.dout), &[("oo", &ab.dout), ("odq", &ab.dq)], src);
+        self.attention_rows(a, Some(&ab.dout), &[("odq", &ab.dq)], src);
         Self::key_ranges(a, src);
         let _ = writeln!(src, "  float m = -BM_INF, l = 0.0f, dsum = 0.0f;");
         self.online_tile_step(a, true, src);
