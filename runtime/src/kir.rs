@@ -527,6 +527,8 @@ impl AttentionKernel {
     }
 }
 
+// A program holds a few hundred kernels, built once: their size does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Kernel {
     Loop(LoopKernel),
